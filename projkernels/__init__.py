@@ -1,0 +1,12 @@
+"""projkernels: the exact projection penalty ||W - P(W)||^2 for approximately equivariant networks."""
+from .api import equivariant_energy, penalty_and_energy, project, projected_penalty, spectrum
+from .backends import available_backends, load_optional_backends
+from .groups import FiniteGroup, get_group, irrep_names, register_group
+from .orbits import orbit_table
+
+__version__ = "0.1.0"
+
+load_optional_backends()
+
+__all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "project", "spectrum",
+           "irrep_names", "get_group", "register_group", "FiniteGroup", "orbit_table", "available_backends"]

@@ -1,0 +1,210 @@
+"""Finite groups as data: elements, multiplication table, real irreps, kernel action.
+
+A group is described by tables only (``FiniteGroup``), so every backend works from the same
+numbers: the element order fixes the regular representation's basis, ``mul`` fixes its law,
+``characters`` fix the isotypic decomposition, and ``kernel_action`` says how an element moves a
+kernel.  ``C<N>`` and ``D<N>`` are the built-in instances (SPEC section 2); a new finite group is a
+new instance of the same dataclass, not new kernel code.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["FiniteGroup", "get_group", "irrep_names", "cyclic", "dihedral", "register_group"]
+
+
+@dataclass(frozen=True, eq=False)
+class FiniteGroup:
+    name: str
+    elements: Tuple[Tuple[int, int], ...]  # (reflection flag, rotation index) in regular-basis order
+    mul: np.ndarray                         # mul[g, h] = index of g*h
+    irrep_names: Tuple[str, ...]
+    irrep_dims: Tuple[int, ...]
+    characters: np.ndarray                  # [n_irreps, |G|] real characters of the real irreps
+    rotation_order: int                     # N
+    has_reflections: bool
+    _kernel_action: Callable = field(repr=False, default=None)
+
+    @property
+    def order(self) -> int:
+        return len(self.elements)
+
+    def kernel_action(self, kernel: torch.Tensor, g: int) -> torch.Tensor:
+        """T_g on the trailing kernel dims of ``kernel`` (SPEC section 2). Checked by ``check_kernel``."""
+        return self._kernel_action(kernel, self.elements[g], self.rotation_order)
+
+    @functools.cached_property
+    def isotypic_basis(self) -> Tuple[np.ndarray, np.ndarray]:
+        """An orthonormal basis of R^G adapted to the isotypic decomposition of the regular rep.
+
+        Returns ``(basis, row_irrep)``: ``basis`` is [|G|, |G|] with orthonormal rows, each row lying
+        in one isotypic component, ``row_irrep[r]`` the index of that component's irrep.  Row 0 is
+        the constant function (the trivial irrep).  This is the real form of the group Fourier
+        transform: for C_N it spans the same lines as the real DFT.  For f in R^G,
+        ||P_rho f||^2 = sum over rows r of rho of (basis[r] . f)^2.
+        """
+        n = self.order
+        # Left-regular action on functions of G: (L_h f)(g) = f(h^-1 g).
+        inv = self.inverse
+        L = np.zeros((n, n, n))
+        for h in range(n):
+            for g in range(n):
+                L[h, g, self.mul[inv[h], g]] = 1.0
+        rows, owner = [], []
+        for k, chi in enumerate(self.characters):
+            # <chi, chi> is 1 for real irreps of real type and 2 for those of complex type.
+            m = float(np.dot(chi, chi)) / n
+            P = (self.irrep_dims[k] / (n * m)) * np.tensordot(chi, L, axes=1)
+            w, v = np.linalg.eigh((P + P.T) / 2)
+            sel = v[:, w > 0.5].T
+            if k == 0:
+                sel = np.full((1, n), 1.0 / math.sqrt(n))
+            rows.append(sel)
+            owner += [k] * sel.shape[0]
+        basis = np.concatenate(rows, axis=0)
+        if basis.shape != (n, n) or not np.allclose(basis @ basis.T, np.eye(n), atol=1e-10):
+            raise AssertionError(f"character table of {self.name} does not give an orthonormal basis")
+        return basis, np.asarray(owner, dtype=np.int64)
+
+    @functools.cached_property
+    def inverse(self) -> np.ndarray:
+        e = self.identity
+        return np.array([int(np.nonzero(self.mul[g] == e)[0][0]) for g in range(self.order)])
+
+    @property
+    def identity(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return f"FiniteGroup({self.name}, order={self.order})"
+
+
+# --- the kernel action of SPEC section 2 -------------------------------------------------------
+
+def _rotation_flip_action(kernel: torch.Tensor, element: Tuple[int, int], n: int, ndim: int) -> torch.Tensor:
+    """T_(f, j) = rotation r^j after reflection f, on the last ``ndim`` dims (0, 1 or 2)."""
+    flip, rot = element
+    if ndim == 0:
+        return kernel
+    out = torch.flip(kernel, [-1]) if flip else kernel
+    if ndim == 1:
+        # r^j acts on a line as the identity (2j/N even) or as a reversal (2j/N odd).
+        return torch.flip(out, [-1]) if (2 * rot // n) % 2 == 1 else out
+    return torch.rot90(out, k=rot * 4 // n, dims=(-2, -1))
+
+
+def _make_action(ndim_fn):
+    def action(kernel, element, n):
+        return _rotation_flip_action(kernel, element, n, ndim_fn(kernel))
+    return action
+
+
+# --- C_N and D_N ------------------------------------------------------------------------------
+
+def _cyclic_irreps(n: int):
+    j = np.arange(n)
+    names, dims, chars = [], [], []
+    for k in range(n // 2 + 1):
+        names.append(str(k))
+        if k == 0:
+            dims.append(1); chars.append(np.ones(n))
+        elif 2 * k == n:
+            dims.append(1); chars.append(np.cos(np.pi * j))
+        else:
+            # The real irrep of frequency k: k and -k together, of complex type.
+            dims.append(2); chars.append(2 * np.cos(2 * np.pi * k * j / n))
+    return names, dims, np.round(np.stack(chars), 15)
+
+
+def _dihedral_irreps(n: int):
+    """Real irreps of D_N in escnn's ``dihedral_group(N).irreps()`` order, named as there.
+
+    escnn names irrep (j, k): j the reflection frequency, k the rotation frequency.  The order is
+    (0,0), (1,0), then (1,k) for 0 < k < N/2, then for even N, (1,N/2) and (0,N/2).
+    """
+    j = np.tile(np.arange(n), 2)
+    f = np.repeat(np.arange(2), n)
+    names, dims, chars = [], [], []
+
+    def add(jj, k, chi, d):
+        names.append(f"irrep_{jj},{k}"); dims.append(d); chars.append(chi)
+
+    add(0, 0, np.ones(2 * n), 1)
+    add(1, 0, (-1.0) ** f, 1)
+    for k in range(1, (n - 1) // 2 + 1):
+        add(1, k, np.where(f == 0, 2 * np.cos(2 * np.pi * k * j / n), 0.0), 2)
+    if n % 2 == 0:
+        add(1, n // 2, (-1.0) ** (j + f), 1)
+        add(0, n // 2, (-1.0) ** j, 1)
+    return names, dims, np.round(np.stack(chars), 15)
+
+
+def _kernel_ndim(kernel: torch.Tensor) -> int:
+    # Weights are (out, in, *kernel); a size-1 kernel is kernel-free.
+    spatial = kernel.shape[2:] if kernel.dim() > 2 else ()
+    return 0 if all(s == 1 for s in spatial) else len(spatial)
+
+
+@functools.lru_cache(maxsize=None)
+def cyclic(n: int) -> FiniteGroup:
+    if n < 1:
+        raise ValueError(f"group: C<N> needs N >= 1, got N={n}")
+    elements = tuple((0, j) for j in range(n))
+    mul = np.array([[(a + b) % n for b in range(n)] for a in range(n)])
+    names, dims, chars = _cyclic_irreps(n)
+    return FiniteGroup(f"C{n}", elements, mul, tuple(names), tuple(dims), chars, n, False,
+                       _make_action(_kernel_ndim))
+
+
+@functools.lru_cache(maxsize=None)
+def dihedral(n: int) -> FiniteGroup:
+    if n < 1:
+        raise ValueError(f"group: D<N> needs N >= 1, got N={n}")
+    elements = tuple((f, j) for f in range(2) for j in range(n))
+    index = {e: i for i, e in enumerate(elements)}
+    mul = np.empty((2 * n, 2 * n), dtype=np.int64)
+    for a, (f1, j1) in enumerate(elements):
+        for b, (f2, j2) in enumerate(elements):
+            mul[a, b] = index[(f1 ^ f2, (j1 + (-1) ** f1 * j2) % n)]
+    names, dims, chars = _dihedral_irreps(n)
+    return FiniteGroup(f"D{n}", elements, mul, tuple(names), tuple(dims), chars, n, True,
+                       _make_action(_kernel_ndim))
+
+
+_GROUP_RE = re.compile(r"^([CD])(\d+)$")
+_REGISTERED: dict = {}
+
+
+def register_group(group: FiniteGroup) -> FiniteGroup:
+    """Make a user-defined group reachable by its name (the ops take groups by name)."""
+    if _GROUP_RE.match(group.name.upper()):
+        raise ValueError(f"group: the name {group.name!r} is reserved for the built-in C<N> / D<N>")
+    _REGISTERED[group.name] = group
+    return group
+
+
+def get_group(group) -> FiniteGroup:
+    """``"C4"``, ``"D8"``, ... or a ``FiniteGroup``; raises TypeError / ValueError otherwise."""
+    if isinstance(group, FiniteGroup):
+        return group
+    if not isinstance(group, str):
+        raise TypeError(f"group: expected a name like 'C4' or 'D4' (str), got {type(group).__name__}")
+    if group in _REGISTERED:
+        return _REGISTERED[group]
+    m = _GROUP_RE.match(group.strip().upper())
+    if m is None:
+        raise ValueError(f"group: unknown group {group!r}; expected 'C<N>' or 'D<N>' with N >= 1, e.g. 'C4', 'D4'")
+    n = int(m.group(2))
+    return cyclic(n) if m.group(1) == "C" else dihedral(n)
+
+
+def irrep_names(group) -> Tuple[str, ...]:
+    """Names of the real irreps, in the order of ``spectrum``'s entries."""
+    return get_group(group).irrep_names

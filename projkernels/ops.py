@@ -1,0 +1,104 @@
+"""The custom ops behind the public API, with fake (shape) kernels and autograd.
+
+Groups and representations travel as strings, so the ops are opaque to ``torch.compile`` and the
+orbit table is looked up (and the input validated) inside them: the fake kernels validate too,
+which is where a compiled call reports bad input.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .backends import resolve
+from .groups import get_group
+from .orbits import orbit_table
+from .reference import acc_dtype
+
+__all__ = ["penalty_energy", "penalty_energy_backward", "project", "spectrum"]
+
+
+def _setup(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str):
+    table = orbit_table(weight, group, in_rep, out_rep)
+    return table, resolve(backend, weight.device), weight.contiguous()
+
+
+def _scalar(weight: Tensor) -> Tensor:
+    return weight.new_empty((), dtype=acc_dtype(weight.dtype))
+
+
+@torch.library.custom_op("projkernels::penalty_energy", mutates_args=())
+def penalty_energy(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str) -> Tuple[Tensor, Tensor]:
+    table, impl, w = _setup(weight, group, in_rep, out_rep, backend)
+    return impl.forward(w, table)
+
+
+@penalty_energy.register_fake
+def _(weight, group, in_rep, out_rep, backend):
+    orbit_table(tuple(weight.shape), group, in_rep, out_rep)
+    return _scalar(weight), _scalar(weight)
+
+
+@torch.library.custom_op("projkernels::penalty_energy_backward", mutates_args=())
+def penalty_energy_backward(weight: Tensor, grad_penalty: Tensor, grad_eq: Tensor, group: str, in_rep: str,
+                            out_rep: str, backend: str) -> Tensor:
+    table, impl, w = _setup(weight, group, in_rep, out_rep, backend)
+    acc = acc_dtype(weight.dtype)
+    return impl.backward(w, table, grad_penalty.to(acc), grad_eq.to(acc)).to(weight.dtype)
+
+
+@penalty_energy_backward.register_fake
+def _(weight, grad_penalty, grad_eq, group, in_rep, out_rep, backend):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _pe_setup_context(ctx, inputs, output):
+    weight, group, in_rep, out_rep, backend = inputs
+    ctx.save_for_backward(weight)
+    ctx.config = (group, in_rep, out_rep, backend)
+
+
+def _pe_backward(ctx, grad_penalty, grad_eq):
+    (weight,) = ctx.saved_tensors
+    grad = penalty_energy_backward(weight, grad_penalty, grad_eq, *ctx.config)
+    return grad, None, None, None, None
+
+
+penalty_energy.register_autograd(_pe_backward, setup_context=_pe_setup_context)
+
+
+@torch.library.custom_op("projkernels::project", mutates_args=())
+def project(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str) -> Tensor:
+    table, impl, w = _setup(weight, group, in_rep, out_rep, backend)
+    return impl.project(w, table).to(weight.dtype)
+
+
+@project.register_fake
+def _(weight, group, in_rep, out_rep, backend):
+    orbit_table(tuple(weight.shape), group, in_rep, out_rep)
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _proj_setup_context(ctx, inputs, output):
+    ctx.config = inputs[1:]
+
+
+def _proj_backward(ctx, grad):
+    # P is an orthogonal projector, hence self-adjoint: the vector-Jacobian product is P(grad).
+    return (project(grad, *ctx.config), None, None, None, None)
+
+
+project.register_autograd(_proj_backward, setup_context=_proj_setup_context)
+
+
+@torch.library.custom_op("projkernels::spectrum", mutates_args=())
+def spectrum(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str) -> Tensor:
+    table, impl, w = _setup(weight, group, in_rep, out_rep, backend)
+    return impl.spectrum(w, table)
+
+
+@spectrum.register_fake
+def _(weight, group, in_rep, out_rep, backend):
+    orbit_table(tuple(weight.shape), group, in_rep, out_rep)
+    return weight.new_empty((len(get_group(group).irrep_names),), dtype=acc_dtype(weight.dtype))

@@ -1,0 +1,199 @@
+"""Orbit tables: the one description of a weight's group action that every backend consumes.
+
+Every Pi_g of SPEC section 1 permutes the entries of W, and it never mixes fields: it acts
+inside each (out-field, in-field) block of shape (field_out, field_in, *kernel).  So the orbits of
+one block, listed once, describe all blocks.  For each orbit we store the |G| entries
+``g . e`` for g in element order (e its smallest entry).  For C_N that list is the orbit's cycle
+r^0 e, r^1 e, ... repeated |Stab| times; in general every orbit entry appears |Stab| times.  With
+that uniform width, per orbit O and f(g) = W[g . e]:
+
+    mean_O        = mean_g f(g)
+    penalty part  = (1/|Stab|) sum_g (f(g) - mean_O)^2          = sum_{x in O} (W_x - mean_O)^2
+    energy part   = (|G|/|Stab|) mean_O^2                         = |O| mean_O^2
+    spectrum part = (1/|Stab|) sum_{rows r of irrep rho} (basis[r] . f)^2
+
+which is SPEC sections 3 and 4 with no per-size special cases.  Offsets are stored relative to the
+block's first entry in a contiguous weight, so a kernel reads entry ``block_base + offsets[o, g]``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+
+from .groups import FiniteGroup, get_group
+
+__all__ = ["OrbitTable", "orbit_table", "REPS", "field_size"]
+
+REPS = ("trivial", "regular")
+
+
+def field_size(rep: str, group: FiniteGroup) -> int:
+    return 1 if rep == "trivial" else group.order
+
+
+def _check_rep(name: str, rep) -> str:
+    if not isinstance(rep, str):
+        raise TypeError(f"{name}: expected one of {REPS} (str), got {type(rep).__name__}")
+    if rep not in REPS:
+        raise ValueError(f"{name}: unknown representation {rep!r}; expected one of {REPS}")
+    return rep
+
+
+def check_weight(weight) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight: expected a floating dtype (float16, bfloat16, float32, float64), got {weight.dtype}")
+    if weight.dim() not in (2, 3, 4):
+        raise ValueError(
+            "weight: expected shape (out, in) for Linear, (out, in, k) for Conv1d or (out, in, kh, kw) for "
+            f"Conv2d, got {tuple(weight.shape)} ({weight.dim()} dims)")
+
+
+def _check_action(group: FiniteGroup, shape: Tuple[int, ...]) -> None:
+    kernel = shape[2:]
+    if all(k == 1 for k in kernel):
+        return  # kernel-free: any N
+    n = group.rotation_order
+    if len(kernel) == 1:
+        if n not in (1, 2):
+            raise ValueError(
+                f"group: {group.name} does not act exactly on a 1-D kernel of size {kernel[0]} "
+                f"(weight shape {tuple(shape)}); 1-D kernels allow C1, C2, D1, D2, or a kernel of size 1")
+        return
+    kh, kw = kernel
+    if n not in (1, 2, 4):
+        raise ValueError(
+            f"group: {group.name} does not act exactly on a {kh}x{kw} kernel (weight shape {tuple(shape)}); "
+            "2-D kernels on the square grid allow N in {1, 2, 4} (C1, C2, C4, D1, D2, D4), or a 1x1 kernel")
+    if n > 1 and kh != kw:
+        raise ValueError(
+            f"weight: {group.name} rotates the kernel, so it must be square; got a {kh}x{kw} kernel "
+            f"(weight shape {tuple(shape)})")
+
+
+@dataclass(frozen=True, eq=False)
+class OrbitTable:
+    group: FiniteGroup
+    shape: Tuple[int, ...]      # the weight's shape
+    field_out: int              # size of one output field
+    field_in: int
+    c_out: int                  # number of fields
+    c_in: int
+    offsets: torch.Tensor       # [orbits per block, |G|] int64, relative to the block's first entry
+    inv_stab: torch.Tensor      # [orbits per block] float64, 1/|Stab| = |O|/|G|
+    stride_out: int             # distance between blocks of consecutive out-fields
+    stride_in: int              # distance between blocks of consecutive in-fields
+
+    @property
+    def n_blocks(self) -> int:
+        return self.c_out * self.c_in
+
+    @property
+    def orbits_per_block(self) -> int:
+        return self.offsets.shape[0]
+
+    @property
+    def n_orbits(self) -> int:
+        return self.n_blocks * self.orbits_per_block
+
+    def block_bases(self) -> torch.Tensor:
+        fo = torch.arange(self.c_out, dtype=torch.int64)[:, None]
+        fi = torch.arange(self.c_in, dtype=torch.int64)[None, :]
+        return (fo * self.stride_out + fi * self.stride_in).reshape(-1)
+
+    @functools.cached_property
+    def gather_index(self) -> torch.Tensor:
+        """[n_orbits, |G|] flat indices into the contiguous weight (reference backend only)."""
+        return (self.block_bases()[:, None, None] + self.offsets[None]).reshape(-1, self.group.order)
+
+    def to(self, device) -> Dict[str, torch.Tensor]:
+        """Device copies of the table, cached per device, in the form the kernels take."""
+        key = str(torch.device(device))
+        cache = self.__dict__.setdefault("_device_cache", {})
+        if key not in cache:
+            basis, row_irrep = self.group.isotypic_basis
+            cache[key] = {
+                "offsets": self.offsets.to(device=device, dtype=torch.int32).contiguous(),
+                "inv_stab": self.inv_stab.to(device=device, dtype=torch.float64).contiguous(),
+                "basis": torch.as_tensor(basis, dtype=torch.float64, device=device).contiguous(),
+                "row_irrep": torch.as_tensor(row_irrep, dtype=torch.int64, device=device).contiguous(),
+            }
+        return cache[key]
+
+
+def _kernel_permutations(group: FiniteGroup, kernel: Tuple[int, ...]) -> np.ndarray:
+    """tau[g, x]: where T_g moves the kernel entry x (flat index)."""
+    k = int(np.prod(kernel)) if kernel else 1
+    probe = torch.arange(k).reshape((1, 1) + tuple(kernel))
+    tau = np.empty((group.order, k), dtype=np.int64)
+    for g in range(group.order):
+        moved = group.kernel_action(probe, g).reshape(-1).numpy()
+        tau[g, moved] = np.arange(k)
+    return tau
+
+
+def _channel_permutation(group: FiniteGroup, rep: str) -> np.ndarray:
+    """pi[g, a]: where rho(g) moves component a of a field (regular: a -> g a)."""
+    if rep == "trivial":
+        return np.zeros((group.order, 1), dtype=np.int64)
+    return np.asarray(group.mul, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_table(group: FiniteGroup, in_rep: str, out_rep: str, shape: Tuple[int, ...]) -> OrbitTable:
+    so, si = field_size(out_rep, group), field_size(in_rep, group)
+    kernel = shape[2:]
+    k = int(np.prod(kernel)) if kernel else 1
+    tau = _kernel_permutations(group, kernel)
+    po, pi = _channel_permutation(group, out_rep), _channel_permutation(group, in_rep)
+    # sigma[g, (a, b, x)] = (po[g, a], pi[g, b], tau[g, x]) as block-local flat indices.
+    sigma = ((po[:, :, None, None] * si + pi[:, None, :, None]) * k + tau[:, None, None, :]).reshape(group.order, -1)
+    for g in range(group.order):  # Pi must be a representation; cheap to confirm once per table.
+        for h in range(group.order):
+            if not np.array_equal(sigma[group.mul[g, h]], sigma[g][sigma[h]]):
+                raise AssertionError(f"kernel action of {group.name} on shape {shape} is not a group action")
+    reps = np.nonzero(sigma.min(axis=0) == np.arange(sigma.shape[1]))[0]
+    members = sigma[:, reps].T                                    # [orbits, |G|] local (a, b, x) indices
+    sizes = np.array([len(np.unique(row)) for row in members])
+    # Block-local (a, b, x) -> offset in the contiguous weight of shape (so*c_out, si*c_in, *kernel).
+    a, rest = np.divmod(members, si * k)
+    row_len = shape[1] * k
+    offsets = a * row_len + rest
+    return OrbitTable(
+        group=group, shape=shape, field_out=so, field_in=si,
+        c_out=shape[0] // so, c_in=shape[1] // si,
+        offsets=torch.as_tensor(offsets, dtype=torch.int64),
+        inv_stab=torch.as_tensor(sizes / group.order, dtype=torch.float64),
+        stride_out=so * row_len, stride_in=si * k,
+    )
+
+
+def orbit_table(weight_or_shape, group="C4", in_rep="trivial", out_rep="trivial") -> OrbitTable:
+    """Validate (weight, group, reps) against SPEC section 5 and return the cached orbit table."""
+    if isinstance(weight_or_shape, torch.Tensor):
+        check_weight(weight_or_shape)
+        shape = tuple(weight_or_shape.shape)
+    else:
+        shape = tuple(int(s) for s in weight_or_shape)
+    g = get_group(group)
+    in_rep, out_rep = _check_rep("in_rep", in_rep), _check_rep("out_rep", out_rep)
+    so, si = field_size(out_rep, g), field_size(in_rep, g)
+    if len(shape) not in (2, 3, 4):
+        raise ValueError(f"weight: expected 2, 3 or 4 dims (Linear, Conv1d, Conv2d), got shape {shape}")
+    if shape[0] % so or shape[0] == 0:
+        raise ValueError(
+            f"weight: dim 0 (out channels) must be a positive multiple of the {out_rep} field size {so} "
+            f"of {g.name}, i.e. shape ({so}*C_out, ...); got shape {shape}")
+    if shape[1] % si or shape[1] == 0:
+        raise ValueError(
+            f"weight: dim 1 (in channels) must be a positive multiple of the {in_rep} field size {si} "
+            f"of {g.name}, i.e. shape (..., {si}*C_in, ...); got shape {shape}")
+    if any(s == 0 for s in shape[2:]):
+        raise ValueError(f"weight: kernel dims must be positive, got shape {shape}")
+    _check_action(g, shape)
+    return _cached_table(g, in_rep, out_rep, shape)

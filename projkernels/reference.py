@@ -1,0 +1,140 @@
+"""Pure-PyTorch references: the brute-force group average, the orbit form and the spectral form.
+
+``brute_force_project`` applies SPEC section 1 literally (|G| transformed copies of W, dense
+channel representations) and shares nothing with the orbit machinery but the kernel action, so the
+tests can hold every other route against it.  ``forward`` / ``backward`` are the reference backend:
+they work from the orbit table like the compiled kernels do.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .groups import FiniteGroup, get_group
+from .orbits import OrbitTable, field_size
+
+__all__ = ["acc_dtype", "brute_force_project", "orbit_values", "forward", "backward", "project",
+           "spectral_spectrum", "basis_spectrum"]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32 and the half types accumulate in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- ground truth ------------------------------------------------------------------------------
+
+def _dense_rep(group: FiniteGroup, rep: str, g: int, fields: int, dtype) -> torch.Tensor:
+    size = field_size(rep, group)
+    rho = torch.zeros(size, size, dtype=dtype)
+    if rep == "trivial":
+        rho[0, 0] = 1
+    else:
+        for h in range(size):
+            rho[int(group.mul[g, h]), h] = 1  # rho(g) e_h = e_{gh}
+    return torch.block_diag(*([rho] * fields))
+
+
+def brute_force_project(weight: torch.Tensor, group="C4", in_rep="trivial", out_rep="trivial") -> torch.Tensor:
+    """P(W) = (1/|G|) sum_g rho_out(g) T_g(W) rho_in(g)^T, computed as written (float64)."""
+    G = get_group(group)
+    w = weight.detach().to(torch.float64).cpu()
+    c_out, c_in = w.shape[0] // field_size(out_rep, G), w.shape[1] // field_size(in_rep, G)
+    total = torch.zeros_like(w)
+    for g in range(G.order):
+        r_out = _dense_rep(G, out_rep, g, c_out, w.dtype)
+        r_in = _dense_rep(G, in_rep, g, c_in, w.dtype)
+        t = G.kernel_action(w, g)
+        total += torch.einsum("oa,ab...,ib->oi...", r_out, t, r_in)
+    return total / G.order
+
+
+# --- orbit form (SPEC section 3) ---------------------------------------------------------------
+
+def orbit_values(weight: torch.Tensor, table: OrbitTable):
+    """Per orbit: f(g) = W[g . e] in the accumulation dtype, its mean, and 1/|Stab|."""
+    acc = acc_dtype(weight.dtype)
+    flat = weight.reshape(-1)
+    idx = table.gather_index.to(weight.device)
+    f = flat[idx].to(acc)
+    mean = f.mean(dim=1, keepdim=True)
+    inv_stab = table.inv_stab.to(device=weight.device, dtype=acc).repeat(table.n_blocks)
+    return f, mean, inv_stab
+
+
+def forward(weight: torch.Tensor, table: OrbitTable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(penalty, eq_energy) in the accumulation dtype, penalty from deviations."""
+    f, mean, inv_stab = orbit_values(weight, table)
+    dev = f - mean
+    penalty = (inv_stab * dev.square().sum(dim=1)).sum()
+    eq_energy = (inv_stab * table.group.order * mean.squeeze(1).square()).sum()
+    return penalty, eq_energy
+
+
+def project(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
+    """P(W) in the accumulation dtype, shaped like the weight (orbit means scattered back)."""
+    f, mean, _ = orbit_values(weight, table)
+    out = torch.empty(weight.numel(), dtype=f.dtype, device=weight.device)
+    idx = table.gather_index.to(weight.device)
+    out[idx.reshape(-1)] = mean.expand_as(f).reshape(-1)  # repeated entries carry the same mean
+    return out.reshape(weight.shape)
+
+
+def backward(weight: torch.Tensor, table: OrbitTable, grad_penalty, grad_eq) -> torch.Tensor:
+    """dW = 2 g_pen (W - P(W)) + 2 g_eq P(W), in the accumulation dtype."""
+    w = weight.to(acc_dtype(weight.dtype))
+    p = project(weight, table)
+    return 2 * grad_penalty * (w - p) + 2 * grad_eq * p
+
+
+# --- spectral form (SPEC section 4) ------------------------------------------------------------
+
+def spectral_spectrum(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
+    """Isotypic energies via torch.fft over each orbit's cycle, in ``irrep_names`` order.
+
+    The non-trivial energies come from the DFT of the deviations from the orbit mean (same values,
+    no cancellation for nearly equivariant weights); the trivial one is |O| mean^2.
+    """
+    G = table.group
+    f, mean, inv_stab = orbit_values(weight, table)
+    dev = f - mean
+    n = G.rotation_order
+    trivial = (inv_stab * G.order * mean.squeeze(1).square()).sum()
+
+    def cyclic_energies(spec):
+        # |V_k|^2 / n per frequency, k and -k together for 0 < k < n/2.
+        e = spec.abs().square() / n
+        out = [None]
+        for k in range(1, n // 2 + 1):
+            out.append(e[:, k] if 2 * k == n else e[:, k] + e[:, n - k])
+        return out
+
+    if not G.has_reflections:
+        parts = cyclic_energies(torch.fft.fft(dev, dim=1))
+        energies = [trivial] + [(inv_stab * p).sum() for p in parts[1:]]
+        return torch.stack(energies)
+    # D_N: f on (0, j) and (1, j); the reflection swaps the two halves' DFTs (conjugated), so
+    # A_k +- B_k at k = 0 and N/2 are the 1-D irreps, and |A_k|^2 + |B_k|^2 at 0 < k < N/2 the 2-D ones.
+    A, B = torch.fft.fft(dev[:, :n], dim=1), torch.fft.fft(dev[:, n:], dim=1)
+    pa, pb = cyclic_energies(A), cyclic_energies(B)
+    def pm(k, sign):
+        return (inv_stab * (A[:, k] + sign * B[:, k]).abs().square() / (2 * n)).sum()
+    energies = [trivial, pm(0, -1)]
+    energies += [(inv_stab * (pa[k] + pb[k])).sum() for k in range(1, (n - 1) // 2 + 1)]
+    if n % 2 == 0:
+        energies += [pm(n // 2, -1), pm(n // 2, +1)]  # (1,N/2): reflection -1; (0,N/2): +1
+    return torch.stack(energies)
+
+
+def basis_spectrum(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
+    """Isotypic energies from the group's real isotypic basis (the form the fused kernels use)."""
+    G = table.group
+    f, mean, inv_stab = orbit_values(weight, table)
+    basis, row_irrep = G.isotypic_basis
+    coeff = (f - mean) @ torch.as_tensor(basis, dtype=f.dtype, device=f.device).T
+    rows = (inv_stab[:, None] * coeff.square()).sum(dim=0)
+    out = torch.zeros(len(G.irrep_names), dtype=f.dtype, device=f.device)
+    out.index_add_(0, torch.as_tensor(row_irrep, device=f.device), rows)
+    out[0] = (inv_stab * G.order * mean.squeeze(1).square()).sum()
+    return out
