@@ -1,5 +1,109 @@
-"""Build of projkernels: the pure-Python package, plus the C++/CUDA extension where it can be built."""
+"""Build of projkernels: the pure-Python package, plus the C++/CUDA extension where it can be built.
+
+The extension ``projkernels._C`` registers the ``projkernels_C::`` ops (csrc/ops.cpp, and the CUDA
+kernels of csrc/kernels.cu when nvcc and a CUDA build of torch are there).  Environment switches:
+
+    PROJKERNELS_NO_EXT=1   pure-Python package only (reference backend, Triton if installed)
+    PROJKERNELS_CUDA=0     CPU extension only, even where CUDA could be built
+    PROJKERNELS_CUDA=1     CUDA extension or fail (no silent fallback)
+    TORCH_CUDA_ARCH_LIST   GPU architectures, "8.0;9.0" when unset
+    MAX_JOBS               parallel compile jobs (torch's ninja build)
+
+Without torch or a C++ compiler at build time (and PROJKERNELS_CUDA != 1) the pure-Python package
+is installed with a warning; so is it when the extension fails to compile.  Install with
+``CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e ".[test]"`` (torch must be
+importable by the build, hence no build isolation).
+"""
+import os
+import shutil
+import sys
+import warnings
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NAME = "projkernels._C"
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def _skip(reason: str, forced: bool):
+    if forced:
+        raise RuntimeError(f"PROJKERNELS_CUDA=1 but the CUDA extension cannot be built: {reason}")
+    warnings.warn(f"projkernels: building without the C++ extension ({reason}); "
+                  "only the reference (and Triton) backends will be available")
+    return [], {}
+
+
+def _extensions():
+    """(ext_modules, cmdclass) for this environment."""
+    if _env("PROJKERNELS_NO_EXT") == "1":
+        return [], {}
+    cuda_switch = _env("PROJKERNELS_CUDA")
+    if cuda_switch not in ("", "0", "1"):
+        raise RuntimeError(f"PROJKERNELS_CUDA must be 0, 1 or unset, got {cuda_switch!r}")
+    forced = cuda_switch == "1"
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        return _skip(f"torch is not importable at build time ({exc}); use pip install --no-build-isolation",
+                     forced)
+    cxx = (os.environ.get("CXX") or "c++").split()[0]
+    if shutil.which(cxx) is None:
+        return _skip(f"no C++ compiler ({cxx!r} not found)", forced)
+
+    cuda_reason = None
+    if cuda_switch == "0":
+        cuda_reason = "PROJKERNELS_CUDA=0"
+    elif torch.version.cuda is None:
+        cuda_reason = f"torch {torch.__version__} is not a CUDA build"
+    elif cpp_extension.CUDA_HOME is None:
+        cuda_reason = "nvcc / CUDA_HOME not found"
+    if forced and cuda_reason is not None:
+        raise RuntimeError(f"PROJKERNELS_CUDA=1 but the CUDA extension cannot be built: {cuda_reason}")
+
+    csrc = os.path.join("csrc")
+    macros = [("PROJKERNELS_PYTHON_MODULE", None)]
+    cxx_flags = ["-O3"]
+    if cuda_reason is None:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = cpp_extension.CUDAExtension(
+            NAME,
+            sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "kernels.cu")],
+            include_dirs=[os.path.join(HERE, "csrc")],
+            define_macros=macros + [("PROJKERNELS_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        )
+    else:
+        print(f"projkernels: building the CPU extension only ({cuda_reason})", file=sys.stderr)
+        ext = cpp_extension.CppExtension(
+            NAME,
+            sources=[os.path.join(csrc, "ops.cpp")],
+            include_dirs=[os.path.join(HERE, "csrc")],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        """Falls back to the pure-Python package when compiling fails, unless CUDA was demanded."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # compiler and linker errors come in several types
+                if forced:
+                    raise
+                warnings.warn(f"projkernels: the C++ extension failed to build ({exc}); "
+                              "installing the pure-Python package")
+                self.extensions = []
+
+    return [ext], {"build_ext": OptionalBuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="projkernels",
@@ -13,4 +117,6 @@ setup(
         "triton": ["triton"],
         "escnn": ["escnn"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

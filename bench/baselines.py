@@ -1,0 +1,186 @@
+"""What people compute today instead of projkernels, written as they would write it.
+
+- ``EagerGroupLoop``: sum over g of ||W - Pi_g W||^2 / (2|G|) with rot90 / flip copies and channel
+  permutations.  For an orthogonal action sum_g ||W - Pi_g W||^2 = 2|G| ||W - P W||^2, so this is the
+  same number as the projection penalty.
+- ``compiled_gather_penalty``: ``torch.compile`` of the pure-PyTorch orbit-gather code of
+  ``projkernels.reference`` (gather orbit rows, subtract the mean, square, sum), and
+  ``compiled_group_loop``: ``torch.compile`` of the eager loop.
+- ``DenseBasis``: the published route: a dense orthonormal basis Q (N x D) of the equivariant
+  subspace, penalty = ||w||^2 - ||Q^T w||^2.  The published code orthonormalises an escnn basis by
+  QR; applying any dense N x D matrix with orthonormal columns costs the same, so Q here holds the
+  orbit-indicator basis, normalised, as a dense matrix.
+- ``C4GCNN`` + ``sample_equivariance_loss``: a small C4 group CNN made of plain ``nn.Conv2d`` layers
+  and the sample-based regulariser ||f(g x) - g f(x)||^2 with one sampled g per step.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from projkernels import get_group, orbit_table
+
+__all__ = ["EagerGroupLoop", "compiled_gather_penalty", "compiled_group_loop", "gather_inputs",
+           "DenseBasis", "C4GCNN", "sample_equivariance_loss", "gcnn_layer_specs"]
+
+
+def _channel_perm(group, rep: str, g: int, channels: int):
+    """Index p with (rho(g) x)[c] = x[p[c]] for rho(g) e_h = e_{g h} on every field; None for trivial."""
+    if rep == "trivial":
+        return None
+    n = group.order
+    ginv = int(group.inverse[g])
+    comp = torch.as_tensor(group.mul[ginv], dtype=torch.int64)      # (rho(g) v)_a = v_{g^-1 a}
+    fields = torch.arange(channels // n, dtype=torch.int64)[:, None] * n
+    return (fields + comp[None, :]).reshape(-1)
+
+
+class EagerGroupLoop:
+    """sum_g ||W - Pi_g(W)||^2 / (2|G|), one transformed copy of W per group element."""
+
+    def __init__(self, shape: Sequence[int], group="C4", in_rep="trivial", out_rep="trivial", device="cpu"):
+        G = get_group(group)
+        self.order = G.order
+        self.ops = []
+        spatial = len(shape) == 4 and shape[-1] > 1
+        for g, (flip, rot) in enumerate(G.elements):
+            po = _channel_perm(G, out_rep, g, shape[0])
+            pi = _channel_perm(G, in_rep, g, shape[1])
+            k = rot * 4 // G.rotation_order if spatial else 0
+            self.ops.append((bool(flip) and spatial, k,
+                             None if po is None else po.to(device), None if pi is None else pi.to(device)))
+
+    def transformed(self, w: torch.Tensor, op) -> torch.Tensor:
+        flip, k, po, pi = op
+        t = torch.flip(w, [-1]) if flip else w
+        if k:
+            t = torch.rot90(t, k, dims=(-2, -1))
+        if po is not None:
+            t = t.index_select(0, po)
+        if pi is not None:
+            t = t.index_select(1, pi)
+        return t
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        total = 0
+        for op in self.ops:
+            total = total + (w - self.transformed(w, op)).square().sum()
+        return total / (2 * self.order)
+
+
+# --- torch.compile baselines -------------------------------------------------------------------
+
+def gather_inputs(shape, group, in_rep, out_rep, device="cpu"):
+    """The orbit gather index and 1/|Stab| per orbit, as the reference backend uses them."""
+    t = orbit_table(tuple(shape), group, in_rep, out_rep)
+    return t.gather_index.to(device), t.inv_stab.repeat(t.n_blocks).to(device=device, dtype=torch.float32)
+
+
+def _gather_penalty(w, idx, inv_stab):
+    f = w.reshape(-1)[idx].float()
+    mean = f.mean(dim=1, keepdim=True)
+    return (inv_stab * (f - mean).square().sum(dim=1)).sum()
+
+
+def _gather_penalty_many(ws: List[torch.Tensor], idxs, inv_stabs):
+    total = 0
+    for w, idx, s in zip(ws, idxs, inv_stabs):
+        total = total + _gather_penalty(w, idx, s)
+    return total
+
+
+def _raise_recompile_limit():
+    import torch._dynamo
+    # The benchmark compiles one graph per shape; the default limit would silently fall back to eager.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_gather_penalty(many: bool = False):
+    """``torch.compile`` of the reference's gather code (one weight, or a list of weights)."""
+    _raise_recompile_limit()
+    return torch.compile(_gather_penalty_many if many else _gather_penalty, dynamic=False)
+
+
+def compiled_group_loop(loop: EagerGroupLoop):
+    _raise_recompile_limit()
+    return torch.compile(loop.__call__, dynamic=False)
+
+
+# --- dense basis -------------------------------------------------------------------------------
+
+class DenseBasis:
+    """penalty = ||w||^2 - ||Q^T w||^2 with a dense orthonormal basis Q of the equivariant subspace."""
+
+    def __init__(self, shape, group="C4", in_rep="trivial", out_rep="trivial", device="cpu", dtype=torch.float32):
+        t = orbit_table(tuple(shape), group, in_rep, out_rep)
+        idx = t.gather_index                                       # [D, |G|]
+        n, d = int(torch.tensor(shape).prod()), idx.shape[0]
+        member = torch.zeros(d, n, dtype=torch.float64)
+        member[torch.arange(d)[:, None].expand_as(idx), idx] = 1.0
+        member /= member.sum(dim=1, keepdim=True).sqrt()
+        self.Q = member.T.contiguous().to(device=device, dtype=dtype)   # [N, D], orthonormal columns
+        self.numel, self.dim = n, d
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        v = w.reshape(-1).to(self.Q.dtype)
+        return v.square().sum() - (self.Q.T @ v).square().sum()
+
+
+# --- a small C4 group CNN of plain Conv2d layers -----------------------------------------------
+
+def gcnn_layer_specs(widths: Sequence[int], in_channels: int = 3, n_classes: int = 10, group="C4",
+                     kernel: int = 3) -> List[Tuple[Tuple[int, ...], str, str, str]]:
+    """(shape, group, in_rep, out_rep) of a lifting conv, regular->regular convs, and a 1x1 head."""
+    n = get_group(group).order
+    specs = [((n * widths[0], in_channels, kernel, kernel), group, "trivial", "regular")]
+    for a, b in zip(widths[:-1], widths[1:]):
+        specs.append(((n * b, n * a, kernel, kernel), group, "regular", "regular"))
+    specs.append(((n_classes, n * widths[-1], 1, 1), group, "regular", "trivial"))
+    return specs
+
+
+class C4GCNN(nn.Module):
+    """Lifting conv, regular->regular convs, ReLU; the output is a map of regular C4 fields.
+
+    Plain ``nn.Conv2d`` weights: the layers are only as equivariant as their weights are.
+    """
+
+    def __init__(self, in_channels=3, fields=(8, 8, 8, 8), group="C4"):
+        super().__init__()
+        self.order = get_group(group).order
+        self.group = group
+        chans = [in_channels] + [self.order * f for f in fields]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, bias=False) for a, b in zip(chans[:-1], chans[1:]))
+        self.reps = [("trivial" if i == 0 else "regular", "regular") for i in range(len(self.convs))]
+
+    def forward(self, x):
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i + 1 < len(self.convs):
+                x = torch.relu(x)
+        return x
+
+    def penalty_items(self):
+        return [(c.weight, self.group, i, o) for c, (i, o) in zip(self.convs, self.reps)]
+
+
+def rotate_regular(y: torch.Tensor, j: int, order: int = 4) -> torch.Tensor:
+    """r^j on a map of regular C_N fields: rotate the plane and shift each field's components."""
+    b, c, h, w = y.shape
+    y = torch.rot90(y, j * 4 // order, dims=(-2, -1))
+    return torch.roll(y.reshape(b, c // order, order, h, w), shifts=j, dims=2).reshape(b, c, h, w)
+
+
+def sample_equivariance_loss(model: C4GCNN, x: torch.Tensor, y: torch.Tensor = None, generator=None):
+    """||f(g x) - g f(x)||^2 (mean) for one uniformly sampled non-identity rotation g."""
+    j = int(torch.randint(1, model.order, (1,), generator=generator))
+    if y is None:
+        y = model(x)
+    gx = torch.rot90(x, j * 4 // model.order, dims=(-2, -1))
+    return (model(gx) - rotate_regular(y, j, model.order)).square().mean()

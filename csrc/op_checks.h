@@ -1,0 +1,103 @@
+// Argument validation shared by the CPU and CUDA implementations of the projkernels_C ops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include "orbit_math.h"
+
+namespace projkernels {
+
+// The orbit table in the form the kernels read it (see projkernels/orbits.py, OrbitTable.to).
+struct OrbitArgs {
+  at::Tensor offsets;   // [orbits per block, G] int32, contiguous
+  at::Tensor inv_stab;  // [orbits per block] float64, contiguous
+  int64_t G = 0;
+  int64_t orbits_per_block = 0;
+  int64_t c_out = 0, c_in = 0, stride_out = 0, stride_in = 0;
+  int64_t n_orbits() const { return orbits_per_block * c_out * c_in; }
+};
+
+inline at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_weight(const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(weight.defined(), op, ": weight is undefined");
+  const auto t = weight.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+              ": weight must be float16, bfloat16, float32 or float64, got ", t);
+}
+
+inline void check_same_device(const at::Tensor& weight, const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.device() == weight.device(), op, ": ", name, " is on ", t.device(), " but weight is on ",
+              weight.device(), "; pass the orbit table moved to the weight's device (OrbitTable.to)");
+}
+
+inline OrbitArgs check_table(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& inv_stab,
+                             int64_t c_out, int64_t c_in, int64_t stride_out, int64_t stride_in, const char* op) {
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 2, op,
+              ": offsets must be a 2-D int32 tensor [orbits per block, |G|], got ", offsets.scalar_type(),
+              " of shape ", offsets.sizes());
+  const int64_t G = offsets.size(1);
+  TORCH_CHECK(G >= 1 && G <= kMaxGroupOrder, op, ": the group order (offsets.size(1)) must be in [1, ",
+              kMaxGroupOrder, "], got ", G);
+  TORCH_CHECK(offsets.size(0) >= 1, op, ": offsets lists no orbits");
+  TORCH_CHECK(inv_stab.scalar_type() == at::kDouble && inv_stab.dim() == 1 && inv_stab.size(0) == offsets.size(0),
+              op, ": inv_stab must be float64 of shape [", offsets.size(0), "], got ", inv_stab.scalar_type(),
+              " of shape ", inv_stab.sizes());
+  TORCH_CHECK(c_out >= 1 && c_in >= 1, op, ": c_out and c_in must be positive, got ", c_out, ", ", c_in);
+  TORCH_CHECK(stride_out >= 0 && stride_in >= 0, op, ": strides must be non-negative, got ", stride_out, ", ",
+              stride_in);
+  TORCH_CHECK(weight.numel() == c_out * stride_out, op, ": weight has ", weight.numel(),
+              " entries but the table describes c_out * stride_out = ", c_out, " * ", stride_out, " = ",
+              c_out * stride_out);
+  check_same_device(weight, offsets, "offsets", op);
+  check_same_device(weight, inv_stab, "inv_stab", op);
+
+  OrbitArgs a;
+  a.offsets = offsets.contiguous();
+  a.inv_stab = inv_stab.contiguous();
+  a.G = G;
+  a.orbits_per_block = offsets.size(0);
+  a.c_out = c_out;
+  a.c_in = c_in;
+  a.stride_out = stride_out;
+  a.stride_in = stride_in;
+
+  if (weight.device().is_cpu()) {
+    // Host-side tables are cheap to verify; on a GPU this would cost a device sync per call.
+    const auto mm = at::aminmax(a.offsets);
+    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    const int64_t last_base = (c_out - 1) * stride_out + (c_in - 1) * stride_in;
+    TORCH_CHECK(lo >= 0 && last_base + hi < weight.numel(), op, ": offsets in [", lo, ", ", hi,
+                "] reach outside the weight (", weight.numel(), " entries)");
+  }
+  return a;
+}
+
+inline void check_spectral(const at::Tensor& weight, const at::Tensor& basis, const at::Tensor& row_irrep,
+                           int64_t G, int64_t n_irreps, const char* op) {
+  TORCH_CHECK(basis.scalar_type() == at::kDouble && basis.dim() == 2 && basis.size(0) == G && basis.size(1) == G,
+              op, ": basis must be float64 of shape [", G, ", ", G, "], got ", basis.scalar_type(), " of shape ",
+              basis.sizes());
+  TORCH_CHECK(row_irrep.scalar_type() == at::kLong && row_irrep.dim() == 1 && row_irrep.size(0) == G, op,
+              ": row_irrep must be int64 of shape [", G, "], got ", row_irrep.scalar_type(), " of shape ",
+              row_irrep.sizes());
+  TORCH_CHECK(n_irreps >= 1 && n_irreps <= G, op, ": n_irreps must be in [1, ", G, "], got ", n_irreps);
+  check_same_device(weight, basis, "basis", op);
+  check_same_device(weight, row_irrep, "row_irrep", op);
+  if (weight.device().is_cpu()) {
+    const auto mm = at::aminmax(row_irrep);
+    TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < n_irreps, op,
+                ": row_irrep values must lie in [0, ", n_irreps, ")");
+  }
+}
+
+inline void check_grad(const at::Tensor& weight, const at::Tensor& g, const char* name, const char* op) {
+  TORCH_CHECK(g.numel() == 1, op, ": ", name, " must hold one value (a 0-dim tensor), got shape ", g.sizes());
+  TORCH_CHECK(g.is_floating_point(), op, ": ", name, " must be a floating tensor, got ", g.scalar_type());
+  check_same_device(weight, g, name, op);
+}
+
+}  // namespace projkernels

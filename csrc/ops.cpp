@@ -1,0 +1,179 @@
+// Schemas of the projkernels_C ops and their CPU kernels.
+//
+// fused_forward reads every weight entry once and returns (penalty, eq_energy, spectrum); the
+// spectrum needs |G| dot products of length |G| per orbit, so training calls skip it with
+// with_spectrum=False (the third output is then zeros).  fused_backward reads W once and writes dW
+// once.  Both take the orbit table of projkernels/orbits.py (OrbitTable.to(device)).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "op_checks.h"
+#include "orbit_math.h"
+
+#ifdef PROJKERNELS_PYTHON_MODULE
+#include <Python.h>
+// `import projkernels._C` only has to load this library, whose static initialisers register the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif
+
+namespace projkernels {
+namespace {
+
+// Orbits per reduction chunk.  Chunk boundaries depend only on the orbit count, never on the number
+// of threads, and chunk partials are summed in chunk order: results are bitwise reproducible.
+constexpr int64_t kChunk = 256;
+
+template <typename scalar_t>
+void forward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, const at::Tensor& basis_acc,
+                        bool with_spectrum, std::vector<double>& partials, int64_t n_chunks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
+  const double* inv_stab = t.inv_stab.const_data_ptr<double>();
+  const acc_t* basis = with_spectrum ? basis_acc.const_data_ptr<acc_t>() : nullptr;
+  const int G = static_cast<int>(t.G);
+  const int64_t opb = t.orbits_per_block, n = t.n_orbits(), width = G + 1;
+
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    acc_t f[kMaxGroupOrder];
+    acc_t rows[kMaxGroupOrder];
+    for (int64_t c = c0; c < c1; ++c) {
+      double pen = 0, eq = 0;
+      std::vector<double> row_sum(with_spectrum ? G : 0, 0.0);
+      const int64_t end = std::min(n, (c + 1) * kChunk);
+      for (int64_t id = c * kChunk; id < end; ++id) {
+        const int64_t b = id / opb, o = id - b * opb;
+        const int64_t base = (b / t.c_in) * t.stride_out + (b % t.c_in) * t.stride_in;
+        load_orbit<kMaxGroupOrder>(wp, base, offs + o * G, G, f);
+        const acc_t mean = orbit_mean<kMaxGroupOrder>(f, G);
+        subtract_mean<kMaxGroupOrder>(f, mean, G);
+        const acc_t is = static_cast<acc_t>(inv_stab[o]);
+        pen += static_cast<double>(penalty_part<kMaxGroupOrder>(f, is, G));
+        eq += static_cast<double>(energy_part(mean, is, G));
+        if (with_spectrum) {
+          std::fill(rows, rows + G, acc_t(0));
+          accumulate_row_energies<kMaxGroupOrder>(basis, f, is, G, rows);
+          for (int r = 1; r < G; ++r) row_sum[r] += static_cast<double>(rows[r]);
+        }
+      }
+      double* out = partials.data() + c * width;
+      out[0] = pen;
+      out[1] = eq;
+      for (int r = 1; r < G && with_spectrum; ++r) out[r + 1] = row_sum[r];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
+    const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& inv_stab, const at::Tensor& basis,
+    const at::Tensor& row_irrep, int64_t n_irreps, int64_t c_out, int64_t c_in, int64_t stride_out,
+    int64_t stride_in, bool with_spectrum) {
+  constexpr const char* op = "projkernels_C::fused_forward";
+  check_weight(weight, op);
+  const OrbitArgs t = check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
+  check_spectral(weight, basis, row_irrep, t.G, n_irreps, op);
+  const auto acc = acc_type_of(weight.scalar_type());
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor basis_acc = basis.to(acc).contiguous();
+  const int64_t G = t.G, n_chunks = (t.n_orbits() + kChunk - 1) / kChunk;
+  std::vector<double> partials(n_chunks * (G + 1), 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_forward_cpu", [&] {
+    forward_cpu_kernel<scalar_t>(w, t, basis_acc, with_spectrum, partials, n_chunks);
+  });
+
+  std::vector<double> total(G + 1, 0.0);
+  for (int64_t c = 0; c < n_chunks; ++c)
+    for (int64_t j = 0; j < G + 1; ++j) total[j] += partials[c * (G + 1) + j];
+
+  const auto opts = weight.options().dtype(at::kDouble);
+  at::Tensor spec = at::zeros({n_irreps}, opts);
+  if (with_spectrum) {
+    // total = [penalty, eq, row 1, ..., row G-1]: row r sits at total[1 + r].
+    rows_to_irreps(total.data() + 1, total[1], row_irrep.contiguous().const_data_ptr<int64_t>(),
+                   static_cast<int>(G), spec.mutable_data_ptr<double>());
+  }
+  at::Tensor pen = at::scalar_tensor(total[0], opts).to(acc);
+  at::Tensor eq = at::scalar_tensor(total[1], opts).to(acc);
+  return {pen, eq, spec.to(acc)};
+}
+
+template <typename scalar_t>
+void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pen, double grad_eq, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
+  const int G = static_cast<int>(t.G);
+  const int64_t opb = t.orbits_per_block;
+  const acc_t two_pen = static_cast<acc_t>(2 * grad_pen), two_eq = static_cast<acc_t>(2 * grad_eq);
+
+  at::parallel_for(0, t.n_orbits(), kChunk, [&](int64_t i0, int64_t i1) {
+    acc_t f[kMaxGroupOrder];
+    for (int64_t id = i0; id < i1; ++id) {
+      const int64_t b = id / opb, o = id - b * opb;
+      const int64_t base = (b / t.c_in) * t.stride_out + (b % t.c_in) * t.stride_in;
+      const int32_t* orow = offs + o * G;
+      load_orbit<kMaxGroupOrder>(wp, base, orow, G, f);
+      const acc_t mean = orbit_mean<kMaxGroupOrder>(f, G);
+      // Orbits are disjoint and a repeated entry gets the same value each time, so no races.
+      for (int g = 0; g < G; ++g)
+        op[base + orow[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_pen, two_eq));
+    }
+  });
+}
+
+at::Tensor fused_backward_cpu(const at::Tensor& weight, const at::Tensor& grad_penalty, const at::Tensor& grad_eq,
+                              const at::Tensor& offsets, const at::Tensor& inv_stab, int64_t c_out, int64_t c_in,
+                              int64_t stride_out, int64_t stride_in) {
+  constexpr const char* op = "projkernels_C::fused_backward";
+  check_weight(weight, op);
+  check_grad(weight, grad_penalty, "grad_penalty", op);
+  check_grad(weight, grad_eq, "grad_eq", op);
+  const OrbitArgs t = check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+  const double gp = grad_penalty.item<double>(), ge = grad_eq.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_backward_cpu", [&] {
+    backward_cpu_kernel<scalar_t>(w, t, gp, ge, out);
+  });
+  return out;
+}
+
+bool cuda_enabled() {
+#ifdef PROJKERNELS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace projkernels
+
+TORCH_LIBRARY(projkernels_C, m) {
+  m.set_python_module("projkernels.cpp_backend");
+  m.def(
+      "fused_forward(Tensor weight, Tensor offsets, Tensor inv_stab, Tensor basis, Tensor row_irrep, "
+      "int n_irreps, int c_out, int c_in, int stride_out, int stride_in, bool with_spectrum=True) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fused_backward(Tensor weight, Tensor grad_penalty, Tensor grad_eq, Tensor offsets, Tensor inv_stab, "
+      "int c_out, int c_in, int stride_out, int stride_in) -> Tensor");
+  // Whether this build carries the CUDA kernels (PROJKERNELS_WITH_CUDA at compile time).
+  m.def("cuda_enabled() -> bool", &projkernels::cuda_enabled);
+}
+
+TORCH_LIBRARY_IMPL(projkernels_C, CPU, m) {
+  m.impl("fused_forward", &projkernels::fused_forward_cpu);
+  m.impl("fused_backward", &projkernels::fused_backward_cpu);
+}

@@ -1,0 +1,127 @@
+// Per-orbit math shared by the CPU and CUDA kernels (and the C++ unit tests).
+//
+// An orbit is described by |G| flat offsets (one per group element, in element order) into a
+// contiguous weight; an entry whose stabiliser is non-trivial appears |Stab| times, and
+// inv_stab = 1/|Stab| = |O|/|G| undoes that repetition.  With f[g] = W[base + offsets[g]]:
+//
+//   mean          = sum_g f[g] / |G|
+//   dev[g]        = f[g] - mean
+//   penalty part  = inv_stab * sum_g dev[g]^2           (never ||W||^2 - ||P W||^2: that cancels)
+//   energy part   = inv_stab * |G| * mean^2
+//   row energy r  = inv_stab * (basis[r] . dev)^2        (r >= 1; the irrep of row r owns it)
+//   dW[g]         = 2 g_pen dev[g] + 2 g_eq mean
+//
+// The functions take the compile-time bound MAXG on |G| so the CUDA kernels can keep the orbit in
+// registers (loops fully unrolled, exited early at the runtime |G|).  Plain C++ sees none of the
+// CUDA qualifiers, so this header builds without torch and without nvcc.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define PK_HOST_DEVICE __host__ __device__
+#define PK_UNROLL _Pragma("unroll")
+#else
+#define PK_HOST_DEVICE
+#define PK_UNROLL
+#endif
+
+namespace projkernels {
+
+// Regular fields of the cube's full symmetry group (48 elements) still fit.
+constexpr int kMaxGroupOrder = 64;
+
+// f[g] = W[base + offsets[g]] converted to the accumulation type.
+template <int MAXG, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void load_orbit(const scalar_t* __restrict__ w, int64_t base,
+                                      const int32_t* __restrict__ offsets, int G, acc_t* f) {
+  PK_UNROLL
+  for (int g = 0; g < MAXG; ++g) {
+    if (g >= G) break;
+    f[g] = static_cast<acc_t>(w[base + offsets[g]]);
+  }
+}
+
+template <int MAXG, typename acc_t>
+PK_HOST_DEVICE inline acc_t orbit_mean(const acc_t* f, int G) {
+  acc_t s = acc_t(0);
+  PK_UNROLL
+  for (int g = 0; g < MAXG; ++g) {
+    if (g >= G) break;
+    s += f[g];
+  }
+  return s / static_cast<acc_t>(G);
+}
+
+// In place: f becomes the deviations from the orbit mean.
+template <int MAXG, typename acc_t>
+PK_HOST_DEVICE inline void subtract_mean(acc_t* f, acc_t mean, int G) {
+  PK_UNROLL
+  for (int g = 0; g < MAXG; ++g) {
+    if (g >= G) break;
+    f[g] -= mean;
+  }
+}
+
+template <int MAXG, typename acc_t>
+PK_HOST_DEVICE inline acc_t sum_squares(const acc_t* dev, int G) {
+  acc_t s = acc_t(0);
+  PK_UNROLL
+  for (int g = 0; g < MAXG; ++g) {
+    if (g >= G) break;
+    s += dev[g] * dev[g];
+  }
+  return s;
+}
+
+template <int MAXG, typename acc_t>
+PK_HOST_DEVICE inline acc_t penalty_part(const acc_t* dev, acc_t inv_stab, int G) {
+  return inv_stab * sum_squares<MAXG>(dev, G);
+}
+
+template <typename acc_t>
+PK_HOST_DEVICE inline acc_t energy_part(acc_t mean, acc_t inv_stab, int G) {
+  return inv_stab * static_cast<acc_t>(G) * mean * mean;
+}
+
+// basis_row . dev for one row of the isotypic basis.
+template <int MAXG, typename acc_t, typename basis_t>
+PK_HOST_DEVICE inline acc_t row_coefficient(const basis_t* basis_row, const acc_t* dev, int G) {
+  acc_t c = acc_t(0);
+  PK_UNROLL
+  for (int g = 0; g < MAXG; ++g) {
+    if (g >= G) break;
+    c += static_cast<acc_t>(basis_row[g]) * dev[g];
+  }
+  return c;
+}
+
+// row_energy[r] += inv_stab * (basis[r] . dev)^2 for the non-trivial rows r = 1..G-1 (row 0 is the
+// constant row, orthogonal to dev; its energy is the energy part above).  basis is row-major [G, G].
+template <int MAXG, typename acc_t, typename basis_t>
+PK_HOST_DEVICE inline void accumulate_row_energies(const basis_t* basis, const acc_t* dev, acc_t inv_stab,
+                                                   int G, acc_t* row_energy) {
+  PK_UNROLL
+  for (int r = 1; r < MAXG; ++r) {
+    if (r >= G) break;
+    const acc_t c = row_coefficient<MAXG>(basis + r * G, dev, G);
+    row_energy[r] += inv_stab * c * c;
+  }
+}
+
+// Per-irrep energies from per-row energies: spectrum[0] = energy (the trivial irrep), and every
+// other row adds to its irrep's entry.  spectrum must hold n_irreps zeros on entry.
+template <typename acc_t, typename out_t>
+PK_HOST_DEVICE inline void rows_to_irreps(const acc_t* row_energy, acc_t energy, const int64_t* row_irrep,
+                                          int G, out_t* spectrum) {
+  spectrum[0] += static_cast<out_t>(energy);
+  for (int r = 1; r < G; ++r) spectrum[row_irrep[r]] += static_cast<out_t>(row_energy[r]);
+}
+
+// The value of dW (and, with grad_pen = 0, grad_eq = 1/2, of P(W)) at orbit entry g.
+template <typename acc_t>
+PK_HOST_DEVICE inline acc_t gradient_value(acc_t dev_g, acc_t mean, acc_t two_grad_pen, acc_t two_grad_eq) {
+  return two_grad_pen * dev_g + two_grad_eq * mean;
+}
+
+}  // namespace projkernels

@@ -1,0 +1,426 @@
+"""Demo: learning a nearly C4-equivariant map with the projection penalty.
+
+The task is generated in-process.  Inputs are smoothed random fields x (1 x S x S).  The target is
+
+    y(x) = F(x) + breaking * B(x),
+
+F a fixed C4-equivariant nonlinear operator (Laplacian + squared gradient + ReLU, all with zero
+padding, which rot90 maps onto itself) and B the fixed horizontal derivative d/dx, which does not
+rotate with the input: its C4 average is zero, so ``breaking`` sets how far the data are from
+equivariance.  A small C4 regular G-CNN made of plain ``nn.Conv2d`` (lifting conv trivial ->
+regular, group convs regular -> regular, head regular -> trivial) is trained
+
+  - with no penalty (a plain CNN of the same shape),
+  - with the projection penalty ``lambda * sum_layers ||W - P(W)||^2`` for each lambda,
+  - projected: ``project_`` at initialisation and after every optimiser step (projected gradient
+    descent, so the model is an exact G-CNN throughout),
+  - with a sample-based regulariser: one random rotation g per step and ``mu * ||f(gx) - g f(x)||^2``
+    added to the loss (an extra forward and backward pass).
+
+Reported per run: test error (||f(x) - y||^2 / ||y||^2 over the test set), equivariance error
+(mean over test inputs and all 4 rotations, identity included, of ||f(gx) - g f(x)|| / ||f(x)||),
+time per step and the share of it spent on the regulariser (its extra forward + backward, timed
+separately with perf_counter after the task loss's backward; for the projected run the projection).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import attach_regular_gcnn, equivariance_report, format_report, model_penalty, project_
+
+ORDER = 4  # C4
+
+
+# --- the task ---------------------------------------------------------------------------------
+
+def _gaussian_kernel(sigma: float, device) -> torch.Tensor:
+    r = int(math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float32, device=device)
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = g[:, None] * g[None, :]
+    return (k / k.sum())[None, None]
+
+
+def random_fields(n: int, size: int, generator: torch.Generator, device, sigma: float = 1.5) -> torch.Tensor:
+    """Smoothed white noise with unit standard deviation; blurred with 'valid' padding so the
+    border has the same statistics as the inside (the input law is then exactly rotation invariant)."""
+    k = _gaussian_kernel(sigma, device)
+    r = k.shape[-1] // 2
+    noise = torch.randn(n, 1, size + 2 * r, size + 2 * r, generator=generator).to(device)
+    x = F.conv2d(noise, k)
+    return x / x.std()
+
+
+_LAP = torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]])
+_DX = torch.tensor([[0., 0., 0.], [-0.5, 0., 0.5], [0., 0., 0.]])
+
+
+def _stencil(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, k.to(x)[None, None], padding=1)
+
+
+def equivariant_part(x: torch.Tensor) -> torch.Tensor:
+    """F(x): Laplacian + squared gradient + ReLU, each commuting with rot90 (zero padding included)."""
+    dx = _stencil(x, _DX)
+    dy = _stencil(x, _DX.T)
+    return _stencil(x, _LAP) + 2.0 * (dx ** 2 + dy ** 2) + torch.relu(x)
+
+
+def breaking_part(x: torch.Tensor) -> torch.Tensor:
+    """B(x) = d/dx x, a fixed direction: rotating the input does not rotate this term."""
+    return _stencil(x, _DX)
+
+
+class Task:
+    """y = F(x)/s_F + breaking * B(x)/s_B, with s_F, s_B the (fixed) standard deviations on a sample."""
+
+    def __init__(self, breaking: float, size: int, seed: int, device):
+        g = torch.Generator().manual_seed(seed + 1)
+        probe = random_fields(512, size, g, device)
+        self.s_f = float(equivariant_part(probe).std())
+        self.s_b = float(breaking_part(probe).std())
+        self.breaking = breaking
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return equivariant_part(x) / self.s_f + self.breaking * breaking_part(x) / self.s_b
+
+
+def rotate(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The C4 element r^k on a scalar field: the same rot90 as on kernels (SPEC section 2)."""
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+# --- the model --------------------------------------------------------------------------------
+
+class GCNN(nn.Module):
+    """Plain nn.Conv2d layers laid out as a C4 G-CNN on regular fields (channel = field*4 + g)."""
+
+    def __init__(self, fields: int = 4, depth: int = 2, lift_kernel: int = 5):
+        super().__init__()
+        width = fields * ORDER
+        self.lift = nn.Conv2d(1, width, lift_kernel, padding=lift_kernel // 2)
+        self.blocks = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(depth))
+        self.head = nn.Conv2d(width, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.lift(x))
+        for conv in self.blocks:
+            h = torch.relu(conv(h))
+        return self.head(h)
+
+
+def build_model(fields: int, depth: int, device) -> GCNN:
+    model = GCNN(fields, depth).to(device)
+    attach_regular_gcnn(model, "C4", first_in="trivial", last_out="trivial")
+    return model
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_error(model, x, y) -> float:
+    pred = model(x)
+    return float((pred - y).square().sum() / y.square().sum())
+
+
+@torch.no_grad()
+def equivariance_error(f, x) -> float:
+    """Mean over inputs and all 4 rotations (identity included) of ||f(gx) - g f(x)|| / ||f(x)||."""
+    fx = f(x)
+    norm = fx.flatten(1).norm(dim=1).clamp_min(1e-12)
+    errs = [(f(rotate(x, k)) - rotate(fx, k)).flatten(1).norm(dim=1) / norm for k in range(ORDER)]
+    return float(torch.stack(errs).mean())
+
+
+@torch.no_grad()
+def equivariant_floor(task, x, y) -> float:
+    """Test error of the C4-symmetrised target (1/4) sum_g g^-1 y(g x): the error an exactly
+    equivariant model makes even with a perfect fit of the equivariant part."""
+    sym = sum(rotate(task(rotate(x, k)), -k) for k in range(ORDER)) / ORDER
+    return float((sym - y).square().sum() / y.square().sum())
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most every ``interval`` seconds."""
+
+    def __init__(self, total: int, stream=None, width: int = 28, interval: float = 0.1, enabled: bool = True):
+        self.total, self.done, self.width, self.interval = max(total, 1), 0, width, interval
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled, self.start, self.last = enabled, time.perf_counter(), 0.0
+
+    def update(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self.last >= self.interval or self.done >= self.total):
+            self.last = now
+            frac = min(self.done / self.total, 1.0)
+            fill = int(round(frac * self.width))
+            elapsed = now - self.start
+            eta = elapsed / frac - elapsed if frac > 0 else 0.0
+            self.stream.write(f"\r[{'#' * fill}{'.' * (self.width - fill)}] {100 * frac:5.1f}% "
+                              f"{elapsed:5.1f}s eta {eta:5.1f}s {note[:40]:<40}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def train_run(method: str, weight: float, data: Dict[str, torch.Tensor], args, progress: Progress,
+              label: str) -> dict:
+    """Train one model; ``method`` in {'none', 'penalty', 'projected', 'sample'}."""
+    torch.manual_seed(args.seed)  # same initial weights and batches for every run
+    model = build_model(args.fields, args.depth, args.device)
+    if method == "projected":
+        project_(model)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps, eta_min=args.lr * 0.05)
+    x_tr, y_tr = data["x_train"], data["y_train"]
+    g = torch.Generator().manual_seed(args.seed + 7)
+    warmup = min(5, args.steps // 4)
+    sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
+    step_t, reg_t = 0.0, 0.0
+    for step in range(args.steps):
+        idx = torch.randint(0, x_tr.shape[0], (args.batch,), generator=g).to(args.device)
+        xb, yb = x_tr[idx], y_tr[idx]
+        sync()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = model(xb)
+        loss = F.mse_loss(out, yb)
+        loss.backward(retain_graph=method == "sample")
+        sync()
+        t1 = time.perf_counter()
+        if method == "penalty":
+            model_penalty(model, lambda_perp=weight).backward()
+        elif method == "sample":
+            k = int(torch.randint(1, ORDER, (1,), generator=g))
+            reg = weight * F.mse_loss(model(rotate(xb, k)), rotate(out, k))
+            reg.backward()
+        sync()
+        t2 = time.perf_counter()
+        opt.step()
+        sched.step()
+        sync()
+        t3 = time.perf_counter()
+        if method == "projected":
+            project_(model)
+            sync()
+        t4 = time.perf_counter()
+        if step >= warmup:
+            step_t += t4 - t0
+            reg_t += (t2 - t1) + (t4 - t3)
+        progress.update(1, f"{label} loss {float(loss):.3g}")
+    timed = max(args.steps - warmup, 1)
+    model.eval()
+    return {
+        "method": method, "weight": weight, "label": label,
+        "test_error": test_error(model, data["x_test"], data["y_test"]),
+        "train_error": test_error(model, x_tr, y_tr),
+        "equivariance_error": equivariance_error(model, data["x_test"]),
+        "ms_per_step": 1e3 * step_t / timed,
+        "regulariser_ms_per_step": 1e3 * reg_t / timed,
+        "regulariser_share": reg_t / step_t if step_t > 0 else 0.0,
+        "layers": equivariance_report(model),
+        "_model": model,
+    }
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def format_table(runs: List[dict], floor: float, target_eq: float) -> str:
+    head = ["run", "test err", "eq. err", "ms/step", "reg ms/step", "reg share"]
+    body = []
+    for r in runs:
+        reg = r["method"] != "none"
+        body.append([r["label"], f"{r['test_error']:.4f}", f"{r['equivariance_error']:.2e}",
+                     f"{r['ms_per_step']:.2f}", f"{r['regulariser_ms_per_step']:.2f}" if reg else "-",
+                     f"{100 * r['regulariser_share']:.1f}%" if reg else "-"])
+    widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in body]
+    lines.append(f"reference: the target's own equivariance error {target_eq:.2e}; test error of the best "
+                 f"exactly equivariant map (symmetrised target) {floor:.4f}")
+    return "\n".join(lines)
+
+
+def make_figure(runs: List[dict], floor: float, target_eq: float, spectra_runs: List[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pen = sorted((r for r in runs if r["method"] == "penalty"), key=lambda r: r["weight"])
+    other = {r["method"]: r for r in runs if r["method"] != "penalty"}
+    styles = {"none": ("no penalty", "tab:gray", "--"), "projected": ("projected (exact)", "tab:green", "-."),
+              "sample": ("sample-based", "tab:red", ":")}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, title in ((axes[0], "test_error", "test error  ||f(x)-y||² / ||y||²"),
+                           (axes[1], "equivariance_error", "equivariance error  ||f(gx)-g f(x)|| / ||f(x)||")):
+        if pen:
+            ax.plot([r["weight"] for r in pen], [r[key] for r in pen], "o-", color="tab:blue",
+                    label="projection penalty")
+        for m, (name, color, ls) in styles.items():
+            if m in other:
+                ax.axhline(other[m][key], color=color, ls=ls, label=name)
+        if key == "test_error":
+            ax.axhline(floor, color="black", lw=0.8, ls=(0, (1, 3)), label="exact-equivariance floor")
+        else:
+            ax.axhline(target_eq, color="black", lw=0.8, ls=(0, (1, 3)), label="target's own")
+            ax.set_yscale("log")
+        ax.set_xscale("log")
+        ax.set_xlabel("lambda_perp")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    if spectra_runs:
+        layers = [l["name"] for l in spectra_runs[0]["layers"]]
+        irreps = list(spectra_runs[0]["layers"][0]["spectrum"])
+        n = len(spectra_runs)
+        bw = 0.8 / n
+        colors = plt.cm.viridis([i / max(len(irreps) - 1, 1) for i in range(len(irreps))])
+        hatches = ["", "//", "..", "xx"]
+        for j, run in enumerate(spectra_runs):
+            bottom = [0.0] * len(layers)
+            for i, irrep in enumerate(irreps):
+                vals = []
+                for l in run["layers"]:
+                    total = sum(l["spectrum"].values()) or 1.0
+                    vals.append(l["spectrum"][irrep] / total)
+                xs = [p + (j - (n - 1) / 2) * bw for p in range(len(layers))]
+                ax.bar(xs, vals, bw * 0.95, bottom=bottom, color=colors[i], hatch=hatches[j % len(hatches)],
+                       edgecolor="white", label=f"irrep {irrep}" if j == 0 else None)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers)
+        ax.set_ylabel("share of ||W||²")
+        ax.set_title("per-layer C4 spectra: " + " | ".join(
+            f"{h or 'plain'}={r['label']}" for h, r in zip(hatches, spectra_runs)), fontsize=9)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m projkernels.demo",
+        description="Train a small C4 G-CNN (plain nn.Conv2d layers) on a synthetic task whose symmetry is "
+                    "broken by a fixed directional term, with no penalty, the projection penalty at several "
+                    "lambdas, exact projection after every step, and a sample-based regulariser; print a "
+                    "comparison table and write a figure and a JSON summary.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller run (fewer steps and lambdas, under a minute on 2 CPU cores)")
+    p.add_argument("--breaking", type=float, default=0.3,
+                   help="strength of the non-rotating term d/dx x in the target (0: exactly C4-equivariant)")
+    p.add_argument("--lambdas", type=str, default=None,
+                   help="comma list of lambda_perp values for the penalty runs "
+                        "(default 0.001,0.01,0.1,1,10; with --quick 0.01,1)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 500; --quick 150)")
+    p.add_argument("--sample-weight", type=float, default=1.0,
+                   help="mu of the sample-based regulariser mu * mean ||f(gx) - g f(x)||^2")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the projected and sample-based runs (penalty and no-penalty only)")
+    p.add_argument("--train-size", type=int, default=256, help="number of training fields")
+    p.add_argument("--test-size", type=int, default=256, help="number of test fields")
+    p.add_argument("--size", type=int, default=16, help="side of the square input fields")
+    p.add_argument("--fields", type=int, default=4, help="regular fields per hidden layer (channels = 4 x this)")
+    p.add_argument("--depth", type=int, default=2, help="number of regular -> regular group convs")
+    p.add_argument("--batch", type=int, default=32, help="batch size")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine-decayed)")
+    p.add_argument("--device", type=str, default="cpu", help="'cpu' or 'cuda' (if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, initial weights and batches")
+    p.add_argument("--out", type=str, default="demo_out", help="output folder for demo.png and summary.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 150 if args.quick else 500
+    if args.lambdas is None:
+        args.lambdas = "0.01,1" if args.quick else "0.001,0.01,0.1,1,10"
+    try:
+        args.lambda_list = [float(v) for v in args.lambdas.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--lambdas: expected a comma list of numbers, got {args.lambdas!r}")
+    if any(v <= 0 for v in args.lambda_list):
+        p.error("--lambdas: values must be positive (the no-penalty run is always included)")
+    if args.steps < 1:
+        p.error("--steps: must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    task = Task(args.breaking, args.size, args.seed, args.device)
+    x_train = random_fields(args.train_size, args.size, gen, args.device)
+    x_test = random_fields(args.test_size, args.size, gen, args.device)
+    data = {"x_train": x_train, "y_train": task(x_train), "x_test": x_test, "y_test": task(x_test)}
+    floor = equivariant_floor(task, x_test, data["y_test"])
+    target_eq = equivariance_error(task, x_test)
+
+    plan = [("none", 0.0, "no penalty")]
+    plan += [("penalty", lam, f"penalty lambda={lam:g}") for lam in args.lambda_list]
+    if not args.no_baselines:
+        plan += [("projected", 0.0, "projected (exact)"),
+                 ("sample", args.sample_weight, f"sample-based mu={args.sample_weight:g}")]
+    progress = Progress(len(plan) * args.steps, enabled=not args.no_progress)
+    runs = [train_run(m, w, data, args, progress, label) for m, w, label in plan]
+    progress.close()
+
+    pen = [r for r in runs if r["method"] == "penalty"]
+    best = min(pen, key=lambda r: r["test_error"]) if pen else None
+    spectra_runs = [runs[0]] + ([best] if best else [])
+    fig_path = os.path.join(args.out, "demo.png")
+    make_figure(runs, floor, target_eq, spectra_runs, fig_path)
+
+    table = format_table(runs, floor, target_eq)
+    wall = time.perf_counter() - t_start
+    summary = {
+        "config": {k: v for k, v in vars(args).items() if k != "lambda_list"} | {"lambdas": args.lambda_list},
+        "task": {"breaking": args.breaking, "target_equivariance_error": target_eq,
+                 "equivariant_floor_test_error": floor},
+        "metrics": {"test_error": "sum ||f(x)-y||^2 / sum ||y||^2 over the test set",
+                    "equivariance_error": "mean over test x and all 4 rotations g (identity included) of "
+                                          "||f(gx) - g f(x)|| / ||f(x)||",
+                    "regulariser_share": "time of the regulariser's extra forward+backward (or projection) / "
+                                         "time of the whole step, first steps excluded"},
+        "runs": [{k: v for k, v in r.items() if k != "_model"} for r in runs],
+        "best_penalty_lambda": best["weight"] if best else None,
+        "figure": fig_path,
+        "wall_seconds": wall,
+    }
+    with open(os.path.join(args.out, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+
+    print(table)
+    if best is not None:
+        print(f"\nper-layer equivariance of the best penalised model ({best['label']}):")
+        print(format_report(best["layers"]))
+    print(f"\nwrote {fig_path} and {os.path.join(args.out, 'summary.json')} ({wall:.1f} s)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

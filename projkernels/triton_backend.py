@@ -1,0 +1,60 @@
+"""The ``backend="triton"`` implementation (registers itself on import).
+
+Serves CUDA tensors, and CPU tensors when the process was started with ``TRITON_INTERPRET=1``
+(Triton's interpreter: slow, meant for tests).  Importing this module without Triton installed
+raises ImportError, which ``load_optional_backends`` takes as "not installed".
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import triton_kernels as K  # raises ImportError without triton
+from .backends import Backend, register_backend
+from .orbits import OrbitTable
+
+__all__ = ["forward", "backward", "project", "spectrum", "unavailable"]
+
+
+def unavailable(device) -> Optional[str]:
+    device = torch.device(device)
+    if device.type == "cpu":
+        if K.INTERPRET:
+            return None
+        return ("Triton kernels run on CUDA tensors; CPU tensors are served only under Triton's "
+                "interpreter (start the process with TRITON_INTERPRET=1; slow, meant for tests)")
+    if device.type == "cuda":
+        if K.INTERPRET:
+            return ("TRITON_INTERPRET=1 is set, so the Triton kernels run on the CPU only; "
+                    "unset it to run them on the GPU")
+        if not torch.cuda.is_available():
+            return "CUDA is not available (no GPU, or torch was built without CUDA)"
+        return None
+    return f"Triton kernels run on CUDA tensors only, not on {device.type!r} tensors"
+
+
+def forward(w: torch.Tensor, table: OrbitTable):
+    return K.reduce_orbits(w.contiguous(), table, spectrum=False)
+
+
+def spectrum(w: torch.Tensor, table: OrbitTable) -> torch.Tensor:
+    return K.reduce_orbits(w.contiguous(), table, spectrum=True)
+
+
+def backward(w: torch.Tensor, table: OrbitTable, grad_pen: torch.Tensor, grad_eq: torch.Tensor) -> torch.Tensor:
+    # Written straight in the weight's dtype: the caller's cast is then free, and rounding the
+    # float32 (float64) value once is what the cast would have done.
+    device = w.device
+    grad_pen = torch.as_tensor(grad_pen, device=device).reshape(())
+    grad_eq = torch.as_tensor(grad_eq, device=device).reshape(())
+    return K.apply_orbits(w.contiguous(), table, grad_pen, grad_eq, out_dtype=w.dtype)
+
+
+def project(w: torch.Tensor, table: OrbitTable) -> torch.Tensor:
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    return K.apply_orbits(w.contiguous(), table, out_dtype=acc)
+
+
+register_backend(Backend(name="triton", forward=forward, backward=backward, project=project,
+                         spectrum=spectrum, unavailable=unavailable))
