@@ -11,8 +11,8 @@
 //   row energy r  = inv_stab * (basis[r] . dev)^2        (r >= 1; the irrep of row r owns it)
 //   dW[g]         = 2 g_pen dev[g] + 2 g_eq mean
 //
-// The functions take the compile-time bound MAXG on |G| so the CUDA kernels can keep the orbit in
-// registers (loops fully unrolled, exited early at the runtime |G|).  Plain C++ sees none of the
+// The functions take a compile-time bound MAXG on |G| so the CUDA kernels can keep the orbit in
+// registers for small groups (see PK_UNROLL).  Plain C++ sees none of the
 // CUDA qualifiers, so this header builds without torch and without nvcc.
 #pragma once
 
@@ -20,7 +20,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define PK_HOST_DEVICE __host__ __device__
-#define PK_UNROLL _Pragma("unroll")
+// Bounds up to kMaxUnrolled are unrolled completely, with every index a compile-time constant, so
+// the orbit stays in registers; larger bounds loop to the runtime |G| (the orbit goes to local
+// memory), which keeps compile time and code size sane for the rare large groups.
+#define PK_UNROLL _Pragma("unroll (projkernels::unrolled(MAXG) ? MAXG : 1)")
 #else
 #define PK_HOST_DEVICE
 #define PK_UNROLL
@@ -30,14 +33,21 @@ namespace projkernels {
 
 // Regular fields of the cube's full symmetry group (48 elements) still fit.
 constexpr int kMaxGroupOrder = 64;
+constexpr int kMaxUnrolled = 16;
+
+PK_HOST_DEVICE constexpr bool unrolled(int maxg) { return maxg <= kMaxUnrolled; }
+
+// Loops run to MAXG when unrolled (skipping g >= G by a predicate: an early exit would defeat
+// the register promotion) and to G otherwise.
+PK_HOST_DEVICE constexpr int loop_bound(int maxg, int G) { return unrolled(maxg) ? maxg : G; }
 
 // f[g] = W[base + offsets[g]] converted to the accumulation type.
 template <int MAXG, typename scalar_t, typename acc_t>
 PK_HOST_DEVICE inline void load_orbit(const scalar_t* __restrict__ w, int64_t base,
                                       const int32_t* __restrict__ offsets, int G, acc_t* f) {
   PK_UNROLL
-  for (int g = 0; g < MAXG; ++g) {
-    if (g >= G) break;
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
     f[g] = static_cast<acc_t>(w[base + offsets[g]]);
   }
 }
@@ -46,8 +56,8 @@ template <int MAXG, typename acc_t>
 PK_HOST_DEVICE inline acc_t orbit_mean(const acc_t* f, int G) {
   acc_t s = acc_t(0);
   PK_UNROLL
-  for (int g = 0; g < MAXG; ++g) {
-    if (g >= G) break;
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
     s += f[g];
   }
   return s / static_cast<acc_t>(G);
@@ -57,8 +67,8 @@ PK_HOST_DEVICE inline acc_t orbit_mean(const acc_t* f, int G) {
 template <int MAXG, typename acc_t>
 PK_HOST_DEVICE inline void subtract_mean(acc_t* f, acc_t mean, int G) {
   PK_UNROLL
-  for (int g = 0; g < MAXG; ++g) {
-    if (g >= G) break;
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
     f[g] -= mean;
   }
 }
@@ -67,8 +77,8 @@ template <int MAXG, typename acc_t>
 PK_HOST_DEVICE inline acc_t sum_squares(const acc_t* dev, int G) {
   acc_t s = acc_t(0);
   PK_UNROLL
-  for (int g = 0; g < MAXG; ++g) {
-    if (g >= G) break;
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
     s += dev[g] * dev[g];
   }
   return s;
@@ -89,8 +99,8 @@ template <int MAXG, typename acc_t, typename basis_t>
 PK_HOST_DEVICE inline acc_t row_coefficient(const basis_t* basis_row, const acc_t* dev, int G) {
   acc_t c = acc_t(0);
   PK_UNROLL
-  for (int g = 0; g < MAXG; ++g) {
-    if (g >= G) break;
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
     c += static_cast<acc_t>(basis_row[g]) * dev[g];
   }
   return c;
@@ -102,8 +112,8 @@ template <int MAXG, typename acc_t, typename basis_t>
 PK_HOST_DEVICE inline void accumulate_row_energies(const basis_t* basis, const acc_t* dev, acc_t inv_stab,
                                                    int G, acc_t* row_energy) {
   PK_UNROLL
-  for (int r = 1; r < MAXG; ++r) {
-    if (r >= G) break;
+  for (int r = 1; r < loop_bound(MAXG, G); ++r) {
+    if (r >= G) continue;
     const acc_t c = row_coefficient<MAXG>(basis + r * G, dev, G);
     row_energy[r] += inv_stab * c * c;
   }
