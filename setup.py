@@ -45,6 +45,10 @@ def _extensions():
     if cuda_switch not in ("", "0", "1"):
         raise RuntimeError(f"PROJKERNELS_CUDA must be 0, 1 or unset, got {cuda_switch!r}")
     forced = cuda_switch == "1"
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") \
+            and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        # torch would otherwise derive the toolkit root from `which nvcc`, which may be a symlink elsewhere.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
         import torch
         from torch.utils import cpp_extension

@@ -10,3 +10,5 @@ load_optional_backends()
 
 __all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "project", "spectrum",
            "irrep_names", "get_group", "register_group", "FiniteGroup", "orbit_table", "available_backends"]
+from .model import Symmetry, attach_symmetry, attach_symmetries, attach_regular_gcnn, attached_layers, detach_symmetry, get_symmetry, model_penalty, project_, equivariance_report, format_report  # noqa: E402
+from .multi import multi_penalty, register_multi_backend  # noqa: E402

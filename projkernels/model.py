@@ -247,7 +247,7 @@ def format_report(report: List[dict]) -> str:
     body = []
     for r in report:
         total = sum(r["spectrum"].values()) or 1.0
-        spec = "  ".join(f"{k}:{100 * v / total:5.1f}%" for k, v in r["spectrum"].items())
+        spec = "  ".join(f"{k}:{v / total:<8.3g}" for k, v in r["spectrum"].items())
         body.append([r["name"], r["type"], "x".join(map(str, r["shape"])),
                      f"{r['group']} {r['in_rep']}->{r['out_rep']}", f"{r['weight_norm']:.3g}",
                      f"{r['relative']:.2e}", "-" if r["bias_relative"] is None else f"{r['bias_relative']:.2e}",

@@ -1,0 +1,132 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import projkernels as pk
+from projkernels.model import (Symmetry, attach_regular_gcnn, attach_symmetries, attach_symmetry, attached_layers,
+                               detach_symmetry, equivariance_report, format_report, get_symmetry, model_penalty,
+                               project_)
+
+
+class TinyGCNN(nn.Module):
+    """C4 G-CNN from plain convs: lift trivial->regular, one group conv, head regular->trivial."""
+
+    def __init__(self, fields=2, bias=True):
+        super().__init__()
+        self.lift = nn.Conv2d(1, 4 * fields, 3, padding=1, bias=bias)
+        self.mid = nn.Conv2d(4 * fields, 4 * fields, 3, padding=1, bias=bias)
+        self.head = nn.Conv2d(4 * fields, 2, 3, padding=1, bias=bias)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(torch.relu(self.lift(x)))))
+
+
+def _model(bias=True, dtype=torch.float64):
+    torch.manual_seed(0)
+    m = TinyGCNN(bias=bias).to(dtype)
+    attach_regular_gcnn(m, "C4", first_in="trivial", last_out="trivial")
+    return m
+
+
+def test_attach_records_symmetry_and_survives_deepcopy():
+    m = _model()
+    assert get_symmetry(m.lift) == Symmetry("C4", "trivial", "regular")
+    assert get_symmetry(m.mid) == Symmetry("C4", "regular", "regular")
+    assert get_symmetry(m.head) == Symmetry("C4", "regular", "trivial")
+    assert [n for n, _, _ in attached_layers(copy.deepcopy(m))] == ["lift", "mid", "head"]
+    assert "_projkernels_symmetry" not in str(m.state_dict().keys())
+    detach_symmetry(m.mid)
+    assert [n for n, _, _ in attached_layers(m)] == ["lift", "head"]
+
+
+def test_attach_validates_at_attach_time():
+    with pytest.raises(ValueError, match="multiple of the regular field size 4"):
+        attach_symmetry(nn.Conv2d(1, 6, 3), "C4", "trivial", "regular")
+    with pytest.raises(ValueError, match="does not act exactly"):
+        attach_symmetry(nn.Conv2d(1, 8, 3), "C8", "trivial", "regular")
+    with pytest.raises(ValueError, match="unknown representation"):
+        attach_symmetry(nn.Linear(4, 4), "C4", "regular", "irrep")
+    with pytest.raises(ValueError, match="grouped"):
+        attach_symmetry(nn.Conv2d(8, 8, 3, groups=2), "C4", "regular", "regular")
+    with pytest.raises(TypeError, match="nn.Linear, nn.Conv1d or nn.Conv2d"):
+        attach_symmetry(nn.Conv3d(1, 4, 3), "C4")
+    # a rule's error names the layer
+    seq = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 6))
+    with pytest.raises(ValueError, match="layer '1'"):
+        attach_symmetries(seq, lambda name, m: ("C4", "regular", "regular"))
+
+
+def test_attach_symmetries_rule_forms():
+    seq = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Linear(4, 3), nn.Conv1d(4, 4, 1))
+    got = attach_symmetries(seq, lambda name, m: {"0": ("C2", "regular", "regular"), "2": "D4"}.get(name))
+    assert got == {"0": Symmetry("C2", "regular", "regular"), "2": Symmetry("D4")}
+    assert get_symmetry(seq[3]) is None
+
+
+def test_model_penalty_is_sum_of_layer_penalties_and_differentiable():
+    m = _model(bias=False)
+    lp, lg = 0.7, 0.2
+    total = model_penalty(m, lambda_perp=lp, lambda_G=lg)
+    expected = sum(lp * pk.projected_penalty(mod.weight, s.group, s.in_rep, s.out_rep)
+                   + lg * pk.equivariant_energy(mod.weight, s.group, s.in_rep, s.out_rep)
+                   for _, mod, s in attached_layers(m))
+    assert torch.allclose(total, expected, rtol=1e-12)
+    total.backward()
+    for _, mod, s in attached_layers(m):
+        p = pk.project(mod.weight.detach(), s.group, s.in_rep, s.out_rep)
+        want = 2 * lp * (mod.weight.detach() - p) + 2 * lg * p
+        assert torch.allclose(mod.weight.grad, want, atol=1e-12)
+
+
+def test_model_penalty_bias_term():
+    m = _model(bias=True)
+    with_bias = model_penalty(m)
+    without = model_penalty(m, bias=False)
+    b = m.lift.bias.view(-1, 4)
+    b2 = m.mid.bias.view(-1, 4)
+    extra = (b - b.mean(1, keepdim=True)).square().sum() + (b2 - b2.mean(1, keepdim=True)).square().sum()
+    assert torch.allclose(with_bias - without, extra, rtol=1e-10)  # the head's bias is trivial: always equivariant
+    with_bias.backward()
+    assert m.lift.bias.grad is not None and m.lift.bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="no layer has a symmetry"):
+        model_penalty(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_project_makes_model_exactly_equivariant():
+    m = _model()
+    x = torch.randn(3, 1, 10, 10, dtype=torch.float64)
+
+    @torch.no_grad()
+    def eq_err(model):
+        fx = model(x)
+        return max(float((model(torch.rot90(x, k, (-2, -1))) - torch.rot90(fx, k, (-2, -1))).abs().max())
+                   for k in range(1, 4))
+
+    assert eq_err(m) > 1e-3  # random weights are not equivariant
+    project_(m)
+    assert float(model_penalty(m).detach()) < 1e-25
+    assert eq_err(m) < 1e-12
+    # projecting twice changes nothing (P is a projector)
+    before = [p.clone() for p in m.parameters()]
+    project_(m)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_report_and_table():
+    m = _model()
+    rows = equivariance_report(m)
+    assert [r["name"] for r in rows] == ["lift", "mid", "head"]
+    for r, (_, mod, s) in zip(rows, attached_layers(m)):
+        w = mod.weight.detach()
+        assert r["shape"] == list(w.shape) and r["group"] == "C4"
+        assert list(r["spectrum"]) == list(pk.irrep_names("C4"))
+        assert abs(sum(r["spectrum"].values()) - float(w.square().sum())) < 1e-9
+        rel = float((w - pk.project(w, s.group, s.in_rep, s.out_rep)).norm() / w.norm())
+        assert abs(r["relative"] - rel) < 1e-9 and 0.1 < rel < 1
+    text = format_report(rows)
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(rows) and "rel. non-eq" in lines[0] and "C4 trivial->regular" in text
+    project_(m)
+    assert all(r["relative"] < 1e-12 for r in equivariance_report(m))
