@@ -1,7 +1,8 @@
 """Build of projkernels: the pure-Python package, plus the C++/CUDA extension where it can be built.
 
 The extension ``projkernels._C`` registers the ``projkernels_C::`` ops (csrc/ops.cpp, and the CUDA
-kernels of csrc/kernels.cu when nvcc and a CUDA build of torch are there).  Environment switches:
+kernels of csrc/kernels.cu and csrc/multi_kernels.cu when nvcc and a CUDA build of torch are there).
+Environment switches:
 
     PROJKERNELS_NO_EXT=1   pure-Python package only (reference backend, Triton if installed)
     PROJKERNELS_CUDA=0     CPU extension only, even where CUDA could be built
@@ -76,7 +77,8 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = cpp_extension.CUDAExtension(
             NAME,
-            sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "kernels.cu")],
+            sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "kernels.cu"),
+                     os.path.join(csrc, "multi_kernels.cu")],
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=macros + [("PROJKERNELS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},

@@ -21,41 +21,17 @@
 
 #include <type_traits>
 
+#include "block_reduce.cuh"
 #include "op_checks.h"
 #include "orbit_math.h"
 
 namespace projkernels {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxForwardBlocks = 1024;  // also the partials buffer's row count bound
 constexpr int64_t kMaxBackwardBlocks = 8192;
 constexpr int64_t kSharedBytes = 48 * 1024;  // the default dynamic shared memory limit
 constexpr int64_t kMaxStagedOffsetBytes = 16 * 1024;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int s = 16; s > 0; s >>= 1) v += __shfl_down_sync(0xffffffffu, v, s);
-  return v;
-}
-
-// Sum over the block in a fixed tree; the result is valid in thread 0.  Every thread must call it.
-__device__ __forceinline__ double block_sum(double v, double* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();  // scratch may still be read by the previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kWarps ? scratch[threadIdx.x] : 0.0;
-  if (warp == 0) v = warp_sum(v);
-  return v;
-}
-
-__device__ __forceinline__ int64_t block_base(int64_t b, int64_t c_in, int64_t stride_out, int64_t stride_in) {
-  return (b / c_in) * stride_out + (b % c_in) * stride_in;
-}
 
 // Dynamic shared memory: [basis as acc_t, G*G (spectrum only)] [offsets, opb*G int32 (if staged)].
 template <typename acc_t>

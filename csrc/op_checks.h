@@ -4,6 +4,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+#include <vector>
+
+#include "multi_math.h"
 #include "orbit_math.h"
 
 namespace projkernels {
@@ -98,6 +102,70 @@ inline void check_grad(const at::Tensor& weight, const at::Tensor& g, const char
   TORCH_CHECK(g.numel() == 1, op, ": ", name, " must hold one value (a 0-dim tensor), got shape ", g.sizes());
   TORCH_CHECK(g.is_floating_point(), op, ": ", name, " must be a floating tensor, got ", g.scalar_type());
   check_same_device(weight, g, name, op);
+}
+
+// The validated arguments of a multi-tensor op: per-layer descriptors (chunk ranges not yet set)
+// over contiguous tensors that `keep` holds alive for as long as the descriptors are used.
+struct MultiArgs {
+  std::vector<at::Tensor> keep;
+  std::vector<LayerDesc> layers;
+  at::ScalarType dtype = at::kFloat;
+  c10::Device device{at::kCPU};
+};
+
+// geometry lists (c_out, c_in, stride_out, stride_in) for every layer, flattened.
+inline MultiArgs check_multi(at::TensorList weights, at::TensorList offsets, at::TensorList inv_stab,
+                             at::IntArrayRef geometry, const char* op) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(L >= 1, op, ": weights is empty; pass at least one weight");
+  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == L && static_cast<int64_t>(inv_stab.size()) == L, op,
+              ": expected one offsets and one inv_stab tensor per weight (", L, "), got ", offsets.size(), " and ",
+              inv_stab.size());
+  TORCH_CHECK(static_cast<int64_t>(geometry.size()) == 4 * L, op,
+              ": geometry must hold (c_out, c_in, stride_out, stride_in) per weight, i.e. ", 4 * L,
+              " ints, got ", geometry.size());
+  TORCH_CHECK(L <= INT32_MAX, op, ": too many weights (", L, ")");
+  MultiArgs a;
+  check_weight(weights[0], op);
+  a.dtype = weights[0].scalar_type();
+  a.device = weights[0].device();
+  a.keep.reserve(3 * L);
+  a.layers.reserve(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string name = std::string(op) + " (weights[" + std::to_string(l) + "])";
+    const at::Tensor& w = weights[l];
+    check_weight(w, name.c_str());
+    TORCH_CHECK(w.scalar_type() == a.dtype, name, ": every weight of one call must have the dtype of weights[0] (",
+                a.dtype, "), got ", w.scalar_type(), "; call once per dtype");
+    TORCH_CHECK(w.device() == a.device, name, ": every weight of one call must be on weights[0]'s device (",
+                a.device, "), got ", w.device());
+    const int64_t* g = geometry.data() + 4 * l;
+    const OrbitArgs t = check_table(w, offsets[l], inv_stab[l], g[0], g[1], g[2], g[3], name.c_str());
+    a.keep.push_back(w.contiguous());
+    a.keep.push_back(t.offsets);
+    a.keep.push_back(t.inv_stab);
+    LayerDesc d{};
+    d.weight = a.keep[3 * l].const_data_ptr();
+    d.grad = nullptr;
+    d.offsets = t.offsets.const_data_ptr<int32_t>();
+    d.inv_stab = t.inv_stab.const_data_ptr<double>();
+    d.c_in = t.c_in;
+    d.stride_out = t.stride_out;
+    d.stride_in = t.stride_in;
+    d.orbits_per_block = t.orbits_per_block;
+    d.n_orbits = t.n_orbits();
+    d.G = static_cast<int32_t>(t.G);
+    a.layers.push_back(d);
+  }
+  return a;
+}
+
+inline void check_multi_grad(const MultiArgs& a, const at::Tensor& g, const char* name, const char* op) {
+  const int64_t L = static_cast<int64_t>(a.layers.size());
+  TORCH_CHECK(g.dim() == 1 && g.size(0) == L, op, ": ", name, " must have shape [", L, "] (one value per weight), got ",
+              g.sizes());
+  TORCH_CHECK(g.is_floating_point(), op, ": ", name, " must be a floating tensor, got ", g.scalar_type());
+  TORCH_CHECK(g.device() == a.device, op, ": ", name, " is on ", g.device(), " but the weights are on ", a.device);
 }
 
 }  // namespace projkernels

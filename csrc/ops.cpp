@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "multi_math.h"
 #include "op_checks.h"
 #include "orbit_math.h"
 
@@ -52,7 +53,7 @@ void forward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, const at::Tenso
       const int64_t end = std::min(n, (c + 1) * kChunk);
       for (int64_t id = c * kChunk; id < end; ++id) {
         const int64_t b = id / opb, o = id - b * opb;
-        const int64_t base = (b / t.c_in) * t.stride_out + (b % t.c_in) * t.stride_in;
+        const int64_t base = block_base(b, t.c_in, t.stride_out, t.stride_in);
         load_orbit<kMaxGroupOrder>(wp, base, offs + o * G, G, f);
         const acc_t mean = orbit_mean<kMaxGroupOrder>(f, G);
         subtract_mean<kMaxGroupOrder>(f, mean, G);
@@ -121,7 +122,7 @@ void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pe
     acc_t f[kMaxGroupOrder];
     for (int64_t id = i0; id < i1; ++id) {
       const int64_t b = id / opb, o = id - b * opb;
-      const int64_t base = (b / t.c_in) * t.stride_out + (b % t.c_in) * t.stride_in;
+      const int64_t base = block_base(b, t.c_in, t.stride_out, t.stride_in);
       const int32_t* orow = offs + o * G;
       load_orbit<kMaxGroupOrder>(wp, base, orow, G, f);
       const acc_t mean = orbit_mean<kMaxGroupOrder>(f, G);
@@ -149,6 +150,92 @@ at::Tensor fused_backward_cpu(const at::Tensor& weight, const at::Tensor& grad_p
   return out;
 }
 
+// --- multi-tensor ops: every layer of one dtype in one pass (multi_math.h) ---------------------
+
+// The single-layer chunk size, so that each layer's result equals fused_forward's bit for bit.
+constexpr int64_t kMultiChunk = kChunk;
+
+std::vector<Chunk> plan(MultiArgs& a) {
+  const int64_t L = static_cast<int64_t>(a.layers.size());
+  std::vector<Chunk> chunks(assign_chunks(a.layers.data(), L, kMultiChunk));
+  list_chunks(a.layers.data(), L, kMultiChunk, chunks.data());
+  return chunks;
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at::TensorList offsets,
+                                                     at::TensorList inv_stab, at::IntArrayRef geometry) {
+  constexpr const char* op = "projkernels_C::multi_forward";
+  MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
+  const std::vector<Chunk> chunks = plan(a);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size()), L = static_cast<int64_t>(a.layers.size());
+  std::vector<double> partials(2 * n_chunks, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Chunk& ch = chunks[c];
+        const LayerDesc& d = a.layers[ch.layer];
+        double pen = 0, eq = 0;
+        chunk_energies<kMaxGroupOrder, scalar_t, acc_t, double>(d, d.offsets, ch.first, ch.last, 1, pen, eq);
+        partials[2 * c] = pen;
+        partials[2 * c + 1] = eq;
+      }
+    });
+  });
+
+  const auto opts = weights[0].options().dtype(at::kDouble);
+  at::Tensor pen = at::empty({L}, opts), eq = at::empty({L}, opts);
+  double* pp = pen.mutable_data_ptr<double>();
+  double* ep = eq.mutable_data_ptr<double>();
+  for (int64_t l = 0; l < L; ++l) {
+    double p = 0, e = 0;
+    for (int64_t c = a.layers[l].chunk_begin; c < a.layers[l].chunk_end; ++c) {
+      p += partials[2 * c];
+      e += partials[2 * c + 1];
+    }
+    pp[l] = p;
+    ep[l] = e;
+  }
+  const auto acc = acc_type_of(a.dtype);
+  return {pen.to(acc), eq.to(acc)};
+}
+
+std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Tensor& grad_penalty,
+                                           const at::Tensor& grad_eq, at::TensorList offsets, at::TensorList inv_stab,
+                                           at::IntArrayRef geometry) {
+  constexpr const char* op = "projkernels_C::multi_backward";
+  MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
+  check_multi_grad(a, grad_penalty, "grad_penalty", op);
+  check_multi_grad(a, grad_eq, "grad_eq", op);
+  const std::vector<Chunk> chunks = plan(a);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size()), L = static_cast<int64_t>(a.layers.size());
+  std::vector<at::Tensor> out;
+  out.reserve(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& w = a.keep[3 * l];
+    out.push_back(at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous)));
+    a.layers[l].grad = out.back().mutable_data_ptr();
+  }
+  const at::Tensor gp = grad_penalty.to(at::kDouble).contiguous(), ge = grad_eq.to(at::kDouble).contiguous();
+  const double* gpp = gp.const_data_ptr<double>();
+  const double* gep = ge.const_data_ptr<double>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Chunk& ch = chunks[c];
+        const LayerDesc& d = a.layers[ch.layer];
+        // As fused_backward: 2 * grad in double, then rounded to acc_t.
+        const acc_t two_pen = static_cast<acc_t>(2 * gpp[ch.layer]), two_eq = static_cast<acc_t>(2 * gep[ch.layer]);
+        chunk_gradient<kMaxGroupOrder, scalar_t, acc_t>(d, d.offsets, ch.first, ch.last, 1, two_pen, two_eq);
+      }
+    });
+  });
+  return out;
+}
+
 bool cuda_enabled() {
 #ifdef PROJKERNELS_WITH_CUDA
   return true;
@@ -169,6 +256,13 @@ TORCH_LIBRARY(projkernels_C, m) {
   m.def(
       "fused_backward(Tensor weight, Tensor grad_penalty, Tensor grad_eq, Tensor offsets, Tensor inv_stab, "
       "int c_out, int c_in, int stride_out, int stride_in) -> Tensor");
+  // Whole-model ops over L weights of one dtype on one device (multi_math.h): per-layer penalty and
+  // eq_energy [L] in the accumulation dtype, and every layer's dW.  geometry holds (c_out, c_in,
+  // stride_out, stride_in) per weight; grad_penalty and grad_eq hold one value per weight.
+  m.def("multi_forward(Tensor[] weights, Tensor[] offsets, Tensor[] inv_stab, int[] geometry) -> (Tensor, Tensor)");
+  m.def(
+      "multi_backward(Tensor[] weights, Tensor grad_penalty, Tensor grad_eq, Tensor[] offsets, Tensor[] inv_stab, "
+      "int[] geometry) -> Tensor[]");
   // Whether this build carries the CUDA kernels (PROJKERNELS_WITH_CUDA at compile time).
   m.def("cuda_enabled() -> bool", &projkernels::cuda_enabled);
 }
@@ -176,4 +270,6 @@ TORCH_LIBRARY(projkernels_C, m) {
 TORCH_LIBRARY_IMPL(projkernels_C, CPU, m) {
   m.impl("fused_forward", &projkernels::fused_forward_cpu);
   m.impl("fused_backward", &projkernels::fused_backward_cpu);
+  m.impl("multi_forward", &projkernels::multi_forward_cpu);
+  m.impl("multi_backward", &projkernels::multi_backward_cpu);
 }

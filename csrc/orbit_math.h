@@ -41,6 +41,12 @@ PK_HOST_DEVICE constexpr bool unrolled(int maxg) { return maxg <= kMaxUnrolled; 
 // the register promotion) and to G otherwise.
 PK_HOST_DEVICE constexpr int loop_bound(int maxg, int G) { return unrolled(maxg) ? maxg : G; }
 
+// Offsets are relative to a block's first entry; block b = (out-field, in-field) in row-major order
+// starts here in the contiguous weight.
+PK_HOST_DEVICE inline int64_t block_base(int64_t b, int64_t c_in, int64_t stride_out, int64_t stride_in) {
+  return (b / c_in) * stride_out + (b % c_in) * stride_in;
+}
+
 // f[g] = W[base + offsets[g]] converted to the accumulation type.
 template <int MAXG, typename scalar_t, typename acc_t>
 PK_HOST_DEVICE inline void load_orbit(const scalar_t* __restrict__ w, int64_t base,

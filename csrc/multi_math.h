@@ -1,0 +1,112 @@
+// The whole-model (multi-tensor) ops: per-layer descriptors, the chunk list, and the per-chunk math
+// shared by the CPU kernel (ops.cpp) and the CUDA kernels (multi_kernels.cu).
+//
+// A call covers L weights of one dtype.  Each layer's orbits are cut into chunks of a fixed number
+// of orbits (the last chunk of a layer may be shorter); a chunk never spans two layers, so the
+// worker that owns a chunk (a CPU task, a CUDA block) sees one group order and one geometry.  Chunk
+// boundaries depend only on the layer shapes and the chunk size, never on thread counts or on the
+// device, and each layer's chunk partials are summed in chunk order: results are reproducible bit for
+// bit.  With the CPU chunk size equal to the single-layer kernel's, a layer's multi-op result is the
+// single-layer op's result bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include "orbit_math.h"
+
+namespace projkernels {
+
+// One layer as the kernels read it.  Pointers are device pointers on CUDA, host pointers on CPU.
+struct LayerDesc {
+  const void* weight;        // contiguous, the call's dtype
+  void* grad;                // dW (backward only), contiguous, the call's dtype
+  const int32_t* offsets;    // [orbits_per_block, G]
+  const double* inv_stab;    // [orbits_per_block]
+  int64_t c_in;
+  int64_t stride_out;
+  int64_t stride_in;
+  int64_t orbits_per_block;
+  int64_t n_orbits;          // orbits_per_block * c_out * c_in
+  int64_t chunk_begin;       // this layer's chunks are [chunk_begin, chunk_end) of the chunk list
+  int64_t chunk_end;
+  int32_t G;
+  int32_t unused;
+};
+
+// Orbits [first, last) of layer `layer`.
+struct Chunk {
+  int64_t first;
+  int64_t last;
+  int32_t layer;
+  int32_t unused;
+};
+
+PK_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Sets every layer's chunk range and returns the number of chunks.
+inline int64_t assign_chunks(LayerDesc* layers, int64_t n_layers, int64_t chunk_orbits) {
+  int64_t n = 0;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    layers[l].chunk_begin = n;
+    n += ceil_div(layers[l].n_orbits, chunk_orbits);
+    layers[l].chunk_end = n;
+  }
+  return n;
+}
+
+// Writes the chunk list of layers whose ranges assign_chunks set.
+inline void list_chunks(const LayerDesc* layers, int64_t n_layers, int64_t chunk_orbits, Chunk* chunks) {
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const LayerDesc& d = layers[l];
+    for (int64_t c = d.chunk_begin; c < d.chunk_end; ++c) {
+      const int64_t first = (c - d.chunk_begin) * chunk_orbits;
+      const int64_t last = first + chunk_orbits < d.n_orbits ? first + chunk_orbits : d.n_orbits;
+      chunks[c] = Chunk{first, last, static_cast<int32_t>(l), 0};
+    }
+  }
+}
+
+// pen += penalty part and eq += energy part of the orbits first, first + step, ... < last of one
+// layer.  A CPU task walks a whole chunk (step 1); a CUDA thread walks every blockDim-th orbit of
+// its block's chunk.  offsets may point at a copy of d.offsets (for example in shared memory).
+template <int MAXG, typename scalar_t, typename acc_t, typename sum_t>
+PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
+                                          int64_t last, int64_t step, sum_t& pen, sum_t& eq) {
+  const scalar_t* w = static_cast<const scalar_t*>(d.weight);
+  const int G = d.G;
+  for (int64_t id = first; id < last; id += step) {
+    const int64_t b = id / d.orbits_per_block, o = id - b * d.orbits_per_block;
+    acc_t f[MAXG];
+    load_orbit<MAXG>(w, block_base(b, d.c_in, d.stride_out, d.stride_in), offsets + o * G, G, f);
+    const acc_t mean = orbit_mean<MAXG>(f, G);
+    subtract_mean<MAXG>(f, mean, G);
+    const acc_t is = static_cast<acc_t>(d.inv_stab[o]);
+    pen += static_cast<sum_t>(penalty_part<MAXG>(f, is, G));
+    eq += static_cast<sum_t>(energy_part(mean, is, G));
+  }
+}
+
+// dW = 2 grad_pen (W - P W) + 2 grad_eq P W on the orbits first, first + step, ... < last.
+// Orbits are disjoint and a repeated entry gets the same value each time, so writers never race.
+template <int MAXG, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
+                                          int64_t last, int64_t step, acc_t two_pen, acc_t two_eq) {
+  const scalar_t* w = static_cast<const scalar_t*>(d.weight);
+  scalar_t* out = static_cast<scalar_t*>(d.grad);
+  const int G = d.G;
+  for (int64_t id = first; id < last; id += step) {
+    const int64_t b = id / d.orbits_per_block, o = id - b * d.orbits_per_block;
+    const int64_t base = block_base(b, d.c_in, d.stride_out, d.stride_in);
+    const int32_t* orow = offsets + o * G;
+    acc_t f[MAXG];
+    load_orbit<MAXG>(w, base, orow, G, f);
+    const acc_t mean = orbit_mean<MAXG>(f, G);
+    PK_UNROLL
+    for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+      if (g >= G) continue;
+      out[base + orow[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_pen, two_eq));
+    }
+  }
+}
+
+}  // namespace projkernels

@@ -1,0 +1,292 @@
+"""The multi-tensor ops (projkernels_C::multi_forward / multi_backward) against the single-layer ops."""
+import pytest
+import torch
+
+import projkernels as pk
+from projkernels import reference as R
+from projkernels.multi import MULTI_BACKENDS, multi_penalty
+from projkernels.orbits import orbit_table
+
+C = pytest.importorskip("projkernels.cpp_backend", reason="projkernels._C is not built")
+OPS = torch.ops.projkernels_C
+
+# Groups of orders 2, 4, 8 and 32 (one block per chunk must switch between them), trivial and
+# regular fields on either side, Linear / Conv1d / Conv2d weights, and one layer spanning several
+# CPU chunks (more than 256 orbits).
+SPECS = [
+    ((8, 3, 3, 3), "C4", "trivial", "regular"),
+    ((32, 16, 3, 3), "C4", "regular", "regular"),
+    ((8, 8, 3, 3), "D4", "regular", "regular"),
+    ((8, 16, 4, 4), "D4", "regular", "trivial"),
+    ((16, 8), "C8", "regular", "regular"),
+    ((5, 16, 1, 1), "C8", "regular", "trivial"),
+    ((4, 6, 5), "D1", "trivial", "regular"),
+    ((6, 4, 3), "D1", "regular", "trivial"),
+    ((3, 5), "C4", "trivial", "trivial"),
+    ((32, 32), "D16", "regular", "regular"),
+]
+
+
+def _weights(specs, dtypes, seed=0, device="cpu", requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s[0], generator=g, dtype=torch.float64).to(device=device, dtype=dt)
+            .requires_grad_(requires_grad) for s, dt in zip(specs, dtypes)]
+
+
+def _tables(specs):
+    return [orbit_table(*s) for s in specs]
+
+
+def _items(ws, specs):
+    return [(w, *s[1:]) for w, s in zip(ws, specs)]
+
+
+def _grad_vectors(n, acc, device="cpu"):
+    return (torch.linspace(0.5, 2.0, n, dtype=acc, device=device),
+            torch.linspace(-1.0, 1.5, n, dtype=acc, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_raw_ops_equal_single_layer_ops_bitwise(dtype):
+    # Same CPU chunking and summation order as fused_forward / fused_backward: identical bits.
+    ws = _weights(SPECS, [dtype] * len(SPECS))
+    tables = _tables(SPECS)
+    acc = R.acc_dtype(dtype)
+    pen, eq = C.multi_forward(ws, tables)
+    assert pen.dtype == eq.dtype == acc and pen.shape == eq.shape == (len(SPECS),)
+    gp, ge = _grad_vectors(len(SPECS), acc)
+    grads = C.multi_backward(ws, tables, gp, ge)
+    for i, (w, t) in enumerate(zip(ws, tables)):
+        p1, e1, _ = C.fused_forward(w, t, with_spectrum=False)
+        assert torch.equal(pen[i], p1) and torch.equal(eq[i], e1), i
+        d1 = C.fused_backward(w, t, gp[i], ge[i])
+        assert grads[i].dtype == dtype and grads[i].shape == w.shape and grads[i].is_contiguous()
+        assert torch.equal(grads[i], d1), i
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_multi_penalty_matches_sum_of_reference_layers(dtype, rtol):
+    ws = _weights(SPECS, [dtype] * len(SPECS), seed=1, requires_grad=True)
+    tp, te, pp, pe = multi_penalty(_items(ws, SPECS), backend="cpp")
+    ref = [R.forward(w.detach().double(), t) for w, t in zip(ws, _tables(SPECS))]
+    sp = torch.stack([p for p, _ in ref])
+    se = torch.stack([e for _, e in ref])
+    assert tp.dtype == pp.dtype == dtype
+    torch.testing.assert_close(pp.double(), sp, rtol=rtol, atol=0)
+    torch.testing.assert_close(pe.double(), se, rtol=rtol, atol=0)
+    torch.testing.assert_close(tp.double(), sp.sum(), rtol=rtol, atol=0)
+    torch.testing.assert_close(te.double(), se.sum(), rtol=rtol, atol=0)
+
+    # Layer l sees gp_l = 0.7 + c_l and ge_l = 0.3 + d_l: dW_l = 2 gp_l (W - P W) + 2 ge_l P W.
+    c, d = _grad_vectors(len(SPECS), dtype)
+    loss = 0.7 * tp + 0.3 * te + (c * pp).sum() + (d * pe).sum()
+    grads = torch.autograd.grad(loss, ws)
+    for i, (g, w, s) in enumerate(zip(grads, ws, SPECS)):
+        w64 = w.detach().double()
+        p = R.brute_force_project(w64, *s[1:])
+        expected = 2 * (0.7 + c[i].item()) * (w64 - p) + 2 * (0.3 + d[i].item()) * p
+        assert g.dtype == dtype and g.shape == w.shape
+        torch.testing.assert_close(g.double(), expected, rtol=rtol, atol=rtol * w64.abs().max())
+
+
+def test_auto_on_cpu_is_the_fused_multi_op(monkeypatch):
+    calls = []
+    real_forward, real_backward = C.multi_forward, C.multi_backward
+    monkeypatch.setattr(C, "multi_forward", lambda *a: calls.append("forward") or real_forward(*a))
+    monkeypatch.setattr(C, "multi_backward", lambda *a: calls.append("backward") or real_backward(*a))
+    assert MULTI_BACKENDS["cpp"].concatenated is False
+    ws = _weights(SPECS, [torch.float32] * len(SPECS), requires_grad=True)
+    tp, te, _, _ = multi_penalty(_items(ws, SPECS))
+    (tp + te).backward()
+    assert calls == ["forward", "backward"]  # one call per direction for the whole list
+    for w in ws:  # d(penalty + eq_energy)/dW = 2 W
+        torch.testing.assert_close(w.grad, 2 * w.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtypes_one_call_per_dtype(monkeypatch):
+    dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float64,
+              torch.bfloat16, torch.float32, torch.float16, torch.float32]
+    calls = []
+    real_forward, real_backward = C.multi_forward, C.multi_backward
+
+    def spy_forward(weights, tables):
+        assert len({w.dtype for w in weights}) == 1
+        calls.append(weights[0].dtype)
+        return real_forward(weights, tables)
+
+    monkeypatch.setattr(C, "multi_forward", spy_forward)
+    monkeypatch.setattr(C, "multi_backward", lambda *a: calls.append("backward") or real_backward(*a))
+    ws = _weights(SPECS, dtypes, seed=2, requires_grad=True)
+    tables = _tables(SPECS)
+    tp, te, pp, pe = multi_penalty(_items(ws, SPECS), backend="cpp")
+    assert sorted(map(str, calls)) == sorted(map(str, set(dtypes)))
+    assert pp.dtype == pe.dtype == torch.float64  # the promoted accumulation dtype
+    for i, (w, t) in enumerate(zip(ws, tables)):
+        p1, e1, _ = C.fused_forward(w.detach(), t, with_spectrum=False)
+        assert pp[i].item() == p1.item() and pe[i].item() == e1.item(), i
+
+    c, d = _grad_vectors(len(SPECS), torch.float64)
+    grads = torch.autograd.grad((c * pp).sum() + (d * pe).sum(), ws)
+    assert calls.count("backward") == len(set(dtypes))
+    for i, (g, w, t) in enumerate(zip(grads, ws, tables)):
+        acc = R.acc_dtype(w.dtype)
+        assert g.dtype == w.dtype
+        expected = C.fused_backward(w.detach(), t, c[i].to(acc), d[i].to(acc))
+        assert torch.equal(g, expected), i
+
+
+GRADCHECK_SPECS = [
+    ((4, 1, 3, 3), "C4", "trivial", "regular"),
+    ((8, 8, 1, 1), "D4", "regular", "regular"),
+    ((8, 3), "C8", "trivial", "regular"),
+    ((2, 2, 3), "D1", "regular", "regular"),
+    ((2, 3), "C4", "trivial", "trivial"),
+]
+
+
+def test_float64_gradcheck():
+    ws = _weights(GRADCHECK_SPECS, [torch.float64] * len(GRADCHECK_SPECS), seed=3, requires_grad=True)
+    scale = torch.arange(1.0, len(GRADCHECK_SPECS) + 1, dtype=torch.float64)
+
+    def f(*weights):
+        tp, te, pp, pe = multi_penalty(_items(weights, GRADCHECK_SPECS), backend="cpp")
+        return tp + 0.5 * te + (pp * scale).sum(), pe
+
+    assert torch.autograd.gradcheck(f, ws)
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    specs = [((64, 64, 3, 3), "C4", "trivial", "trivial"), ((32, 32, 3, 3), "D4", "regular", "regular")] + SPECS
+    ws = _weights(specs, [torch.float32] * len(specs), seed=4)
+    tables = _tables(specs)
+    gp, ge = _grad_vectors(len(specs), torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            runs.append((*C.multi_forward(ws, tables), *C.multi_backward(ws, tables, gp, ge)))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+def _op_args(ws, specs, device="cpu"):
+    offsets, inv_stab, geometry = C._multi_args(tuple(_tables(specs)), str(torch.device(device)))
+    acc = R.acc_dtype(ws[0].dtype)
+    gp, ge = _grad_vectors(len(ws), acc, device)
+    return (ws, offsets, inv_stab, geometry), (ws, gp, ge, offsets, inv_stab, geometry)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    specs = SPECS[:3] + SPECS[4:7]
+    ws = _weights(specs, [dtype] * len(specs), seed=5)
+    fwd, bwd = _op_args(ws, specs)
+    torch.library.opcheck(OPS.multi_forward.default, fwd)
+    torch.library.opcheck(OPS.multi_backward.default, bwd)
+
+
+def test_op_rejects_bad_arguments():
+    specs = SPECS[:3]
+    ws = _weights(specs, [torch.float32] * 3)
+    fwd, bwd = _op_args(ws, specs)
+    with pytest.raises(RuntimeError, match=r"weights\[1\].*call once per dtype"):
+        OPS.multi_forward([ws[0], ws[1].double(), ws[2]], *fwd[1:])
+    with pytest.raises(RuntimeError, match="geometry must hold"):
+        OPS.multi_forward(ws, fwd[1], fwd[2], fwd[3][:-1])
+    with pytest.raises(RuntimeError, match="one offsets and one inv_stab tensor per weight"):
+        OPS.multi_forward(ws, fwd[1][:2], fwd[2], fwd[3])
+    with pytest.raises(RuntimeError, match=r"weights\[2\].*weight has 288 entries"):
+        OPS.multi_forward([ws[0], ws[1], ws[2][:4]], *fwd[1:])
+    with pytest.raises(RuntimeError, match=r"grad_penalty must have shape \[3\]"):
+        OPS.multi_backward(ws, bwd[1][:2], *bwd[2:])
+
+
+# --- CUDA ----------------------------------------------------------------------------------------
+
+def _cuda_specs(n):
+    """n layers cycling through SPECS (every group order, rep pair and kernel rank)."""
+    return [SPECS[i % len(SPECS)] for i in range(n)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not C.WITH_CUDA, reason="projkernels._C was built without CUDA")
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_cuda_matches_cpu_and_is_deterministic(dtype, rtol):
+    ws = _weights(SPECS, [dtype] * len(SPECS), seed=6)
+    tables = _tables(SPECS)
+    acc = R.acc_dtype(dtype)
+    gp, ge = _grad_vectors(len(SPECS), acc)
+    cpu_pen, cpu_eq = C.multi_forward(ws, tables)
+    cpu_grads = C.multi_backward(ws, tables, gp, ge)
+
+    wc = [w.cuda() for w in ws]
+    runs = [(*C.multi_forward(wc, tables), *C.multi_backward(wc, tables, gp.cuda(), ge.cuda())) for _ in range(3)]
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+    pen, eq, *grads = runs[0]
+    assert pen.dtype == acc and pen.device.type == "cuda"
+    norm2 = torch.stack([w.double().square().sum() for w in ws])
+    torch.testing.assert_close(pen.cpu().double(), cpu_pen.double(), rtol=rtol, atol=0)
+    torch.testing.assert_close(eq.cpu().double(), cpu_eq.double(), rtol=rtol, atol=0)
+    assert (pen.cpu().double() + eq.cpu().double() - norm2).abs().max() <= 10 * rtol * norm2.max()
+    for g, cg in zip(grads, cpu_grads):
+        assert g.dtype == dtype and g.shape == cg.shape
+        # Half types round dW to dtype after the same float32 math; allow one ulp of difference.
+        tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=rtol, atol=rtol)
+        torch.testing.assert_close(g.cpu(), cg, **tol)
+
+    # Through the public API, with gradients, against the CPU fused backend.
+    leaves = [w.detach().requires_grad_(True) for w in wc]
+    tp, te, pp, pe = multi_penalty(_items(leaves, SPECS), backend="cuda")
+    torch.testing.assert_close(pp.cpu().double(), cpu_pen.double(), rtol=rtol, atol=0)
+    grads = torch.autograd.grad(tp + 0.5 * te, leaves)
+    cpu_leaves = [w.detach().requires_grad_(True) for w in ws]
+    ctp, cte, _, _ = multi_penalty(_items(cpu_leaves, SPECS), backend="cpp")
+    cpu_grads = torch.autograd.grad(ctp + 0.5 * cte, cpu_leaves)
+    for g, cg in zip(grads, cpu_grads):
+        tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=rtol, atol=rtol)
+        torch.testing.assert_close(g.cpu(), cg, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not C.WITH_CUDA, reason="projkernels._C was built without CUDA")
+def test_cuda_gradcheck_and_opcheck():
+    ws = _weights(GRADCHECK_SPECS, [torch.float64] * len(GRADCHECK_SPECS), seed=7, device="cuda",
+                  requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *x: multi_penalty(_items(x, GRADCHECK_SPECS), backend="cuda")[2:], ws)
+    specs = SPECS[:4]
+    wf = _weights(specs, [torch.float32] * 4, seed=8, device="cuda")
+    fwd, bwd = _op_args(wf, specs, device="cuda")
+    torch.library.opcheck(OPS.multi_forward.default, fwd)
+    torch.library.opcheck(OPS.multi_backward.default, bwd)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not C.WITH_CUDA, reason="projkernels._C was built without CUDA")
+def test_cuda_twenty_layers_cost_one_launch_per_direction():
+    from torch.profiler import ProfilerActivity, profile
+
+    specs = _cuda_specs(20)
+    ws = _weights(specs, [torch.float32] * 20, seed=9, device="cuda", requires_grad=True)
+    items = _items(ws, specs)
+    tp, te, _, _ = multi_penalty(items, backend="auto")  # warm-up: tables moved to the device once
+    (tp + te).backward()
+    torch.cuda.synchronize()
+    for w in ws:
+        w.grad = None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        tp, te, _, _ = multi_penalty(items, backend="auto")
+        (tp + te).backward()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = [n for n in names if "projkernels" in n]
+    assert sum("multi_forward_kernel" in n for n in ours) == 1, ours
+    assert sum("multi_finalize_kernel" in n for n in ours) == 1, ours
+    assert sum("multi_backward_kernel" in n for n in ours) == 1, ours
+    assert len(ours) == 3, ours  # no single-layer kernels
+    for w in ws:
+        torch.testing.assert_close(w.grad, 2 * w.detach(), rtol=1e-5, atol=1e-5)
