@@ -2,8 +2,11 @@ import json
 import os
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from projkernels import demo
+from projkernels.model import model_penalty
 
 
 def _tiny(tmp_path, *extra):
@@ -19,8 +22,10 @@ def test_quick_end_to_end(tmp_path, capsys):
     assert saved["runs"] == json.loads(json.dumps(summary["runs"]))
     methods = [r["method"] for r in saved["runs"]]
     assert methods == ["none", "penalty", "penalty", "projected", "sample"]
+    # --quick compares no other breaking strength
+    assert [sw["breaking"] for sw in saved["breaking_sweep"]] == [0.3]
     for r in saved["runs"]:
-        assert 0 < r["test_error"] < 1.5 and r["ms_per_step"] > 0
+        assert 0 < r["test_error"] < 1.5 and 0 < r["train_error"] < 1.5 and r["ms_per_step"] > 0
         assert 0 <= r["regulariser_share"] < 1
         assert [l["name"] for l in r["layers"]] == ["lift", "blocks.0", "blocks.1", "head"]
     by = {r["label"]: r for r in saved["runs"]}
@@ -29,14 +34,67 @@ def test_quick_end_to_end(tmp_path, capsys):
     assert 0 < saved["task"]["equivariant_floor_test_error"] < 1
     out = capsys.readouterr().out
     assert "penalty lambda=100" in out and "reg share" in out and "rel. non-eq" in out
+    assert "train err" in out and "lowest test error:" in out
+
+
+def test_compare_breaking_reruns_on_a_symmetric_target(tmp_path, capsys):
+    summary = demo.main(_tiny(tmp_path, "--steps", "20", "--lambdas", "10", "--compare-breaking", "0"))
+    sweeps = summary["breaking_sweep"]
+    assert [sw["breaking"] for sw in sweeps] == [0.3, 0.0]
+    assert [r["method"] for r in sweeps[0]["runs"]] == ["none", "penalty", "projected", "sample"]
+    assert [r["method"] for r in sweeps[1]["runs"]] == ["none", "penalty", "projected"]
+    # with breaking=0 the target is exactly equivariant, so nothing is lost by exact equivariance
+    assert sweeps[1]["target_equivariance_error"] < 1e-5
+    assert sweeps[1]["equivariant_floor_test_error"] < 1e-6
+    assert 0.01 < sweeps[0]["equivariant_floor_test_error"] < 0.2
+    assert summary["runs"] == sweeps[0]["runs"]
+    assert os.path.getsize(tmp_path / "demo.png") > 10_000
+    out = capsys.readouterr().out
+    assert "breaking=0.3 (" in out and "breaking=0 (" in out
 
 
 def test_large_lambda_gives_far_smaller_equivariance_error(tmp_path):
-    summary = demo.main(_tiny(tmp_path, "--steps", "60", "--lambdas", "1000", "--no-baselines"))
+    summary = demo.main(_tiny(tmp_path, "--steps", "60", "--lambdas", "1000", "--no-baselines",
+                              "--compare-breaking", ""))
     none, big = summary["runs"]
     assert big["weight"] == 1000
     assert big["equivariance_error"] < 0.1 * none["equivariance_error"]
     assert big["test_error"] < 1.0  # it still learned something
+
+
+def test_projected_gradients_keep_adam_steps_equivariant():
+    torch.manual_seed(0)
+    model = demo.build_model(fields=2, depth=1, device="cpu")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 1, 10, 10)
+    y = demo.breaking_part(x)  # a target that pulls the weights away from equivariance
+    norm2 = sum(float(p.detach().square().sum()) for p in model.parameters())
+    for _ in range(5):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        demo.project_grads_(model)
+        opt.step()
+    # no weight projection after the steps: the update itself stayed in the equivariant subspace
+    assert float(model_penalty(model).detach()) < 1e-10 * norm2
+    # whereas the raw gradient of this target is far from equivariant
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    demo.project_grads_(model)
+    moved = sum(float((g - p.grad).square().sum()) for g, p in zip(grads, model.parameters()))
+    assert moved > 1e-3 * sum(float(g.square().sum()) for g in grads)
+
+
+def test_verdict_names_the_best_run():
+    runs = [{"method": "none", "label": "no penalty", "test_error": 0.05},
+            {"method": "penalty", "label": "penalty lambda=1", "test_error": 0.03},
+            {"method": "penalty", "label": "penalty lambda=100", "test_error": 0.09},
+            {"method": "projected", "label": "projected (exact)", "test_error": 0.07}]
+    line = demo.verdict(runs)
+    assert line.startswith("lowest test error: penalty lambda=1 (0.0300)")
+    assert "beats both" in line
+    runs[3]["test_error"] = 0.02
+    assert "does not beat" in demo.verdict(runs)
 
 
 def test_bad_flags_are_rejected(tmp_path):
@@ -44,3 +102,15 @@ def test_bad_flags_are_rejected(tmp_path):
         demo.parse_args(["--lambdas", "1,x"])
     with pytest.raises(SystemExit):
         demo.parse_args(["--lambdas", "0"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--compare-breaking", "0,y"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--train-size", "0"])
+
+
+def test_defaults_are_the_data_limited_setup():
+    args = demo.parse_args([])
+    assert args.train_size < args.test_size and args.train_size <= 256
+    assert args.breaking_list == [0.3, 0.0]
+    quick = demo.parse_args(["--quick"])
+    assert quick.breaking_list == [0.3] and quick.steps < args.steps
