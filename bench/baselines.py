@@ -121,10 +121,11 @@ class DenseBasis:
         t = orbit_table(tuple(shape), group, in_rep, out_rep)
         idx = t.gather_index                                       # [D, |G|]
         n, d = int(torch.tensor(shape).prod()), idx.shape[0]
-        member = torch.zeros(d, n, dtype=torch.float64)
-        member[torch.arange(d)[:, None].expand_as(idx), idx] = 1.0
-        member /= member.sum(dim=1, keepdim=True).sqrt()
-        self.Q = member.T.contiguous().to(device=device, dtype=dtype)   # [N, D], orthonormal columns
+        orbit_size = t.inv_stab.repeat(t.n_blocks) * t.group.order          # |O| = |G| / |Stab|
+        cols = torch.arange(d)[:, None].expand_as(idx)
+        q = torch.zeros(n, d, dtype=dtype)
+        q[idx, cols] = orbit_size.rsqrt().to(dtype)[cols]                    # repeated entries: same value
+        self.Q = q.to(device)                                                 # [N, D], orthonormal columns
         self.numel, self.dim = n, d
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -162,8 +162,12 @@ def sync(device):
 
 
 def time_call(fn: Callable[[], object], device, *, min_time: float = 0.25, max_reps: int = 50,
-              min_reps: int = 3) -> float:
-    """Median seconds per call, after a warm-up call (which is where torch.compile compiles)."""
+              min_reps: int = 5) -> float:
+    """Seconds per call after two warm-up calls (where torch.compile compiles).
+
+    GPU: the median of triton's do_bench (or CUDA events).  CPU: the fastest of the repeats, since
+    on a shared machine other processes only ever add time to a call.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         try:
@@ -180,7 +184,7 @@ def time_call(fn: Callable[[], object], device, *, min_time: float = 0.25, max_r
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def _cuda_event_time(fn, reps: int = 50) -> float:
@@ -244,3 +248,36 @@ def device_info(device) -> Dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = "unknown"
     return info
+
+
+# --- a training step with and without a regulariser --------------------------------------------
+
+TRAIN_FIELDS = (16, 16, 16, 16)
+TRAIN_BATCH, TRAIN_SIZE = 8, 32
+
+
+def training_step(regulariser: str, device, *, lam: float = 1e-2, fields=TRAIN_FIELDS,
+                  batch: int = TRAIN_BATCH, size: int = TRAIN_SIZE):
+    """One SGD step of a C4 G-CNN on a regression target: task loss, plus nothing / the projection
+    penalty of every conv (multi_penalty) / the sample-based loss with one sampled rotation."""
+    if regulariser not in ("none", "projection", "sample"):
+        raise ValueError(f"regulariser: expected 'none', 'projection' or 'sample', got {regulariser!r}")
+    torch.manual_seed(0)
+    model = bl.C4GCNN(fields=fields).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, size, size, device=device)
+    target = torch.randn(batch, model.order * fields[-1], size, size, device=device)
+    items = model.penalty_items()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        y = model(x)
+        loss = (y - target).square().mean()
+        if regulariser == "projection":
+            loss = loss + lam * multi_penalty(items)[0]
+        elif regulariser == "sample":
+            loss = loss + lam * bl.sample_equivariance_loss(model, x, y)
+        loss.backward()
+        opt.step()
+        sync(device)
+    return step

@@ -11,10 +11,17 @@ The seam for a fused multi-tensor kernel is ``register_multi_backend``: a backen
 ``forward(buffer, table) -> (per_layer_penalty, per_layer_eq)`` and
 ``backward(buffer, table, grad_penalty[L], grad_eq[L]) -> grad_buffer`` over the concatenated
 buffer and table, exactly as the reference route below does.
+
+Until such a kernel is registered for a device, ``backend="auto"`` runs the device's compiled
+single-weight backend ("cpp" on CPU, "cuda" / "triton" on GPU) weight by weight, without the
+concatenation: a fused pass per weight is much cheaper than the reference route's index gathers
+(measured in bench/RESULTS.md), even though the launch count then grows with the number of layers.
+The concatenated reference route serves where no compiled backend is available.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -34,7 +41,7 @@ __all__ = ["multi_penalty", "MultiTable", "multi_table", "register_multi_backend
 class OrderBucket:
     """All orbits of the layers whose group has order ``order``, as rows of one gather."""
     order: int
-    index: torch.Tensor      # [n_orbits, order] int64 flat indices into the concatenated buffer
+    index: torch.Tensor      # [n_orbits, order] flat indices into the concatenated buffer
     inv_stab: torch.Tensor   # [n_orbits] float64, 1/|Stab|
     layer: torch.Tensor      # [n_orbits] int64, the layer each orbit belongs to
 
@@ -44,7 +51,6 @@ class MultiTable:
     tables: Tuple[OrbitTable, ...]      # one per layer, in the caller's order
     numels: Tuple[int, ...]
     starts: Tuple[int, ...]             # where each layer begins in the buffer
-    buckets: Tuple[OrderBucket, ...]
     _device_cache: Dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -55,37 +61,54 @@ class MultiTable:
     def numel(self) -> int:
         return self.starts[-1] + self.numels[-1] if self.tables else 0
 
-    def on(self, device: torch.device, dtype: torch.dtype) -> Tuple[OrderBucket, ...]:
-        """Buckets with index / layer on ``device`` and inv_stab in ``dtype``, cached."""
+    @functools.cached_property
+    def _concatenated(self):
+        # Built on first use only: the weight-by-weight routes never need these index tensors.
+        # int32 indices gather about twice as fast as int64 on CPU; int64 only past 2^31 entries.
+        itype = torch.int32 if self.numel < 2 ** 31 else torch.int64
+        by_order: Dict[int, List[int]] = {}
+        for i, t in enumerate(self.tables):
+            by_order.setdefault(t.group.order, []).append(i)
+        buckets, orbit_of, first = [], torch.empty(self.numel, dtype=itype), 0
+        for order, layers in sorted(by_order.items()):
+            t = [self.tables[i] for i in layers]
+            index = torch.cat([(x.block_bases()[:, None, None] + x.offsets[None] + self.starts[i]).reshape(-1, order)
+                               for i, x in zip(layers, t)]).to(itype)
+            inv_stab = torch.cat([x.inv_stab.repeat(x.n_blocks) for x in t])
+            layer = torch.cat([torch.full((x.n_orbits,), i, dtype=torch.int64) for i, x in zip(layers, t)])
+            ids = torch.arange(first, first + index.shape[0], dtype=itype)
+            orbit_of[index.reshape(-1)] = ids.repeat_interleave(order)
+            first += index.shape[0]
+            buckets.append(OrderBucket(order, index.contiguous(), inv_stab, layer))
+        return tuple(buckets), orbit_of
+
+    @property
+    def buckets(self) -> Tuple[OrderBucket, ...]:
+        """One gather per distinct group order; orbits numbered bucket after bucket."""
+        return self._concatenated[0]
+
+    @property
+    def orbit_of(self) -> torch.Tensor:
+        """[numel] the orbit of each buffer entry, so that P W = orbit_means[orbit_of]."""
+        return self._concatenated[1]
+
+    def on(self, device: torch.device, dtype: torch.dtype):
+        """(buckets, orbit_of, numels) with indices on ``device`` and inv_stab in ``dtype``, cached."""
         key = (str(device), dtype)
         if key not in self._device_cache:
-            self._device_cache[key] = tuple(
-                OrderBucket(b.order, b.index.to(device), b.inv_stab.to(device=device, dtype=dtype),
-                            b.layer.to(device)) for b in self.buckets)
+            buckets = tuple(OrderBucket(b.order, b.index.to(device), b.inv_stab.to(device=device, dtype=dtype),
+                                        b.layer.to(device)) for b in self.buckets)
+            numels = torch.tensor(self.numels, dtype=torch.int64, device=device)
+            self._device_cache[key] = (buckets, self.orbit_of.to(device), numels)
         return self._device_cache[key]
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_multi_table(key: Tuple[Tuple[Tuple[int, ...], str, str, str], ...]) -> MultiTable:
     tables = tuple(orbit_table(shape, group, in_rep, out_rep) for shape, group, in_rep, out_rep in key)
-    numels, starts, pos = [], [], 0
-    for t in tables:
-        n = 1
-        for s in t.shape:
-            n *= s
-        starts.append(pos)
-        numels.append(n)
-        pos += n
-    by_order: Dict[int, List[int]] = {}
-    for i, t in enumerate(tables):
-        by_order.setdefault(t.group.order, []).append(i)
-    buckets = []
-    for order, layers in sorted(by_order.items()):
-        index = torch.cat([tables[i].gather_index + starts[i] for i in layers])
-        inv_stab = torch.cat([tables[i].inv_stab.repeat(tables[i].n_blocks) for i in layers])
-        layer = torch.cat([torch.full((tables[i].n_orbits,), i, dtype=torch.int64) for i in layers])
-        buckets.append(OrderBucket(order, index.contiguous(), inv_stab, layer))
-    return MultiTable(tables, tuple(numels), tuple(starts), tuple(buckets))
+    numels = tuple(int(torch.Size(t.shape).numel()) for t in tables)
+    starts = (0,) + tuple(itertools.accumulate(numels))[:-1]
+    return MultiTable(tables, numels, starts)
 
 
 def multi_table(shapes_and_specs: Sequence[Tuple[Tuple[int, ...], str, str, str]]) -> MultiTable:
@@ -99,12 +122,16 @@ def multi_table(shapes_and_specs: Sequence[Tuple[Tuple[int, ...], str, str, str]
 
 # --- the reference route over the concatenated buffer ------------------------------------------
 
+def _orbit_rows(buffer: torch.Tensor, bucket: OrderBucket, acc: torch.dtype) -> torch.Tensor:
+    return buffer.index_select(0, bucket.index.reshape(-1)).view(-1, bucket.order).to(acc)
+
+
 def reference_multi_forward(buffer: torch.Tensor, table: MultiTable) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-layer (penalty, eq_energy) in the accumulation dtype, penalty from deviations."""
     acc = acc_dtype(buffer.dtype)
     sums = torch.zeros(table.n_layers, 2, dtype=acc, device=buffer.device)
-    for b in table.on(buffer.device, acc):
-        f = buffer[b.index].to(acc)
+    for b in table.on(buffer.device, acc)[0]:
+        f = _orbit_rows(buffer, b, acc)
         mean = f.mean(dim=1, keepdim=True)
         part = torch.stack(((f - mean).square().sum(dim=1), b.order * mean.squeeze(1).square()), dim=1)
         sums.index_add_(0, b.layer, part * b.inv_stab[:, None])
@@ -115,33 +142,36 @@ def reference_multi_backward(buffer: torch.Tensor, table: MultiTable, grad_penal
                              grad_eq: torch.Tensor) -> torch.Tensor:
     """2 gp_l (W - P W) + 2 ge_l P W for every layer l, over the buffer, in the accumulation dtype.
 
-    Written orbit by orbit from the deviations f - mean, so a nearly equivariant weight keeps its
-    small gradient exactly as the single-layer route does.  Every entry lies in exactly one orbit,
-    and repeated entries of an orbit row (|Stab| > 1) receive the same value, so the scatter fills
-    the whole buffer unambiguously.
+    P W is the orbit means read back through ``orbit_of`` (a gather, not a scatter), and the
+    penalty part is taken from the deviations W - P W entry by entry, as the single-layer route does.
     """
     acc = acc_dtype(buffer.dtype)
-    gp, ge = 2 * grad_penalty.to(acc), 2 * grad_eq.to(acc)
-    out = torch.empty(buffer.shape, dtype=acc, device=buffer.device)
-    for b in table.on(buffer.device, acc):
-        f = buffer[b.index].to(acc)
-        mean = f.mean(dim=1, keepdim=True)
-        vals = gp[b.layer, None] * (f - mean) + ge[b.layer, None] * mean
-        out[b.index.reshape(-1)] = vals.reshape(-1)
-    return out
+    buckets, orbit_of, numels = table.on(buffer.device, acc)
+    means = torch.cat([_orbit_rows(buffer, b, acc).mean(dim=1) for b in buckets])
+    pw = means.index_select(0, orbit_of)
+    n = buffer.numel()
+    gp = torch.repeat_interleave(2 * grad_penalty.to(acc), numels, output_size=n)
+    ge = torch.repeat_interleave(2 * grad_eq.to(acc), numels, output_size=n)
+    return gp * (buffer.to(acc) - pw) + ge * pw
 
 
 @dataclass(frozen=True)
 class MultiBackend:
+    """``forward(x, table) -> (per_layer_penalty [L], per_layer_eq [L])`` and
+    ``backward(x, table, grad_penalty [L], grad_eq [L]) -> dx``.  With ``concatenated=True`` x is
+    the concatenated buffer and dx a buffer in the accumulation dtype (the fused-kernel seam);
+    otherwise x is the list of contiguous weights and dx the list of their gradients."""
     name: str
     forward: Callable
     backward: Callable
     unavailable: Callable[[torch.device], Optional[str]]
+    concatenated: bool = True
 
 
 MULTI_BACKENDS: Dict[str, MultiBackend] = {}
-# A fused multi-tensor kernel registered under a device type is what "auto" picks for that device.
-_MULTI_AUTO = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
+# Preference per device type for backend="auto": a fused multi-tensor kernel registered under one of
+# these names first, then the same names' single-weight kernels layer by layer, then the reference.
+_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
 
 
 def register_multi_backend(backend: MultiBackend) -> None:
@@ -152,43 +182,53 @@ register_multi_backend(MultiBackend("reference", reference_multi_forward, refere
                                     lambda device: None))
 
 
+@functools.lru_cache(maxsize=None)
 def _per_layer(name: str) -> MultiBackend:
-    """A single-layer backend applied layer by layer to views of the buffer.
+    """A single-weight backend applied weight by weight (no concatenation).
 
-    Used when an explicit backend has a single-weight kernel but no multi-tensor one: results are
-    the same, only the launch count grows with the number of layers.
+    For a backend with a single-weight kernel but no multi-tensor one: launches grow with the
+    number of layers, but each is a fused pass, which beats the gather-based reference route.
     """
     single = BACKENDS[name]
 
-    def views(buffer, table):
-        return [buffer[s:s + n].view(t.shape) for s, n, t in zip(table.starts, table.numels, table.tables)]
+    def forward(weights, table):
+        acc = functools.reduce(torch.promote_types, (acc_dtype(w.dtype) for w in weights))
+        pairs = [single.forward(w, t) for w, t in zip(weights, table.tables)]
+        return torch.stack([p.to(acc) for p, _ in pairs]), torch.stack([e.to(acc) for _, e in pairs])
 
-    def forward(buffer, table):
-        pairs = [single.forward(w, t) for w, t in zip(views(buffer, table), table.tables)]
-        return torch.stack([p for p, _ in pairs]), torch.stack([e for _, e in pairs])
+    def backward(weights, table, grad_penalty, grad_eq):
+        out = []
+        for w, t, gp, ge in zip(weights, table.tables, grad_penalty.unbind(), grad_eq.unbind()):
+            acc = acc_dtype(w.dtype)
+            out.append(single.backward(w, t, gp.to(acc), ge.to(acc)))
+        return out
 
-    def backward(buffer, table, grad_penalty, grad_eq):
-        acc = acc_dtype(buffer.dtype)
-        parts = [single.backward(w, t, grad_penalty[i].to(acc), grad_eq[i].to(acc)).reshape(-1).to(acc)
-                 for i, (w, t) in enumerate(zip(views(buffer, table), table.tables))]
-        return torch.cat(parts)
+    return MultiBackend(name + "/per-layer", forward, backward, single.unavailable, concatenated=False)
 
-    return MultiBackend(name + "/per-layer", forward, backward, single.unavailable)
+
+def _usable(name: str, device: torch.device) -> Optional[MultiBackend]:
+    mb = MULTI_BACKENDS.get(name)
+    if mb is not None and mb.unavailable(device) is None:
+        return mb
+    if name in BACKENDS and BACKENDS[name].unavailable(device) is None:
+        return _per_layer(name)
+    return None
 
 
 def _resolve_multi(backend: str, device: torch.device) -> MultiBackend:
     check_backend_name(backend)
     if backend == "auto":
-        for name in _MULTI_AUTO.get(device.type, ()):
+        for name in _AUTO_ORDER.get(device.type, ()):
             mb = MULTI_BACKENDS.get(name)
             if mb is not None and mb.unavailable(device) is None:
                 return mb
+        for name in _AUTO_ORDER.get(device.type, ()):
+            mb = _usable(name, device)
+            if mb is not None:
+                return mb
         return MULTI_BACKENDS["reference"]
-    single = resolve(backend, device)  # clear RuntimeError when the backend cannot serve this device
-    mb = MULTI_BACKENDS.get(backend)
-    if mb is not None and mb.unavailable(device) is None:
-        return mb
-    return _per_layer(single.name)
+    resolve(backend, device)  # the clear RuntimeError when this backend cannot serve the device
+    return _usable(backend, device)
 
 
 # --- autograd ----------------------------------------------------------------------------------
@@ -196,21 +236,26 @@ def _resolve_multi(backend: str, device: torch.device) -> MultiBackend:
 class _MultiPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: MultiTable, impl: MultiBackend, buf_dtype: torch.dtype, *weights):
-        buffer = torch.cat([w.detach().reshape(-1).to(buf_dtype) for w in weights])
-        pen, eq = impl.forward(buffer, table)
-        ctx.save_for_backward(buffer)
+        if impl.concatenated:
+            x = torch.cat([w.detach().reshape(-1).to(buf_dtype) for w in weights])
+            ctx.save_for_backward(x)
+        else:
+            x = [w.detach().contiguous() for w in weights]
+            ctx.save_for_backward(*x)
+        pen, eq = impl.forward(x, table)
         ctx.table, ctx.impl = table, impl
         ctx.weight_meta = [(w.dtype, w.shape) for w in weights]
         return pen.sum(), eq.sum(), pen, eq
 
     @staticmethod
     def backward(ctx, g_total_pen, g_total_eq, g_pen, g_eq):
-        (buffer,) = ctx.saved_tensors
+        saved = ctx.saved_tensors
         table = ctx.table
-        acc = acc_dtype(buffer.dtype)
-        dev = buffer.device
+        acc = functools.reduce(torch.promote_types, (acc_dtype(w.dtype) for w in saved))
+        dev = saved[0].device
 
         def per_layer(total, vec):
+            # Layer l's weight on this term: the total's gradient plus its own entry's.
             out = torch.zeros(table.n_layers, dtype=acc, device=dev)
             if total is not None:
                 out = out + total.to(acc)
@@ -219,11 +264,15 @@ class _MultiPenalty(torch.autograd.Function):
             return out
 
         gp, ge = per_layer(g_total_pen, g_pen), per_layer(g_total_eq, g_eq)
-        grad = ctx.impl.backward(buffer, table, gp, ge)
+        if ctx.impl.concatenated:
+            grad = ctx.impl.backward(saved[0], table, gp, ge)
+            parts = [grad[s:s + n] for s, n in zip(table.starts, table.numels)]
+        else:
+            parts = ctx.impl.backward(list(saved), table, gp, ge)
         grads = [None] * len(ctx.weight_meta)
-        for i, ((dtype, shape), s, n) in enumerate(zip(ctx.weight_meta, table.starts, table.numels)):
+        for i, ((dtype, shape), part) in enumerate(zip(ctx.weight_meta, parts)):
             if ctx.needs_input_grad[3 + i]:
-                grads[i] = grad[s:s + n].view(shape).to(dtype)
+                grads[i] = part.reshape(shape).to(dtype)
         return (None, None, None, *grads)
 
 
@@ -260,8 +309,9 @@ def multi_penalty(items, *, backend: str = "auto"):
     The weights are concatenated into one buffer of their promoted dtype; accumulation is float64
     when that is float64 and float32 otherwise, and the results have the accumulation dtype.  All
     weights must live on one device.  ``backend="auto"`` uses a fused multi-tensor kernel where one
-    is registered for the device and the concatenated reference route otherwise; an explicit
-    compiled backend without a multi-tensor kernel is applied layer by layer.
+    is registered for the device, else the device's compiled single-weight backend layer by layer,
+    else the concatenated reference route; an explicit backend without a multi-tensor kernel is
+    applied layer by layer.  ``backend="reference"`` is the concatenated route.
     """
     check_backend_name(backend)
     items = list(items)
