@@ -59,7 +59,7 @@ multi_forward_kernel(const LayerDesc* __restrict__ layers, const Chunk* __restri
   acc_t pen = 0, eq = 0;
   with_max_group(d.G, [&](auto maxg) {
     constexpr int MAXG = decltype(maxg)::value;
-    chunk_energies<MAXG, scalar_t, acc_t, acc_t>(d, d.offsets, c.first + threadIdx.x, c.last, blockDim.x, pen, eq);
+    chunk_energies<MAXG, scalar_t, acc_t, acc_t>(d, d.offsets, d.G, c.first + threadIdx.x, c.last, blockDim.x, pen, eq);
   });
   double v = block_sum(static_cast<double>(pen), scratch);
   if (threadIdx.x == 0) partials[2 * static_cast<int64_t>(blockIdx.x)] = v;
@@ -96,7 +96,7 @@ multi_backward_kernel(const LayerDesc* __restrict__ layers, const Chunk* __restr
   const acc_t two_pen = acc_t(2) * grad_pen[c.layer], two_eq = acc_t(2) * grad_eq[c.layer];
   with_max_group(d.G, [&](auto maxg) {
     constexpr int MAXG = decltype(maxg)::value;
-    chunk_gradient<MAXG, scalar_t, acc_t>(d, d.offsets, c.first + threadIdx.x, c.last, blockDim.x, two_pen, two_eq);
+    chunk_gradient<MAXG, scalar_t, acc_t>(d, d.offsets, d.G, c.first + threadIdx.x, c.last, blockDim.x, two_pen, two_eq);
   });
 }
 

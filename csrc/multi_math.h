@@ -70,17 +70,17 @@ inline void list_chunks(const LayerDesc* layers, int64_t n_layers, int64_t chunk
 // layer.  A CPU task walks a whole chunk (step 1); a CUDA thread walks every blockDim-th orbit of
 // its block's chunk.  offsets may point at a copy of d.offsets (for example in shared memory).
 template <int MAXG, typename scalar_t, typename acc_t, typename sum_t>
-PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
-                                          int64_t last, int64_t step, sum_t& pen, sum_t& eq) {
+PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __restrict__ offsets, int G,
+                                          int64_t first, int64_t last, int64_t step, sum_t& pen, sum_t& eq) {
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
-  const int G = d.G;
-  for (int64_t id = first; id < last; id += step) {
-    const int64_t b = id / d.orbits_per_block, o = id - b * d.orbits_per_block;
+  if (first >= last) return;
+  OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
+  for (int64_t id = first; id < last; id += step, it.advance(step)) {
     acc_t f[MAXG];
-    load_orbit<MAXG>(w, block_base(b, d.c_in, d.stride_out, d.stride_in), offsets + o * G, G, f);
+    load_orbit<MAXG>(w, it.base, offsets + it.orbit * G, G, f);
     const acc_t mean = orbit_mean<MAXG>(f, G);
     subtract_mean<MAXG>(f, mean, G);
-    const acc_t is = static_cast<acc_t>(d.inv_stab[o]);
+    const acc_t is = static_cast<acc_t>(d.inv_stab[it.orbit]);
     pen += static_cast<sum_t>(penalty_part<MAXG>(f, is, G));
     eq += static_cast<sum_t>(energy_part(mean, is, G));
   }
@@ -89,15 +89,15 @@ PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __r
 // dW = 2 grad_pen (W - P W) + 2 grad_eq P W on the orbits first, first + step, ... < last.
 // Orbits are disjoint and a repeated entry gets the same value each time, so writers never race.
 template <int MAXG, typename scalar_t, typename acc_t>
-PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
-                                          int64_t last, int64_t step, acc_t two_pen, acc_t two_eq) {
+PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __restrict__ offsets, int G,
+                                          int64_t first, int64_t last, int64_t step, acc_t two_pen, acc_t two_eq) {
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
   scalar_t* out = static_cast<scalar_t*>(d.grad);
-  const int G = d.G;
-  for (int64_t id = first; id < last; id += step) {
-    const int64_t b = id / d.orbits_per_block, o = id - b * d.orbits_per_block;
-    const int64_t base = block_base(b, d.c_in, d.stride_out, d.stride_in);
-    const int32_t* orow = offsets + o * G;
+  if (first >= last) return;
+  OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
+  for (int64_t id = first; id < last; id += step, it.advance(step)) {
+    const int64_t base = it.base;
+    const int32_t* orow = offsets + it.orbit * G;
     acc_t f[MAXG];
     load_orbit<MAXG>(w, base, orow, G, f);
     const acc_t mean = orbit_mean<MAXG>(f, G);

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "multi_math.h"
@@ -33,36 +34,53 @@ namespace {
 // of threads, and chunk partials are summed in chunk order: results are bitwise reproducible.
 constexpr int64_t kChunk = 256;
 
-template <typename scalar_t>
+// |G| as a compile-time constant for the common orders, so the orbit loops unroll and vectorise;
+// K = 0 stands for a runtime |G| up to kMaxGroupOrder.
+template <typename Fn>
+void dispatch_group_order(int64_t G, Fn&& fn) {
+  switch (G) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 8: return fn(std::integral_constant<int, 8>{});
+    case 16: return fn(std::integral_constant<int, 16>{});
+    default: return fn(std::integral_constant<int, 0>{});
+  }
+}
+
+template <int K>
+constexpr int bound_for() { return K ? K : kMaxGroupOrder; }
+
+template <typename scalar_t, int K>
 void forward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, const at::Tensor& basis_acc,
                         bool with_spectrum, std::vector<double>& partials, int64_t n_chunks) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int MAXG = bound_for<K>();
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
   const double* inv_stab = t.inv_stab.const_data_ptr<double>();
   const acc_t* basis = with_spectrum ? basis_acc.const_data_ptr<acc_t>() : nullptr;
-  const int G = static_cast<int>(t.G);
-  const int64_t opb = t.orbits_per_block, n = t.n_orbits(), width = G + 1;
+  const int G = K ? K : static_cast<int>(t.G);
+  const int64_t n = t.n_orbits(), width = G + 1;
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    acc_t f[kMaxGroupOrder];
-    acc_t rows[kMaxGroupOrder];
+    acc_t f[MAXG];
+    acc_t rows[MAXG];
     for (int64_t c = c0; c < c1; ++c) {
       double pen = 0, eq = 0;
       std::vector<double> row_sum(with_spectrum ? G : 0, 0.0);
       const int64_t end = std::min(n, (c + 1) * kChunk);
-      for (int64_t id = c * kChunk; id < end; ++id) {
-        const int64_t b = id / opb, o = id - b * opb;
-        const int64_t base = block_base(b, t.c_in, t.stride_out, t.stride_in);
-        load_orbit<kMaxGroupOrder>(wp, base, offs + o * G, G, f);
-        const acc_t mean = orbit_mean<kMaxGroupOrder>(f, G);
-        subtract_mean<kMaxGroupOrder>(f, mean, G);
-        const acc_t is = static_cast<acc_t>(inv_stab[o]);
-        pen += static_cast<double>(penalty_part<kMaxGroupOrder>(f, is, G));
+      OrbitWalk it(c * kChunk, t.orbits_per_block, t.c_in, t.stride_out, t.stride_in);
+      for (int64_t id = c * kChunk; id < end; ++id, it.advance(1)) {
+        load_orbit<MAXG>(wp, it.base, offs + it.orbit * G, G, f);
+        const acc_t mean = orbit_mean<MAXG>(f, G);
+        subtract_mean<MAXG>(f, mean, G);
+        const acc_t is = static_cast<acc_t>(inv_stab[it.orbit]);
+        pen += static_cast<double>(penalty_part<MAXG>(f, is, G));
         eq += static_cast<double>(energy_part(mean, is, G));
         if (with_spectrum) {
           std::fill(rows, rows + G, acc_t(0));
-          accumulate_row_energies<kMaxGroupOrder>(basis, f, is, G, rows);
+          accumulate_row_energies<MAXG>(basis, f, is, G, rows);
           for (int r = 1; r < G; ++r) row_sum[r] += static_cast<double>(rows[r]);
         }
       }
@@ -89,7 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   std::vector<double> partials(n_chunks * (G + 1), 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_forward_cpu", [&] {
-    forward_cpu_kernel<scalar_t>(w, t, basis_acc, with_spectrum, partials, n_chunks);
+    dispatch_group_order(G, [&](auto k) {
+      forward_cpu_kernel<scalar_t, decltype(k)::value>(w, t, basis_acc, with_spectrum, partials, n_chunks);
+    });
   });
 
   std::vector<double> total(G + 1, 0.0);
@@ -108,27 +128,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   return {pen, eq, spec.to(acc)};
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int K>
 void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pen, double grad_eq, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int MAXG = bound_for<K>();
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
-  const int G = static_cast<int>(t.G);
-  const int64_t opb = t.orbits_per_block;
+  const int G = K ? K : static_cast<int>(t.G);
   const acc_t two_pen = static_cast<acc_t>(2 * grad_pen), two_eq = static_cast<acc_t>(2 * grad_eq);
 
   at::parallel_for(0, t.n_orbits(), kChunk, [&](int64_t i0, int64_t i1) {
-    acc_t f[kMaxGroupOrder];
-    for (int64_t id = i0; id < i1; ++id) {
-      const int64_t b = id / opb, o = id - b * opb;
-      const int64_t base = block_base(b, t.c_in, t.stride_out, t.stride_in);
-      const int32_t* orow = offs + o * G;
-      load_orbit<kMaxGroupOrder>(wp, base, orow, G, f);
-      const acc_t mean = orbit_mean<kMaxGroupOrder>(f, G);
+    acc_t f[MAXG];
+    OrbitWalk it(i0, t.orbits_per_block, t.c_in, t.stride_out, t.stride_in);
+    for (int64_t id = i0; id < i1; ++id, it.advance(1)) {
+      const int32_t* orow = offs + it.orbit * G;
+      load_orbit<MAXG>(wp, it.base, orow, G, f);
+      const acc_t mean = orbit_mean<MAXG>(f, G);
       // Orbits are disjoint and a repeated entry gets the same value each time, so no races.
       for (int g = 0; g < G; ++g)
-        op[base + orow[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_pen, two_eq));
+        op[it.base + orow[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_pen, two_eq));
     }
   });
 }
@@ -145,7 +164,7 @@ at::Tensor fused_backward_cpu(const at::Tensor& weight, const at::Tensor& grad_p
   at::Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
   const double gp = grad_penalty.item<double>(), ge = grad_eq.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_backward_cpu", [&] {
-    backward_cpu_kernel<scalar_t>(w, t, gp, ge, out);
+    dispatch_group_order(t.G, [&](auto k) { backward_cpu_kernel<scalar_t, decltype(k)::value>(w, t, gp, ge, out); });
   });
   return out;
 }
@@ -177,7 +196,11 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at:
         const Chunk& ch = chunks[c];
         const LayerDesc& d = a.layers[ch.layer];
         double pen = 0, eq = 0;
-        chunk_energies<kMaxGroupOrder, scalar_t, acc_t, double>(d, d.offsets, ch.first, ch.last, 1, pen, eq);
+        dispatch_group_order(d.G, [&](auto k) {
+          constexpr int K = decltype(k)::value;
+          chunk_energies<bound_for<K>(), scalar_t, acc_t, double>(d, d.offsets, K ? K : d.G, ch.first, ch.last, 1,
+                                                                  pen, eq);
+        });
         partials[2 * c] = pen;
         partials[2 * c + 1] = eq;
       }
@@ -229,7 +252,11 @@ std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Ten
         const LayerDesc& d = a.layers[ch.layer];
         // As fused_backward: 2 * grad in double, then rounded to acc_t.
         const acc_t two_pen = static_cast<acc_t>(2 * gpp[ch.layer]), two_eq = static_cast<acc_t>(2 * gep[ch.layer]);
-        chunk_gradient<kMaxGroupOrder, scalar_t, acc_t>(d, d.offsets, ch.first, ch.last, 1, two_pen, two_eq);
+        dispatch_group_order(d.G, [&](auto k) {
+          constexpr int K = decltype(k)::value;
+          chunk_gradient<bound_for<K>(), scalar_t, acc_t>(d, d.offsets, K ? K : d.G, ch.first, ch.last, 1, two_pen,
+                                                          two_eq);
+        });
       }
     });
   });
