@@ -8,7 +8,17 @@ __version__ = "0.1.0"
 
 load_optional_backends()
 
-__all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "project", "spectrum",
-           "irrep_names", "get_group", "register_group", "FiniteGroup", "orbit_table", "available_backends"]
-from .model import Symmetry, attach_symmetry, attach_symmetries, attach_regular_gcnn, attached_layers, detach_symmetry, get_symmetry, model_penalty, project_, equivariance_report, format_report  # noqa: E402
-from .multi import multi_penalty, register_multi_backend  # noqa: E402
+from .multi import multi_penalty, register_multi_backend  # noqa: E402  (after the backends: "auto" sees them)
+from .model import (Symmetry, attach_regular_gcnn, attach_symmetries, attach_symmetry,  # noqa: E402
+                    attached_layers, detach_symmetry, equivariance_report, format_report, get_symmetry,
+                    model_penalty, project_)
+
+__all__ = [
+    # single weights
+    "projected_penalty", "equivariant_energy", "penalty_and_energy", "project", "spectrum", "irrep_names",
+    # whole models
+    "multi_penalty", "model_penalty", "project_", "attach_symmetry", "attach_symmetries", "attach_regular_gcnn",
+    "attached_layers", "detach_symmetry", "get_symmetry", "Symmetry", "equivariance_report", "format_report",
+    # groups, tables, backends
+    "get_group", "register_group", "FiniteGroup", "orbit_table", "available_backends", "register_multi_backend",
+]

@@ -15,12 +15,13 @@ deviation from that mean.  ``model_penalty`` adds that deviation to the ``lambda
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .api import penalty_and_energy, project, spectrum
+from .multi import multi_penalty
 from .groups import FiniteGroup, get_group, register_group
 from .orbits import field_size, orbit_table
 
@@ -145,12 +146,6 @@ def attached_layers(model: nn.Module) -> List[Tuple[str, nn.Module, Symmetry]]:
 
 # --- penalties -------------------------------------------------------------------------------
 
-class _Terms(NamedTuple):
-    penalty: torch.Tensor                   # ||W - P(W)||^2
-    energy: torch.Tensor                    # ||P(W)||^2
-    bias_penalty: Optional[torch.Tensor]    # ||b - P(b)||^2, None where the bias is always equivariant
-
-
 def _bias_fields(module: nn.Module, sym: Symmetry) -> Optional[torch.Tensor]:
     """The bias as [fields, |G|] when its output fields are regular; None otherwise."""
     if module.bias is None or sym.out_rep != "regular":
@@ -158,23 +153,33 @@ def _bias_fields(module: nn.Module, sym: Symmetry) -> Optional[torch.Tensor]:
     return module.bias.view(-1, field_size("regular", get_group(sym.group)))
 
 
-def _bias_penalty(module: nn.Module, sym: Symmetry) -> Optional[torch.Tensor]:
-    b = _bias_fields(module, sym)
-    if b is None:
-        return None
-    return (b - b.mean(dim=1, keepdim=True)).square().sum()
+def _weight_terms(layers) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum of ||W - P(W)||^2, sum of ||P(W)||^2) over ``layers``: one whole-model call per backend
+    named in the symmetries (normally just one), so the cost does not grow in calls with depth."""
+    by_backend: Dict[str, list] = {}
+    for _, module, sym in layers:
+        by_backend.setdefault(sym.backend, []).append((module.weight, sym.group, sym.in_rep, sym.out_rep))
+    pen = eq = None
+    for backend, items in by_backend.items():
+        p, e, _, _ = multi_penalty(items, backend=backend)
+        pen = p if pen is None else pen + p.to(pen.device)
+        eq = e if eq is None else eq + e.to(eq.device)
+    return pen, eq
 
 
-def _layer_terms(model: nn.Module, bias: bool = True) -> List[_Terms]:
-    """Per attached layer, in ``attached_layers`` order: its penalty, energy and bias penalty.
-
-    This loop is the one place a whole-model routine (all weights in one call) would replace.
-    """
-    out = []
-    for _, module, sym in attached_layers(model):
-        pen, en = penalty_and_energy(module.weight, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
-        out.append(_Terms(pen, en, _bias_penalty(module, sym) if bias else None))
-    return out
+def _bias_term(layers) -> Optional[torch.Tensor]:
+    """||b - P(b)||^2 summed over the regular-field biases, one concatenation per field size."""
+    by_size: Dict[int, list] = {}
+    for _, module, sym in layers:
+        b = _bias_fields(module, sym)
+        if b is not None:
+            by_size.setdefault(b.shape[1], []).append(b)
+    total = None
+    for fields in by_size.values():
+        b = torch.cat(fields) if len(fields) > 1 else fields[0]
+        t = (b - b.mean(dim=1, keepdim=True)).square().sum()
+        total = t if total is None else total + t.to(total.device)
+    return total
 
 
 def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 0.0, *,
@@ -182,21 +187,22 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     """``sum over attached layers of lambda_perp ||W - P(W)||^2 + lambda_G ||P(W)||^2`` (differentiable).
 
     With ``bias=True`` the non-equivariant part of regular-field biases joins the ``lambda_perp``
-    term (see the module docstring).  One pass per layer computes both energies.  Raises
-    ValueError if no layer of ``model`` has a symmetry attached (almost always a forgotten attach).
+    term (see the module docstring).  All weights go through ``multi_penalty`` in one call (one
+    pass per direction).  Raises ValueError if no layer of ``model`` has a symmetry attached
+    (almost always a forgotten attach).
     """
-    terms = _layer_terms(model, bias=bias)
-    if not terms:
+    layers = attached_layers(model)
+    if not layers:
         raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
                          "/ attach_regular_gcnn first")
-    total = None
-    for t in terms:
-        term = lambda_perp * t.penalty
-        if lambda_G:
-            term = term + lambda_G * t.energy
-        if t.bias_penalty is not None:
-            term = term + lambda_perp * t.bias_penalty.to(term.dtype)
-        total = term if total is None else total + term.to(total.device)
+    pen, eq = _weight_terms(layers)
+    total = lambda_perp * pen
+    if lambda_G:
+        total = total + lambda_G * eq
+    if bias:
+        b = _bias_term(layers)
+        if b is not None:
+            total = total + lambda_perp * b.to(device=total.device, dtype=total.dtype)
     return total
 
 

@@ -1,22 +1,23 @@
-"""The penalty of a whole model in one pass: every layer's weight through one concatenated buffer.
+"""The penalty of a whole model in one call: every layer's weight, one pass per direction.
 
 A model has tens of weights; calling ``penalty_and_energy`` per weight costs tens of small launches
-and tens of autograd nodes per step.  Here the flattened weights are concatenated once, and one
-``MultiTable`` (built once per list of (shape, group, reps), then cached) describes all their orbits
-against that buffer.  Layers whose groups have the same order share one gather (the orbit width is
-|G|), so the work is one gather per distinct |G| and one segment reduction that turns per-orbit
-partials into per-layer values, however many layers there are.
+and tens of autograd nodes per step.  ``multi_penalty`` takes them all at once through a
+``MultiTable`` (the layers' orbit tables, built once per list of (shape, group, reps), then cached)
+and a multi-tensor backend:
 
-The seam for a fused multi-tensor kernel is ``register_multi_backend``: a backend supplies
-``forward(buffer, table) -> (per_layer_penalty, per_layer_eq)`` and
-``backward(buffer, table, grad_penalty[L], grad_eq[L]) -> grad_buffer`` over the concatenated
-buffer and table, exactly as the reference route below does.
+- "cpp" and "cuda" (registered by ``projkernels.cpp_backend`` when the extension is built): fused
+  multi-tensor kernels over a table of per-layer descriptors; one launch per direction per dtype
+  on the GPU, one parallel pass on the CPU, no concatenation of the weights.
+- "reference": the flattened weights are concatenated once; layers whose groups have the same
+  order share one gather (the orbit width is |G|), and one segment reduction turns per-orbit
+  partials into per-layer values, however many layers there are.
+- any other single-weight backend (for example "triton") is applied layer by layer.
 
-Until such a kernel is registered for a device, ``backend="auto"`` runs the device's compiled
-single-weight backend ("cpp" on CPU, "cuda" / "triton" on GPU) weight by weight, without the
-concatenation: a fused pass per weight is much cheaper than the reference route's index gathers
-(measured in bench/RESULTS.md), even though the launch count then grows with the number of layers.
-The concatenated reference route serves where no compiled backend is available.
+``register_multi_backend`` is the seam: a backend supplies ``forward(x, table) -> (per_layer_penalty,
+per_layer_eq)`` and ``backward(x, table, grad_penalty[L], grad_eq[L]) -> dx``, over the concatenated
+buffer (``concatenated=True``) or the list of contiguous weights.  ``backend="auto"`` prefers a fused
+multi-tensor kernel for the device, then the device's compiled single-weight backend layer by layer,
+then the concatenated reference route.
 """
 from __future__ import annotations
 
