@@ -7,7 +7,7 @@ Environment switches:
     PROJKERNELS_NO_EXT=1   pure-Python package only (reference backend, Triton if installed)
     PROJKERNELS_CUDA=0     CPU extension only, even where CUDA could be built
     PROJKERNELS_CUDA=1     CUDA extension or fail (no silent fallback)
-    TORCH_CUDA_ARCH_LIST   GPU architectures, "8.0;9.0" when unset
+    TORCH_CUDA_ARCH_LIST   GPU architectures, "8.0;9.0+PTX" when unset (PTX: newer GPUs JIT it)
     MAX_JOBS               parallel compile jobs (torch's ninja build)
 
 Without torch or a C++ compiler at build time (and PROJKERNELS_CUDA != 1) the pure-Python package
@@ -74,7 +74,7 @@ def _extensions():
     macros = [("PROJKERNELS_PYTHON_MODULE", None)]
     cxx_flags = ["-O3"]
     if cuda_reason is None:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext = cpp_extension.CUDAExtension(
             NAME,
             sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "kernels.cu"),
@@ -119,7 +119,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ninja", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "matplotlib", "triton"],
         "triton": ["triton"],
         "escnn": ["escnn"],
     },

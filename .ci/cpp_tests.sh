@@ -8,7 +8,7 @@ BUILD_DIR="${BUILD_DIR:-$ROOT/build/cmake}"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 JOBS="${JOBS:-2}"
 # Torch's CMake config would otherwise try to run a GPU-detection program.
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 
 EXTRA=()
 # A CUDA build of torch makes find_package(Torch) look for the CUDA toolkit even for CPU targets.

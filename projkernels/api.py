@@ -5,7 +5,7 @@ import torch
 
 from . import ops
 from .backends import check_backend_name
-from .groups import FiniteGroup, get_group, register_group
+from .groups import group_name_for_ops
 from .orbits import check_weight
 
 __all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "project", "spectrum"]
@@ -14,12 +14,7 @@ __all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "pro
 def _args(weight, group, in_rep, out_rep, backend):
     check_weight(weight)
     check_backend_name(backend)
-    if isinstance(group, FiniteGroup):
-        if get_group(group.name) is not group:  # ops take groups by name
-            register_group(group)
-        group = group.name
-    elif not isinstance(group, str):
-        raise TypeError(f"group: expected a name like 'C4' or 'D4' (str), got {type(group).__name__}")
+    group = group_name_for_ops(group)
     for name, rep in (("in_rep", in_rep), ("out_rep", out_rep)):
         if not isinstance(rep, str):
             raise TypeError(f"{name}: expected 'trivial' or 'regular' (str), got {type(rep).__name__}")

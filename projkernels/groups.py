@@ -17,7 +17,7 @@ from typing import Callable, Tuple
 import numpy as np
 import torch
 
-__all__ = ["FiniteGroup", "get_group", "irrep_names", "cyclic", "dihedral", "register_group"]
+__all__ = ["FiniteGroup", "get_group", "irrep_names", "cyclic", "dihedral", "register_group", "group_name_for_ops"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,7 +37,7 @@ class FiniteGroup:
         return len(self.elements)
 
     def kernel_action(self, kernel: torch.Tensor, g: int) -> torch.Tensor:
-        """T_g on the trailing kernel dims of ``kernel`` (SPEC section 2). Checked by ``check_kernel``."""
+        """T_g on the trailing kernel dims of ``kernel`` (SPEC section 2); orbit tables check it is a group action."""
         return self._kernel_action(kernel, self.elements[g], self.rotation_order)
 
     @functools.cached_property
@@ -186,7 +186,23 @@ def register_group(group: FiniteGroup) -> FiniteGroup:
     """Make a user-defined group reachable by its name (the ops take groups by name)."""
     if _GROUP_RE.match(group.name.upper()):
         raise ValueError(f"group: the name {group.name!r} is reserved for the built-in C<N> / D<N>")
+    if _REGISTERED.get(group.name, group) is not group:
+        # Tables are cached by name downstream: a second group under one name would read stale ones.
+        raise ValueError(f"group: a different group is already registered as {group.name!r}; pick another name")
     _REGISTERED[group.name] = group
+    return group
+
+
+def group_name_for_ops(group, argument: str = "group") -> str:
+    """The name the ops take for ``group`` (a name, or a FiniteGroup, which gets registered)."""
+    if isinstance(group, FiniteGroup):
+        if _REGISTERED.get(group.name) is not group and not _GROUP_RE.match(group.name.upper()):
+            register_group(group)
+        elif _GROUP_RE.match(group.name.upper()) and get_group(group.name) is not group:
+            raise ValueError(f"{argument}: the name {group.name!r} is reserved for the built-in C<N> / D<N>")
+        return group.name
+    if not isinstance(group, str):
+        raise TypeError(f"{argument}: expected a name like 'C4' or 'D4' (str), got {type(group).__name__}")
     return group
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .api import penalty_and_energy, project, spectrum
 from .multi import multi_penalty
-from .groups import FiniteGroup, get_group, register_group
+from .groups import get_group, group_name_for_ops
 from .orbits import field_size, orbit_table
 
 __all__ = ["Symmetry", "attach_symmetry", "detach_symmetry", "get_symmetry", "attach_symmetries",
@@ -78,20 +78,11 @@ def attach_symmetry(module: nn.Module, group="C4", in_rep: str = "trivial", out_
     wrong declaration fails here and not in the middle of training.  Returns the stored Symmetry.
     """
     _check_module(module)
-    g = get_group(group)
-    if isinstance(group, FiniteGroup) and _lookup(g.name) is not g:
-        register_group(g)  # the ops take groups by name
-    orbit_table(module.weight, g.name, in_rep, out_rep)
-    sym = Symmetry(g.name, in_rep, out_rep, backend)
+    name = group_name_for_ops(group)
+    orbit_table(module.weight, name, in_rep, out_rep)
+    sym = Symmetry(get_group(name).name, in_rep, out_rep, backend)
     setattr(module, _ATTR, sym)
     return sym
-
-
-def _lookup(name: str):
-    try:
-        return get_group(name)
-    except ValueError:
-        return None
 
 
 def detach_symmetry(module: nn.Module) -> None:

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .backends import BACKENDS, check_backend_name, resolve
-from .groups import FiniteGroup, get_group, register_group
+from .groups import group_name_for_ops
 from .orbits import OrbitTable, check_weight, orbit_table
 from .reference import acc_dtype
 
@@ -290,13 +290,7 @@ def _unpack(item, i: int):
 
 
 def _group_name(group, i: int) -> str:
-    if isinstance(group, FiniteGroup):
-        if get_group(group.name) is not group:
-            register_group(group)
-        return group.name
-    if not isinstance(group, str):
-        raise TypeError(f"items[{i}]: group: expected a name like 'C4' or 'D4' (str), got {type(group).__name__}")
-    return group
+    return group_name_for_ops(group, f"items[{i}]: group")
 
 
 def multi_penalty(items, *, backend: str = "auto"):

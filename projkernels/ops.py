@@ -68,6 +68,28 @@ def _pe_backward(ctx, grad_penalty, grad_eq):
 penalty_energy.register_autograd(_pe_backward, setup_context=_pe_setup_context)
 
 
+def _pe_bwd_setup_context(ctx, inputs, output):
+    weight, grad_penalty, grad_eq, group, in_rep, out_rep, backend = inputs
+    ctx.save_for_backward(weight, grad_penalty, grad_eq)
+    ctx.config = (group, in_rep, out_rep, backend)
+
+
+def _pe_double_backward(ctx, grad):
+    # dW = 2 g_pen (W - P W) + 2 g_eq P W is linear in W with the same map applied to ``grad``, and
+    # linear in (g_pen, g_eq) with coefficients 2 (W - P W) and 2 P W.
+    weight, grad_penalty, grad_eq = ctx.saved_tensors
+    grad_w = penalty_energy_backward(grad, grad_penalty, grad_eq, *ctx.config)
+    pw = project(weight, *ctx.config)
+    acc = acc_dtype(weight.dtype)
+    g, w, p = grad.to(acc), weight.to(acc), pw.to(acc)
+    grad_gp = (2 * g * (w - p)).sum().to(grad_penalty.dtype)
+    grad_ge = (2 * g * p).sum().to(grad_eq.dtype)
+    return grad_w, grad_gp, grad_ge, None, None, None, None
+
+
+penalty_energy_backward.register_autograd(_pe_double_backward, setup_context=_pe_bwd_setup_context)
+
+
 @torch.library.custom_op("projkernels::project", mutates_args=())
 def project(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str) -> Tensor:
     table, impl, w = _setup(weight, group, in_rep, out_rep, backend)

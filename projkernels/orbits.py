@@ -164,6 +164,8 @@ def _cached_table(group: FiniteGroup, in_rep: str, out_rep: str, shape: Tuple[in
     a, rest = np.divmod(members, si * k)
     row_len = shape[1] * k
     offsets = a * row_len + rest
+    if offsets.max() >= 2 ** 31:
+        raise ValueError(f"weight: shape {shape} is too large: a field block spans more than 2^31 entries")
     return OrbitTable(
         group=group, shape=shape, field_out=so, field_in=si,
         c_out=shape[0] // so, c_in=shape[1] // si,

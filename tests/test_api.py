@@ -95,6 +95,8 @@ def test_gradcheck_float64(case, backend):
     kw = dict(group=group, in_rep=ir, out_rep=orr, backend=backend)
     assert torch.autograd.gradcheck(lambda x: pk.penalty_and_energy(x, **kw), (w,))
     assert torch.autograd.gradcheck(lambda x: pk.project(x, **kw), (w,))
+    assert torch.autograd.gradgradcheck(lambda x: sum(pk.penalty_and_energy(x, **kw)) + 0.5 * pk.projected_penalty(x, **kw),
+                                        (w,))
 
 
 def test_gradients_have_closed_form(backend):
