@@ -73,6 +73,15 @@ def _extensions():
     csrc = os.path.join("csrc")
     macros = [("PROJKERNELS_PYTHON_MODULE", None)]
     cxx_flags = ["-O3"]
+    def cpu_extension():
+        return cpp_extension.CppExtension(
+            NAME,
+            sources=[os.path.join(csrc, "ops.cpp")],
+            include_dirs=[os.path.join(HERE, "csrc")],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+
     if cuda_reason is None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext = cpp_extension.CUDAExtension(
@@ -85,26 +94,37 @@ def _extensions():
         )
     else:
         print(f"projkernels: building the CPU extension only ({cuda_reason})", file=sys.stderr)
-        ext = cpp_extension.CppExtension(
-            NAME,
-            sources=[os.path.join(csrc, "ops.cpp")],
-            include_dirs=[os.path.join(HERE, "csrc")],
-            define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags},
-        )
+        ext = cpu_extension()
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):
-        """Falls back to the pure-Python package when compiling fails, unless CUDA was demanded."""
+        """A failed CUDA build falls back to the CPU extension, a failed CPU build to the pure-Python
+        package; with PROJKERNELS_CUDA=1 any failure is an error."""
 
         def build_extensions(self):
             try:
                 super().build_extensions()
+                return
             except Exception as exc:  # compiler and linker errors come in several types
                 if forced:
                     raise
-                warnings.warn(f"projkernels: the C++ extension failed to build ({exc}); "
-                              "installing the pure-Python package")
-                self.extensions = []
+                error = exc
+            if cuda_reason is None:
+                warnings.warn(f"projkernels: the CUDA extension failed to build ({error}); "
+                              "building the CPU extension only")
+                cpu = cpu_extension()
+                # setuptools' finalize_options stored per-extension state (_full_name, _needs_stub, ...).
+                for key, value in vars(self.extensions[0]).items():
+                    if key.startswith("_"):
+                        setattr(cpu, key, value)
+                self.extensions = [cpu]
+                try:
+                    super().build_extensions()
+                    return
+                except Exception as exc:
+                    error = exc
+            warnings.warn(f"projkernels: the C++ extension failed to build ({error}); "
+                          "installing the pure-Python package")
+            self.extensions = []
 
     return [ext], {"build_ext": OptionalBuildExtension}
 

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import project
+from .groups import get_group
 from .model import (attach_regular_gcnn, attached_layers, equivariance_report, format_report, model_penalty,
                     project_)
 
@@ -178,7 +179,7 @@ def project_grads_(model: nn.Module) -> None:
             module.weight.grad.copy_(project(module.weight.grad, sym.group, sym.in_rep, sym.out_rep,
                                              backend=sym.backend))
         if module.bias is not None and module.bias.grad is not None and sym.out_rep == "regular":
-            b = module.bias.grad.view(-1, ORDER)
+            b = module.bias.grad.view(-1, get_group(sym.group).order)
             b.copy_(b.mean(dim=1, keepdim=True).expand_as(b))
 
 
