@@ -144,17 +144,7 @@ backward_kernel(const scalar_t* __restrict__ w, scalar_t* __restrict__ out, cons
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; id < n_orbits; id += step) {
     const int64_t b = id / opb, o = id - b * opb;
-    const int64_t base = block_base(b, c_in, stride_out, stride_in);
-    const int32_t* orow = offs + o * G;
-    acc_t f[MAXG];
-    load_orbit<MAXG>(w, base, orow, G, f);
-    const acc_t mean = orbit_mean<MAXG>(f, G);
-    // Orbits are disjoint and a repeated entry gets the same value each time: no races.
-    PK_UNROLL
-    for (int g = 0; g < loop_bound(MAXG, G); ++g) {
-      if (g >= G) continue;
-      out[base + orow[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_pen, two_eq));
-    }
+    write_orbit_gradient<MAXG>(w, out, block_base(b, c_in, stride_out, stride_in), offs + o * G, G, two_pen, two_eq);
   }
 }
 

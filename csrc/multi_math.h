@@ -96,16 +96,7 @@ PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __r
   if (first >= last) return;
   OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
   for (int64_t id = first; id < last; id += step, it.advance(step)) {
-    const int64_t base = it.base;
-    const int32_t* orow = offsets + it.orbit * G;
-    acc_t f[MAXG];
-    load_orbit<MAXG>(w, base, orow, G, f);
-    const acc_t mean = orbit_mean<MAXG>(f, G);
-    PK_UNROLL
-    for (int g = 0; g < loop_bound(MAXG, G); ++g) {
-      if (g >= G) continue;
-      out[base + orow[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_pen, two_eq));
-    }
+    write_orbit_gradient<MAXG>(w, out, it.base, offsets + it.orbit * G, G, two_pen, two_eq);
   }
 }
 

@@ -139,16 +139,9 @@ void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pe
   const acc_t two_pen = static_cast<acc_t>(2 * grad_pen), two_eq = static_cast<acc_t>(2 * grad_eq);
 
   at::parallel_for(0, t.n_orbits(), kChunk, [&](int64_t i0, int64_t i1) {
-    acc_t f[MAXG];
     OrbitWalk it(i0, t.orbits_per_block, t.c_in, t.stride_out, t.stride_in);
-    for (int64_t id = i0; id < i1; ++id, it.advance(1)) {
-      const int32_t* orow = offs + it.orbit * G;
-      load_orbit<MAXG>(wp, it.base, orow, G, f);
-      const acc_t mean = orbit_mean<MAXG>(f, G);
-      // Orbits are disjoint and a repeated entry gets the same value each time, so no races.
-      for (int g = 0; g < G; ++g)
-        op[it.base + orow[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_pen, two_eq));
-    }
+    for (int64_t id = i0; id < i1; ++id, it.advance(1))
+      write_orbit_gradient<MAXG>(wp, op, it.base, offs + it.orbit * G, G, two_pen, two_eq);
   });
 }
 

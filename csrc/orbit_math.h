@@ -164,4 +164,20 @@ PK_HOST_DEVICE inline acc_t gradient_value(acc_t dev_g, acc_t mean, acc_t two_gr
   return two_grad_pen * dev_g + two_grad_eq * mean;
 }
 
+// Writes dW (or, with two_grad_pen = 0 and two_grad_eq = 1, P(W)) at every entry of one orbit.
+// Orbits are disjoint and a repeated entry gets the same value each time, so writers never race.
+template <int MAXG, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void write_orbit_gradient(const scalar_t* __restrict__ w, scalar_t* __restrict__ out,
+                                                int64_t base, const int32_t* __restrict__ offsets, int G,
+                                                acc_t two_grad_pen, acc_t two_grad_eq) {
+  acc_t f[MAXG];
+  load_orbit<MAXG>(w, base, offsets, G, f);
+  const acc_t mean = orbit_mean<MAXG>(f, G);
+  PK_UNROLL
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
+    out[base + offsets[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_grad_pen, two_grad_eq));
+  }
+}
+
 }  // namespace projkernels
