@@ -24,6 +24,9 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "projkernels._C"
+# The raw kernels' schemas and CPU kernels, the public ops over them, and their autograd.
+CPP_SOURCES = ["ops.cpp", "public_ops.cpp", "autograd.cpp"]
+CUDA_SOURCES = ["kernels.cu", "multi_kernels.cu"]
 
 
 def _env(name: str) -> str:
@@ -76,7 +79,7 @@ def _extensions():
     def cpu_extension():
         return cpp_extension.CppExtension(
             NAME,
-            sources=[os.path.join(csrc, "ops.cpp")],
+            sources=[os.path.join(csrc, f) for f in CPP_SOURCES],
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
@@ -86,8 +89,7 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext = cpp_extension.CUDAExtension(
             NAME,
-            sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "kernels.cu"),
-                     os.path.join(csrc, "multi_kernels.cu")],
+            sources=[os.path.join(csrc, f) for f in CPP_SOURCES + CUDA_SOURCES],
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=macros + [("PROJKERNELS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},

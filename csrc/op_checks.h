@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -12,7 +13,7 @@
 
 namespace projkernels {
 
-// The orbit table in the form the kernels read it (see projkernels/orbits.py, OrbitTable.to).
+// The orbit table in the form the kernels read it (see projkernels/orbits.py, OrbitTable.device_tables).
 struct OrbitArgs {
   at::Tensor offsets;   // [orbits per block, G] int32, contiguous
   at::Tensor inv_stab;  // [orbits per block] float64, contiguous
@@ -35,7 +36,7 @@ inline void check_weight(const at::Tensor& weight, const char* op) {
 
 inline void check_same_device(const at::Tensor& weight, const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.device() == weight.device(), op, ": ", name, " is on ", t.device(), " but weight is on ",
-              weight.device(), "; pass the orbit table moved to the weight's device (OrbitTable.to)");
+              weight.device(), "; pass the orbit table moved to the weight's device (OrbitTable.device_tables)");
 }
 
 inline OrbitArgs check_table(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& inv_stab,
@@ -70,9 +71,16 @@ inline OrbitArgs check_table(const at::Tensor& weight, const at::Tensor& offsets
   a.stride_in = stride_in;
 
   if (weight.device().is_cpu()) {
-    // Host-side tables are cheap to verify; on a GPU this would cost a device sync per call.
-    const auto mm = at::aminmax(a.offsets);
-    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    // One field block's offsets (|G| per orbit of one block, not per weight entry) read straight
+    // from memory: no ops are dispatched and nothing is copied.  Device tables are checked once,
+    // where projkernels/orbits.py builds them, since reading them here would sync with the device.
+    const int32_t* p = a.offsets.const_data_ptr<int32_t>();
+    const int64_t count = a.offsets.numel();
+    int64_t lo = p[0], hi = p[0];
+    for (int64_t i = 1; i < count; ++i) {
+      lo = std::min<int64_t>(lo, p[i]);
+      hi = std::max<int64_t>(hi, p[i]);
+    }
     const int64_t last_base = (c_out - 1) * stride_out + (c_in - 1) * stride_in;
     TORCH_CHECK(lo >= 0 && last_base + hi < weight.numel(), op, ": offsets in [", lo, ", ", hi,
                 "] reach outside the weight (", weight.numel(), " entries)");
@@ -92,9 +100,11 @@ inline void check_spectral(const at::Tensor& weight, const at::Tensor& basis, co
   check_same_device(weight, basis, "basis", op);
   check_same_device(weight, row_irrep, "row_irrep", op);
   if (weight.device().is_cpu()) {
-    const auto mm = at::aminmax(row_irrep);
-    TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < n_irreps, op,
-                ": row_irrep values must lie in [0, ", n_irreps, ")");
+    // |G| values read in place (see check_table); device tables are checked where they are built.
+    const at::Tensor r = row_irrep.contiguous();
+    const int64_t* p = r.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < G; ++i)
+      TORCH_CHECK(p[i] >= 0 && p[i] < n_irreps, op, ": row_irrep values must lie in [0, ", n_irreps, ")");
   }
 }
 

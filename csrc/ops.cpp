@@ -3,7 +3,8 @@
 // fused_forward reads every weight entry once and returns (penalty, eq_energy, spectrum); the
 // spectrum needs |G| dot products of length |G| per orbit, so training calls skip it with
 // with_spectrum=False (the third output is then zeros).  fused_backward reads W once and writes dW
-// once.  Both take the orbit table of projkernels/orbits.py (OrbitTable.to(device)).
+// once.  Both take the orbit table of projkernels/orbits.py (OrbitTable.device_tables).
+// The public ops built on these (penalty_energy, project, ...) are in public_ops.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -102,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   check_spectral(weight, basis, row_irrep, t.G, n_irreps, op);
   const auto acc = acc_type_of(weight.scalar_type());
   const at::Tensor w = weight.contiguous();
-  const at::Tensor basis_acc = basis.to(acc).contiguous();
+  // The basis is only read for the spectrum: the training call converts nothing.
+  const at::Tensor basis_acc = with_spectrum ? basis.to(acc).contiguous() : at::Tensor();
   const int64_t G = t.G, n_chunks = (t.n_orbits() + kChunk - 1) / kChunk;
   std::vector<double> partials(n_chunks * (G + 1), 0.0);
 
@@ -116,16 +118,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   for (int64_t c = 0; c < n_chunks; ++c)
     for (int64_t j = 0; j < G + 1; ++j) total[j] += partials[c * (G + 1) + j];
 
-  const auto opts = weight.options().dtype(at::kDouble);
-  at::Tensor spec = at::zeros({n_irreps}, opts);
+  std::vector<double> spec(n_irreps, 0.0);
   if (with_spectrum) {
     // total = [penalty, eq, row 1, ..., row G-1]: row r sits at total[1 + r].
     rows_to_irreps(total.data() + 1, total[1], row_irrep.contiguous().const_data_ptr<int64_t>(),
-                   static_cast<int>(G), spec.mutable_data_ptr<double>());
+                   static_cast<int>(G), spec.data());
   }
-  at::Tensor pen = at::scalar_tensor(total[0], opts).to(acc);
-  at::Tensor eq = at::scalar_tensor(total[1], opts).to(acc);
-  return {pen, eq, spec.to(acc)};
+  // Results are written straight in the accumulation dtype: no temporaries, no conversion ops.
+  const auto opts = weight.options().dtype(acc);
+  at::Tensor pen = at::empty({}, opts), eq = at::empty({}, opts), spectrum = at::empty({n_irreps}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "fused_forward_cpu_results", [&] {
+    *pen.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total[0]);
+    *eq.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total[1]);
+    std::transform(spec.begin(), spec.end(), spectrum.mutable_data_ptr<scalar_t>(),
+                   [](double v) { return static_cast<scalar_t>(v); });
+  });
+  return {pen, eq, spectrum};
+}
+
+double read_scalar(const at::Tensor& g) {
+  double v = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "read_scalar",
+                                  [&] { v = static_cast<double>(*g.const_data_ptr<scalar_t>()); });
+  return v;
 }
 
 template <typename scalar_t, int K>
@@ -155,7 +170,8 @@ at::Tensor fused_backward_cpu(const at::Tensor& weight, const at::Tensor& grad_p
   const OrbitArgs t = check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
-  const double gp = grad_penalty.item<double>(), ge = grad_eq.item<double>();
+  // check_grad guarantees one value; read in place rather than through .item() (an op dispatch each).
+  const double gp = read_scalar(grad_penalty), ge = read_scalar(grad_eq);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_backward_cpu", [&] {
     dispatch_group_order(t.G, [&](auto k) { backward_cpu_kernel<scalar_t, decltype(k)::value>(w, t, gp, ge, out); });
   });
@@ -172,6 +188,16 @@ std::vector<Chunk> plan(MultiArgs& a) {
   std::vector<Chunk> chunks(assign_chunks(a.layers.data(), L, kMultiChunk));
   list_chunks(a.layers.data(), L, kMultiChunk, chunks.data());
   return chunks;
+}
+
+std::vector<double> read_per_layer(const at::Tensor& g, int64_t L) {
+  std::vector<double> out(L);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "read_per_layer", [&] {
+    const scalar_t* p = g.const_data_ptr<scalar_t>();
+    const int64_t stride = g.stride(0);
+    for (int64_t l = 0; l < L; ++l) out[l] = static_cast<double>(p[l * stride]);
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at::TensorList offsets,
@@ -200,21 +226,24 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at:
     });
   });
 
-  const auto opts = weights[0].options().dtype(at::kDouble);
-  at::Tensor pen = at::empty({L}, opts), eq = at::empty({L}, opts);
-  double* pp = pen.mutable_data_ptr<double>();
-  double* ep = eq.mutable_data_ptr<double>();
-  for (int64_t l = 0; l < L; ++l) {
-    double p = 0, e = 0;
-    for (int64_t c = a.layers[l].chunk_begin; c < a.layers[l].chunk_end; ++c) {
-      p += partials[2 * c];
-      e += partials[2 * c + 1];
-    }
-    pp[l] = p;
-    ep[l] = e;
-  }
+  // Per-layer sums in double, written straight in the accumulation dtype (no conversion ops).
   const auto acc = acc_type_of(a.dtype);
-  return {pen.to(acc), eq.to(acc)};
+  const auto opts = weights[0].options().dtype(acc);
+  at::Tensor pen = at::empty({L}, opts), eq = at::empty({L}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "multi_forward_cpu_results", [&] {
+    scalar_t* pp = pen.mutable_data_ptr<scalar_t>();
+    scalar_t* ep = eq.mutable_data_ptr<scalar_t>();
+    for (int64_t l = 0; l < L; ++l) {
+      double p = 0, e = 0;
+      for (int64_t c = a.layers[l].chunk_begin; c < a.layers[l].chunk_end; ++c) {
+        p += partials[2 * c];
+        e += partials[2 * c + 1];
+      }
+      pp[l] = static_cast<scalar_t>(p);
+      ep[l] = static_cast<scalar_t>(e);
+    }
+  });
+  return {pen, eq};
 }
 
 std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Tensor& grad_penalty,
@@ -233,9 +262,10 @@ std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Ten
     out.push_back(at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous)));
     a.layers[l].grad = out.back().mutable_data_ptr();
   }
-  const at::Tensor gp = grad_penalty.to(at::kDouble).contiguous(), ge = grad_eq.to(at::kDouble).contiguous();
-  const double* gpp = gp.const_data_ptr<double>();
-  const double* gep = ge.const_data_ptr<double>();
+  // Read in place, strides honoured (an expanded total gradient has stride 0): no conversion ops.
+  const std::vector<double> gp = read_per_layer(grad_penalty, L), ge = read_per_layer(grad_eq, L);
+  const double* gpp = gp.data();
+  const double* gep = ge.data();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -268,7 +298,7 @@ bool cuda_enabled() {
 }  // namespace projkernels
 
 TORCH_LIBRARY(projkernels_C, m) {
-  m.set_python_module("projkernels.cpp_backend");
+  m.set_python_module("projkernels.native");
   m.def(
       "fused_forward(Tensor weight, Tensor offsets, Tensor inv_stab, Tensor basis, Tensor row_irrep, "
       "int n_irreps, int c_out, int c_in, int stride_out, int stride_in, bool with_spectrum=True) "

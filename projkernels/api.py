@@ -1,24 +1,27 @@
-"""The public functions of SPEC section 5."""
+"""The public single-weight functions.
+
+Each call looks its configuration up in the validate-once cache (projkernels/config.py); a hit is
+one dictionary lookup.  Native backends ("cpp", "cuda") then call one public ``projkernels_C`` op,
+whose autograd is C++ (csrc/autograd.cpp); the others go through the Python custom ops of
+projkernels/ops.py.  docs/design.md, "Layers from API to kernel", walks through the layers.
+"""
 from __future__ import annotations
 
 import torch
 
 from . import ops
-from .backends import check_backend_name
-from .groups import group_name_for_ops
-from .orbits import check_weight
+from .config import CONFIGS, compiled_config, config_for
 
 __all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "project", "spectrum"]
 
-
-def _args(weight, group, in_rep, out_rep, backend):
-    check_weight(weight)
-    check_backend_name(backend)
-    group = group_name_for_ops(group)
-    for name, rep in (("in_rep", in_rep), ("out_rep", out_rep)):
-        if not isinstance(rep, str):
-            raise TypeError(f"{name}: expected 'trivial' or 'regular' (str), got {type(rep).__name__}")
-    return weight, group, in_rep, out_rep, backend
+def _config(weight, group, in_rep, out_rep, backend):
+    if torch.compiler.is_compiling():
+        return compiled_config(tuple(int(s) for s in weight.shape), weight.dtype, weight.device, group, in_rep,
+                               out_rep, backend)
+    try:
+        return CONFIGS[(weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend)]
+    except (KeyError, AttributeError, TypeError):
+        return config_for(weight, group, in_rep, out_rep, backend)
 
 
 def penalty_and_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -27,12 +30,18 @@ def penalty_and_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", 
     Results are float64 for float64 weights and float32 otherwise (half types accumulate in float32
     and are returned in float32, so a small penalty is not rounded away).
     """
-    return ops.penalty_energy(*_args(weight, group, in_rep, out_rep, backend))
+    cfg = _config(weight, group, in_rep, out_rep, backend)
+    if cfg.native:
+        return cfg.ops.penalty_energy(weight, cfg.tables, cfg.geometry)
+    return ops.penalty_energy(weight, cfg.group, cfg.in_rep, cfg.out_rep, cfg.backend_name)
 
 
 def projected_penalty(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
     """||W - P(W)||_F^2, the non-equivariance penalty (0-dim tensor; gradient 2 (W - P(W)))."""
-    return penalty_and_energy(weight, group, in_rep, out_rep, backend=backend)[0]
+    cfg = _config(weight, group, in_rep, out_rep, backend)
+    if cfg.native:
+        return cfg.ops.penalty_energy(weight, cfg.tables, cfg.geometry)[0]
+    return ops.penalty_energy(weight, cfg.group, cfg.in_rep, cfg.out_rep, cfg.backend_name)[0]
 
 
 def equivariant_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -42,7 +51,10 @@ def equivariant_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", 
 
 def project(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
     """P(W), the nearest exactly equivariant weight, shaped and typed like ``weight``."""
-    return ops.project(*_args(weight, group, in_rep, out_rep, backend))
+    cfg = _config(weight, group, in_rep, out_rep, backend)
+    if cfg.native:
+        return cfg.ops.project(weight, cfg.tables, cfg.geometry)
+    return ops.project(weight, cfg.group, cfg.in_rep, cfg.out_rep, cfg.backend_name)
 
 
 def spectrum(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -51,6 +63,8 @@ def spectrum(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend
     Entry 0 is ``equivariant_energy`` and the rest sum to ``projected_penalty``.  float64 for
     float64 weights, float32 otherwise.
     """
+    cfg = _config(weight, group, in_rep, out_rep, backend)
+    if cfg.native:
+        return cfg.ops.spectrum(weight, cfg.tables, cfg.geometry)  # its autograd kernel records nothing
     with torch.no_grad():
-        return ops.spectrum(*_args(weight.detach() if isinstance(weight, torch.Tensor) else weight,
-                                   group, in_rep, out_rep, backend))
+        return ops.spectrum(weight.detach(), cfg.group, cfg.in_rep, cfg.out_rep, cfg.backend_name)

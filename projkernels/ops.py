@@ -1,8 +1,10 @@
-"""The custom ops behind the public API, with fake (shape) kernels and autograd.
+"""The Python custom ops behind the public API for the backends that are not native ops
+("reference", "triton", and any registered Python backend), with fake kernels and autograd.
 
-Groups and representations travel as strings, so the ops are opaque to ``torch.compile`` and the
-orbit table is looked up (and the input validated) inside them: the fake kernels validate too,
-which is where a compiled call reports bad input.
+The native backends ("cpp", "cuda") do not come here: projkernels/api.py calls their C++ ops,
+whose autograd is C++.  Groups and representations travel as strings, so these ops are opaque to
+``torch.compile``; the orbit table is looked up inside them (the API validated the arguments
+already), and the fake kernels build it from the shape alone.
 """
 from __future__ import annotations
 
@@ -14,14 +16,21 @@ from torch import Tensor
 from .backends import resolve
 from .groups import get_group
 from .orbits import orbit_table
-from .reference import acc_dtype
+from .orbits import acc_dtype
 
 __all__ = ["penalty_energy", "penalty_energy_backward", "project", "spectrum"]
 
 
 def _setup(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str):
-    table = orbit_table(weight, group, in_rep, out_rep)
+    table = orbit_table(tuple(weight.shape), group, in_rep, out_rep)
     return table, resolve(backend, weight.device), weight.contiguous()
+
+
+def _fake_table(weight: Tensor, group: str, in_rep: str, out_rep: str) -> None:
+    # Built from the shape with fake tensors switched off: the table is real data, not a traced value.
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    with unset_fake_temporarily():
+        orbit_table(tuple(int(s) for s in weight.shape), group, in_rep, out_rep)
 
 
 def _scalar(weight: Tensor) -> Tensor:
@@ -36,7 +45,7 @@ def penalty_energy(weight: Tensor, group: str, in_rep: str, out_rep: str, backen
 
 @penalty_energy.register_fake
 def _(weight, group, in_rep, out_rep, backend):
-    orbit_table(tuple(weight.shape), group, in_rep, out_rep)
+    _fake_table(weight, group, in_rep, out_rep)
     return _scalar(weight), _scalar(weight)
 
 
@@ -98,7 +107,7 @@ def project(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str)
 
 @project.register_fake
 def _(weight, group, in_rep, out_rep, backend):
-    orbit_table(tuple(weight.shape), group, in_rep, out_rep)
+    _fake_table(weight, group, in_rep, out_rep)
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -122,5 +131,5 @@ def spectrum(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str
 
 @spectrum.register_fake
 def _(weight, group, in_rep, out_rep, backend):
-    orbit_table(tuple(weight.shape), group, in_rep, out_rep)
+    _fake_table(weight, group, in_rep, out_rep)
     return weight.new_empty((len(get_group(group).irrep_names),), dtype=acc_dtype(weight.dtype))

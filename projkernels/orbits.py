@@ -1,6 +1,6 @@
 """Orbit tables: the one description of a weight's group action that every backend consumes.
 
-Every Pi_g of SPEC section 1 permutes the entries of W, and it never mixes fields: it acts
+Every Pi_g (the group action on weights, docs/design.md, Conventions) permutes the entries of W, and it never mixes fields: it acts
 inside each (out-field, in-field) block of shape (field_out, field_in, *kernel).  So the orbits of
 one block, listed once, describe all blocks.  For each orbit we store the |G| entries
 ``g . e`` for g in element order (e its smallest entry).  For C_N that list is the orbit's cycle
@@ -12,21 +12,21 @@ that uniform width, per orbit O and f(g) = W[g . e]:
     energy part   = (|G|/|Stab|) mean_O^2                         = |O| mean_O^2
     spectrum part = (1/|Stab|) sum_{rows r of irrep rho} (basis[r] . f)^2
 
-which is SPEC sections 3 and 4 with no per-size special cases.  Offsets are stored relative to the
+which is the orbit model of docs/design.md with no per-size special cases.  Offsets are stored relative to the
 block's first entry in a contiguous weight, so a kernel reads entry ``block_base + offsets[o, g]``.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import List, NamedTuple, Tuple
 
 import numpy as np
 import torch
 
 from .groups import FiniteGroup, get_group
 
-__all__ = ["OrbitTable", "orbit_table", "REPS", "field_size"]
+__all__ = ["OrbitTable", "DeviceTables", "orbit_table", "REPS", "field_size"]
 
 REPS = ("trivial", "regular")
 
@@ -111,19 +111,49 @@ class OrbitTable:
         """[n_orbits, |G|] flat indices into the contiguous weight (reference backend only)."""
         return (self.block_bases()[:, None, None] + self.offsets[None]).reshape(-1, self.group.order)
 
-    def to(self, device) -> Dict[str, torch.Tensor]:
-        """Device copies of the table, cached per device, in the form the kernels take."""
-        key = str(torch.device(device))
+    @property
+    def geometry(self) -> List[int]:
+        """[n_irreps, c_out, c_in, stride_out, stride_in], the int arguments of the public ops."""
+        return [len(self.group.irrep_names), self.c_out, self.c_in, self.stride_out, self.stride_in]
+
+    def device_tables(self, device, dtype: torch.dtype = torch.float32) -> "DeviceTables":
+        """The table on ``device`` in the form the compiled ops read it, for weights of ``dtype``.
+
+        Built (one upload) on first use per (device, accumulation dtype), then cached on the
+        table: the hot path never copies a table again.  The contents were validated when the table
+        was built, so the ops only check shapes and devices.
+        """
+        acc = acc_dtype(dtype)
+        key = (str(torch.device(device)), acc)
         cache = self.__dict__.setdefault("_device_cache", {})
         if key not in cache:
             basis, row_irrep = self.group.isotypic_basis
-            cache[key] = {
-                "offsets": self.offsets.to(device=device, dtype=torch.int32).contiguous(),
-                "inv_stab": self.inv_stab.to(device=device, dtype=torch.float64).contiguous(),
-                "basis": torch.as_tensor(basis, dtype=torch.float64, device=device).contiguous(),
-                "row_irrep": torch.as_tensor(row_irrep, dtype=torch.int64, device=device).contiguous(),
-            }
+            cache[key] = DeviceTables(
+                offsets=self.offsets.to(device=device, dtype=torch.int32).contiguous(),
+                inv_stab=self.inv_stab.to(device=device, dtype=torch.float64).contiguous(),
+                basis=torch.as_tensor(basis, dtype=torch.float64).to(device).contiguous(),
+                row_irrep=torch.as_tensor(row_irrep, dtype=torch.int64).to(device).contiguous(),
+                zero=torch.zeros((), dtype=acc, device=device),
+                half=torch.full((), 0.5, dtype=acc, device=device),
+            )
         return cache[key]
+
+
+class DeviceTables(NamedTuple):
+    """An orbit table on one device; the list form is the ``table`` argument of the public ops."""
+    offsets: torch.Tensor    # [orbits per block, |G|] int32
+    inv_stab: torch.Tensor   # [orbits per block] float64
+    basis: torch.Tensor      # [|G|, |G|] float64, the isotypic basis (spectrum only)
+    row_irrep: torch.Tensor  # [|G|] int64, the irrep of each basis row
+    zero: torch.Tensor       # 0-dim, accumulation dtype: the gradient of an unused output
+    half: torch.Tensor       # 0-dim, accumulation dtype: P(W) = backward(0, 1/2)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation (and result) dtype for weights of ``dtype``: float64 stays float64, float32
+    and the half types accumulate in float32 (a small penalty is not rounded away).  The one place
+    this rule is written in Python; the C++ side has ``acc_type_of`` in csrc/op_checks.h."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _kernel_permutations(group: FiniteGroup, kernel: Tuple[int, ...]) -> np.ndarray:
@@ -166,6 +196,13 @@ def _cached_table(group: FiniteGroup, in_rep: str, out_rep: str, shape: Tuple[in
     offsets = a * row_len + rest
     if offsets.max() >= 2 ** 31:
         raise ValueError(f"weight: shape {shape} is too large: a field block spans more than 2^31 entries")
+    # The bounds the kernels rely on, checked once here rather than on every call: every orbit
+    # entry of the last block lies inside the weight.
+    c_out, c_in = shape[0] // so, shape[1] // si
+    last_base = (c_out - 1) * so * row_len + (c_in - 1) * si * k
+    numel = int(np.prod(shape))
+    if offsets.min() < 0 or last_base + offsets.max() >= numel:
+        raise AssertionError(f"orbit table of {group.name} on shape {shape} reaches outside the weight")
     return OrbitTable(
         group=group, shape=shape, field_out=so, field_in=si,
         c_out=shape[0] // so, c_in=shape[1] // si,
@@ -176,7 +213,7 @@ def _cached_table(group: FiniteGroup, in_rep: str, out_rep: str, shape: Tuple[in
 
 
 def orbit_table(weight_or_shape, group="C4", in_rep="trivial", out_rep="trivial") -> OrbitTable:
-    """Validate (weight, group, reps) against SPEC section 5 and return the cached orbit table."""
+    """Validate (weight, group, reps) (the per-argument errors of the public API) and return the cached orbit table."""
     if isinstance(weight_or_shape, torch.Tensor):
         check_weight(weight_or_shape)
         shape = tuple(weight_or_shape.shape)

@@ -12,15 +12,10 @@ from typing import Tuple
 import torch
 
 from .groups import FiniteGroup, get_group
-from .orbits import OrbitTable, field_size
+from .orbits import OrbitTable, acc_dtype, field_size  # acc_dtype: the one accumulation rule
 
 __all__ = ["acc_dtype", "brute_force_project", "orbit_values", "forward", "backward", "project",
            "spectral_spectrum", "basis_spectrum"]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32 and the half types accumulate in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- ground truth ------------------------------------------------------------------------------

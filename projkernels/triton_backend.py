@@ -57,4 +57,4 @@ def project(w: torch.Tensor, table: OrbitTable) -> torch.Tensor:
 
 
 register_backend(Backend(name="triton", forward=forward, backward=backward, project=project,
-                         spectrum=spectrum, unavailable=unavailable))
+                         spectrum=spectrum, why_unavailable=unavailable))

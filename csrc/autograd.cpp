@@ -1,0 +1,262 @@
+// Autograd of the public projkernels_C ops, registered for the Autograd key, so a forward and
+// backward through the compiled backends never enters Python.
+//
+// Each function runs its op below autograd (AutoDispatchBelowADInplaceOrView) in forward, and its
+// backward calls public ops again through the dispatcher: when the graph of the backward is being
+// recorded (create_graph=True) those calls record their own nodes, which is what makes double
+// backward work.  The gradients used:
+//   penalty_energy:          dW = 2 g_pen (W - P W) + 2 g_eq P W                  (penalty_energy_backward)
+//   penalty_energy_backward: linear in W (same map on the incoming gradient G), and in (g_pen, g_eq)
+//                            with coefficients 2 <G, W - P W> and 2 <G, P W>
+//   project:                 P is an orthogonal projector, so self-adjoint: the VJP is P(G)
+//   multi_penalty:           per layer as penalty_energy, g_pen[l] = g_total_pen + g_per_layer_pen[l]
+// An unused output's gradient stays undefined (materialize_grads off) and is replaced by the table's
+// cached zero, so the backward creates no tensors of its own.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "op_checks.h"  // acc_type_of: the one accumulation rule on the C++ side
+#include "public_ops.h"
+
+namespace projkernels {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+using at::TensorList;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::vector<Tensor> tensors_of(const c10::IValue& v) { return v.toTensorVector(); }
+
+// The gradients of penalty_energy_backward with respect to (g_pen, g_eq), given the incoming G.
+std::pair<Tensor, Tensor> scalar_grads(const Tensor& G, const Tensor& weight, const Tensor& pw) {
+  const auto acc = acc_type_of(weight.scalar_type());
+  const Tensor g = G.to(acc), w = weight.to(acc), p = pw.to(acc);
+  return {2 * (g * (w - p)).sum(), 2 * (g * p).sum()};
+}
+
+class PenaltyEnergyBackwardFn : public torch::autograd::Function<PenaltyEnergyBackwardFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& grad_penalty,
+                               const Tensor& grad_eq, TensorList table, IntArrayRef geometry) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({weight, grad_penalty, grad_eq});
+    ctx->saved_data["table"] = table.vec();
+    ctx->saved_data["geometry"] = geometry.vec();
+    return {public_ops::penalty_energy_backward(weight, grad_penalty, grad_eq, table, geometry)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &weight = saved[0], &gp = saved[1], &ge = saved[2];
+    const auto table = tensors_of(ctx->saved_data["table"]);
+    const auto geometry = ctx->saved_data["geometry"].toIntVector();
+    variable_list out(3 + table.size() + 1);
+    const Tensor& G = grads[0];
+    if (!G.defined()) return out;
+    if (ctx->needs_input_grad(0)) out[0] = public_ops::penalty_energy_backward(G, gp, ge, table, geometry);
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      auto [dgp, dge] = scalar_grads(G, weight, public_ops::project(weight, table, geometry));
+      out[1] = dgp.to(gp.scalar_type()).reshape(gp.sizes());
+      out[2] = dge.to(ge.scalar_type()).reshape(ge.sizes());
+    }
+    return out;
+  }
+};
+
+class PenaltyEnergyFn : public torch::autograd::Function<PenaltyEnergyFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, TensorList table, IntArrayRef geometry) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({weight});
+    ctx->saved_data["table"] = table.vec();
+    ctx->saved_data["geometry"] = geometry.vec();
+    auto [pen, eq] = public_ops::penalty_energy(weight, table, geometry);
+    return {pen, eq};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto table = tensors_of(ctx->saved_data["table"]);
+    const auto geometry = ctx->saved_data["geometry"].toIntVector();
+    variable_list out(1 + table.size() + 1);
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const Tensor& zero = table[4];
+    const Tensor gp = grads[0].defined() ? grads[0] : zero;
+    const Tensor ge = grads[1].defined() ? grads[1] : zero;
+    const Tensor weight = ctx->get_saved_variables()[0];
+    // Through the dispatcher with autograd: records PenaltyEnergyBackwardFn under create_graph.
+    out[0] = public_ops::penalty_energy_backward(weight, gp, ge, table, geometry);
+    return out;
+  }
+};
+
+class ProjectFn : public torch::autograd::Function<ProjectFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, TensorList table, IntArrayRef geometry) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["table"] = table.vec();
+    ctx->saved_data["geometry"] = geometry.vec();
+    return {public_ops::project(weight, table, geometry)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto table = tensors_of(ctx->saved_data["table"]);
+    variable_list out(1 + table.size() + 1);
+    if (grads[0].defined())
+      out[0] = public_ops::project(grads[0], table, ctx->saved_data["geometry"].toIntVector());
+    return out;
+  }
+};
+
+// --- multi-tensor -------------------------------------------------------------------------------
+
+struct MultiSaved {
+  std::vector<Tensor> offsets, inv_stab;
+  Tensor consts;
+  std::vector<int64_t> geometry;
+};
+
+void save_multi(AutogradContext* ctx, TensorList offsets, TensorList inv_stab, const Tensor& consts,
+                IntArrayRef geometry) {
+  ctx->saved_data["offsets"] = offsets.vec();
+  ctx->saved_data["inv_stab"] = inv_stab.vec();
+  ctx->saved_data["consts"] = consts;
+  ctx->saved_data["geometry"] = geometry.vec();
+}
+
+MultiSaved load_multi(AutogradContext* ctx) {
+  return {tensors_of(ctx->saved_data["offsets"]), tensors_of(ctx->saved_data["inv_stab"]),
+          ctx->saved_data["consts"].toTensor(), ctx->saved_data["geometry"].toIntVector()};
+}
+
+class MultiPenaltyBackwardFn : public torch::autograd::Function<MultiPenaltyBackwardFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, TensorList weights, const Tensor& grad_penalty,
+                               const Tensor& grad_eq, TensorList offsets, TensorList inv_stab, const Tensor& consts,
+                               IntArrayRef geometry) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::vector<Tensor> keep = weights.vec();
+    keep.push_back(grad_penalty);
+    keep.push_back(grad_eq);
+    ctx->save_for_backward(keep);
+    save_multi(ctx, offsets, inv_stab, consts, geometry);
+    return public_ops::multi_penalty_backward(weights, grad_penalty, grad_eq, offsets, inv_stab, consts, geometry);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const size_t L = saved.size() - 2;
+    const Tensor gp = saved[L], ge = saved[L + 1];
+    std::vector<Tensor> weights(saved.begin(), saved.begin() + L);
+    const MultiSaved m = load_multi(ctx);
+    variable_list out(L + 2 + 2 * L + 2);
+    std::vector<Tensor> G(L);
+    bool any = false;
+    for (size_t l = 0; l < L; ++l) {
+      any = any || grads[l].defined();
+      G[l] = grads[l].defined() ? grads[l] : at::zeros_like(weights[l]);
+    }
+    if (!any) return out;
+    bool need_w = false;
+    for (size_t l = 0; l < L; ++l) need_w = need_w || ctx->needs_input_grad(l);
+    if (need_w) {
+      auto gw = public_ops::multi_penalty_backward(G, gp, ge, m.offsets, m.inv_stab, m.consts, m.geometry);
+      for (size_t l = 0; l < L; ++l)
+        if (ctx->needs_input_grad(l)) out[l] = gw[l];
+    }
+    if (ctx->needs_input_grad(L) || ctx->needs_input_grad(L + 1)) {
+      auto pw = public_ops::multi_penalty_backward(weights, m.consts[0], m.consts[1], m.offsets, m.inv_stab, m.consts,
+                                                   m.geometry);
+      std::vector<Tensor> dgp(L), dge(L);
+      for (size_t l = 0; l < L; ++l) std::tie(dgp[l], dge[l]) = scalar_grads(G[l], weights[l], pw[l]);
+      out[L] = at::stack(dgp).to(gp.scalar_type());
+      out[L + 1] = at::stack(dge).to(ge.scalar_type());
+    }
+    return out;
+  }
+};
+
+class MultiPenaltyFn : public torch::autograd::Function<MultiPenaltyFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, TensorList weights, TensorList offsets, TensorList inv_stab,
+                               const Tensor& consts, IntArrayRef geometry) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward(weights.vec());
+    save_multi(ctx, offsets, inv_stab, consts, geometry);
+    auto [tp, te, pen, eq] = public_ops::multi_penalty(weights, offsets, inv_stab, consts, geometry);
+    return {tp, te, pen, eq};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto weights = ctx->get_saved_variables();
+    const size_t L = weights.size();
+    const MultiSaved m = load_multi(ctx);
+    variable_list out(3 * L + 2);
+    // Layer l's coefficient: the total's gradient plus its own entry's; expand is a view, not a copy.
+    auto coefficient = [&](const Tensor& total, const Tensor& per_layer) -> Tensor {
+      if (total.defined() && per_layer.defined()) return per_layer + total;
+      if (total.defined()) return total.expand({static_cast<int64_t>(L)});
+      if (per_layer.defined()) return per_layer;
+      return m.consts[0];  // zeros
+    };
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined() && !grads[3].defined()) return out;
+    const Tensor gp = coefficient(grads[0], grads[2]), ge = coefficient(grads[1], grads[3]);
+    auto dw = public_ops::multi_penalty_backward(weights, gp, ge, m.offsets, m.inv_stab, m.consts, m.geometry);
+    for (size_t l = 0; l < L; ++l) out[l] = dw[l];
+    return out;
+  }
+};
+
+// --- Autograd-key kernels -----------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  auto r = PenaltyEnergyFn::apply(weight, table, geometry);
+  return {r[0], r[1]};
+}
+
+Tensor penalty_energy_backward_autograd(const Tensor& weight, const Tensor& grad_penalty, const Tensor& grad_eq,
+                                        TensorList table, IntArrayRef geometry) {
+  return PenaltyEnergyBackwardFn::apply(weight, grad_penalty, grad_eq, table, geometry)[0];
+}
+
+Tensor project_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  return ProjectFn::apply(weight, table, geometry)[0];
+}
+
+Tensor spectrum_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  // A report, not a training quantity: computed below autograd, its result carries no gradient.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static const auto h = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("projkernels_C::spectrum", "")
+                            .typed<Tensor(const Tensor&, TensorList, IntArrayRef)>();
+  return h.call(weight, table, geometry);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> multi_penalty_autograd(TensorList weights, TensorList offsets,
+                                                                  TensorList inv_stab, const Tensor& consts,
+                                                                  IntArrayRef geometry) {
+  auto r = MultiPenaltyFn::apply(weights, offsets, inv_stab, consts, geometry);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+std::vector<Tensor> multi_penalty_backward_autograd(TensorList weights, const Tensor& grad_penalty,
+                                                    const Tensor& grad_eq, TensorList offsets, TensorList inv_stab,
+                                                    const Tensor& consts, IntArrayRef geometry) {
+  return MultiPenaltyBackwardFn::apply(weights, grad_penalty, grad_eq, offsets, inv_stab, consts, geometry);
+}
+
+}  // namespace
+}  // namespace projkernels
+
+TORCH_LIBRARY_IMPL(projkernels_C, Autograd, m) {
+  m.impl("penalty_energy", &projkernels::penalty_energy_autograd);
+  m.impl("penalty_energy_backward", &projkernels::penalty_energy_backward_autograd);
+  m.impl("project", &projkernels::project_autograd);
+  m.impl("spectrum", &projkernels::spectrum_autograd);
+  m.impl("multi_penalty", &projkernels::multi_penalty_autograd);
+  m.impl("multi_penalty_backward", &projkernels::multi_penalty_backward_autograd);
+}

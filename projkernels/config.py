@@ -1,0 +1,102 @@
+"""Validate once: the cache of single-weight configurations behind the public API.
+
+A configuration is (shape, dtype, device, group, in_rep, out_rep, backend).  Its first call
+validates every argument, builds the orbit table, resolves the backend and, for a native backend,
+puts the table on the device; the result is a ``Config``, cached under that key.  Every later call
+with the same key is one dictionary lookup and then the op: nothing is validated again, nothing is
+uploaded, and the backward re-validates nothing either (it reuses the forward's tables).
+
+Only shapes, dtypes and devices are read, never tensor data, so torch.compile can build a
+configuration while it traces (see ``compiled_config``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import functools
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
+
+from .backends import BACKENDS, ON_CHANGE, Backend, check_backend_name, resolve
+from .groups import group_name_for_ops
+from .orbits import OrbitTable, check_weight, orbit_table
+
+__all__ = ["Config", "config_for", "compiled_config", "CONFIGS", "clear_configs"]
+
+
+@dataclass(frozen=True, eq=False)
+class Config:
+    table: OrbitTable
+    backend: Backend
+    group: str                       # the name the Python custom ops take
+    in_rep: str
+    out_rep: str
+    backend_name: str                # as the caller gave it ("auto" included)
+    native: bool                     # served by the public C++ ops
+    tables: Optional[List[torch.Tensor]]  # native: the table on the device, as the ops take it
+    geometry: List[int]
+    ops: Optional["NativeOps"]       # native: the public ops (their default overloads)
+
+
+class NativeOps(NamedTuple):
+    penalty_energy: object
+    project: object
+    spectrum: object
+
+
+@functools.lru_cache(maxsize=None)
+def _native_ops() -> NativeOps:
+    o = torch.ops.projkernels_C
+    return NativeOps(o.penalty_energy.default, o.project.default, o.spectrum.default)
+
+
+CONFIGS: Dict[tuple, Config] = {}
+_MAX_CONFIGS = 4096
+
+
+def config_for(weight, group, in_rep, out_rep, backend) -> Config:
+    """The configuration of this call, validated and built on a miss (the slow path)."""
+    check_weight(weight)
+    return _build((weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend))
+
+
+def _build(key: tuple) -> Config:
+    shape, dtype, device, group, in_rep, out_rep, backend = key
+    try:
+        return CONFIGS[key]
+    except (KeyError, TypeError):
+        pass
+    check_backend_name(backend)
+    name = group_name_for_ops(group)
+    for arg, rep in (("in_rep", in_rep), ("out_rep", out_rep)):
+        if not isinstance(rep, str):
+            raise TypeError(f"{arg}: expected 'trivial' or 'regular' (str), got {type(rep).__name__}")
+    table = orbit_table(tuple(int(s) for s in shape), name, in_rep, out_rep)
+    impl = resolve(backend, device)
+    tables = list(table.device_tables(device, dtype)) if impl.native else None
+    cfg = Config(table, impl, name, in_rep, out_rep, backend, impl.native, tables, table.geometry,
+                 _native_ops() if impl.native else None)
+    try:
+        if len(CONFIGS) >= _MAX_CONFIGS:
+            CONFIGS.clear()
+        CONFIGS[key] = cfg
+    except TypeError:
+        pass  # an unhashable argument that validated (none today): served, not cached
+    return cfg
+
+
+@torch._dynamo.assume_constant_result
+def compiled_config(shape, dtype, device, group, in_rep, out_rep, backend) -> Config:
+    """``config_for`` for torch.compile: run eagerly while tracing, its result kept as a constant."""
+    try:
+        check_weight(torch.empty(shape, dtype=dtype, device="meta"))
+    except (TypeError, ValueError):
+        raise
+    return _build((torch.Size(shape), dtype, torch.device(device), group, in_rep, out_rep, backend))
+
+
+def clear_configs() -> None:
+    CONFIGS.clear()
+
+
+ON_CHANGE.append(clear_configs)

@@ -1,0 +1,53 @@
+"""The reference multi-tensor route: every weight concatenated into one buffer.
+
+Layers whose groups have the same order share one gather (the orbit width is |G|), and one segment
+reduction turns per-orbit partials into per-layer values, however many layers there are.  It is the
+"reference" backend's multi-tensor kernels, registered on import.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .backends import MultiKernels, register_multi_kernels
+from .multi_table import MultiTable, OrderBucket
+from .orbits import acc_dtype
+
+__all__ = ["reference_multi_forward", "reference_multi_backward"]
+
+
+def _orbit_rows(buffer: torch.Tensor, bucket: OrderBucket, acc: torch.dtype) -> torch.Tensor:
+    return buffer.index_select(0, bucket.index.reshape(-1)).view(-1, bucket.order).to(acc)
+
+
+def reference_multi_forward(buffer: torch.Tensor, table: MultiTable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer (penalty, eq_energy) in the accumulation dtype, penalty from deviations."""
+    acc = acc_dtype(buffer.dtype)
+    sums = torch.zeros(table.n_layers, 2, dtype=acc, device=buffer.device)
+    for b in table.on(buffer.device, acc)[0]:
+        f = _orbit_rows(buffer, b, acc)
+        mean = f.mean(dim=1, keepdim=True)
+        part = torch.stack(((f - mean).square().sum(dim=1), b.order * mean.squeeze(1).square()), dim=1)
+        sums.index_add_(0, b.layer, part * b.inv_stab[:, None])
+    return sums[:, 0], sums[:, 1]
+
+
+def reference_multi_backward(buffer: torch.Tensor, table: MultiTable, grad_penalty: torch.Tensor,
+                             grad_eq: torch.Tensor) -> torch.Tensor:
+    """2 gp_l (W - P W) + 2 ge_l P W for every layer l, over the buffer, in the accumulation dtype.
+
+    P W is the orbit means read back through ``orbit_of`` (a gather, not a scatter), and the
+    penalty part is taken from the deviations W - P W entry by entry, as the single-layer route does.
+    """
+    acc = acc_dtype(buffer.dtype)
+    buckets, orbit_of, numels = table.on(buffer.device, acc)
+    means = torch.cat([_orbit_rows(buffer, b, acc).mean(dim=1) for b in buckets])
+    pw = means.index_select(0, orbit_of)
+    n = buffer.numel()
+    gp = torch.repeat_interleave(2 * grad_penalty.to(acc), numels, output_size=n)
+    ge = torch.repeat_interleave(2 * grad_eq.to(acc), numels, output_size=n)
+    return gp * (buffer.to(acc) - pw) + ge * pw
+
+
+register_multi_kernels("reference", MultiKernels(reference_multi_forward, reference_multi_backward, concatenated=True))
