@@ -14,6 +14,7 @@ deviation from that mean.  ``model_penalty`` adds that deviation to the ``lambda
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from .api import penalty_and_energy, project, spectrum
-from .multi import multi_penalty
+from .multi import plan_for
+from .multi_inputs import collect
 from .groups import get_group, group_name_for_ops
 from .orbits import field_size, orbit_table
 
@@ -144,27 +146,102 @@ def _bias_fields(module: nn.Module, sym: Symmetry) -> Optional[torch.Tensor]:
     return module.bias.view(-1, field_size("regular", get_group(sym.group)))
 
 
-def _weight_terms(layers) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(sum of ||W - P(W)||^2, sum of ||P(W)||^2) over ``layers``: one whole-model call per backend
-    named in the symmetries (normally just one), so the cost does not grow in calls with depth."""
-    by_backend: Dict[str, list] = {}
-    for _, module, sym in layers:
-        by_backend.setdefault(sym.backend, []).append((module.weight, sym.group, sym.in_rep, sym.out_rep))
+class _ModelPlan:
+    """What ``model_penalty`` needs of one model, built once and reused while the model is unchanged.
+
+    Holds the model's supported layers (to notice a symmetry attached or detached), the attached
+    layers' modules, the signature (shape, dtype, device) of their weights and biases, and one
+    multi-tensor plan per backend named in the symmetries (device tables included).  A call
+    compares the collected tensors' signature with the stored one: a parameter that was replaced
+    with one of another shape, moved or cast rebuilds the plan; any change to the model's module
+    tree (a layer replaced) does too, through a module registration hook.
+    """
+
+    def __init__(self, model: nn.Module, generation: int):
+        self.generation = generation
+        self.candidates = [m for m in model.modules() if isinstance(m, SUPPORTED_LAYERS)]
+        self.symmetries = [getattr(m, _ATTR, None) for m in self.candidates]
+        layers = attached_layers(model)
+        if not layers:
+            raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
+                             "/ attach_regular_gcnn first")
+        self.modules = [m for _, m, _ in layers]
+        weights = [m.weight for m in self.modules]
+        self.signature = _signature(weights)
+        by_backend: Dict[str, List[int]] = {}
+        for i, (_, _, sym) in enumerate(layers):
+            by_backend.setdefault(sym.backend, []).append(i)
+        self.weight_plans = []
+        for backend, idx in by_backend.items():
+            _, key = collect([(weights[i], layers[i][2].group, layers[i][2].in_rep, layers[i][2].out_rep) for i in idx])
+            self.weight_plans.append((idx if len(by_backend) > 1 else None, plan_for(key, backend)))
+        # Regular-field biases, grouped by field size (one concatenation per size).
+        self.bias_modules = [(m, field_size("regular", get_group(sym.group))) for _, m, sym in layers
+                             if m.bias is not None and sym.out_rep == "regular"]
+        self.bias_signature = _signature([m.bias for m, _ in self.bias_modules])
+
+    def current(self, model_generation: int):
+        """The weights if this plan still describes the model, else None."""
+        if model_generation != self.generation:
+            return None
+        syms = self.symmetries
+        for i, m in enumerate(self.candidates):
+            if getattr(m, _ATTR, None) is not syms[i]:
+                return None
+        weights = [m.weight for m in self.modules]
+        if _signature(weights) != self.signature:
+            return None
+        if self.bias_modules and _signature([m.bias for m, _ in self.bias_modules]) != self.bias_signature:
+            return None
+        return weights
+
+
+def _signature(tensors) -> list:
+    return [(t.shape, t.dtype, t.device) if t is not None else None for t in tensors]
+
+
+# Bumped whenever any module registers a submodule or a parameter (a layer or a weight replaced):
+# cached model plans built before are then rebuilt on their next call.
+_GENERATION = [0]
+
+
+def _bump(*args):
+    _GENERATION[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_bump)
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+_MODEL_PLANS: "weakref.WeakKeyDictionary[nn.Module, _ModelPlan]" = weakref.WeakKeyDictionary()
+
+
+def _model_plan(model: nn.Module):
+    """(plan, weights) of ``model``, from the cache when the model is unchanged."""
+    plan = _MODEL_PLANS.get(model)
+    if plan is not None:
+        weights = plan.current(_GENERATION[0])
+        if weights is not None:
+            return plan, weights
+    plan = _ModelPlan(model, _GENERATION[0])
+    _MODEL_PLANS[model] = plan
+    return plan, [m.weight for m in plan.modules]
+
+
+def _weight_terms(plan: _ModelPlan, weights) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum of ||W - P(W)||^2, sum of ||P(W)||^2): one whole-model op per backend named in the
+    symmetries (normally just one), so the cost does not grow in calls with depth."""
     pen = eq = None
-    for backend, items in by_backend.items():
-        p, e, _, _ = multi_penalty(items, backend=backend)
+    for idx, multi in plan.weight_plans:
+        p, e, _, _ = multi.run(weights if idx is None else [weights[i] for i in idx])
         pen = p if pen is None else pen + p.to(pen.device)
         eq = e if eq is None else eq + e.to(eq.device)
     return pen, eq
 
 
-def _bias_term(layers) -> Optional[torch.Tensor]:
+def _bias_term(plan: _ModelPlan) -> Optional[torch.Tensor]:
     """||b - P(b)||^2 summed over the regular-field biases, one concatenation per field size."""
     by_size: Dict[int, list] = {}
-    for _, module, sym in layers:
-        b = _bias_fields(module, sym)
-        if b is not None:
-            by_size.setdefault(b.shape[1], []).append(b)
+    for m, size in plan.bias_modules:
+        by_size.setdefault(size, []).append(m.bias.view(-1, size))
     total = None
     for fields in by_size.values():
         b = torch.cat(fields) if len(fields) > 1 else fields[0]
@@ -179,22 +256,30 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
 
     With ``bias=True`` the non-equivariant part of regular-field biases joins the ``lambda_perp``
     term (see the module docstring).  All weights go through ``multi_penalty`` in one call (one
-    pass per direction).  Raises ValueError if no layer of ``model`` has a symmetry attached
-    (almost always a forgotten attach).
+    pass per direction).  The model's layers, symmetries and tables are collected once and cached
+    with the model; a call on an unchanged model only gathers its weights.  Raises ValueError if
+    no layer of ``model`` has a symmetry attached (almost always a forgotten attach).
     """
-    layers = attached_layers(model)
-    if not layers:
-        raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
-                         "/ attach_regular_gcnn first")
-    pen, eq = _weight_terms(layers)
+    if torch.compiler.is_compiling():
+        plan = _compiled_model_plan(model)
+        weights = [m.weight for m in plan.modules]
+    else:
+        plan, weights = _model_plan(model)
+    pen, eq = _weight_terms(plan, weights)
     total = lambda_perp * pen
     if lambda_G:
         total = total + lambda_G * eq
-    if bias:
-        b = _bias_term(layers)
-        if b is not None:
-            total = total + lambda_perp * b.to(device=total.device, dtype=total.dtype)
+    if bias and plan.bias_modules:
+        b = _bias_term(plan)
+        total = total + lambda_perp * b.to(device=total.device, dtype=total.dtype)
     return total
+
+
+@torch._dynamo.assume_constant_result
+def _compiled_model_plan(model):
+    # Run eagerly while torch.compile traces: the plan (tables included) is a constant of the graph,
+    # and guards on the parameters recompile the graph when they change.
+    return _model_plan(model)[0]
 
 
 @torch.no_grad()
