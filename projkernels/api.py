@@ -10,18 +10,33 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .config import CONFIGS, compiled_config, config_for
+from .config import CONFIGS, config_for
+from .groups import group_name_for_ops
 
 __all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "project", "spectrum"]
 
 def _config(weight, group, in_rep, out_rep, backend):
     if torch.compiler.is_compiling():
-        return compiled_config(tuple(int(s) for s in weight.shape), weight.dtype, weight.device, group, in_rep,
-                               out_rep, backend)
+        return _COMPILED
     try:
         return CONFIGS[(weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend)]
     except (KeyError, AttributeError, TypeError):
         return config_for(weight, group, in_rep, out_rep, backend)
+
+
+class _Compiled:
+    """Under torch.compile every backend goes through the Python custom ops of projkernels/ops.py:
+    opaque to the tracer, with fake kernels that build the table from the shape alone, and the
+    native kernels behind them at run time.  (The host cost those ops add is what compilation and
+    CUDA graphs remove.)"""
+    native = False
+
+
+_COMPILED = _Compiled()
+
+
+def _python_path(cfg, group):
+    return group_name_for_ops(group) if cfg is _COMPILED else cfg.group
 
 
 def penalty_and_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -33,7 +48,7 @@ def penalty_and_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", 
     cfg = _config(weight, group, in_rep, out_rep, backend)
     if cfg.native:
         return cfg.ops.penalty_energy(weight, cfg.tables, cfg.geometry)
-    return ops.penalty_energy(weight, cfg.group, cfg.in_rep, cfg.out_rep, cfg.backend_name)
+    return ops.penalty_energy(weight, _python_path(cfg, group), in_rep, out_rep, backend)
 
 
 def projected_penalty(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -41,7 +56,7 @@ def projected_penalty(weight, group="C4", in_rep="trivial", out_rep="trivial", *
     cfg = _config(weight, group, in_rep, out_rep, backend)
     if cfg.native:
         return cfg.ops.penalty_energy(weight, cfg.tables, cfg.geometry)[0]
-    return ops.penalty_energy(weight, cfg.group, cfg.in_rep, cfg.out_rep, cfg.backend_name)[0]
+    return ops.penalty_energy(weight, _python_path(cfg, group), in_rep, out_rep, backend)[0]
 
 
 def equivariant_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -54,7 +69,7 @@ def project(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend=
     cfg = _config(weight, group, in_rep, out_rep, backend)
     if cfg.native:
         return cfg.ops.project(weight, cfg.tables, cfg.geometry)
-    return ops.project(weight, cfg.group, cfg.in_rep, cfg.out_rep, cfg.backend_name)
+    return ops.project(weight, _python_path(cfg, group), in_rep, out_rep, backend)
 
 
 def spectrum(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -67,4 +82,4 @@ def spectrum(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend
     if cfg.native:
         return cfg.ops.spectrum(weight, cfg.tables, cfg.geometry)  # its autograd kernel records nothing
     with torch.no_grad():
-        return ops.spectrum(weight.detach(), cfg.group, cfg.in_rep, cfg.out_rep, cfg.backend_name)
+        return ops.spectrum(weight.detach(), _python_path(cfg, group), in_rep, out_rep, backend)

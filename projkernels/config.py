@@ -6,8 +6,9 @@ puts the table on the device; the result is a ``Config``, cached under that key.
 with the same key is one dictionary lookup and then the op: nothing is validated again, nothing is
 uploaded, and the backward re-validates nothing either (it reuses the forward's tables).
 
-Only shapes, dtypes and devices are read, never tensor data, so torch.compile can build a
-configuration while it traces (see ``compiled_config``).
+Only shapes, dtypes and devices are read, never tensor data.  Under torch.compile the API skips
+this cache and calls the Python custom ops (projkernels/ops.py), whose fake kernels build the
+table from the shape.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .backends import BACKENDS, ON_CHANGE, Backend, check_backend_name, resolve
 from .groups import group_name_for_ops
 from .orbits import OrbitTable, check_weight, orbit_table
 
-__all__ = ["Config", "config_for", "compiled_config", "CONFIGS", "clear_configs"]
+__all__ = ["Config", "config_for", "CONFIGS", "clear_configs"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,16 +84,6 @@ def _build(key: tuple) -> Config:
     except TypeError:
         pass  # an unhashable argument that validated (none today): served, not cached
     return cfg
-
-
-@torch._dynamo.assume_constant_result
-def compiled_config(shape, dtype, device, group, in_rep, out_rep, backend) -> Config:
-    """``config_for`` for torch.compile: run eagerly while tracing, its result kept as a constant."""
-    try:
-        check_weight(torch.empty(shape, dtype=dtype, device="meta"))
-    except (TypeError, ValueError):
-        raise
-    return _build((torch.Size(shape), dtype, torch.device(device), group, in_rep, out_rep, backend))
 
 
 def clear_configs() -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .api import penalty_and_energy, project, spectrum
-from .multi import plan_for
+from .multi import multi_penalty, plan_for
 from .multi_inputs import collect
 from .groups import get_group, group_name_for_ops
 from .orbits import field_size, orbit_table
@@ -261,10 +261,8 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     no layer of ``model`` has a symmetry attached (almost always a forgotten attach).
     """
     if torch.compiler.is_compiling():
-        plan = _compiled_model_plan(model)
-        weights = [m.weight for m in plan.modules]
-    else:
-        plan, weights = _model_plan(model)
+        return _compiled_model_penalty(model, lambda_perp, lambda_G, bias)
+    plan, weights = _model_plan(model)
     pen, eq = _weight_terms(plan, weights)
     total = lambda_perp * pen
     if lambda_G:
@@ -275,11 +273,22 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     return total
 
 
-@torch._dynamo.assume_constant_result
-def _compiled_model_plan(model):
-    # Run eagerly while torch.compile traces: the plan (tables included) is a constant of the graph,
-    # and guards on the parameters recompile the graph when they change.
-    return _model_plan(model)[0]
+def _compiled_model_penalty(model, lambda_perp, lambda_G, bias):
+    # Traced by torch.compile: the layers are walked at trace time (guards recompile when the
+    # model changes) and the weights go through multi_penalty's compiled route.
+    layers = attached_layers(model)
+    if not layers:
+        raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
+                         "/ attach_regular_gcnn first")
+    pen, eq, _, _ = multi_penalty([(m.weight, s.group, s.in_rep, s.out_rep) for _, m, s in layers])
+    total = lambda_perp * pen
+    if lambda_G:
+        total = total + lambda_G * eq
+    if bias:
+        fields = [b for b in (_bias_fields(m, s) for _, m, s in layers) if b is not None]
+        for b in fields:
+            total = total + lambda_perp * (b - b.mean(dim=1, keepdim=True)).square().sum().to(total.dtype)
+    return total
 
 
 @torch.no_grad()

@@ -167,12 +167,19 @@ def multi_penalty(items, *, backend: str = "auto"):
         return z, z.clone(), torch.zeros(0), torch.zeros(0)
     weights, key = collect(items)
     if torch.compiler.is_compiling():
-        return _compiled_plan(key, backend).run(weights)
+        return _compiled_multi_penalty(weights, key, backend)
     return plan_for(key, backend).run(weights)
 
 
-@torch._dynamo.assume_constant_result
-def _compiled_plan(key, backend):
-    # torch.compile runs this eagerly while tracing and keeps the plan as a constant: the tables are
-    # built from shapes, never from (fake) tensor data.
-    return plan_for(key, backend)
+def _compiled_multi_penalty(weights, key, backend):
+    # Under torch.compile: one Python custom op per layer (projkernels/ops.py), opaque to the
+    # tracer, tables built from shapes by their fake kernels; the compiled graph (and CUDA graphs)
+    # remove the per-layer host cost that these ops have in eager mode.
+    from . import ops
+    from .groups import group_name_for_ops
+    check_backend_name(backend)
+    pairs = [ops.penalty_energy(w, group_name_for_ops(g), a, b, backend) for w, (_, _, _, g, a, b) in zip(weights, key)]
+    acc = functools.reduce(torch.promote_types, (acc_dtype(w.dtype) for w in weights))
+    pen = torch.stack([p.to(acc) for p, _ in pairs])
+    eq = torch.stack([e.to(acc) for _, e in pairs])
+    return pen.sum(), eq.sum(), pen, eq
