@@ -25,7 +25,7 @@ import torch
 from . import reference
 
 __all__ = ["Backend", "MultiKernels", "BACKENDS", "BACKEND_NAMES", "AUTO_ORDER", "register_backend",
-           "register_multi_kernels", "resolve", "available_backends", "check_backend_name", "why_unavailable"]
+           "register_multi_kernels", "unregister_backend", "resolve", "available_backends", "check_backend_name", "why_unavailable"]
 
 BACKEND_NAMES = ("auto", "reference", "cpp", "cuda", "triton")
 # Fastest first, per device type; "reference" serves every device.
@@ -71,6 +71,12 @@ def _changed() -> None:
 def register_backend(backend: Backend) -> None:
     """Register (or replace) a backend under its name."""
     BACKENDS[backend.name] = backend
+    _changed()
+
+
+def unregister_backend(name: str) -> None:
+    """Remove backend ``name`` (tests that register a stand-in restore the registry with this)."""
+    BACKENDS.pop(name, None)
     _changed()
 
 

@@ -193,7 +193,7 @@ _FINISH_ROWS = 512
 
 def reduce_orbits(w: torch.Tensor, table, spectrum: bool):
     """(penalty, eq_energy) as two 0-dim tensors, or the [n_irreps] spectrum, in the accumulation dtype."""
-    t = table.to(w.device)
+    t = table.device_tables(w.device)._asdict()
     geo = _geometry(w, table)
     acc = torch.float64 if geo["F64"] else torch.float32
     n_cols = len(table.group.irrep_names) if spectrum else 2
@@ -227,7 +227,7 @@ def apply_orbits(w: torch.Tensor, table, grad_pen=None, grad_eq=None, out_dtype=
 
     The grads are 0-dim tensors on the weight's device, read inside the kernel (no host sync).
     """
-    t = table.to(w.device)
+    t = table.device_tables(w.device)._asdict()
     geo = _geometry(w, table)
     project = grad_pen is None
     out = torch.empty(w.shape, dtype=out_dtype or w.dtype, device=w.device)

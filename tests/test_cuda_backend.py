@@ -11,7 +11,7 @@ from projkernels.orbits import orbit_table
 
 from cases import ALL_CASES, REP_PAIRS, case_id, shape_for
 
-C = pytest.importorskip("projkernels.cpp_backend", reason="projkernels._C is not built")
+C = pytest.importorskip("projkernels.native", reason="projkernels._C is not built")
 OPS = torch.ops.projkernels_C
 
 pytestmark = [
@@ -50,10 +50,10 @@ def _check(w_cpu, group, ir, orr, rtol):
     scale = 4 * w64.abs().max()
     if w.dtype in (torch.float16, torch.bfloat16):
         torch.testing.assert_close(dw.cpu(), ref_dw.to(w.dtype))
-        torch.testing.assert_close(C._project(w, table).cpu(), R.project(w64, table).to(w.dtype), rtol=0, atol=0)
+        torch.testing.assert_close(C.project(w, table).cpu(), R.project(w64, table).to(w.dtype), rtol=0, atol=0)
     else:
         torch.testing.assert_close(dw.cpu().double(), ref_dw, rtol=rtol, atol=rtol * scale)
-        torch.testing.assert_close(C._project(w, table).cpu().double(), R.project(w64, table), rtol=rtol,
+        torch.testing.assert_close(C.project(w, table).cpu().double(), R.project(w64, table), rtol=rtol,
                                    atol=rtol * scale)
 
 
@@ -151,7 +151,7 @@ def test_runs_on_the_current_stream():
 def test_opcheck(dtype):
     w = torch.randn(8, 4, 3, 3, dtype=dtype, device=DEV)
     table = orbit_table(w, "D4", "trivial", "regular")
-    d = table.to(w.device)
+    d = table.device_tables(w.device)._asdict()
     geom = (table.c_out, table.c_in, table.stride_out, table.stride_in)
     acc = R.acc_dtype(dtype)
     torch.library.opcheck(OPS.fused_forward.default,

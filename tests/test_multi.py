@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import projkernels as pk
-from projkernels.multi import MULTI_BACKENDS, MultiBackend, multi_penalty, multi_table, register_multi_backend
+from projkernels.backends import BACKENDS, register_backend, unregister_backend
+from projkernels.multi import MultiBackend, multi_penalty, multi_table, register_multi_backend
 from projkernels.reference import brute_force_project
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +177,7 @@ def test_table_is_cached_and_one_gather_per_group_order():
 
 def test_registered_multi_backend_is_used_by_auto():
     calls = []
-    ref = MULTI_BACKENDS["reference"]
+    ref = BACKENDS["reference"].multi
 
     def fwd(buffer, table):
         calls.append("forward")
@@ -186,7 +187,7 @@ def test_registered_multi_backend_is_used_by_auto():
         calls.append("backward")
         return ref.backward(buffer, table, gp, ge)
 
-    saved = MULTI_BACKENDS.get("cpp")
+    saved = BACKENDS.get("cpp")
     register_multi_backend(MultiBackend("cpp", fwd, bwd, lambda device: None))
     try:
         ws = _weights([torch.float64] * len(SPECS))
@@ -194,9 +195,9 @@ def test_registered_multi_backend_is_used_by_auto():
         tp.backward()
     finally:
         if saved is None:
-            del MULTI_BACKENDS["cpp"]
+            unregister_backend("cpp")
         else:
-            MULTI_BACKENDS["cpp"] = saved
+            register_backend(saved)
     assert calls == ["forward", "backward"]
 
 

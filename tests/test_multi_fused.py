@@ -4,10 +4,11 @@ import torch
 
 import projkernels as pk
 from projkernels import reference as R
-from projkernels.multi import MULTI_BACKENDS, multi_penalty
+from projkernels.backends import BACKENDS
+from projkernels.multi import multi_penalty
 from projkernels.orbits import orbit_table
 
-C = pytest.importorskip("projkernels.cpp_backend", reason="projkernels._C is not built")
+C = pytest.importorskip("projkernels.native", reason="projkernels._C is not built")
 OPS = torch.ops.projkernels_C
 
 # Groups of orders 2, 4, 8 and 32 (one block per chunk must switch between them), trivial and
@@ -89,45 +90,50 @@ def test_multi_penalty_matches_sum_of_reference_layers(dtype, rtol):
         torch.testing.assert_close(g.double(), expected, rtol=rtol, atol=rtol * w64.abs().max())
 
 
-def test_auto_on_cpu_is_the_fused_multi_op(monkeypatch):
-    calls = []
-    real_forward, real_backward = C.multi_forward, C.multi_backward
-    monkeypatch.setattr(C, "multi_forward", lambda *a: calls.append("forward") or real_forward(*a))
-    monkeypatch.setattr(C, "multi_backward", lambda *a: calls.append("backward") or real_backward(*a))
-    assert MULTI_BACKENDS["cpp"].concatenated is False
+def _raw_op_calls(fn):
+    """The raw multi-tensor ops that ``fn`` runs, in order (their dtypes for multi_forward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    names = {"projkernels_C::multi_forward": "forward", "projkernels_C::multi_backward": "backward"}
+    events = sorted((e for e in prof.events() if e.name in names), key=lambda e: e.time_range.start)
+    return [names[e.name] for e in events]
+
+
+def test_auto_on_cpu_is_the_fused_multi_op():
+    assert BACKENDS["cpp"].multi.native and BACKENDS["cpp"].multi.concatenated is False
     ws = _weights(SPECS, [torch.float32] * len(SPECS), requires_grad=True)
-    tp, te, _, _ = multi_penalty(_items(ws, SPECS))
-    (tp + te).backward()
-    assert calls == ["forward", "backward"]  # one call per direction for the whole list
+
+    def step():
+        tp, te, _, _ = multi_penalty(_items(ws, SPECS))
+        (tp + te).backward()
+    assert _raw_op_calls(step) == ["forward", "backward"]  # one call per direction for the whole list
     for w in ws:  # d(penalty + eq_energy)/dW = 2 W
         torch.testing.assert_close(w.grad, 2 * w.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_dtypes_one_call_per_dtype(monkeypatch):
+def test_mixed_dtypes_one_call_per_dtype():
     dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float64,
               torch.bfloat16, torch.float32, torch.float16, torch.float32]
-    calls = []
-    real_forward, real_backward = C.multi_forward, C.multi_backward
-
-    def spy_forward(weights, tables):
-        assert len({w.dtype for w in weights}) == 1
-        calls.append(weights[0].dtype)
-        return real_forward(weights, tables)
-
-    monkeypatch.setattr(C, "multi_forward", spy_forward)
-    monkeypatch.setattr(C, "multi_backward", lambda *a: calls.append("backward") or real_backward(*a))
     ws = _weights(SPECS, dtypes, seed=2, requires_grad=True)
     tables = _tables(SPECS)
-    tp, te, pp, pe = multi_penalty(_items(ws, SPECS), backend="cpp")
-    assert sorted(map(str, calls)) == sorted(map(str, set(dtypes)))
+    out = {}
+
+    def forward():
+        out["r"] = multi_penalty(_items(ws, SPECS), backend="cpp")
+    # The raw op refuses mixed dtypes, so one call per dtype present is the fewest possible.
+    assert _raw_op_calls(forward) == ["forward"] * len(set(dtypes))
+    tp, te, pp, pe = out["r"]
     assert pp.dtype == pe.dtype == torch.float64  # the promoted accumulation dtype
     for i, (w, t) in enumerate(zip(ws, tables)):
         p1, e1, _ = C.fused_forward(w.detach(), t, with_spectrum=False)
         assert pp[i].item() == p1.item() and pe[i].item() == e1.item(), i
 
     c, d = _grad_vectors(len(SPECS), torch.float64)
-    grads = torch.autograd.grad((c * pp).sum() + (d * pe).sum(), ws)
-    assert calls.count("backward") == len(set(dtypes))
+
+    def backward():
+        out["g"] = torch.autograd.grad((c * pp).sum() + (d * pe).sum(), ws)
+    assert _raw_op_calls(backward) == ["backward"] * len(set(dtypes))
+    grads = out["g"]
     for i, (g, w, t) in enumerate(zip(grads, ws, tables)):
         acc = R.acc_dtype(w.dtype)
         assert g.dtype == w.dtype
@@ -173,7 +179,7 @@ def test_deterministic_across_runs_and_thread_counts():
 
 
 def _op_args(ws, specs, device="cpu"):
-    offsets, inv_stab, geometry = C._multi_args(tuple(_tables(specs)), str(torch.device(device)))
+    offsets, inv_stab, geometry = C.multi_op_args(tuple(_tables(specs)), str(torch.device(device)))
     acc = R.acc_dtype(ws[0].dtype)
     gp, ge = _grad_vectors(len(ws), acc, device)
     return (ws, offsets, inv_stab, geometry), (ws, gp, ge, offsets, inv_stab, geometry)
