@@ -3,6 +3,7 @@
     python bench/run.py                       # default (CPU: a few minutes)
     python bench/run.py --large               # adds the >= 64 MB weight sets
     python bench/run.py --out bench/results.json --plot bench/plot.png --markdown bench/RESULTS.md
+    python bench/run.py --host                # host cost vs native ops only (CPU, 1 thread; bench/host.py)
 
 Forward = penalty (ours: penalty and energy from one pass); forward+backward = the penalty and its
 gradient.  Effective bytes: one read of W forward; read W, read W again, write dW for both.  The
@@ -297,7 +298,13 @@ def main(argv=None):
     ap.add_argument("--passes", type=int, default=2, help="separate measurements per entry; the best is kept")
     ap.add_argument("--quick", action="store_true", help="a few cases only (smoke run)")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--host", action="store_true",
+                    help="only the host-cost table: the API on tiny weights vs native ops, CPU, 1 thread")
     args = ap.parse_args(argv)
+    if args.host:
+        import host
+        host.main([])
+        return
     large = args.large or C.large_requested()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log = lambda s: print(s, flush=True)

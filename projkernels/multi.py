@@ -77,6 +77,7 @@ class MultiPlan:
         self.buf_dtype = functools.reduce(torch.promote_types, dtypes)
         self.acc = functools.reduce(torch.promote_types, (acc_dtype(d) for d in dtypes))
         self.native = kernels.native
+        self.cuda = device.type == "cuda"
         self.groups: List[Tuple[List[int], object]] = []
         self.inverse: Optional[torch.Tensor] = None
         if self.native:
@@ -95,6 +96,8 @@ class MultiPlan:
     def run(self, weights: List[torch.Tensor]):
         if not self.native:
             return MultiPenaltyFunction.apply(self.table, self.kernels, self.buf_dtype, *weights)
+        if self.cuda and torch.cuda.is_current_stream_capturing():
+            return self._per_layer(weights)
         if self.inverse is None:
             a = self.groups[0][1]
             return _OP(weights, a.offsets, a.inv_stab, a.consts, a.geometry)
@@ -106,6 +109,18 @@ class MultiPlan:
         pen = torch.cat([o[2].to(acc) for o in outs]).index_select(0, self.inverse)
         eq = torch.cat([o[3].to(acc) for o in outs]).index_select(0, self.inverse)
         return total_pen, total_eq, pen, eq
+
+
+    def _per_layer(self, weights: List[torch.Tensor]):
+        # While a CUDA graph is being captured.  The fused multi-tensor CUDA op uploads its per-call
+        # descriptor (weight and gradient addresses) from host memory, which a graph cannot replay;
+        # the single-weight ops read only device-resident tables, so the captured step uses them,
+        # one per layer (a replay does not pay for the extra launches on the host).
+        op = torch.ops.projkernels_C.penalty_energy.default
+        pairs = [op(w, list(t.device_tables(w.device, w.dtype)), t.geometry) for w, t in zip(weights, self.table.tables)]
+        pen = torch.stack([p.to(self.acc) for p, _ in pairs])
+        eq = torch.stack([e.to(self.acc) for _, e in pairs])
+        return pen.sum(), eq.sum(), pen, eq
 
 
 def _reps(t) -> Tuple[str, str]:

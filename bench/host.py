@@ -1,0 +1,187 @@
+"""Host cost of the public API against native PyTorch ops, on the CPU, one thread.
+
+Each entry times a call of ours and a native baseline in the same run, interleaved (so a busy
+machine slows both alike), and reports the ratio of the best times.  The cases:
+
+- projected_penalty forward vs ``(w * w).sum()``, on C4 regular 8x8x3x3 float32 (target <= 2x);
+- its forward+backward vs ``torch.autograd.grad((w * w).sum(), [w])`` (target <= 1.5x);
+- multi_penalty over 20 such weights, forward+backward, vs that single native forward+backward
+  (target <= 2.5x), and vs the native ops over the same 20 weights;
+- model_penalty on the 20-layer bench model (bench/common.py ``model_specs``), forward+backward,
+  vs the single native forward+backward (target <= 3x) and vs the native ops over the model's
+  weights; the raw kernels' own time on those weights is listed, so the host overhead is visible.
+
+    python bench/run.py --host     (or python bench/host.py)
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import projkernels as pk  # noqa: E402
+
+SPEC = ("C4", "regular", "regular")
+SHAPE = (8, 8, 3, 3)
+N_WEIGHTS = 20
+
+
+def best_of(fn: Callable[[], object], number: int, repeats: int) -> float:
+    """Best per-call time in microseconds over ``repeats`` runs of ``number`` calls."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return best * 1e6
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], number: int, rounds: int = 7) -> Dict[str, float]:
+    """Best times of several callables, measured in alternation."""
+    for fn in fns.values():
+        for _ in range(max(10, number // 10)):
+            fn()  # warm-up: caches built, allocator settled
+    out = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            out[k] = min(out[k], best_of(fn, number, 1))
+    return out
+
+
+def bench_model(seed: int = 0):
+    """The 20-layer bench model (bench/common.py specs) as Conv2d layers with their symmetries."""
+    import common as C
+    torch.manual_seed(seed)
+    layers = []
+    for shape, group, in_rep, out_rep in C.model_specs(False):
+        conv = nn.Conv2d(shape[1], shape[0], shape[2], bias=True)
+        pk.attach_symmetry(conv, group, in_rep, out_rep)
+        layers.append(conv)
+    return nn.Sequential(*layers)
+
+
+def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(SHAPE, generator=g).requires_grad_()
+    ws = [torch.randn(SHAPE, generator=g).requires_grad_() for _ in range(N_WEIGHTS)]
+    items = [(x, *SPEC) for x in ws]
+    one = [w]
+
+    rows = []
+
+    def row(name, ours, base, ratio_name, target=None, note=""):
+        rows.append({"case": name, "ours_us": ours, "baseline": ratio_name, "baseline_us": base,
+                     "ratio": ours / base, "target": target, "note": note})
+
+    t = interleaved({
+        "native fwd": lambda: (w * w).sum(),
+        "ours fwd": lambda: pk.projected_penalty(w, *SPEC),
+        "native fwd+bwd": lambda: torch.autograd.grad((w * w).sum(), one),
+        "ours fwd+bwd": lambda: torch.autograd.grad(pk.projected_penalty(w, *SPEC), one),
+    }, number, rounds)
+    row("projected_penalty fwd (C4 reg 8x8x3x3 f32)", t["ours fwd"], t["native fwd"], "(w*w).sum()", 2.0)
+    row("projected_penalty fwd+bwd", t["ours fwd+bwd"], t["native fwd+bwd"], "grad((w*w).sum())", 1.5)
+    single_native = t["native fwd+bwd"]
+
+    t = interleaved({
+        "native single": lambda: torch.autograd.grad((w * w).sum(), one),
+        "ours": lambda: torch.autograd.grad(pk.multi_penalty(items)[0], ws),
+        "native 20": lambda: torch.autograd.grad(sum((x * x).sum() for x in ws), ws),
+    }, max(1, number // 10), rounds)
+    row(f"multi_penalty {N_WEIGHTS} weights fwd+bwd", t["ours"], t["native single"], "grad((w*w).sum()), one weight",
+        2.5)
+    row(f"multi_penalty {N_WEIGHTS} weights fwd+bwd", t["ours"], t["native 20"],
+        f"grad(sum (w*w).sum()), same {N_WEIGHTS} weights")
+
+    model = bench_model()
+    # The penalised parameters: every weight, and the biases of regular output fields.
+    params = [m.weight for m in model] + [m.bias for m in model if pk.get_symmetry(m).out_rep == "regular"]
+    weights = [m.weight.detach() for m in model]
+    plan = pk.model._model_plan(model)[0].weight_plans[0][1]
+    a = plan.groups[0][1]
+    ops = torch.ops.projkernels_C
+    gp = torch.ones(len(weights))
+
+    def raw_kernels():
+        ops.multi_forward(weights, a.offsets, a.inv_stab, a.geometry)
+        ops.multi_backward(weights, gp, gp, a.offsets, a.inv_stab, a.geometry)
+
+    n_model = max(1, number // 100)
+    t = interleaved({
+        "native single": lambda: torch.autograd.grad((w * w).sum(), one),
+        "ours": lambda: torch.autograd.grad(pk.model_penalty(model), params),
+        "native model": lambda: torch.autograd.grad(sum((p * p).sum() for p in params), params),
+        "raw kernels": raw_kernels,
+    }, n_model, rounds)
+    numel = sum(p.numel() for p in params)
+    row("model_penalty, 20-layer bench model, fwd+bwd", t["ours"], t["native single"],
+        "grad((w*w).sum()), one 8x8x3x3 weight", 3.0, f"{numel / 1e6:.2f} M parameters")
+    row("model_penalty, 20-layer bench model, fwd+bwd", t["ours"], t["native model"],
+        "grad(sum (p*p).sum()), the model's parameters")
+    row("model_penalty, 20-layer bench model, fwd+bwd", t["ours"], t["raw kernels"],
+        "the raw multi_forward + multi_backward kernels alone", None, "host overhead = ours - kernels")
+    del single_native
+    return rows
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores visible, 1 thread used"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(rows: List[dict]) -> str:
+    lines = [f"Machine: {machine()}; torch {torch.__version__}; date "
+             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; commit {commit()}.",
+             "", "| case | ours (us) | baseline | baseline (us) | ratio | target |",
+             "|---|---:|---|---:|---:|---|"]
+    for r in rows:
+        target = "" if r["target"] is None else (f"<= {r['target']:g}x " + ("met" if r["ratio"] <= r["target"]
+                                                                               else "not met"))
+        note = f" ({r['note']})" if r["note"] else ""
+        lines.append(f"| {r['case']}{note} | {r['ours_us']:.1f} | {r['baseline']} | {r['baseline_us']:.1f} | "
+                     f"{r['ratio']:.2f}x | {target} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> List[dict]:
+    import argparse
+    ap = argparse.ArgumentParser(description="host cost of the public API vs native ops (CPU, 1 thread)")
+    ap.add_argument("--number", type=int, default=2000, help="calls per timing of the single-weight cases")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the best is kept")
+    args = ap.parse_args(argv)
+    rows = measure(args.number, args.rounds)
+    print(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
