@@ -1,8 +1,8 @@
 """Pure-PyTorch references: the brute-force group average, the orbit form and the spectral form.
 
-``brute_force_project`` applies SPEC section 1 literally (|G| transformed copies of W, dense
-channel representations) and shares nothing with the orbit machinery but the kernel action, so the
-tests can hold every other route against it.  ``forward`` / ``backward`` are the reference backend:
+``brute_force_project`` applies the definition of P (docs/design.md, Conventions) literally
+(|G| transformed copies of W, dense channel representations) and shares nothing with the orbit
+machinery but the kernel action, so the tests can hold every other route against it.  ``forward`` / ``backward`` are the reference backend:
 they work from the orbit table like the compiled kernels do.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def brute_force_project(weight: torch.Tensor, group="C4", in_rep="trivial", out_
     return total / G.order
 
 
-# --- orbit form (SPEC section 3) ---------------------------------------------------------------
+# --- orbit form (docs/design.md, Orbit model) -------------------------------------------------
 
 def orbit_values(weight: torch.Tensor, table: OrbitTable):
     """Per orbit: f(g) = W[g . e] in the accumulation dtype, its mean, and 1/|Stab|."""
@@ -83,7 +83,7 @@ def backward(weight: torch.Tensor, table: OrbitTable, grad_penalty, grad_eq) -> 
     return 2 * grad_penalty * (w - p) + 2 * grad_eq * p
 
 
-# --- spectral form (SPEC section 4) ------------------------------------------------------------
+# --- spectral form (docs/design.md, Orbit model) ----------------------------------------------
 
 def spectral_spectrum(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
     """Isotypic energies via torch.fft over each orbit's cycle, in ``irrep_names`` order.
