@@ -47,8 +47,10 @@ class NativeOps(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def _native_ops() -> NativeOps:
+    # The overloads' C++ callables: calling them skips one Python frame per call (eager only; under
+    # torch.compile the API does not read configurations).
     o = torch.ops.projkernels_C
-    return NativeOps(o.penalty_energy.default, o.project.default, o.spectrum.default)
+    return NativeOps(o.penalty_energy.default._op, o.project.default._op, o.spectrum.default._op)
 
 
 CONFIGS: Dict[tuple, Config] = {}

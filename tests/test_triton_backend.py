@@ -87,18 +87,18 @@ def _weight(shape, dtype=torch.float64, seed=0):
 
 def test_availability_says_why():
     assert TRITON is not None, "importing projkernels with triton installed must register backend='triton'"
-    cpu_reason = TRITON.unavailable(torch.device("cpu"))
+    cpu_reason = TRITON.why_unavailable(torch.device("cpu"))
     if INTERPRET:
         assert cpu_reason is None
-        assert "TRITON_INTERPRET" in TRITON.unavailable(torch.device("cuda"))
+        assert "TRITON_INTERPRET" in TRITON.why_unavailable(torch.device("cuda"))
         assert resolve("triton", "cpu") is TRITON
     else:
         assert "TRITON_INTERPRET" in cpu_reason
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             pk.projected_penalty(torch.randn(2, 2, 3, 3), backend="triton")
         if not torch.cuda.is_available():
-            assert "CUDA" in TRITON.unavailable(torch.device("cuda"))
-    assert "CUDA tensors only" in TRITON.unavailable(torch.device("meta"))
+            assert "CUDA" in TRITON.why_unavailable(torch.device("cuda"))
+    assert "CUDA tensors only" in TRITON.why_unavailable(torch.device("meta"))
 
 
 def test_autotune_pruning_keeps_sensible_tiles():
