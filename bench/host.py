@@ -113,11 +113,11 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
     plan = pk.model._model_plan(model)[0].weight_plans[0][1]
     a = plan.groups[0][1]
     ops = torch.ops.projkernels_C
-    gp = torch.ones(len(weights))
+    gp, ge = torch.ones(len(weights)), torch.zeros(len(weights))  # what model_penalty passes (lambda_G = 0)
 
     def raw_kernels():
         ops.multi_forward(weights, a.offsets, a.inv_stab, a.geometry)
-        ops.multi_backward(weights, gp, gp, a.offsets, a.inv_stab, a.geometry)
+        ops.multi_backward(weights, gp, ge, a.offsets, a.inv_stab, a.geometry)
 
     n_model = max(1, number // 100)
     t = interleaved({

@@ -13,6 +13,7 @@
 // An unused output's gradient stays undefined (materialize_grads off) and is replaced by the table's
 // cached zero, so the backward creates no tensors of its own.
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -28,7 +29,27 @@ using at::TensorList;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::vector<Tensor> tensors_of(const c10::IValue& v) { return v.toTensorVector(); }
+// The tables travel to Function::apply wrapped in these structs, so that autograd does not take
+// them for inputs (they are constants: no edges, no input metadata, no gradient slots).
+struct SingleTable {
+  TensorList table;
+  IntArrayRef geometry;
+};
+
+struct MultiTableArgs {
+  TensorList offsets, inv_stab;
+  const Tensor& consts;
+  IntArrayRef geometry;
+};
+
+void save_table(AutogradContext* ctx, const SingleTable& t) {
+  ctx->saved_data["table"] = t.table.vec();
+  ctx->saved_data["geometry"] = t.geometry.vec();
+}
+
+std::pair<std::vector<Tensor>, std::vector<int64_t>> load_table(AutogradContext* ctx) {
+  return {ctx->saved_data["table"].toTensorVector(), ctx->saved_data["geometry"].toIntVector()};
+}
 
 // The gradients of penalty_energy_backward with respect to (g_pen, g_eq), given the incoming G.
 std::pair<Tensor, Tensor> scalar_grads(const Tensor& G, const Tensor& weight, const Tensor& pw) {
@@ -40,20 +61,18 @@ std::pair<Tensor, Tensor> scalar_grads(const Tensor& G, const Tensor& weight, co
 class PenaltyEnergyBackwardFn : public torch::autograd::Function<PenaltyEnergyBackwardFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& grad_penalty,
-                               const Tensor& grad_eq, TensorList table, IntArrayRef geometry) {
+                               const Tensor& grad_eq, const SingleTable& t) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({weight, grad_penalty, grad_eq});
-    ctx->saved_data["table"] = table.vec();
-    ctx->saved_data["geometry"] = geometry.vec();
-    return {public_ops::penalty_energy_backward(weight, grad_penalty, grad_eq, table, geometry)};
+    save_table(ctx, t);
+    return {public_ops::penalty_energy_backward(weight, grad_penalty, grad_eq, t.table, t.geometry)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &weight = saved[0], &gp = saved[1], &ge = saved[2];
-    const auto table = tensors_of(ctx->saved_data["table"]);
-    const auto geometry = ctx->saved_data["geometry"].toIntVector();
-    variable_list out(3 + table.size() + 1);
+    const auto [table, geometry] = load_table(ctx);
+    variable_list out(4);
     const Tensor& G = grads[0];
     if (!G.defined()) return out;
     if (ctx->needs_input_grad(0)) out[0] = public_ops::penalty_energy_backward(G, gp, ge, table, geometry);
@@ -68,45 +87,42 @@ class PenaltyEnergyBackwardFn : public torch::autograd::Function<PenaltyEnergyBa
 
 class PenaltyEnergyFn : public torch::autograd::Function<PenaltyEnergyFn> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& t) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({weight});
-    ctx->saved_data["table"] = table.vec();
-    ctx->saved_data["geometry"] = geometry.vec();
-    auto [pen, eq] = public_ops::penalty_energy(weight, table, geometry);
+    save_table(ctx, t);
+    auto [pen, eq] = public_ops::penalty_energy(weight, t.table, t.geometry);
     return {pen, eq};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto table = tensors_of(ctx->saved_data["table"]);
-    const auto geometry = ctx->saved_data["geometry"].toIntVector();
-    variable_list out(1 + table.size() + 1);
+    variable_list out(2);
     if (!grads[0].defined() && !grads[1].defined()) return out;
+    const auto [table, geometry] = load_table(ctx);
     const Tensor& zero = table[4];
     const Tensor gp = grads[0].defined() ? grads[0] : zero;
     const Tensor ge = grads[1].defined() ? grads[1] : zero;
-    const Tensor weight = ctx->get_saved_variables()[0];
     // Through the dispatcher with autograd: records PenaltyEnergyBackwardFn under create_graph.
-    out[0] = public_ops::penalty_energy_backward(weight, gp, ge, table, geometry);
+    out[0] = public_ops::penalty_energy_backward(ctx->get_saved_variables()[0], gp, ge, table, geometry);
     return out;
   }
 };
 
 class ProjectFn : public torch::autograd::Function<ProjectFn> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& t) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->saved_data["table"] = table.vec();
-    ctx->saved_data["geometry"] = geometry.vec();
-    return {public_ops::project(weight, table, geometry)};
+    save_table(ctx, t);
+    return {public_ops::project(weight, t.table, t.geometry)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto table = tensors_of(ctx->saved_data["table"]);
-    variable_list out(1 + table.size() + 1);
-    if (grads[0].defined())
-      out[0] = public_ops::project(grads[0], table, ctx->saved_data["geometry"].toIntVector());
+    variable_list out(2);
+    if (grads[0].defined()) {
+      const auto [table, geometry] = load_table(ctx);
+      out[0] = public_ops::project(grads[0], table, geometry);
+    }
     return out;
   }
 };
@@ -119,31 +135,30 @@ struct MultiSaved {
   std::vector<int64_t> geometry;
 };
 
-void save_multi(AutogradContext* ctx, TensorList offsets, TensorList inv_stab, const Tensor& consts,
-                IntArrayRef geometry) {
-  ctx->saved_data["offsets"] = offsets.vec();
-  ctx->saved_data["inv_stab"] = inv_stab.vec();
-  ctx->saved_data["consts"] = consts;
-  ctx->saved_data["geometry"] = geometry.vec();
+void save_multi(AutogradContext* ctx, const MultiTableArgs& m) {
+  ctx->saved_data["offsets"] = m.offsets.vec();
+  ctx->saved_data["inv_stab"] = m.inv_stab.vec();
+  ctx->saved_data["consts"] = m.consts;
+  ctx->saved_data["geometry"] = m.geometry.vec();
 }
 
 MultiSaved load_multi(AutogradContext* ctx) {
-  return {tensors_of(ctx->saved_data["offsets"]), tensors_of(ctx->saved_data["inv_stab"]),
+  return {ctx->saved_data["offsets"].toTensorVector(), ctx->saved_data["inv_stab"].toTensorVector(),
           ctx->saved_data["consts"].toTensor(), ctx->saved_data["geometry"].toIntVector()};
 }
 
 class MultiPenaltyBackwardFn : public torch::autograd::Function<MultiPenaltyBackwardFn> {
  public:
   static variable_list forward(AutogradContext* ctx, TensorList weights, const Tensor& grad_penalty,
-                               const Tensor& grad_eq, TensorList offsets, TensorList inv_stab, const Tensor& consts,
-                               IntArrayRef geometry) {
+                               const Tensor& grad_eq, const MultiTableArgs& m) {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::vector<Tensor> keep = weights.vec();
     keep.push_back(grad_penalty);
     keep.push_back(grad_eq);
     ctx->save_for_backward(keep);
-    save_multi(ctx, offsets, inv_stab, consts, geometry);
-    return public_ops::multi_penalty_backward(weights, grad_penalty, grad_eq, offsets, inv_stab, consts, geometry);
+    save_multi(ctx, m);
+    return public_ops::multi_penalty_backward(weights, grad_penalty, grad_eq, m.offsets, m.inv_stab, m.consts,
+                                              m.geometry);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -152,7 +167,7 @@ class MultiPenaltyBackwardFn : public torch::autograd::Function<MultiPenaltyBack
     const Tensor gp = saved[L], ge = saved[L + 1];
     std::vector<Tensor> weights(saved.begin(), saved.begin() + L);
     const MultiSaved m = load_multi(ctx);
-    variable_list out(L + 2 + 2 * L + 2);
+    variable_list out(L + 3);
     std::vector<Tensor> G(L);
     bool any = false;
     for (size_t l = 0; l < L; ++l) {
@@ -181,21 +196,21 @@ class MultiPenaltyBackwardFn : public torch::autograd::Function<MultiPenaltyBack
 
 class MultiPenaltyFn : public torch::autograd::Function<MultiPenaltyFn> {
  public:
-  static variable_list forward(AutogradContext* ctx, TensorList weights, TensorList offsets, TensorList inv_stab,
-                               const Tensor& consts, IntArrayRef geometry) {
+  static variable_list forward(AutogradContext* ctx, TensorList weights, const MultiTableArgs& m) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);
     ctx->save_for_backward(weights.vec());
-    save_multi(ctx, offsets, inv_stab, consts, geometry);
-    auto [tp, te, pen, eq] = public_ops::multi_penalty(weights, offsets, inv_stab, consts, geometry);
+    save_multi(ctx, m);
+    auto [tp, te, pen, eq] = public_ops::multi_penalty(weights, m.offsets, m.inv_stab, m.consts, m.geometry);
     return {tp, te, pen, eq};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto weights = ctx->get_saved_variables();
     const size_t L = weights.size();
+    variable_list out(L + 1);
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined() && !grads[3].defined()) return out;
     const MultiSaved m = load_multi(ctx);
-    variable_list out(3 * L + 2);
     // Layer l's coefficient: the total's gradient plus its own entry's; expand is a view, not a copy.
     auto coefficient = [&](const Tensor& total, const Tensor& per_layer) -> Tensor {
       if (total.defined() && per_layer.defined()) return per_layer + total;
@@ -203,7 +218,6 @@ class MultiPenaltyFn : public torch::autograd::Function<MultiPenaltyFn> {
       if (per_layer.defined()) return per_layer;
       return m.consts[0];  // zeros
     };
-    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined() && !grads[3].defined()) return out;
     const Tensor gp = coefficient(grads[0], grads[2]), ge = coefficient(grads[1], grads[3]);
     auto dw = public_ops::multi_penalty_backward(weights, gp, ge, m.offsets, m.inv_stab, m.consts, m.geometry);
     for (size_t l = 0; l < L; ++l) out[l] = dw[l];
@@ -213,18 +227,42 @@ class MultiPenaltyFn : public torch::autograd::Function<MultiPenaltyFn> {
 
 // --- Autograd-key kernels -----------------------------------------------------------------------
 
+// True when this call must record a node: grad mode on and some input requiring grad.  Otherwise
+// (inference, and every call made by a backward that does not build a graph) the op runs below
+// autograd directly, without a context to fill.
+bool records(std::initializer_list<const Tensor*> tensors, TensorList lists = {}) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : tensors)
+    if (t->defined() && t->requires_grad()) return true;
+  for (const Tensor& t : lists)
+    if (t.requires_grad()) return true;
+  return false;
+}
+
 std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  auto r = PenaltyEnergyFn::apply(weight, table, geometry);
+  if (!records({&weight})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return public_ops::penalty_energy(weight, table, geometry);
+  }
+  auto r = PenaltyEnergyFn::apply(weight, SingleTable{table, geometry});
   return {r[0], r[1]};
 }
 
 Tensor penalty_energy_backward_autograd(const Tensor& weight, const Tensor& grad_penalty, const Tensor& grad_eq,
                                         TensorList table, IntArrayRef geometry) {
-  return PenaltyEnergyBackwardFn::apply(weight, grad_penalty, grad_eq, table, geometry)[0];
+  if (!records({&weight, &grad_penalty, &grad_eq})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return public_ops::penalty_energy_backward(weight, grad_penalty, grad_eq, table, geometry);
+  }
+  return PenaltyEnergyBackwardFn::apply(weight, grad_penalty, grad_eq, SingleTable{table, geometry})[0];
 }
 
 Tensor project_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  return ProjectFn::apply(weight, table, geometry)[0];
+  if (!records({&weight})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return public_ops::project(weight, table, geometry);
+  }
+  return ProjectFn::apply(weight, SingleTable{table, geometry})[0];
 }
 
 Tensor spectrum_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
@@ -239,14 +277,23 @@ Tensor spectrum_autograd(const Tensor& weight, TensorList table, IntArrayRef geo
 std::tuple<Tensor, Tensor, Tensor, Tensor> multi_penalty_autograd(TensorList weights, TensorList offsets,
                                                                   TensorList inv_stab, const Tensor& consts,
                                                                   IntArrayRef geometry) {
-  auto r = MultiPenaltyFn::apply(weights, offsets, inv_stab, consts, geometry);
+  if (!records({}, weights)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return public_ops::multi_penalty(weights, offsets, inv_stab, consts, geometry);
+  }
+  auto r = MultiPenaltyFn::apply(weights, MultiTableArgs{offsets, inv_stab, consts, geometry});
   return {r[0], r[1], r[2], r[3]};
 }
 
 std::vector<Tensor> multi_penalty_backward_autograd(TensorList weights, const Tensor& grad_penalty,
                                                     const Tensor& grad_eq, TensorList offsets, TensorList inv_stab,
                                                     const Tensor& consts, IntArrayRef geometry) {
-  return MultiPenaltyBackwardFn::apply(weights, grad_penalty, grad_eq, offsets, inv_stab, consts, geometry);
+  if (!records({&grad_penalty, &grad_eq}, weights)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return public_ops::multi_penalty_backward(weights, grad_penalty, grad_eq, offsets, inv_stab, consts, geometry);
+  }
+  return MultiPenaltyBackwardFn::apply(weights, grad_penalty, grad_eq,
+                                       MultiTableArgs{offsets, inv_stab, consts, geometry});
 }
 
 }  // namespace

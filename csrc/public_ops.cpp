@@ -4,6 +4,7 @@
 // the raw op of the same device.  Autograd lives in autograd.cpp; fake kernels for torch.compile
 // are registered from Python (projkernels/native.py).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -62,6 +63,20 @@ void check_consts(TensorList weights, const Tensor& consts, const char* op) {
               op, ": consts must have shape [2, ", weights.size(), "] (zeros, halves), got ", consts.sizes());
 }
 
+// The sum over layers.  On the CPU a loop over L values, in layer order, without dispatching an op;
+// on a device, one reduction.
+Tensor total(const Tensor& per_layer) {
+  if (!per_layer.device().is_cpu()) return per_layer.sum();
+  Tensor out = at::empty({}, per_layer.options());
+  AT_DISPATCH_FLOATING_TYPES(per_layer.scalar_type(), "multi_penalty_total", [&] {
+    const scalar_t* p = per_layer.const_data_ptr<scalar_t>();
+    scalar_t acc = 0;
+    for (int64_t l = 0; l < per_layer.numel(); ++l) acc += p[l];
+    *out.mutable_data_ptr<scalar_t>() = acc;
+  });
+  return out;
+}
+
 // --- device kernels (registered for CPU and CUDA) -----------------------------------------------
 
 std::tuple<Tensor, Tensor> penalty_energy_kernel(const Tensor& weight, TensorList table, IntArrayRef g) {
@@ -94,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> multi_penalty_kernel(TensorList weigh
                                                                 IntArrayRef geometry) {
   check_consts(weights, consts, "projkernels_C::multi_penalty");
   auto [pen, eq] = multi_forward_op().call(weights, offsets, inv_stab, geometry);
-  return {pen.sum(), eq.sum(), pen, eq};
+  return {total(pen), total(eq), pen, eq};
 }
 
 std::vector<Tensor> multi_penalty_backward_kernel(TensorList weights, const Tensor& grad_penalty,
