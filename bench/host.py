@@ -12,6 +12,11 @@ machine slows both alike), and reports the ratio of the best times.  The cases:
   weights; the raw kernels' own time on those weights is listed, so the host overhead is visible.
 
     python bench/run.py --host     (or python bench/host.py)
+
+With glibc's default malloc, the model's 11.7 MB of gradients may be mapped fresh on every call,
+and the first-touch page faults (milliseconds) land on whichever call allocates; start the process
+with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`` to keep the heap and
+compare compute with compute.  The line above the table says which setting a run used.
 """
 from __future__ import annotations
 
@@ -159,8 +164,11 @@ def commit() -> str:
 
 
 def markdown(rows: List[dict]) -> str:
+    malloc = ("MALLOC_MMAP_THRESHOLD_=" + os.environ["MALLOC_MMAP_THRESHOLD_"]
+              if "MALLOC_MMAP_THRESHOLD_" in os.environ else "glibc malloc defaults")
     lines = [f"Machine: {machine()}; torch {torch.__version__}; date "
-             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; commit {commit()}.",
+             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; commit {commit()}; "
+             f"{malloc}.",
              "", "| case | ours (us) | baseline | baseline (us) | ratio | target |",
              "|---|---:|---|---:|---:|---|"]
     for r in rows:
