@@ -4,6 +4,11 @@ Each call looks its configuration up in the validate-once cache (projkernels/con
 one dictionary lookup.  Native backends ("cpp", "cuda") then call one public ``projkernels_C`` op,
 whose autograd is C++ (csrc/autograd.cpp); the others go through the Python custom ops of
 projkernels/ops.py.  docs/design.md, "Layers from API to kernel", walks through the layers.
+
+Under torch.compile every backend goes through those Python custom ops (their fake kernels build
+the table from the weight's shape, so the first call compiles without an eager warm-up), and
+``fullgraph=True`` holds.  With ``dynamic=True`` each weight shape still gets its own graph: the
+orbit table (which entries form an orbit) is a function of the shape, so the shape is specialised.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
-from .backends import BACKENDS, ON_CHANGE, Backend, check_backend_name, resolve
+from .backends import ON_CHANGE, Backend, check_backend_name, resolve
 from .groups import group_name_for_ops
 from .orbits import OrbitTable, check_weight, orbit_table
 

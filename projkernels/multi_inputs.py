@@ -1,7 +1,7 @@
 """The ``items`` argument of ``multi_penalty``: collecting the weights, and validating them once."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 
