@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .api import penalty_and_energy, project, spectrum
+from .backends import ON_CHANGE
 from .multi import multi_penalty, plan_for
 from .multi_inputs import collect
 from .groups import get_group, group_name_for_ops
@@ -212,6 +213,7 @@ def _bump(*args):
 torch.nn.modules.module.register_module_module_registration_hook(_bump)
 torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
 _MODEL_PLANS: "weakref.WeakKeyDictionary[nn.Module, _ModelPlan]" = weakref.WeakKeyDictionary()
+ON_CHANGE.append(_MODEL_PLANS.clear)  # a backend registered or replaced: plans hold resolved backends
 
 
 def _model_plan(model: nn.Module):
