@@ -115,11 +115,14 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
         "ours": lambda: torch.autograd.grad(pk.multi_penalty(items)[0], ws),
         "native 20": lambda: torch.autograd.grad(sum((x * x).sum() for x in ws), ws),
         "raw kernels": small_kernels,
+        "native one node": lambda: torch.autograd.grad(torch.stack(ws).square().sum(), ws),
     }, max(1, number // 10), rounds)
     row(f"multi_penalty {N_WEIGHTS} weights fwd+bwd", t["ours"], t["native single"], "grad((w*w).sum()), one weight",
         2.5)
     row(f"multi_penalty {N_WEIGHTS} weights fwd+bwd", t["ours"], t["native 20"],
         f"grad(sum (w*w).sum()), same {N_WEIGHTS} weights")
+    row(f"multi_penalty {N_WEIGHTS} weights fwd+bwd", t["ours"], t["native one node"],
+        f"grad(stack(ws).square().sum()), native ops taking the {N_WEIGHTS} weights as one input list")
     row(f"multi_penalty {N_WEIGHTS} weights fwd+bwd", t["ours"], t["raw kernels"],
         "the raw multi_forward + multi_backward kernels alone", None, "host overhead = ours - kernels")
 
