@@ -119,8 +119,5 @@ def from_escnn_export(model) -> nn.Module:
         raise ValueError(f"model: found {len(syms)} R2Conv layers but {len(convs)} Conv2d layers in the export "
                          "and their names differ; attach the symmetries by hand with attach_symmetry")
     for conv, sym, name in pairs:
-        try:
-            attach_symmetry(conv, sym.group, sym.in_rep, sym.out_rep)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"layer {name!r}: {err}") from None
+        attach_symmetry(conv, sym.group, sym.in_rep, sym.out_rep, name=name)  # errors name the layer
     return exported
