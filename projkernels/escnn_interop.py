@@ -1,8 +1,8 @@
 """Read symmetries off escnn models, and attach them to escnn's exported plain-PyTorch models.
 
 escnn is optional: it is imported only when one of these functions runs.  The conventions of
-SPEC section 2 are escnn's for ``rot2dOnR2(N)``, ``flipRot2dOnR2(N)`` and ``flip2dOnR2()`` with the
-default (vertical) reflection axis, using ``regular_repr`` / ``trivial_repr`` fields, so an
+docs/design.md (Conventions) are escnn's for ``rot2dOnR2(N)``, ``flipRot2dOnR2(N)`` and
+``flip2dOnR2()`` with the default (vertical) reflection axis, using ``regular_repr`` / ``trivial_repr`` fields, so an
 ``R2Conv``'s exported weight has penalty 0 under the symmetry read here.  Other reflection axes
 relabel the group elements, so they are rejected rather than silently mismatched.
 """
