@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m projkernels.demo", description=_DESCRIPTION,
                                 formatter_class=_HelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="a smaller run (fewer steps and lambdas, no breaking comparison; about half a "
-                        "minute on 2 CPU cores)")
+                   help="a smaller run (fewer steps and lambdas, no breaking comparison; about 10 s on 2 "
+                        "idle CPU cores, the default run about 25 s)")
     p.add_argument("--breaking", type=float, default=0.3,
                    help="strength of the non-rotating term d/dx x in the target (0: exactly C4-equivariant)")
     p.add_argument("--compare-breaking", type=str, default=None,
