@@ -232,7 +232,11 @@ def group_name_for_ops(group, argument: str = "group") -> str:
         elif _REGISTERED.get(group.name) is not group:
             register_group(group)
         return group.name
-    return get_group(group, argument).name
+    if isinstance(group, str) and (group in _REGISTERED or _is_builtin_name(group)):
+        # A valid name passes through without building the group: this runs in the public functions,
+        # which torch.compile traces, and the group tables are built inside the ops.
+        return group
+    return get_group(group, argument).name  # raises the TypeError / ValueError that fits
 
 
 def get_group(group, argument: str = "group") -> FiniteGroup:
