@@ -6,7 +6,10 @@ Environment switches:
 
     PROJKERNELS_NO_EXT=1   pure-Python package only (reference backend, Triton if installed)
     PROJKERNELS_CUDA=0     CPU extension only, even where CUDA could be built
-    PROJKERNELS_CUDA=1     CUDA extension or fail (no silent fallback)
+    PROJKERNELS_CUDA=1     CUDA extension or fail (no silent fallback), with or without a GPU
+    (unset)                CUDA kernels only when a GPU is visible at build time (torch sees one, or
+                           nvidia-smi lists one): compiling them takes minutes, and a machine
+                           without a GPU could not run them anyway
     TORCH_CUDA_ARCH_LIST   GPU architectures, "8.0;9.0+PTX" when unset (PTX: newer GPUs JIT it)
     MAX_JOBS               parallel compile jobs (torch's ninja build)
 
@@ -17,6 +20,7 @@ importable by the build, hence no build isolation).
 """
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 
@@ -39,6 +43,24 @@ def _skip(reason: str, forced: bool):
     warnings.warn(f"projkernels: building without the C++ extension ({reason}); "
                   "only the reference (and Triton) backends will be available")
     return [], {}
+
+
+def _gpu_visible(torch) -> bool:
+    """Whether this machine has a GPU to run CUDA kernels on: torch sees one, or nvidia-smi lists one
+    (a driver older than torch's CUDA hides the GPU from torch, yet the kernels are worth building)."""
+    try:
+        if torch.cuda.is_available():
+            return True
+    except Exception:  # a broken driver install: fall through to nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
 
 
 def _extensions():
@@ -70,6 +92,9 @@ def _extensions():
         cuda_reason = f"torch {torch.__version__} is not a CUDA build"
     elif cpp_extension.CUDA_HOME is None:
         cuda_reason = "nvcc / CUDA_HOME not found"
+    elif not forced and not _gpu_visible(torch):
+        cuda_reason = ("no GPU visible at build time; set PROJKERNELS_CUDA=1 to compile the CUDA kernels "
+                       "anyway (several minutes)")
     if forced and cuda_reason is not None:
         raise RuntimeError(f"PROJKERNELS_CUDA=1 but the CUDA extension cannot be built: {cuda_reason}")
 
@@ -141,6 +166,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
+        "demo": ["matplotlib"],  # the demo's figure; without it the demo still prints and saves its results
         "test": ["pytest", "pytest-benchmark", "ninja", "matplotlib", "triton"],
         "triton": ["triton"],
         "escnn": ["escnn"],

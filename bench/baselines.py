@@ -10,8 +10,9 @@
   subspace, penalty = ||w||^2 - ||Q^T w||^2.  The published code orthonormalises an escnn basis by
   QR; applying any dense N x D matrix with orthonormal columns costs the same, so Q here holds the
   orbit-indicator basis, normalised, as a dense matrix.
-- ``C4GCNN`` + ``sample_equivariance_loss``: a small C4 group CNN made of plain ``nn.Conv2d`` layers
-  and the sample-based regulariser ||f(g x) - g f(x)||^2 with one sampled g per step.
+- ``sample_equivariance_loss``: the sample-based regulariser ||f(g x) - g f(x)||^2 with one sampled g
+  per step, on the package's G-CNN of plain ``nn.Conv2d`` layers (``projkernels.demo.models.GCNN``,
+  the same network the demo trains).
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ import functools
 from typing import List, Sequence, Tuple
 
 import torch
-from torch import nn
 
 from projkernels import get_group, orbit_table
+from projkernels.demo.models import GCNN, sample_equivariance_loss
 
 __all__ = ["EagerGroupLoop", "compiled_gather_penalty", "compiled_group_loop", "gather_inputs",
-           "DenseBasis", "C4GCNN", "sample_equivariance_loss", "gcnn_layer_specs"]
+           "DenseBasis", "GCNN", "sample_equivariance_loss", "gcnn_layer_specs"]
 
 
 def _channel_perm(group, rep: str, g: int, channels: int):
@@ -133,7 +134,7 @@ class DenseBasis:
         return v.square().sum() - (self.Q.T @ v).square().sum()
 
 
-# --- a small C4 group CNN of plain Conv2d layers -----------------------------------------------
+# --- the layer shapes of a small C4 group CNN ---------------------------------------------------
 
 def gcnn_layer_specs(widths: Sequence[int], in_channels: int = 3, n_classes: int = 10, group="C4",
                      kernel: int = 3) -> List[Tuple[Tuple[int, ...], str, str, str]]:
@@ -144,44 +145,3 @@ def gcnn_layer_specs(widths: Sequence[int], in_channels: int = 3, n_classes: int
         specs.append(((n * b, n * a, kernel, kernel), group, "regular", "regular"))
     specs.append(((n_classes, n * widths[-1], 1, 1), group, "regular", "trivial"))
     return specs
-
-
-class C4GCNN(nn.Module):
-    """Lifting conv, regular->regular convs, ReLU; the output is a map of regular C4 fields.
-
-    Plain ``nn.Conv2d`` weights: the layers are only as equivariant as their weights are.
-    """
-
-    def __init__(self, in_channels=3, fields=(8, 8, 8, 8), group="C4"):
-        super().__init__()
-        self.order = get_group(group).order
-        self.group = group
-        chans = [in_channels] + [self.order * f for f in fields]
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, bias=False) for a, b in zip(chans[:-1], chans[1:]))
-        self.reps = [("trivial" if i == 0 else "regular", "regular") for i in range(len(self.convs))]
-
-    def forward(self, x):
-        for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if i + 1 < len(self.convs):
-                x = torch.relu(x)
-        return x
-
-    def penalty_items(self):
-        return [(c.weight, self.group, i, o) for c, (i, o) in zip(self.convs, self.reps)]
-
-
-def rotate_regular(y: torch.Tensor, j: int, order: int = 4) -> torch.Tensor:
-    """r^j on a map of regular C_N fields: rotate the plane and shift each field's components."""
-    b, c, h, w = y.shape
-    y = torch.rot90(y, j * 4 // order, dims=(-2, -1))
-    return torch.roll(y.reshape(b, c // order, order, h, w), shifts=j, dims=2).reshape(b, c, h, w)
-
-
-def sample_equivariance_loss(model: C4GCNN, x: torch.Tensor, y: torch.Tensor = None, generator=None):
-    """||f(g x) - g f(x)||^2 (mean) for one uniformly sampled non-identity rotation g."""
-    j = int(torch.randint(1, model.order, (1,), generator=generator))
-    if y is None:
-        y = model(x)
-    gx = torch.rot90(x, j * 4 // model.order, dims=(-2, -1))
-    return (model(gx) - rotate_regular(y, j, model.order)).square().mean()

@@ -263,7 +263,7 @@ def training_step(regulariser: str, device, *, lam: float = 1e-2, fields=TRAIN_F
     if regulariser not in ("none", "projection", "sample"):
         raise ValueError(f"regulariser: expected 'none', 'projection' or 'sample', got {regulariser!r}")
     torch.manual_seed(0)
-    model = bl.C4GCNN(fields=fields).to(device)
+    model = bl.GCNN(fields, in_channels=3, out_channels=None, bias=False).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(batch, 3, size, size, device=device)
     target = torch.randn(batch, model.order * fields[-1], size, size, device=device)

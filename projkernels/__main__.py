@@ -23,8 +23,14 @@ def main(argv=None):
     torch.manual_seed(0)
     g = args.group
     from .groups import get_group
-    n = get_group(g).order
-    w = torch.randn(args.fields * n, args.fields * n, args.kernel, args.kernel, dtype=torch.float64)
+    from .orbits import orbit_table
+    try:
+        n = get_group(g, "--group").order
+        shape = (args.fields * n, args.fields * n, args.kernel, args.kernel)
+        orbit_table(shape, g, "regular", "regular")  # a group that cannot act on this kernel fails here
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))  # a usage message, not a traceback
+    w = torch.randn(*shape, dtype=torch.float64)
     print(f"backends for CPU tensors: {', '.join(available_backends('cpu'))}")
     print(f"weight {tuple(w.shape)}, {g} regular -> regular fields")
     header = "  ".join(f"{name:>10}" for name in irrep_names(g))

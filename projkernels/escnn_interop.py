@@ -1,8 +1,8 @@
 """Read symmetries off escnn models, and attach them to escnn's exported plain-PyTorch models.
 
 escnn is optional: it is imported only when one of these functions runs.  The conventions of
-SPEC section 2 are escnn's for ``rot2dOnR2(N)``, ``flipRot2dOnR2(N)`` and ``flip2dOnR2()`` with the
-default (vertical) reflection axis, using ``regular_repr`` / ``trivial_repr`` fields, so an
+docs/design.md (Conventions) are escnn's for ``rot2dOnR2(N)``, ``flipRot2dOnR2(N)`` and
+``flip2dOnR2()`` with the default (vertical) reflection axis, using ``regular_repr`` / ``trivial_repr`` fields, so an
 ``R2Conv``'s exported weight has penalty 0 under the symmetry read here.  Other reflection axes
 relabel the group elements, so they are rejected rather than silently mismatched.
 """
@@ -119,8 +119,5 @@ def from_escnn_export(model) -> nn.Module:
         raise ValueError(f"model: found {len(syms)} R2Conv layers but {len(convs)} Conv2d layers in the export "
                          "and their names differ; attach the symmetries by hand with attach_symmetry")
     for conv, sym, name in pairs:
-        try:
-            attach_symmetry(conv, sym.group, sym.in_rep, sym.out_rep)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"layer {name!r}: {err}") from None
+        attach_symmetry(conv, sym.group, sym.in_rep, sym.out_rep, name=name)  # errors name the layer
     return exported

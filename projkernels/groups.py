@@ -3,8 +3,9 @@
 A group is described by tables only (``FiniteGroup``), so every backend works from the same
 numbers: the element order fixes the regular representation's basis, ``mul`` fixes its law,
 ``characters`` fix the isotypic decomposition, and ``kernel_action`` says how an element moves a
-kernel.  ``C<N>`` and ``D<N>`` are the built-in instances (SPEC section 2); a new finite group is a
-new instance of the same dataclass, not new kernel code.
+kernel.  ``C<N>`` and ``D<N>`` are the built-in instances (docs/design.md, Conventions); a new
+finite group is a new instance of the same dataclass, not new kernel code (docs/design.md, Adding a
+group).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class FiniteGroup:
         return len(self.elements)
 
     def kernel_action(self, kernel: torch.Tensor, g: int) -> torch.Tensor:
-        """T_g on the trailing kernel dims of ``kernel`` (SPEC section 2); orbit tables check it is a group action."""
+        """T_g on the trailing kernel dims of ``kernel`` (docs/design.md, Conventions); orbit tables
+        check that it is a group action."""
         return self._kernel_action(kernel, self.elements[g], self.rotation_order)
 
     @functools.cached_property
@@ -86,7 +88,7 @@ class FiniteGroup:
         return f"FiniteGroup({self.name}, order={self.order})"
 
 
-# --- the kernel action of SPEC section 2 -------------------------------------------------------
+# --- the kernel action (docs/design.md, Conventions) ------------------------------------------
 
 def _rotation_flip_action(kernel: torch.Tensor, element: Tuple[int, int], n: int, ndim: int) -> torch.Tensor:
     """T_(f, j) = rotation r^j after reflection f, on the last ``ndim`` dims (0, 1 or 2)."""
@@ -178,47 +180,93 @@ def dihedral(n: int) -> FiniteGroup:
                        _make_action(_kernel_ndim))
 
 
-_GROUP_RE = re.compile(r"^([CD])(\d+)$")
+# Group names.  A built-in group is named exactly ``C<N>`` or ``D<N>``: an upper-case letter and N
+# in ASCII digits, N >= 1, no sign, leading zeros, spaces or other case.  One spelling per group keeps
+# names usable as cache and table keys, and a typo ("c4", "C04", " C4", non-ASCII digits) fails
+# loudly instead of quietly meaning another spelling's group.
+_BUILTIN_RE = re.compile(r"([CD])([1-9][0-9]*)", re.ASCII)
+# Names that look like a built-in spelled another way; reserved, so that no user group can take one.
+_RESERVED_RE = re.compile(r"\s*[CcDd]\s*[+-]?\s*\d+\s*")
+_ACCEPTED = ("'C<N>' (cyclic) or 'D<N>' (dihedral) with N >= 1 in ASCII digits, no leading zeros, "
+             "spaces or lower case, e.g. 'C4', 'D8'")
+
+# Groups added with register_group, by name.  Process-local: the registry lives in this module, so a
+# new process (a spawned DataLoader worker, multiprocessing, a restarted kernel) or a reload of
+# projkernels.groups starts without them, and they must be registered again there.
 _REGISTERED: dict = {}
 
 
+def _is_builtin_name(name: str) -> bool:
+    return _BUILTIN_RE.fullmatch(name) is not None
+
+
 def register_group(group: FiniteGroup) -> FiniteGroup:
-    """Make a user-defined group reachable by its name (the ops take groups by name)."""
-    if _GROUP_RE.match(group.name.upper()):
-        raise ValueError(f"group: the name {group.name!r} is reserved for the built-in C<N> / D<N>")
-    if _REGISTERED.get(group.name, group) is not group:
+    """Make a user-defined group reachable by its name (the ops take groups by name).
+
+    The registration is process-local and lasts until the process ends or ``projkernels.groups`` is
+    reloaded: register the group again in every new process (DataLoader workers started with
+    ``spawn``, multiprocessing, a restarted notebook kernel).  Passing the ``FiniteGroup`` object
+    itself, instead of its name, to any projkernels function registers it on the way.
+    """
+    if not isinstance(group, FiniteGroup):
+        raise TypeError(f"group: expected a FiniteGroup, got {type(group).__name__}")
+    name = group.name
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"group: a registered group needs a non-empty name without surrounding spaces, "
+                         f"got {name!r}")
+    if _RESERVED_RE.fullmatch(name):
+        raise ValueError(f"group: the name {name!r} is reserved for the built-in C<N> / D<N>; pick another name")
+    if _REGISTERED.get(name, group) is not group:
         # Tables are cached by name downstream: a second group under one name would read stale ones.
-        raise ValueError(f"group: a different group is already registered as {group.name!r}; pick another name")
-    _REGISTERED[group.name] = group
+        raise ValueError(f"group: a different group is already registered as {name!r}; pick another name")
+    _REGISTERED[name] = group
     return group
 
 
 def group_name_for_ops(group, argument: str = "group") -> str:
-    """The name the ops take for ``group`` (a name, or a FiniteGroup, which gets registered)."""
+    """The name the ops take for ``group`` (a name, checked, or a FiniteGroup, which gets registered)."""
     if isinstance(group, FiniteGroup):
-        if _REGISTERED.get(group.name) is not group and not _GROUP_RE.match(group.name.upper()):
+        if _is_builtin_name(group.name):
+            if get_group(group.name, argument) is not group:
+                raise ValueError(f"{argument}: the name {group.name!r} is reserved for the built-in C<N> / D<N>")
+        elif _REGISTERED.get(group.name) is not group:
             register_group(group)
-        elif _GROUP_RE.match(group.name.upper()) and get_group(group.name) is not group:
-            raise ValueError(f"{argument}: the name {group.name!r} is reserved for the built-in C<N> / D<N>")
         return group.name
-    if not isinstance(group, str):
-        raise TypeError(f"{argument}: expected a name like 'C4' or 'D4' (str), got {type(group).__name__}")
-    return group
+    if isinstance(group, str) and (group in _REGISTERED or _is_builtin_name(group)):
+        # A valid name passes through without building the group: this runs in the public functions,
+        # which torch.compile traces, and the group tables are built inside the ops.
+        return group
+    return get_group(group, argument).name  # raises the TypeError / ValueError that fits
 
 
-def get_group(group) -> FiniteGroup:
-    """``"C4"``, ``"D8"``, ... or a ``FiniteGroup``; raises TypeError / ValueError otherwise."""
+def get_group(group, argument: str = "group") -> FiniteGroup:
+    """The ``FiniteGroup`` for a name (``"C4"``, ``"D8"``, ... or a registered name) or a ``FiniteGroup``.
+
+    Raises TypeError for a non-string and ValueError for an unknown name, both starting with
+    ``argument``; the ValueError lists the accepted forms and, for a name that is not a built-in,
+    reminds that registered groups are process-local.
+    """
     if isinstance(group, FiniteGroup):
         return group
     if not isinstance(group, str):
-        raise TypeError(f"group: expected a name like 'C4' or 'D4' (str), got {type(group).__name__}")
+        raise TypeError(f"{argument}: expected a group name like 'C4' or 'D4' (str) or a FiniteGroup, "
+                        f"got {type(group).__name__}")
     if group in _REGISTERED:
         return _REGISTERED[group]
-    m = _GROUP_RE.match(group.strip().upper())
-    if m is None:
-        raise ValueError(f"group: unknown group {group!r}; expected 'C<N>' or 'D<N>' with N >= 1, e.g. 'C4', 'D4'")
-    n = int(m.group(2))
-    return cyclic(n) if m.group(1) == "C" else dihedral(n)
+    m = _BUILTIN_RE.fullmatch(group)
+    if m is not None:
+        n = int(m.group(2))
+        return cyclic(n) if m.group(1) == "C" else dihedral(n)
+    if re.fullmatch(r"[CD]0+", group):
+        raise ValueError(f"{argument}: {group!r} has no elements; C<N> and D<N> need N >= 1")
+    if _RESERVED_RE.fullmatch(group):
+        raise ValueError(f"{argument}: {group!r} is not a group name; expected {_ACCEPTED} (names are "
+                         "matched exactly, without normalising case, spaces, zeros or digits)")
+    registered = ", ".join(repr(k) for k in sorted(_REGISTERED)) or "none"
+    raise ValueError(f"{argument}: unknown group {group!r}; expected {_ACCEPTED}, or the name of a group "
+                     f"registered with register_group in this process (registered now: {registered}; "
+                     "registrations are process-local: register the group again after a restart, a reload "
+                     "of projkernels.groups, or in a new worker process)")
 
 
 def irrep_names(group) -> Tuple[str, ...]:

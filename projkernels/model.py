@@ -73,17 +73,38 @@ def _check_module(module, name: str = "module") -> None:
                          "use groups=1")
 
 
+def _layer_label(module, name: Optional[str]) -> str:
+    """How errors name a layer: its module path when known, always its type and weight shape."""
+    weight = getattr(module, "weight", None)
+    shape = f" {'x'.join(map(str, weight.shape))}" if isinstance(weight, torch.Tensor) else ""
+    what = f"{type(module).__name__}{shape}"
+    if name is None:
+        return f"layer ({what})"
+    return f"layer {name or '(model)'!r} ({what})"
+
+
+def _name_layer(err: Exception, module, name: Optional[str]) -> Exception:
+    # Same exception type, message prefixed with the layer, so callers' except clauses still match.
+    return type(err)(f"{_layer_label(module, name)}: {err}")
+
+
 def attach_symmetry(module: nn.Module, group="C4", in_rep: str = "trivial", out_rep: str = "trivial", *,
-                    backend: str = "auto") -> Symmetry:
+                    backend: str = "auto", name: Optional[str] = None) -> Symmetry:
     """Declare that ``group`` acts on ``module``'s input and output channels by ``in_rep`` / ``out_rep``.
 
-    Validates now against the weight's shape (the SPEC errors: field sizes, group vs kernel), so a
-    wrong declaration fails here and not in the middle of training.  Returns the stored Symmetry.
+    Validates now against the weight's shape (field sizes, group against kernel; see docs/design.md,
+    Conventions), so a wrong declaration fails here and not in the middle of training.  Errors are
+    ``TypeError`` / ``ValueError`` whose message starts with the layer: ``name`` (its module path,
+    which ``attach_symmetries`` and ``attach_regular_gcnn`` pass), its type and weight shape.
+    Returns the stored Symmetry.
     """
-    _check_module(module)
-    name = group_name_for_ops(group)
-    orbit_table(module.weight, name, in_rep, out_rep)
-    sym = Symmetry(get_group(name).name, in_rep, out_rep, backend)
+    try:
+        _check_module(module)
+        group_name = group_name_for_ops(group)
+        orbit_table(module.weight, group_name, in_rep, out_rep)
+        sym = Symmetry(get_group(group_name).name, in_rep, out_rep, backend)
+    except (TypeError, ValueError) as err:
+        raise _name_layer(err, module, name) from None
     setattr(module, _ATTR, sym)
     return sym
 
@@ -99,18 +120,21 @@ def get_symmetry(module: nn.Module) -> Optional[Symmetry]:
 
 def attach_symmetries(model: nn.Module, rule: Callable[[str, nn.Module], SymmetryLike]) -> Dict[str, Symmetry]:
     """Call ``rule(name, layer)`` for every supported layer of ``model`` (module order) and attach
-    what it returns (None skips the layer).  Returns ``{name: Symmetry}`` of the attached layers."""
+    what it returns (None skips the layer).  Returns ``{name: Symmetry}`` of the attached layers.
+    An invalid declaration raises at once, naming the layer by its module path."""
     attached = {}
     for name, module in model.named_modules():
         if not isinstance(module, SUPPORTED_LAYERS):
             continue
-        sym = _as_symmetry(rule(name, module))
+        spec = rule(name, module)
+        try:
+            sym = _as_symmetry(spec)
+        except (TypeError, ValueError) as err:
+            raise _name_layer(err, module, name) from None
         if sym is None:
             continue
-        try:
-            attached[name] = attach_symmetry(module, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"layer {name!r}: {err}") from None
+        attached[name] = attach_symmetry(module, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend,
+                                         name=name)
     return attached
 
 
@@ -118,7 +142,8 @@ def attach_regular_gcnn(model: nn.Module, group="C4", *, first_in: str = "trivia
                         layer_types: Sequence[type] = (nn.Conv1d, nn.Conv2d)) -> Dict[str, Symmetry]:
     """The common G-CNN layout: every conv (in module order) is regular -> regular, except that the
     first takes ``first_in`` fields (the image's trivial channels) and the last gives ``last_out``
-    (``"trivial"`` for an invariant / scalar-field head)."""
+    (``"trivial"`` for an invariant / scalar-field head).  Errors name the offending layer."""
+    group = get_group(group_name_for_ops(group)).name  # a bad group fails once, before any layer
     layers = [name for name, m in model.named_modules() if isinstance(m, tuple(layer_types))]
     if not layers:
         raise ValueError("model: no layer of the types "
@@ -128,8 +153,7 @@ def attach_regular_gcnn(model: nn.Module, group="C4", *, first_in: str = "trivia
     def rule(name, module):
         if name not in layers:
             return None
-        return Symmetry(get_group(group).name, first_in if name == first else "regular",
-                        last_out if name == last else "regular")
+        return Symmetry(group, first_in if name == first else "regular", last_out if name == last else "regular")
     return attach_symmetries(model, rule)
 
 
@@ -140,11 +164,32 @@ def attached_layers(model: nn.Module) -> List[Tuple[str, nn.Module, Symmetry]]:
 
 # --- penalties -------------------------------------------------------------------------------
 
+def _regular_fields(vector: Optional[torch.Tensor], sym: Symmetry) -> Optional[torch.Tensor]:
+    """A bias-shaped ``vector`` as a [fields, |G|] view when the output fields are regular; None otherwise."""
+    if vector is None or sym.out_rep != "regular":
+        return None
+    return vector.view(-1, field_size("regular", get_group(sym.group)))
+
+
 def _bias_fields(module: nn.Module, sym: Symmetry) -> Optional[torch.Tensor]:
     """The bias as [fields, |G|] when its output fields are regular; None otherwise."""
-    if module.bias is None or sym.out_rep != "regular":
-        return None
-    return module.bias.view(-1, field_size("regular", get_group(sym.group)))
+    return _regular_fields(module.bias, sym)
+
+
+def _field_means(fields: torch.Tensor) -> torch.Tensor:
+    """The projection of a [fields, |G|] bias: each regular field replaced by its mean (a bias is
+    equivariant exactly when it is constant on every regular field)."""
+    return fields.mean(dim=1, keepdim=True).expand_as(fields)
+
+
+@torch.no_grad()
+def project_bias_(vector: Optional[torch.Tensor], sym: Symmetry) -> None:
+    """In place: replace a layer's bias (or the bias's gradient) by its projection under ``sym``, the
+    mean over each regular output field.  Trivial output fields: nothing to do (every bias is
+    equivariant)."""
+    fields = _regular_fields(vector, sym)
+    if fields is not None:
+        fields.copy_(_field_means(fields))
 
 
 class _ModelPlan:
@@ -300,9 +345,7 @@ def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
     for _, module, sym in attached_layers(model):
         module.weight.copy_(project(module.weight, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend))
         if bias:
-            b = _bias_fields(module, sym)
-            if b is not None:
-                b.copy_(b.mean(dim=1, keepdim=True).expand_as(b))
+            project_bias_(module.bias, sym)
     return model
 
 
@@ -323,7 +366,7 @@ def equivariance_report(model: nn.Module) -> List[dict]:
         bias_rel = None
         if b is not None:
             bn = float(b.double().norm())
-            bias_rel = float((b - b.mean(dim=1, keepdim=True)).double().norm()) / bn if bn > 0 else 0.0
+            bias_rel = float((b - _field_means(b)).double().norm()) / bn if bn > 0 else 0.0
         rows.append({
             "name": name or "(model)", "type": type(module).__name__, "group": sym.group,
             "in_rep": sym.in_rep, "out_rep": sym.out_rep, "shape": list(w.shape), "weight_norm": norm,

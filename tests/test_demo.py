@@ -1,12 +1,15 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from projkernels import demo
-from projkernels.model import model_penalty
+from projkernels.model import model_penalty, project_
+from projkernels.multi import multi_penalty
 
 
 def _tiny(tmp_path, *extra):
@@ -114,3 +117,69 @@ def test_defaults_are_the_data_limited_setup():
     assert args.breaking_list == [0.3, 0.0]
     quick = demo.parse_args(["--quick"])
     assert quick.breaking_list == [0.3] and quick.steps < args.steps
+
+
+def test_results_survive_a_missing_matplotlib(tmp_path, capsys, monkeypatch):
+    # None in sys.modules makes `import matplotlib` raise ImportError, as on a machine without it.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    summary = demo.main(_tiny(tmp_path, "--steps", "8", "--lambdas", "1", "--no-baselines", "--compare-breaking", ""))
+    captured = capsys.readouterr()
+    assert "note: no figure: matplotlib is not importable" in captured.err and "pip install" in captured.err
+    assert "penalty lambda=1" in captured.out and "lowest test error:" in captured.out
+    assert not (tmp_path / "demo.png").exists()
+    with open(tmp_path / "summary.json") as fh:
+        saved = json.load(fh)
+    assert saved["figure"] is None and summary["figure"] is None
+    assert [r["method"] for r in saved["runs"]] == ["none", "penalty"]
+
+
+def test_a_failing_plot_does_not_lose_results(tmp_path, capsys, monkeypatch):
+    from projkernels.demo import plot
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+    monkeypatch.setattr(plot, "make_figure", broken)
+    demo.main(_tiny(tmp_path, "--steps", "8", "--lambdas", "1", "--no-baselines", "--compare-breaking", ""))
+    captured = capsys.readouterr()
+    assert "RuntimeError: no display" in captured.err and "lowest test error:" in captured.out
+    with open(tmp_path / "summary.json") as fh:
+        assert len(json.load(fh)["runs"]) == 2
+
+
+def test_module_entry_point_runs():
+    # `python -m projkernels.demo` is the README's main job; --help exercises the package's __main__.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "projkernels.demo", "--help"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--quick" in out.stdout and "--breaking" in out.stdout
+
+
+@pytest.mark.parametrize("out_channels", [None, 2])
+def test_gcnn_projected_is_exactly_equivariant_and_the_sample_loss_vanishes(out_channels):
+    torch.manual_seed(0)
+    model = demo.GCNN((2, 2), in_channels=3, out_channels=out_channels).double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    assert demo.sample_equivariance_loss(model, x) > 1e-6  # random weights are not equivariant
+    project_(model.attach())
+    y = model(x)
+    for j in range(1, 4):  # every rotation, with the output's own action (regular: shifted components)
+        assert (model(model.rotate_input(x, j)) - model.rotate_output(y, j)).abs().max() < 1e-12
+    g = torch.Generator().manual_seed(1)
+    assert demo.sample_equivariance_loss(model, x, generator=g) < 1e-20
+    total, *_ = multi_penalty(model.penalty_items())
+    assert total < 1e-20
+
+
+def test_gcnn_layout():
+    model = demo.GCNN((2, 3), in_channels=3, out_channels=None, bias=False)
+    assert [tuple(w.shape) for w, *_ in model.penalty_items()] == [(8, 3, 3, 3), (12, 8, 3, 3)]
+    assert model.reps() == [("trivial", "regular"), ("regular", "regular")]
+    headed = demo.GCNN((2,), out_channels=5, lift_kernel=5)
+    assert headed.reps() == [("trivial", "regular"), ("regular", "trivial")]
+    assert tuple(headed.lift.weight.shape) == (8, 1, 5, 5) and tuple(headed.head.weight.shape) == (5, 8, 3, 3)
+    with pytest.raises(ValueError, match="group: GCNN rotates by multiples of 90 degrees"):
+        demo.GCNN((2,), group="D4")
+    with pytest.raises(ValueError, match="group:"):
+        demo.GCNN((2,), group="C8")

@@ -1,4 +1,4 @@
-"""The group model of SPEC section 2: tables, law, irreps, kernel action."""
+"""The group model (docs/design.md, Conventions): tables, law, irreps, kernel action, names."""
 import numpy as np
 import pytest
 import torch
@@ -72,10 +72,81 @@ def test_kernel_action_matches_spec_formula():
 
 
 def test_group_names():
-    assert pk.get_group("c4") is pk.get_group("C4")
+    assert pk.get_group("C4") is pk.get_group("C4") and pk.get_group("D12").order == 24
     with pytest.raises(ValueError, match="unknown group"):
         pk.get_group("SO3")
     with pytest.raises(ValueError, match="N >= 1"):
         pk.get_group("C0")
     with pytest.raises(TypeError, match="group"):
         pk.get_group(4)
+
+
+# Spellings that used to be read as C4 or D8: lower case, spaces, zero padding, a sign, and digits
+# that are digits to Unicode but not ASCII (Arabic-Indic four, full-width four, superscript four).
+@pytest.mark.parametrize("name", ["c4", "d8", " C4", "C4 ", "C 4", "C04", "C+4", "C\u0664", "C\uff14", "C\u00b2",
+                                  "\u0421" + "4", "C4\n", "C", "", "Z4"])
+def test_group_names_are_exact(name):
+    with pytest.raises(ValueError) as info:
+        pk.get_group(name)
+    msg = str(info.value)
+    assert msg.startswith("group: ") and repr(name) in msg
+    assert "'C<N>'" in msg and "'D<N>'" in msg and "ASCII digits" in msg
+
+
+def test_group_name_errors_name_the_argument():
+    w = torch.randn(8, 8, 3, 3)
+    with pytest.raises(ValueError, match=r"^group: 'c4' is not a group name"):
+        pk.projected_penalty(w, "c4", "regular", "regular")
+    with pytest.raises(ValueError, match=r"^items\[1\]: group: 'C04' is not a group name"):
+        pk.multi_penalty([(w, "C4", "regular", "regular"), (w, "C04", "regular", "regular")])
+    # the canonical spelling still works everywhere
+    assert float(pk.projected_penalty(pk.project(w, "C4", "regular", "regular"), "C4", "regular", "regular")) < 1e-10
+
+
+def _c3_like(name):
+    """A user group: C3 built as data under another name (for registration tests)."""
+    from dataclasses import replace
+    return replace(cyclic(3), name=name)
+
+
+def test_registered_group_is_found_by_name(monkeypatch):
+    import projkernels.groups as groups
+    monkeypatch.setattr(groups, "_REGISTERED", {})  # leave no registration behind for other tests
+    g = _c3_like("Tri3")
+    assert pk.register_group(g) is g
+    assert pk.get_group("Tri3") is g
+    assert pk.register_group(g) is g  # registering the same object again is harmless
+    w = torch.randn(6, 3)
+    assert torch.allclose(pk.projected_penalty(w, "Tri3", "regular", "trivial"),
+                          pk.projected_penalty(w, "C3", "regular", "trivial"))
+    with pytest.raises(ValueError, match="different group is already registered as 'Tri3'"):
+        pk.register_group(_c3_like("Tri3"))
+    with pytest.raises(ValueError, match="registered now: 'Tri3'"):
+        pk.get_group("Tri4")
+    # what a reload of projkernels.groups does: the registry starts empty, and the error says why
+    monkeypatch.setattr(groups, "_REGISTERED", {})
+    with pytest.raises(ValueError) as info:
+        pk.get_group("Tri3")
+    msg = str(info.value)
+    assert msg.startswith("group: unknown group 'Tri3'") and "register_group" in msg
+    assert "process-local" in msg and "registered now: none" in msg
+
+
+def test_registration_does_not_reach_a_new_process():
+    import subprocess
+    import sys
+    code = ("import projkernels as pk\n"
+            "try:\n    pk.get_group('Tri3')\nexcept ValueError as e:\n    print(e)\n")
+    root = __file__.rsplit("/tests/", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr
+    assert "unknown group 'Tri3'" in out.stdout and "process-local" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["C4", "c4", "D 8", "C04", "C\u0664", " Tri", ""])
+def test_register_group_rejects_reserved_and_padded_names(name):
+    with pytest.raises(ValueError, match="group: "):
+        pk.register_group(_c3_like(name))
+    with pytest.raises(TypeError, match="group: expected a FiniteGroup"):
+        pk.register_group("C3")

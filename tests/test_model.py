@@ -54,8 +54,49 @@ def test_attach_validates_at_attach_time():
         attach_symmetry(nn.Conv3d(1, 4, 3), "C4")
     # a rule's error names the layer
     seq = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 6))
-    with pytest.raises(ValueError, match="layer '1'"):
+    with pytest.raises(ValueError, match=r"^layer '1' \(Linear 6x8\): weight: "):
         attach_symmetries(seq, lambda name, m: ("C4", "regular", "regular"))
+
+
+class _Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3))  # 6: not a multiple of 4
+        self.out = nn.Conv2d(6, 1, 3)
+
+
+def test_attach_errors_name_the_layer_by_module_path():
+    # attach_regular_gcnn: the bad layer is deep in the model; the error gives its path, type and shape
+    with pytest.raises(ValueError) as info:
+        attach_regular_gcnn(_Nested(), "C4", first_in="trivial", last_out="trivial")
+    msg = str(info.value)
+    assert msg.startswith("layer 'body.2' (Conv2d 6x8x3x3): weight: ") and "multiple of" in msg
+    # attach_symmetries: the same, and a rule returning nonsense is blamed on its layer too
+    with pytest.raises(ValueError, match=r"^layer 'body.2' \(Conv2d 6x8x3x3\): "):
+        attach_symmetries(_Nested(), lambda name, m: ("C4", "regular", "regular") if name == "body.2" else None)
+    with pytest.raises(TypeError, match=r"^layer 'out' \(Conv2d 1x6x3x3\): rule: "):
+        attach_symmetries(_Nested(), lambda name, m: 4 if name == "out" else None)
+    # attach_symmetry on its own: named when the caller passes a name, else by type and shape
+    conv = nn.Conv2d(1, 6, 3)
+    with pytest.raises(ValueError, match=r"^layer 'enc.conv1' \(Conv2d 6x1x3x3\): weight: "):
+        attach_symmetry(conv, "C4", "trivial", "regular", name="enc.conv1")
+    with pytest.raises(ValueError, match=r"^layer \(Conv2d 6x1x3x3\): weight: "):
+        attach_symmetry(conv, "C4", "trivial", "regular")
+    assert get_symmetry(conv) is None  # a failed attach leaves nothing behind
+    with pytest.raises(TypeError, match=r"^layer 'x' \(Conv3d 4x1x3x3x3\): module: expected nn.Linear"):
+        attach_symmetry(nn.Conv3d(1, 4, 3), "C4", name="x")
+
+
+def test_attach_rejects_loose_group_names():
+    with pytest.raises(ValueError, match=r"^layer \(Linear 4x4\): group: 'c4' is not a group name"):
+        attach_symmetry(nn.Linear(4, 4), "c4", "regular", "regular")
+    # the model-level group argument fails once, before any layer is touched
+    model = _Nested()
+    with pytest.raises(ValueError, match=r"^group: 'C04' is not a group name"):
+        attach_regular_gcnn(model, "C04")
+    assert attached_layers(model) == []
+    assert attach_symmetry(nn.Linear(4, 4), "C4", "regular", "regular") == Symmetry("C4", "regular", "regular")
 
 
 def test_attach_symmetries_rule_forms():
@@ -130,3 +171,17 @@ def test_report_and_table():
     assert len(lines) == 2 + len(rows) and "rel. non-eq" in lines[0] and "C4 trivial->regular" in text
     project_(m)
     assert all(r["relative"] < 1e-12 for r in equivariance_report(m))
+
+
+def test_project_bias_is_the_field_mean_and_ignores_trivial_outputs():
+    from projkernels.model import project_bias_
+    v = torch.arange(8.0)
+    project_bias_(v, Symmetry("C4", "trivial", "regular"))
+    assert torch.equal(v, torch.tensor([1.5] * 4 + [5.5] * 4))
+    t = torch.arange(8.0)
+    project_bias_(t, Symmetry("C4", "regular", "trivial"))  # trivial output fields: already equivariant
+    assert torch.equal(t, torch.arange(8.0))
+    d = torch.arange(16.0)
+    project_bias_(d, Symmetry("D4", "regular", "regular"))  # field size |D4| = 8
+    assert torch.equal(d, torch.tensor([3.5] * 8 + [11.5] * 8))
+    project_bias_(None, Symmetry("C4", "regular", "regular"))  # a layer without bias

@@ -1,7 +1,5 @@
-"""multi_penalty against the sum of single-layer results, and the benchmark baselines against the penalty."""
-import importlib.util
+"""multi_penalty against the sum of single-layer results."""
 import os
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -11,18 +9,6 @@ import projkernels as pk
 from projkernels.backends import BACKENDS, register_backend, unregister_backend
 from projkernels.multi import MultiBackend, multi_penalty, multi_table, register_multi_backend
 from projkernels.reference import brute_force_project
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_baselines():
-    path = os.path.join(ROOT, "bench", "baselines.py")
-    spec = importlib.util.spec_from_file_location("projkernels_bench_baselines", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 # A mixed model: several groups (two of order 4, of orders 8 and 3), reps, kernel sizes, ranks.
 SPECS = [
@@ -235,39 +221,3 @@ def test_bad_input_names_the_item():
 def test_empty_list_is_zero():
     tp, te, pp, pe = multi_penalty([])
     assert tp.item() == 0 and te.item() == 0 and pp.numel() == 0 and pe.numel() == 0
-
-
-# --- the benchmark baselines compute the same quantities ----------------------------------------
-
-@pytest.mark.parametrize("shape,group,in_rep,out_rep", [
-    ((8, 8, 3, 3), "C4", "regular", "regular"),
-    ((16, 8, 3, 3), "D4", "trivial", "regular"),
-    ((6, 16, 4, 4), "D4", "regular", "trivial"),
-    ((12, 8), "C4", "regular", "regular"),
-])
-def test_baselines_equal_the_penalty(shape, group, in_rep, out_rep):
-    bl = _load_baselines()
-    w = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    exact = ((w - brute_force_project(w, group, in_rep, out_rep)) ** 2).sum()
-    loop = bl.EagerGroupLoop(shape, group, in_rep, out_rep)(w)
-    torch.testing.assert_close(loop, exact, rtol=1e-12, atol=1e-12)
-    dense = bl.DenseBasis(shape, group, in_rep, out_rep, dtype=torch.float64)(w)
-    torch.testing.assert_close(dense, exact, rtol=1e-10, atol=1e-10)
-    idx, inv = bl.gather_inputs(shape, group, in_rep, out_rep)
-    gathered = bl._gather_penalty(w.float(), idx, inv)
-    torch.testing.assert_close(gathered.double(), exact, rtol=1e-5, atol=1e-5)
-
-
-def test_sample_regulariser_vanishes_on_projected_gcnn():
-    bl = _load_baselines()
-    torch.manual_seed(0)
-    model = bl.C4GCNN(fields=(2, 2)).double()
-    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
-    assert bl.sample_equivariance_loss(model, x) > 1e-6
-    with torch.no_grad():
-        for conv, (i, o) in zip(model.convs, model.reps):
-            conv.weight.copy_(pk.project(conv.weight, "C4", i, o))
-    for _ in range(3):  # several sampled rotations
-        assert bl.sample_equivariance_loss(model, x) < 1e-20
-    tp, *_ = multi_penalty(model.penalty_items())
-    assert tp < 1e-20
