@@ -75,8 +75,8 @@ def group_copies(weight, group, in_rep, out_rep):
     out = []
     for g in range(G.order):
         t = G.kernel_action(w, g)
-        out.append(torch.einsum("oa,ab...,ib->oi...", dense_rep(G, out_rep, g, c_out), t,
-                                dense_rep(G, in_rep, g, c_in)))
+        left = torch.tensordot(dense_rep(G, out_rep, g, c_out), t, dims=([1], [0]))        # rho_out(g) T_g(W)
+        out.append(torch.tensordot(left, dense_rep(G, in_rep, g, c_in), dims=([1], [1])).movedim(-1, 1))  # ... rho_in(g)^T
     return torch.stack(out)
 
 
