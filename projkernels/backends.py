@@ -44,7 +44,7 @@ register_backend(Backend(
     forward=reference.forward,
     backward=reference.backward,
     project=reference.project,
-    spectrum=reference.spectral_spectrum,
+    spectrum=reference.spectrum,
     unavailable=lambda device: None,
 ))
 

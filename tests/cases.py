@@ -118,3 +118,35 @@ def _cached_oracle(case, dtype_name, salt):
 def oracle_for(case, dtype=torch.float64, salt=""):
     """The oracle of ``seeded_weight(case, dtype, salt)`` (on its rounded values), cached."""
     return _cached_oracle(case, str(dtype).split(".")[-1], salt)
+
+
+# --- a group that is neither cyclic nor dihedral ---------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def c2_x_c4():
+    """C2 x C4 as data (elements (a, b), (a1, b1)(a2, b2) = (a1 xor a2, b1 + b2 mod 4)), acting on
+    kernel-free weights only.  Its real irreps: four 1-D ones (-1)^(a s) (+-1)^b and two 2-D ones of
+    complex type with characters 2 (-1)^(a s) cos(pi b / 2)."""
+    import numpy as np
+
+    from projkernels.groups import FiniteGroup
+
+    elements = tuple((a, b) for a in range(2) for b in range(4))
+    mul = np.array([[elements.index((a1 ^ a2, (b1 + b2) % 4)) for (a2, b2) in elements] for (a1, b1) in elements])
+    a = np.array([e[0] for e in elements])
+    b = np.array([e[1] for e in elements])
+    names, dims, chars = [], [], []
+    for s in (0, 1):
+        for t in (0, 2):
+            names.append(f"({s},{t})"); dims.append(1); chars.append((-1.0) ** (a * s) * np.cos(np.pi * t * b / 2))
+    for s in (0, 1):
+        names.append(f"({s},1)"); dims.append(2); chars.append(2 * (-1.0) ** (a * s) * np.cos(np.pi * b / 2))
+    order = [0, 1, 2, 3, 4, 5]  # trivial first, as every group's spectrum starts with the equivariant energy
+
+    def action(kernel, element, n):
+        if any(k != 1 for k in kernel.shape[2:]):
+            raise ValueError("C2xC4 acts on kernel-free weights only")
+        return kernel
+
+    return FiniteGroup("C2xC4", elements, mul, tuple(names[i] for i in order), tuple(dims[i] for i in order),
+                       np.round(np.stack([chars[i] for i in order]), 15), 4, True, action)

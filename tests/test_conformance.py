@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 import projkernels as pk
 
-from cases import ALL_CASES, Oracle, case_id, group_copies, oracle_for, seeded_weight, shape_for
+from cases import ALL_CASES, Oracle, c2_x_c4, case_id, oracle_for, seeded_weight
 
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float64, torch.float32) + HALF
@@ -144,6 +144,26 @@ def test_gradients_match_oracle(backend, device, case):
     g_proj, = torch.autograd.grad(pk.project(w, **kw), w, grad_outputs=o.w.flip(0).contiguous().to(device))
     _close(g_proj, Oracle(o.w.flip(0).contiguous(), group, ir, orr).p, rtol=1e-12, atol=atol,
            what="vjp of project")
+
+
+@pytest.mark.parametrize("backend,device", _route_params())
+def test_group_given_as_data(backend, device):
+    """A finite group that is neither C_N nor D_N (C2 x C4, registered by passing the object)."""
+    G = c2_x_c4()
+    for ir, orr, shape in [("regular", "regular", (16, 8)), ("trivial", "regular", (8, 3)),
+                           ("regular", "trivial", (2, 16, 1, 1))]:
+        w = seeded_weight(("C2xC4", shape, ir, orr))
+        o = Oracle(w, G, ir, orr)
+        kw = dict(group=G, in_rep=ir, out_rep=orr, backend=backend)
+        norm2 = float(o.w.square().sum())
+        wd = w.to(device).requires_grad_(True)
+        penalty, energy = pk.penalty_and_energy(wd, **kw)
+        _close(penalty, o.penalty, rtol=1e-12, atol=1e-12 * norm2, what="penalty")
+        _close(energy, o.energy, rtol=1e-12, atol=1e-12 * norm2, what="energy")
+        _close(pk.project(wd.detach(), **kw), o.p, rtol=1e-12, atol=1e-13, what="project")
+        _close(pk.spectrum(wd, **kw), o.spectrum, rtol=1e-10, atol=1e-12 * norm2, what="spectrum (per irrep)")
+        g_pen, = torch.autograd.grad(penalty, wd)
+        _close(g_pen, o.grad_penalty, rtol=1e-12, atol=1e-12, what="d penalty / dW")
 
 
 # --- the other dtypes ----------------------------------------------------------------------------
