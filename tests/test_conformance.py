@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 import projkernels as pk
 
-from cases import ALL_CASES, Oracle, c2_x_c4, case_id, oracle_for, seeded_weight
+from cases import ALL_CASES, Oracle, c2_x_c4, case_id, oracle_for, seeded_weight, shape_for
 
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float64, torch.float32) + HALF
@@ -94,10 +94,16 @@ def _acc(dtype):
 
 # --- float64: every case of the matrix ---------------------------------------------------------
 
-SUBSAMPLE = ALL_CASES[::6]
+# Group orders beyond the case matrix, up to the compiled kernels' bound of 64 (kernel-free weights).
+LARGE_GROUPS = [(g, shape_for(g, ir, orr, (), ci, co), ir, orr) for g, ir, orr, ci, co in
+                [("C16", "regular", "regular", 1, 2), ("D16", "regular", "trivial", 2, 2),
+                 ("C64", "trivial", "regular", 2, 1), ("D32", "regular", "regular", 1, 1),
+                 ("C64", "regular", "regular", 1, 1), ("D16", "trivial", "trivial", 3, 2)]]
+CASES = ALL_CASES + LARGE_GROUPS
+SUBSAMPLE = ALL_CASES[::6] + LARGE_GROUPS[::2]
 
 
-@pytest.mark.parametrize("backend,device,case", _params(ALL_CASES, SUBSAMPLE, lambda c: case_id(c)))
+@pytest.mark.parametrize("backend,device,case", _params(CASES, SUBSAMPLE, lambda c: case_id(c)))
 def test_values_match_oracle(backend, device, case):
     group, shape, ir, orr = case
     o = oracle_for(case)
@@ -123,7 +129,7 @@ def test_values_match_oracle(backend, device, case):
     _close(spec, o.spectrum, rtol=1e-10, atol=1e-12 * norm2, what="spectrum (per irrep)")
 
 
-@pytest.mark.parametrize("backend,device,case", _params(ALL_CASES, SUBSAMPLE, lambda c: case_id(c)))
+@pytest.mark.parametrize("backend,device,case", _params(CASES, SUBSAMPLE, lambda c: case_id(c)))
 def test_gradients_match_oracle(backend, device, case):
     group, shape, ir, orr = case
     o = oracle_for(case)
