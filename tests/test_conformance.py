@@ -334,13 +334,19 @@ MULTI_SPECS = [
     ((4, 2, 5), "D1", "trivial", "regular"),
     ((4, 2, 5), "D1", "trivial", "regular"),
     ((16, 8), "C8", "regular", "trivial"),
+    # Trivial fields on both sides: orbits with non-trivial stabilisers (the centre of a kernel).
+    ((4, 6, 3, 3), "C4", "trivial", "trivial"),
+    ((4, 6, 3, 3), "C4", "trivial", "trivial"),
+    ((3, 2, 5, 5), "D4", "trivial", "trivial"),
+    ((3, 4, 5), "D2", "trivial", "trivial"),
 ]
 MULTI_DTYPES = {
     "float64": [torch.float64] * len(MULTI_SPECS),
     "float32": [torch.float32] * len(MULTI_SPECS),
     "bfloat16": [torch.bfloat16] * len(MULTI_SPECS),
     "mixed": [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float16, torch.float32,
-              torch.bfloat16, torch.float32, torch.float32, torch.float16],
+              torch.bfloat16, torch.float32, torch.float32, torch.float16, torch.float32, torch.float32,
+              torch.bfloat16, torch.float16],
 }
 
 
@@ -353,7 +359,7 @@ def _multi_oracles(dtypes):
 @pytest.mark.parametrize("backend,device,dtypes", _params(list(MULTI_DTYPES), ["float64", "mixed"], str))
 def test_multi_penalty_per_layer(backend, device, dtypes):
     ws, oracles = _multi_oracles(MULTI_DTYPES[dtypes])
-    assert not torch.equal(ws[1], ws[2]) and not torch.equal(ws[3], ws[4])
+    assert not torch.equal(ws[1], ws[2]) and not torch.equal(ws[3], ws[4]) and not torch.equal(ws[10], ws[11])
     exact = dtypes == "float64"
     rtol = 1e-12 if exact else 1e-5
     leaves = [w.detach().clone().to(device).requires_grad_(True) for w in ws]
