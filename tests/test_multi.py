@@ -27,6 +27,7 @@ def _load_baselines():
 SPECS = [
     ((16, 3, 3, 3), "C4", "trivial", "regular"),
     ((16, 16, 3, 3), "C4", "regular", "regular"),
+    ((16, 16, 3, 3), "C4", "regular", "regular"),   # same shape as its neighbour, different weights
     ((8, 16, 5, 5), "D2", "regular", "regular"),
     ((16, 16, 3, 3), "D4", "regular", "regular"),
     ((5, 16, 1, 1), "D4", "regular", "trivial"),
@@ -84,8 +85,8 @@ def test_values_and_grads_match_single_layers(dtype, backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_mixed_dtypes_promote_and_return_each_grad_in_its_dtype(backend):
-    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32, torch.bfloat16,
-              torch.float32, torch.float32]
+    dtypes = [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, torch.float16, torch.float32,
+              torch.bfloat16, torch.float32, torch.float32]
     ws = _weights(dtypes)
     tp, te, pp, pe = multi_penalty([(w, *s[1:]) for w, s in zip(ws, SPECS)], backend=backend)
     assert pp.dtype == torch.float32

@@ -77,6 +77,7 @@ class _OpCounter(TorchDispatchMode):
 SPECS = [
     ((8, 3, 3, 3), "C4", "trivial", "regular"),
     ((32, 16, 3, 3), "C4", "regular", "regular"),
+    ((32, 16, 3, 3), "C4", "regular", "regular"),   # same shape as its neighbour, different weights
     ((8, 8, 3, 3), "D4", "regular", "regular"),
     ((8, 16, 4, 4), "D4", "regular", "trivial"),
     ((16, 8), "C8", "regular", "regular"),
@@ -163,8 +164,8 @@ def test_auto_on_cpu_is_the_fused_multi_op():
 
 
 def test_mixed_dtypes_one_call_per_dtype():
-    dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float64,
-              torch.bfloat16, torch.float32, torch.float16, torch.float32]
+    dtypes = [torch.float64, torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float32,
+              torch.float64, torch.bfloat16, torch.float32, torch.float16, torch.float32]
     ws = _weights(SPECS, dtypes, seed=2, requires_grad=True)
     tables = _tables(SPECS)
     with _OpCounter() as counter:
@@ -232,7 +233,7 @@ def _op_args(ws, specs, device="cpu"):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
-    specs = SPECS[:3] + SPECS[4:7]
+    specs = [SPECS[i] for i in (0, 1, 3, 5, 6, 7)]
     ws = _weights(specs, [dtype] * len(specs), seed=5)
     fwd, bwd = _op_args(ws, specs)
     torch.library.opcheck(OPS.multi_forward.default, fwd)
@@ -240,7 +241,7 @@ def test_opcheck(dtype):
 
 
 def test_op_rejects_bad_arguments():
-    specs = SPECS[:3]
+    specs = [SPECS[0], SPECS[1], SPECS[3]]
     ws = _weights(specs, [torch.float32] * 3)
     fwd, bwd = _op_args(ws, specs)
     with pytest.raises(RuntimeError, match=r"weights\[1\].*call once per dtype"):
