@@ -1,4 +1,4 @@
-"""Backend registry and the ``backend=`` resolution of SPEC section 5.
+"""Backend registry and the resolution of the public functions' ``backend=`` argument.
 
 A backend implements four functions over a contiguous weight and its ``OrbitTable``:
 ``forward -> (penalty, eq_energy)``, ``backward -> dW``, ``project -> P(W)`` and ``spectrum``,
