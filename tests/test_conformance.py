@@ -420,13 +420,15 @@ def _projkernels_ops():
     return sorted(names)
 
 
-def test_opcheck_public_ops():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_public_ops(dtype):
     """torch.library.opcheck on every projkernels op the public API calls on CPU, whatever layer
-    (Python custom ops or C++ ops) provides them."""
+    (Python custom ops or C++ ops) provides them.  bfloat16 checks that the fake kernels return the
+    float32 results that half types get."""
     assert _projkernels_ops(), "no projkernels ops are registered"
     rec = _Recorder()
-    w = seeded_weight(("D4", (8, 4, 3, 3), "trivial", "regular")).float().requires_grad_(True)
-    w2 = seeded_weight(("C4", (4, 4), "regular", "regular")).float().requires_grad_(True)
+    w = seeded_weight(("D4", (8, 4, 3, 3), "trivial", "regular"), dtype).requires_grad_(True)
+    w2 = seeded_weight(("C4", (4, 4), "regular", "regular"), dtype).requires_grad_(True)
     with rec:
         penalty, energy = pk.penalty_and_energy(w, "D4", "trivial", "regular")
         (penalty + 0.5 * energy).backward()
