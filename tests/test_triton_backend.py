@@ -8,7 +8,8 @@ starts with TRITON_INTERPRET=1 (that is how CI runs this file):
 
     TRITON_INTERPRET=1 python -m pytest tests/test_triton_backend.py -q
 
-Without either, only the availability test runs and the rest skips, saying why.
+Without either, only the availability test runs and the rest skips, saying why
+(PROJKERNELS_REQUIRE_TRITON=1, see tests/conftest.py, turns such skips into failures).
 """
 import os
 
