@@ -22,7 +22,6 @@ import projkernels as pk
 from cases import ALL_CASES, Oracle, c2_x_c4, case_id, oracle_for, seeded_weight, shape_for
 
 HALF = (torch.float16, torch.bfloat16)
-DTYPES = (torch.float64, torch.float32) + HALF
 
 # (backend, device); the CUDA-device routes need a GPU.
 ROUTES = [("reference", "cpu"), ("cpp", "cpu"), ("triton", "cpu"),
@@ -86,10 +85,6 @@ def _usable(request):
 def _close(got, expected, rtol, atol, what):
     torch.testing.assert_close(got.detach().to(device="cpu", dtype=torch.float64), expected, rtol=rtol, atol=atol,
                                msg=lambda m: f"{what}: {m}")
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- float64: every case of the matrix ---------------------------------------------------------
