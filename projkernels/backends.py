@@ -96,7 +96,7 @@ register_backend(Backend(
     forward=reference.forward,
     backward=reference.backward,
     project=reference.project,
-    spectrum=reference.spectral_spectrum,
+    spectrum=reference.spectrum,
     why_unavailable=lambda device: None,
 ))  # its multi-tensor kernels (the concatenated route) are added by projkernels/multi_reference.py
 

@@ -1,9 +1,12 @@
 """Pure-PyTorch references: the brute-force group average, the orbit form and the spectral form.
 
-``brute_force_project`` applies the definition of P (docs/design.md, Conventions) literally
-(|G| transformed copies of W, dense channel representations) and shares nothing with the orbit
-machinery but the kernel action, so the tests can hold every other route against it.  ``forward`` / ``backward`` are the reference backend:
-they work from the orbit table like the compiled kernels do.
+``brute_force_project`` applies the definition P(W) = (1/|G|) sum_g rho_out(g) T_g(W) rho_in(g)^T
+literally (|G| transformed copies of W, dense channel representations) and shares nothing with the
+orbit machinery but the kernel action.  ``forward`` / ``backward`` / ``project`` / ``spectrum`` are
+the reference backend: they work from the orbit table like the compiled kernels do, and
+``spectrum`` takes the group's isotypic basis, so it serves any finite group given as data.
+``spectral_spectrum`` is the torch.fft route for C_N and D_N only; the backend does not use it, the
+tests keep it as a second, independently derived route to the same energies.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from .groups import FiniteGroup, get_group
 from .orbits import OrbitTable, acc_dtype, field_size  # acc_dtype: the one accumulation rule
 
-__all__ = ["acc_dtype", "brute_force_project", "orbit_values", "forward", "backward", "project",
+__all__ = ["acc_dtype", "brute_force_project", "orbit_values", "forward", "backward", "project", "spectrum",
            "spectral_spectrum", "basis_spectrum"]
 
 
@@ -45,7 +48,7 @@ def brute_force_project(weight: torch.Tensor, group="C4", in_rep="trivial", out_
     return total / G.order
 
 
-# --- orbit form (docs/design.md, Orbit model) -------------------------------------------------
+# --- orbit form: P(W) is the orbit mean ----------------------------------------------------------
 
 def orbit_values(weight: torch.Tensor, table: OrbitTable):
     """Per orbit: f(g) = W[g . e] in the accumulation dtype, its mean, and 1/|Stab|."""
@@ -83,10 +86,13 @@ def backward(weight: torch.Tensor, table: OrbitTable, grad_penalty, grad_eq) -> 
     return 2 * grad_penalty * (w - p) + 2 * grad_eq * p
 
 
-# --- spectral form (docs/design.md, Orbit model) ----------------------------------------------
+# --- spectral form: isotypic energies -----------------------------------------------------------
 
 def spectral_spectrum(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
     """Isotypic energies via torch.fft over each orbit's cycle, in ``irrep_names`` order.
+
+    C_N and D_N only (it reads the orbit as cycles of the rotation); kept as an independent
+    cross-check of ``spectrum``, which the reference backend uses.
 
     The non-trivial energies come from the DFT of the deviations from the orbit mean (same values,
     no cancellation for nearly equivariant weights); the trivial one is |O| mean^2.
@@ -123,7 +129,13 @@ def spectral_spectrum(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
 
 
 def basis_spectrum(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
-    """Isotypic energies from the group's real isotypic basis (the form the fused kernels use)."""
+    """Isotypic energies from the group's real isotypic basis (the form the fused kernels use).
+
+    Works for any finite group: per orbit, f(g) = W[g . e] minus its mean is expanded in the
+    orthonormal basis whose rows each lie in one isotypic component; a row's squared coefficient,
+    weighted by 1/|Stab|, adds to its irrep's energy.  The trivial energy is |O| mean^2, taken from
+    the mean directly so that it is exact for nearly equivariant weights.
+    """
     G = table.group
     f, mean, inv_stab = orbit_values(weight, table)
     basis, row_irrep = G.isotypic_basis
@@ -133,3 +145,7 @@ def basis_spectrum(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
     out.index_add_(0, torch.as_tensor(row_irrep, device=f.device), rows)
     out[0] = (inv_stab * G.order * mean.squeeze(1).square()).sum()
     return out
+
+
+# The reference backend's spectrum: the general route (any finite group given as data).
+spectrum = basis_spectrum

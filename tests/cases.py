@@ -1,10 +1,27 @@
-"""The SPEC matrix of (group, weight shape, in_rep, out_rep) cases shared by the test files."""
+"""The case matrix of (group, weight shape, in_rep, out_rep) shared by the test files, and the
+independent oracle the backends are held against.
+
+The oracle applies the definition as written: it builds every transformed copy
+Pi_g(W) = rho_out(g) T_g(W) rho_in(g)^T densely (permutation matrices for the channel
+representations, the group's kernel action on the kernel dims) and averages them.  It uses only the
+group's data (element order, multiplication table, characters, kernel action) and never the orbit
+tables, their 1/|Stab| weights, the isotypic basis or its row-to-irrep map, so a wrong table or a
+mislabelled spectrum row cannot agree with it by construction.
+"""
+import functools
 import itertools
+import zlib
+
+import torch
 
 from projkernels.groups import get_group
-from projkernels.orbits import field_size
 
 REP_PAIRS = list(itertools.product(("trivial", "regular"), repeat=2))  # (in_rep, out_rep)
+
+
+def field_size(rep, G):
+    # Restated here rather than imported from the orbit machinery under test.
+    return 1 if rep == "trivial" else G.order
 
 
 def shape_for(group, in_rep, out_rep, kernel, c_in, c_out):
@@ -28,3 +45,108 @@ ALL_CASES = CASES_2D + CASES_1D + CASES_LINEAR
 def case_id(case):
     group, shape, ir, orr = case
     return f"{group}-{'x'.join(map(str, shape))}-{ir[:3]}-{orr[:3]}"
+
+
+def seeded_weight(case, dtype=torch.float64, salt=""):
+    """A random weight for ``case``, the same in every process and test file (seeded by the case id)."""
+    g = torch.Generator().manual_seed(zlib.crc32((case_id(case) + salt).encode()))
+    return torch.randn(case[1], generator=g, dtype=torch.float64).to(dtype)
+
+
+# --- the oracle --------------------------------------------------------------------------------
+
+def dense_rep(G, rep, g, fields):
+    """rho(g) on ``fields`` fields as a dense permutation matrix: rho(g) e_h = e_{g h} (regular)."""
+    size = field_size(rep, G)
+    rho = torch.zeros(size, size, dtype=torch.float64)
+    if rep == "trivial":
+        rho[0, 0] = 1
+    else:
+        for h in range(size):
+            rho[int(G.mul[g, h]), h] = 1
+    return torch.block_diag(*([rho] * fields))
+
+
+def group_copies(weight, group, in_rep, out_rep):
+    """[|G|, *shape] float64: Pi_g(W) for every element g, in element order."""
+    G = get_group(group)
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    c_out, c_in = w.shape[0] // field_size(out_rep, G), w.shape[1] // field_size(in_rep, G)
+    out = []
+    for g in range(G.order):
+        t = G.kernel_action(w, g)
+        left = torch.tensordot(dense_rep(G, out_rep, g, c_out), t, dims=([1], [0]))        # rho_out(g) T_g(W)
+        out.append(torch.tensordot(left, dense_rep(G, in_rep, g, c_in), dims=([1], [1])).movedim(-1, 1))  # ... rho_in(g)^T
+    return torch.stack(out)
+
+
+class Oracle:
+    """P(W), the penalty, the energy and the isotypic energies of one float64 weight, from the dense action."""
+
+    def __init__(self, weight, group, in_rep, out_rep):
+        G = get_group(group)
+        self.group = G
+        self.w = weight.detach().to(device="cpu", dtype=torch.float64)
+        copies = group_copies(self.w, group, in_rep, out_rep)
+        self.p = copies.mean(dim=0)
+        self.penalty = (self.w - self.p).square().sum()
+        self.energy = self.p.square().sum()
+        # Isotypic projectors P_rho = (dim rho / (|G| <chi, chi>/|G|)) sum_g chi(g) Pi_g; <chi, chi>/|G| is 2
+        # for the real irreps of complex type (C_N's 2-D irreps), 1 otherwise.
+        self.components = []
+        for k, chi in enumerate(G.characters):
+            chi = torch.as_tensor(chi, dtype=torch.float64)
+            m = float(chi.dot(chi)) / G.order
+            self.components.append(G.irrep_dims[k] / (G.order * m) * torch.einsum("g,g...->...", chi, copies))
+        self.spectrum = torch.stack([c.square().sum() for c in self.components])
+
+    @property
+    def grad_penalty(self):
+        return 2 * (self.w - self.p)
+
+    @property
+    def grad_energy(self):
+        return 2 * self.p
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_oracle(case, dtype_name, salt):
+    w = seeded_weight(case, getattr(torch, dtype_name), salt)
+    return Oracle(w, case[0], case[2], case[3])
+
+
+def oracle_for(case, dtype=torch.float64, salt=""):
+    """The oracle of ``seeded_weight(case, dtype, salt)`` (on its rounded values), cached."""
+    return _cached_oracle(case, str(dtype).split(".")[-1], salt)
+
+
+# --- a group that is neither cyclic nor dihedral ---------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def c2_x_c4():
+    """C2 x C4 as data (elements (a, b), (a1, b1)(a2, b2) = (a1 xor a2, b1 + b2 mod 4)), acting on
+    kernel-free weights only.  Its real irreps: four 1-D ones (-1)^(a s) (+-1)^b and two 2-D ones of
+    complex type with characters 2 (-1)^(a s) cos(pi b / 2)."""
+    import numpy as np
+
+    from projkernels.groups import FiniteGroup
+
+    elements = tuple((a, b) for a in range(2) for b in range(4))
+    mul = np.array([[elements.index((a1 ^ a2, (b1 + b2) % 4)) for (a2, b2) in elements] for (a1, b1) in elements])
+    a = np.array([e[0] for e in elements])
+    b = np.array([e[1] for e in elements])
+    names, dims, chars = [], [], []
+    for s in (0, 1):
+        for t in (0, 2):
+            names.append(f"({s},{t})"); dims.append(1); chars.append((-1.0) ** (a * s) * np.cos(np.pi * t * b / 2))
+    for s in (0, 1):
+        names.append(f"({s},1)"); dims.append(2); chars.append(2 * (-1.0) ** (a * s) * np.cos(np.pi * b / 2))
+    order = [0, 1, 2, 3, 4, 5]  # trivial first, as every group's spectrum starts with the equivariant energy
+
+    def action(kernel, element, n):
+        if any(k != 1 for k in kernel.shape[2:]):
+            raise ValueError("C2xC4 acts on kernel-free weights only")
+        return kernel
+
+    return FiniteGroup("C2xC4", elements, mul, tuple(names[i] for i in order), tuple(dims[i] for i in order),
+                       np.round(np.stack([chars[i] for i in order]), 15), 4, True, action)

@@ -14,6 +14,7 @@ from projkernels.reference import brute_force_project
 SPECS = [
     ((16, 3, 3, 3), "C4", "trivial", "regular"),
     ((16, 16, 3, 3), "C4", "regular", "regular"),
+    ((16, 16, 3, 3), "C4", "regular", "regular"),   # same shape as its neighbour, different weights
     ((8, 16, 5, 5), "D2", "regular", "regular"),
     ((16, 16, 3, 3), "D4", "regular", "regular"),
     ((5, 16, 1, 1), "D4", "regular", "trivial"),
@@ -71,18 +72,21 @@ def test_values_and_grads_match_single_layers(dtype, backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_mixed_dtypes_promote_and_return_each_grad_in_its_dtype(backend):
-    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32, torch.bfloat16,
-              torch.float32, torch.float32]
+    dtypes = [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, torch.float16, torch.float32,
+              torch.bfloat16, torch.float32, torch.float32]
     ws = _weights(dtypes)
     tp, te, pp, pe = multi_penalty([(w, *s[1:]) for w, s in zip(ws, SPECS)], backend=backend)
     assert pp.dtype == torch.float32
     sp, se = _single(ws)
     torch.testing.assert_close(pp, sp, rtol=1e-5, atol=0)
-    grads = torch.autograd.grad(tp + te, ws)
-    for g, w in zip(grads, ws):
-        assert g.dtype == w.dtype
-        # d(penalty + energy)/dW = 2 W
-        torch.testing.assert_close(g.float(), 2 * w.detach().float(), rtol=1e-2, atol=1e-2)
+    # The penalty's and the energy's gradients each on its own (their sum is 2 W whatever P is).
+    g_pen = torch.autograd.grad(tp, ws, retain_graph=True)
+    g_eq = torch.autograd.grad(te, ws)
+    for a, b, w, s in zip(g_pen, g_eq, ws, SPECS):
+        assert a.dtype == b.dtype == w.dtype
+        p = brute_force_project(w.detach().double(), *s[1:])
+        torch.testing.assert_close(a.double(), 2 * (w.detach().double() - p), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(b.double(), 2 * p, rtol=1e-2, atol=1e-2)
 
 
 GRADCHECK_SPECS = [

@@ -1,15 +1,80 @@
-"""The multi-tensor ops (projkernels_C::multi_forward / multi_backward) against the single-layer ops."""
+"""The multi-tensor ops (projkernels_C::multi_forward / multi_backward) against the single-layer ops.
+
+The raw ops are called with arguments built from the public orbit tables, and calls are counted with a
+dispatch mode, so these tests do not depend on the Python layer that wraps the ops.
+"""
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import projkernels as pk
 from projkernels import reference as R
-from projkernels.backends import BACKENDS
 from projkernels.multi import multi_penalty
 from projkernels.orbits import orbit_table
 
-C = pytest.importorskip("projkernels.native", reason="projkernels._C is not built")
+from cases import Oracle
+
+if "cpp" not in pk.available_backends("cpu"):
+    pytest.skip("projkernels._C is not built", allow_module_level=True)
 OPS = torch.ops.projkernels_C
+WITH_CUDA = bool(OPS.cuda_enabled())
+
+
+def _multi_args(tables, device):
+    d = [t.device_tables(device)._asdict() for t in tables]
+    geometry = [g for t in tables for g in (t.c_out, t.c_in, t.stride_out, t.stride_in)]
+    return [x["offsets"] for x in d], [x["inv_stab"] for x in d], geometry
+
+
+class _RawOps:
+    """The raw ops taking orbit tables (what the Python layer does, restated here)."""
+
+    @staticmethod
+    def multi_forward(ws, tables):
+        return OPS.multi_forward(list(ws), *_multi_args(tables, ws[0].device))
+
+    @staticmethod
+    def multi_backward(ws, tables, gp, ge):
+        offsets, inv_stab, geometry = _multi_args(tables, ws[0].device)
+        return OPS.multi_backward(list(ws), gp, ge, offsets, inv_stab, geometry)
+
+    @staticmethod
+    def fused_forward(w, t, with_spectrum=True):
+        d = t.device_tables(w.device)._asdict()
+        return OPS.fused_forward(w, d["offsets"], d["inv_stab"], d["basis"], d["row_irrep"],
+                                 len(t.group.irrep_names), t.c_out, t.c_in, t.stride_out, t.stride_in, with_spectrum)
+
+    @staticmethod
+    def fused_backward(w, t, gp, ge):
+        d = t.device_tables(w.device)._asdict()
+        return OPS.fused_backward(w, gp, ge, d["offsets"], d["inv_stab"], t.c_out, t.c_in, t.stride_out, t.stride_in)
+
+
+C = _RawOps
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts calls of the projkernels_C ops, with the dtype of the first weight of each multi call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+        self.dtypes = []
+
+    # The public multi op runs the raw one below the dispatcher's Python key, where a dispatch mode
+    # does not see it: count the public op under the raw op's name.
+    _RAW_NAME = {"multi_penalty": "multi_forward", "multi_penalty_backward": "multi_backward"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "projkernels_C":
+            name = self._RAW_NAME.get(func._opname, func._opname)
+            self.calls[name] += 1
+            if name == "multi_forward":
+                assert len({w.dtype for w in args[0]}) == 1, "one dtype per multi-op call"
+                self.dtypes.append(args[0][0].dtype)
+        return func(*args, **(kwargs or {}))
 
 # Groups of orders 2, 4, 8 and 32 (one block per chunk must switch between them), trivial and
 # regular fields on either side, Linear / Conv1d / Conv2d weights, and one layer spanning several
@@ -17,6 +82,7 @@ OPS = torch.ops.projkernels_C
 SPECS = [
     ((8, 3, 3, 3), "C4", "trivial", "regular"),
     ((32, 16, 3, 3), "C4", "regular", "regular"),
+    ((32, 16, 3, 3), "C4", "regular", "regular"),   # same shape as its neighbour, different weights
     ((8, 8, 3, 3), "D4", "regular", "regular"),
     ((8, 16, 4, 4), "D4", "regular", "trivial"),
     ((16, 8), "C8", "regular", "regular"),
@@ -90,50 +156,35 @@ def test_multi_penalty_matches_sum_of_reference_layers(dtype, rtol):
         torch.testing.assert_close(g.double(), expected, rtol=rtol, atol=rtol * w64.abs().max())
 
 
-def _raw_op_calls(fn):
-    """The raw multi-tensor ops that ``fn`` runs, in order (their dtypes for multi_forward)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
-    names = {"projkernels_C::multi_forward": "forward", "projkernels_C::multi_backward": "backward"}
-    events = sorted((e for e in prof.events() if e.name in names), key=lambda e: e.time_range.start)
-    return [names[e.name] for e in events]
-
-
 def test_auto_on_cpu_is_the_fused_multi_op():
-    assert BACKENDS["cpp"].multi.native and BACKENDS["cpp"].multi.concatenated is False
     ws = _weights(SPECS, [torch.float32] * len(SPECS), requires_grad=True)
-
-    def step():
+    with _OpCounter() as counter:
         tp, te, _, _ = multi_penalty(_items(ws, SPECS))
-        (tp + te).backward()
-    assert _raw_op_calls(step) == ["forward", "backward"]  # one call per direction for the whole list
-    for w in ws:  # d(penalty + eq_energy)/dW = 2 W
-        torch.testing.assert_close(w.grad, 2 * w.detach(), rtol=1e-5, atol=1e-5)
+        tp.backward()
+    # One call per direction for the whole list, and no single-layer op.
+    assert counter.calls == Counter(multi_forward=1, multi_backward=1), counter.calls
+    for w, s in zip(ws, SPECS):  # the penalty's own gradient, 2 (W - P W), layer by layer
+        o = Oracle(w.detach().double(), *s[1:])
+        torch.testing.assert_close(w.grad.double(), o.grad_penalty, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_dtypes_one_call_per_dtype():
-    dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float64,
-              torch.bfloat16, torch.float32, torch.float16, torch.float32]
+    dtypes = [torch.float64, torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float32,
+              torch.float64, torch.bfloat16, torch.float32, torch.float16, torch.float32]
     ws = _weights(SPECS, dtypes, seed=2, requires_grad=True)
     tables = _tables(SPECS)
-    out = {}
-
-    def forward():
-        out["r"] = multi_penalty(_items(ws, SPECS), backend="cpp")
-    # The raw op refuses mixed dtypes, so one call per dtype present is the fewest possible.
-    assert _raw_op_calls(forward) == ["forward"] * len(set(dtypes))
-    tp, te, pp, pe = out["r"]
+    with _OpCounter() as counter:
+        tp, te, pp, pe = multi_penalty(_items(ws, SPECS), backend="cpp")
+    assert sorted(map(str, counter.dtypes)) == sorted(map(str, set(dtypes)))
     assert pp.dtype == pe.dtype == torch.float64  # the promoted accumulation dtype
     for i, (w, t) in enumerate(zip(ws, tables)):
         p1, e1, _ = C.fused_forward(w.detach(), t, with_spectrum=False)
         assert pp[i].item() == p1.item() and pe[i].item() == e1.item(), i
 
     c, d = _grad_vectors(len(SPECS), torch.float64)
-
-    def backward():
-        out["g"] = torch.autograd.grad((c * pp).sum() + (d * pe).sum(), ws)
-    assert _raw_op_calls(backward) == ["backward"] * len(set(dtypes))
-    grads = out["g"]
+    with _OpCounter() as counter:
+        grads = torch.autograd.grad((c * pp).sum() + (d * pe).sum(), ws)
+    assert counter.calls["multi_backward"] == len(set(dtypes))
     for i, (g, w, t) in enumerate(zip(grads, ws, tables)):
         acc = R.acc_dtype(w.dtype)
         assert g.dtype == w.dtype
@@ -179,7 +230,7 @@ def test_deterministic_across_runs_and_thread_counts():
 
 
 def _op_args(ws, specs, device="cpu"):
-    offsets, inv_stab, geometry = C.multi_op_args(tuple(_tables(specs)), str(torch.device(device)))
+    offsets, inv_stab, geometry = _multi_args(_tables(specs), torch.device(device))
     acc = R.acc_dtype(ws[0].dtype)
     gp, ge = _grad_vectors(len(ws), acc, device)
     return (ws, offsets, inv_stab, geometry), (ws, gp, ge, offsets, inv_stab, geometry)
@@ -187,7 +238,7 @@ def _op_args(ws, specs, device="cpu"):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
-    specs = SPECS[:3] + SPECS[4:7]
+    specs = [SPECS[i] for i in (0, 1, 3, 5, 6, 7)]
     ws = _weights(specs, [dtype] * len(specs), seed=5)
     fwd, bwd = _op_args(ws, specs)
     torch.library.opcheck(OPS.multi_forward.default, fwd)
@@ -195,7 +246,7 @@ def test_opcheck(dtype):
 
 
 def test_op_rejects_bad_arguments():
-    specs = SPECS[:3]
+    specs = [SPECS[0], SPECS[1], SPECS[3]]
     ws = _weights(specs, [torch.float32] * 3)
     fwd, bwd = _op_args(ws, specs)
     with pytest.raises(RuntimeError, match=r"weights\[1\].*call once per dtype"):
@@ -218,7 +269,7 @@ def _cuda_specs(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not C.WITH_CUDA, reason="projkernels._C was built without CUDA")
+@pytest.mark.skipif(not WITH_CUDA, reason="projkernels._C was built without CUDA")
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
 def test_cuda_matches_cpu_and_is_deterministic(dtype, rtol):
     ws = _weights(SPECS, [dtype] * len(SPECS), seed=6)
@@ -258,7 +309,7 @@ def test_cuda_matches_cpu_and_is_deterministic(dtype, rtol):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not C.WITH_CUDA, reason="projkernels._C was built without CUDA")
+@pytest.mark.skipif(not WITH_CUDA, reason="projkernels._C was built without CUDA")
 def test_cuda_gradcheck_and_opcheck():
     ws = _weights(GRADCHECK_SPECS, [torch.float64] * len(GRADCHECK_SPECS), seed=7, device="cuda",
                   requires_grad=True)
@@ -272,7 +323,7 @@ def test_cuda_gradcheck_and_opcheck():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not C.WITH_CUDA, reason="projkernels._C was built without CUDA")
+@pytest.mark.skipif(not WITH_CUDA, reason="projkernels._C was built without CUDA")
 def test_cuda_twenty_layers_cost_one_launch_per_direction():
     from torch.profiler import ProfilerActivity, profile
 
@@ -294,5 +345,11 @@ def test_cuda_twenty_layers_cost_one_launch_per_direction():
     assert sum("multi_finalize_kernel" in n for n in ours) == 1, ours
     assert sum("multi_backward_kernel" in n for n in ours) == 1, ours
     assert len(ours) == 3, ours  # no single-layer kernels
-    for w in ws:
-        torch.testing.assert_close(w.grad, 2 * w.detach(), rtol=1e-5, atol=1e-5)
+    for w, s in zip(ws, specs):  # d (penalty + energy) / dW = 2 W says nothing about P: check P on its own
+        o = Oracle(w.detach().double().cpu(), *s[1:])
+        torch.testing.assert_close(w.grad.cpu().double(), 2 * o.w, rtol=1e-5, atol=1e-5)
+    leaves = [w.detach().requires_grad_(True) for w in ws]
+    tp, te, _, _ = multi_penalty(_items(leaves, specs), backend="auto")
+    for w, g, s in zip(ws, torch.autograd.grad(tp, leaves), specs):
+        o = Oracle(w.detach().double().cpu(), *s[1:])
+        torch.testing.assert_close(g.cpu().double(), o.grad_penalty, rtol=1e-5, atol=1e-5)
