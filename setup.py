@@ -76,7 +76,7 @@ def _extensions():
     def cpu_extension():
         return cpp_extension.CppExtension(
             NAME,
-            sources=[os.path.join(csrc, "ops.cpp")],
+            sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "decay_ops.cpp")],
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
@@ -87,7 +87,8 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             NAME,
             sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "kernels.cu"),
-                     os.path.join(csrc, "multi_kernels.cu")],
+                     os.path.join(csrc, "multi_kernels.cu"), os.path.join(csrc, "decay_ops.cpp"),
+                     os.path.join(csrc, "decay_kernels.cu")],
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=macros + [("PROJKERNELS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
