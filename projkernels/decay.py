@@ -223,7 +223,8 @@ def _bias_table(module: nn.Module, sym) -> Optional[OrbitTable]:
 
 
 def _closure_given(args, kwargs) -> bool:
-    return kwargs.get("closure") is not None or (len(args) > 0 and args[0] is not None)
+    # The step pre-hooks receive step's positional arguments with the optimizer itself first.
+    return kwargs.get("closure") is not None or (len(args) > 1 and args[1] is not None)
 
 
 class EquivarianceDecay:
@@ -266,6 +267,8 @@ class EquivarianceDecay:
                 raise ValueError(f"model: {e.name} is the same parameter as {seen[id(e.param)]} (tied weights); "
                                  "attach a symmetry to only one of the layers that share it")
             seen[id(e.param)] = e.name
+        for device in {e.param.device for e in entries}:
+            _resolve(self.backend, device)  # an unusable backend fails here, not at the first step
         self._entries: Tuple[_Entry, ...] = tuple(entries)
         self._lambda_G_of = [0.0 if e.is_bias else self.lambda_G for e in entries]
         self._group_of: List[int] = []
@@ -315,15 +318,6 @@ class EquivarianceDecay:
     @property
     def attached(self) -> bool:
         return self._hook is not None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_optimizer"] = None   # a weak reference does not pickle; the hook is not restored either
-        state["_hook"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (f"EquivarianceDecay(mode={self.mode!r}, lambda_perp={self.lambda_perp:g}, "
