@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -113,6 +114,12 @@ def _register_native() -> None:
         return
     if not hasattr(torch.ops.projkernels_C, "multi_decay_"):
         return  # an extension built before the decay ops: rebuild it
+    # In-place ops with no outputs: their fake (meta) kernels only have to exist, for torch.compile.
+    for op in ("projkernels_C::multi_decay_", "projkernels_C::multi_decay_grad_"):
+        try:
+            torch.library.register_fake(op)(lambda *args, **kwargs: None)
+        except RuntimeError:
+            pass  # already registered (the module was reloaded)
     register_decay_backend(DecayBackend("cpp", _native_apply, BACKENDS["cpp"].unavailable))
     if "cuda" in BACKENDS:
         register_decay_backend(DecayBackend("cuda", _native_apply, BACKENDS["cuda"].unavailable))
@@ -281,6 +288,7 @@ class EquivarianceDecay:
                                      "by each group's learning rate (use mode='coupled')")
         self.steps = 0
         self.host_seconds = 0.0
+        self._warned = False
         self._optimizer = weakref.ref(optimizer)
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
 
@@ -314,6 +322,11 @@ class EquivarianceDecay:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer the decay was made for (None once it has been garbage-collected)."""
+        return self._optimizer()
 
     @property
     def attached(self) -> bool:
@@ -361,6 +374,12 @@ class EquivarianceDecay:
             tables.append(e.table)
             c_dev.append(-2.0 * lr * self.lambda_perp)
             c_mean.append(-2.0 * lr * lg)
+        if not self._warned and any(c < -1.0 for c in c_dev + c_mean):
+            # 2 lr lambda > 1 overshoots P W (the part flips sign every step), > 2 diverges.
+            self._warned = True
+            warnings.warn(f"equivariance_decay: 2 * lr * lambda = {-min(c_dev + c_mean):g} > 1 overshoots the "
+                          "projection (the decayed part changes sign every step); lower lambda_perp / lambda_G",
+                          RuntimeWarning, stacklevel=4)
         if targets:
             apply_decay_(targets, None, tables, c_dev, c_mean, backend=self.backend)
 

@@ -464,6 +464,30 @@ def test_raw_op_rejects_bad_input():
         ops.multi_decay_grad_([w.double()], [w], [off], geo, [0.1], [0.0])
 
 
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="projkernels._C is not built")
+def test_raw_ops_pass_opcheck():
+    ops = torch.ops.projkernels_C
+    t = orbit_table((8, 8, 3, 3), "C4", "regular", "regular")
+    off = t.to("cpu")["offsets"]
+    geo = [t.c_out, t.c_in, t.stride_out, t.stride_in]
+    w, g = torch.randn(8, 8, 3, 3), torch.randn(8, 8, 3, 3)
+    torch.library.opcheck(ops.multi_decay_, ([w], [off], geo, [-0.1], [0.0]))
+    torch.library.opcheck(ops.multi_decay_grad_, ([g], [w], [off], geo, [0.1], [0.2]))
+
+
+def test_overshooting_rate_warns_once():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    h = pk.equivariance_decay(opt, model, 2.0)
+    with pytest.warns(RuntimeWarning, match="overshoots"):
+        opt.step()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert h.steps == 2 and h.optimizer is opt
+
+
 # --- GPU -----------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
