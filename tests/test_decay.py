@@ -488,6 +488,18 @@ def test_overshooting_rate_warns_once():
     assert h.steps == 2 and h.optimizer is opt
 
 
+def test_example_runs():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "train_with_decay.py")
+    spec = importlib.util.spec_from_file_location("train_with_decay", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    after = mod.main(["--steps", "8"])
+    assert len(after) == 4 and all(0 <= a < 1 for a in after)
+
+
 # --- GPU -----------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
