@@ -179,6 +179,10 @@ def apply_decay_(targets: Sequence[torch.Tensor], weights: Optional[Sequence[tor
     targets = list(targets)
     if not targets:
         return
+    n = len(targets)
+    for name, seq in (("weights", weights), ("tables", tables), ("coef_dev", coef_dev), ("coef_mean", coef_mean)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{name}: expected one entry per target ({n}), got {len(seq)}")
     by_device: Dict[torch.device, List[int]] = {}
     for i, t in enumerate(targets):
         by_device.setdefault(t.device, []).append(i)

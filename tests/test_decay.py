@@ -443,6 +443,15 @@ def test_grad_scaler_skipped_step_skips_the_decay():
 
 # --- the raw ops ---------------------------------------------------------------------------------
 
+def test_apply_decay_checks_lengths():
+    w = torch.randn(8, 8, 3, 3)
+    t = orbit_table(w, "C4", "regular", "regular")
+    with pytest.raises(ValueError, match="coef_mean: expected one entry per target"):
+        D.apply_decay_([w], None, [t], [0.1], [0.0, 0.0])
+    with pytest.raises(ValueError, match="tables"):
+        D.apply_decay_([w, w.clone()], None, [t], [0.1, 0.1], [0.0, 0.0])
+
+
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="projkernels._C is not built")
 def test_raw_op_rejects_bad_input():
     ops = torch.ops.projkernels_C
