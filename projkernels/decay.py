@@ -168,13 +168,15 @@ def _resolve(backend: str, device: torch.device) -> DecayBackend:
     return b
 
 
+@torch.no_grad()
 def apply_decay_(targets: Sequence[torch.Tensor], weights: Optional[Sequence[torch.Tensor]],
                  tables: Sequence[OrbitTable], coef_dev: Sequence[float], coef_mean: Sequence[float], *,
                  backend: str = "auto") -> None:
     """``targets[l] += coef_dev[l] (W_l - P W_l) + coef_mean[l] P W_l`` in place for every l, one
     fused pass per device (``W_l = weights[l]``, or the targets themselves when ``weights`` is None).
 
-    The low-level entry point of the decay; non-contiguous targets are updated through a copy."""
+    The low-level entry point of the decay (an optimizer-style update: no autograd); non-contiguous
+    targets are updated through a copy."""
     check_backend_name(backend)
     targets = list(targets)
     if not targets:
