@@ -22,3 +22,4 @@ __all__ = [
     # groups, tables, backends
     "get_group", "register_group", "FiniteGroup", "orbit_table", "available_backends", "register_multi_backend",
 ]
+from .decay import equivariance_decay; __all__.append("equivariance_decay")  # noqa: E402,E702

@@ -1,0 +1,114 @@
+// Equivariance decay: the per-orbit update shared by the CPU (decay_ops.cpp) and CUDA
+// (decay_kernels.cu) implementations of the projkernels_C::multi_decay_ ops.
+//
+// One call updates the "target" tensors of many layers in place from their weights:
+//
+//   target <- target + c_dev (W - P W) + c_mean P W
+//
+// With target = W, c_dev = -2 lr lambda_perp and c_mean = -2 lr lambda_G this is the decoupled
+// decay step; with target = W.grad, c_dev = 2 lambda_perp and c_mean = 2 lambda_G it adds the
+// penalty's gradient.  On an orbit, P W is the orbit mean, so the update needs one read of the
+// orbit, its mean, and one write.
+//
+// Every layer carries its own dtype and coefficients, so layers of mixed dtypes share one pass.
+// Chunks (a fixed number of orbits, never spanning two layers) are the unit of work of a CPU task
+// or a CUDA block.  No value is summed across orbits, so the result does not depend on the chunking
+// or on the thread count: the update is deterministic bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include "orbit_math.h"
+
+namespace projkernels {
+namespace decay {
+
+// The dtypes the decay serves; the code travels in the layer descriptor.
+enum DType : int32_t { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+
+// One layer as the kernels read it.  Pointers are device pointers on CUDA, host pointers on CPU.
+struct Layer {
+  void* target;             // contiguous, updated in place (W itself, or W.grad)
+  const void* weight;       // contiguous, same dtype and shape; equal to target for the in-place update
+  const int32_t* offsets;   // [orbits_per_block, G], relative to a block's first entry
+  double coef_dev;          // multiplies W - P W
+  double coef_mean;         // multiplies P W
+  int64_t c_in;
+  int64_t stride_out;
+  int64_t stride_in;
+  int64_t orbits_per_block;
+  int64_t n_orbits;         // orbits_per_block * c_out * c_in
+  int64_t chunk_begin;      // this layer's chunks are [chunk_begin, chunk_end) of the chunk list
+  int64_t chunk_end;
+  int32_t G;
+  int32_t dtype;            // a DType
+};
+
+// Orbits [first, last) of layer `layer`.
+struct Chunk {
+  int64_t first;
+  int64_t last;
+  int32_t layer;
+  int32_t pad;
+};
+
+// Sets every layer's chunk range and returns the number of chunks.
+inline int64_t assign_chunks(Layer* layers, int64_t n_layers, int64_t chunk_orbits) {
+  int64_t n = 0;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    layers[l].chunk_begin = n;
+    n += (layers[l].n_orbits + chunk_orbits - 1) / chunk_orbits;
+    layers[l].chunk_end = n;
+  }
+  return n;
+}
+
+// Writes the chunk list of layers whose ranges assign_chunks set.
+inline void list_chunks(const Layer* layers, int64_t n_layers, int64_t chunk_orbits, Chunk* chunks) {
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const Layer& d = layers[l];
+    for (int64_t c = d.chunk_begin; c < d.chunk_end; ++c) {
+      const int64_t first = (c - d.chunk_begin) * chunk_orbits;
+      const int64_t last = first + chunk_orbits < d.n_orbits ? first + chunk_orbits : d.n_orbits;
+      chunks[c] = Chunk{first, last, static_cast<int32_t>(l), 0};
+    }
+  }
+}
+
+// The decay of one orbit.  Every value of the orbit (of W, and of the target when it is not W) is
+// read before anything is written: an entry that the orbit lists several times (a non-trivial
+// stabiliser) is then written the same value each time, and with target == W the update reads the
+// old W only.  Hence no __restrict__ here: target and w may be the same array.
+template <int MAXG, bool IN_PLACE, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void decay_orbit(const scalar_t* w, scalar_t* target, int64_t base,
+                                       const int32_t* offsets, int G, acc_t coef_dev, acc_t coef_mean) {
+  acc_t f[MAXG];
+  load_orbit<MAXG>(w, base, offsets, G, f);
+  const acc_t mean = orbit_mean<MAXG>(f, G);
+  acc_t t[MAXG];
+  if (!IN_PLACE) load_orbit<MAXG>(static_cast<const scalar_t*>(target), base, offsets, G, t);
+  const acc_t shift = coef_mean * mean;
+  PK_UNROLL
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
+    const acc_t old = IN_PLACE ? f[g] : t[g];
+    target[base + offsets[g]] = static_cast<scalar_t>(old + (coef_dev * (f[g] - mean) + shift));
+  }
+}
+
+// The decay of orbits first, first + step, ... < last of one layer: a CPU task walks a whole chunk
+// (step 1), a CUDA thread every blockDim-th orbit of its block's chunk.
+template <int MAXG, bool IN_PLACE, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void decay_chunk(const Layer& d, int G, int64_t first, int64_t last, int64_t step) {
+  if (first >= last) return;
+  const scalar_t* w = static_cast<const scalar_t*>(d.weight);
+  scalar_t* target = static_cast<scalar_t*>(d.target);
+  const acc_t c_dev = static_cast<acc_t>(d.coef_dev), c_mean = static_cast<acc_t>(d.coef_mean);
+  OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
+  for (int64_t id = first; id < last; id += step, it.advance(step)) {
+    decay_orbit<MAXG, IN_PLACE>(w, target, it.base, d.offsets + it.orbit * G, G, c_dev, c_mean);
+  }
+}
+
+}  // namespace decay
+}  // namespace projkernels

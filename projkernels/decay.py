@@ -1,0 +1,448 @@
+"""Equivariance decay: the projection penalty applied inside the optimizer step.
+
+Adding ``lambda_perp ||W - P(W)||^2`` to the loss costs an autograd node per step, and with an
+adaptive optimizer (Adam) the penalty's gradient is rescaled by the second-moment estimate like any
+other gradient.  ``equivariance_decay`` instead updates every attached weight in the optimizer's
+step pre-hook, as AdamW applies weight decay:
+
+    mode="decoupled":  W <- W - lr (2 lambda_perp (W - P W) + 2 lambda_G P W)     (before the step)
+    mode="coupled":    W.grad += 2 lambda_perp (W - P W) + 2 lambda_G P W         (before the step)
+
+``lr`` is the parameter group's current learning rate (schedulers work).  For plain SGD both modes
+give exactly the update of the penalty in the loss; for other optimizers "coupled" is still exactly
+the penalty in the loss, and "decoupled" shrinks the non-equivariant part by the factor
+``1 - 2 lr lambda_perp`` whatever the optimizer's preconditioning.  Regular-field biases join the
+``lambda_perp`` term as in ``model_penalty`` (their deviation from the per-field mean);
+``lambda_G`` acts on weights only.
+
+All attached tensors are updated by one fused in-place pass per step (``projkernels_C::multi_decay_``
+and ``multi_decay_grad_``: one CPU parallel loop, or one CUDA launch, for all layers and dtypes);
+the Triton route launches one kernel per tensor; the reference route is plain tensor code.  The
+math is float32 for half-precision tensors (float64 for float64) and the result is deterministic.
+
+Mixed precision.  ``torch.amp.GradScaler.step(optimizer)`` unscales the gradients (``unscale_``)
+before it calls ``optimizer.step()``, and it skips the step (hooks included) when it finds inf/NaN,
+so both modes see unscaled gradients and skipped steps are skipped for the decay too.  Optimizers
+that unscale inside their own step (``fused=True``, ``_step_supports_amp_scaling``) get
+``optimizer.grad_scale`` and ``optimizer.found_inf`` from the scaler instead: "coupled" then
+multiplies its addition by ``grad_scale`` (the optimizer divides it out again) and "decoupled"
+skips a step whose ``found_inf`` is set; both read that scalar on the host (one device sync per
+step on a GPU).  A ``clip_grad_norm_`` between ``unscale_`` and ``step`` clips the task gradient
+only: the coupled addition comes after it (unlike the penalty in the loss).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .backends import BACKENDS, check_backend_name
+from .groups import get_group
+from .model import attached_layers
+from .orbits import OrbitTable, orbit_table
+from . import reference as R
+
+__all__ = ["equivariance_decay", "EquivarianceDecay", "DecayBackend", "register_decay_backend",
+           "decay_backends", "apply_decay_", "MODES", "demo_runs"]
+
+MODES = ("decoupled", "coupled")
+
+
+# --- backends ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecayBackend:
+    """``apply(targets, weights, tables, coef_dev, coef_mean)`` sets, for every l,
+    ``targets[l] += coef_dev[l] (W_l - P W_l) + coef_mean[l] P W_l`` in place, with ``W_l = weights[l]``
+    (``weights=None``: the targets themselves).  Targets are contiguous; the tables are the layers'
+    ``OrbitTable``s (a bias is described as an (n, 1) weight with regular output fields)."""
+    name: str
+    apply: Callable
+    why_unavailable: Callable[[torch.device], Optional[str]]
+
+
+DECAY_BACKENDS: Dict[str, DecayBackend] = {}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+
+
+def register_decay_backend(backend: DecayBackend) -> None:
+    DECAY_BACKENDS[backend.name] = backend
+
+
+def _reference_apply(targets, weights, tables, coef_dev, coef_mean) -> None:
+    # Plain tensor code, one layer at a time: P W from the orbit means (the reference projection),
+    # then the update in the accumulation dtype, rounded once into the target.
+    for i, (t, table) in enumerate(zip(targets, tables)):
+        w = t if weights is None else weights[i]
+        acc = R.acc_dtype(t.dtype)
+        pw = R.project(w, table).reshape(t.shape)
+        new = t.to(acc) + coef_dev[i] * (w.to(acc) - pw) + coef_mean[i] * pw
+        t.copy_(new)
+
+
+register_decay_backend(DecayBackend("reference", _reference_apply, lambda device: None))
+
+
+@functools.lru_cache(maxsize=64)
+def _op_args(tables: Tuple[OrbitTable, ...], device: str):
+    """(offsets[], geometry) of the multi_decay ops for these layers on ``device``, cached."""
+    offsets = [t.device_tables(device).offsets for t in tables]
+    geometry = [g for t in tables for g in (t.c_out, t.c_in, t.stride_out, t.stride_in)]
+    return offsets, geometry
+
+
+def _native_apply(targets, weights, tables, coef_dev, coef_mean) -> None:
+    ops = torch.ops.projkernels_C
+    offsets, geometry = _op_args(tuple(tables), str(targets[0].device))
+    if weights is None:
+        ops.multi_decay_(targets, offsets, geometry, coef_dev, coef_mean)
+    else:
+        ops.multi_decay_grad_(targets, weights, offsets, geometry, coef_dev, coef_mean)
+
+
+def _register_native() -> None:
+    try:
+        from . import native  # noqa: F401  (loads projkernels._C)
+    except ImportError:
+        return
+    if not hasattr(torch.ops.projkernels_C, "multi_decay_"):
+        return  # an extension built before the decay ops: rebuild it
+    # In-place ops with no outputs: their fake (meta) kernels only have to exist, for torch.compile.
+    for op in ("projkernels_C::multi_decay_", "projkernels_C::multi_decay_grad_"):
+        try:
+            torch.library.register_fake(op)(lambda *args, **kwargs: None)
+        except RuntimeError:
+            pass  # already registered (the module was reloaded)
+    register_decay_backend(DecayBackend("cpp", _native_apply, BACKENDS["cpp"].why_unavailable))
+    if "cuda" in BACKENDS:
+        register_decay_backend(DecayBackend("cuda", _native_apply, BACKENDS["cuda"].why_unavailable))
+
+
+def _register_triton() -> None:
+    try:
+        from . import triton_decay
+    except ImportError:
+        return
+    register_decay_backend(DecayBackend("triton", triton_decay.apply, triton_decay.why_unavailable))
+
+
+_register_native()
+_register_triton()
+
+
+def decay_backends(device="cpu") -> List[str]:
+    """Names of the decay backends that serve tensors on ``device``, fastest first."""
+    device = torch.device(device)
+    order = _AUTO_ORDER.get(device.type, ("reference",)) + ("triton",)
+    out = []
+    for n in order:
+        if n in DECAY_BACKENDS and n not in out and DECAY_BACKENDS[n].why_unavailable(device) is None:
+            out.append(n)
+    return out
+
+
+def _resolve(backend: str, device: torch.device) -> DecayBackend:
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            b = DECAY_BACKENDS.get(name)
+            if b is not None and b.why_unavailable(device) is None:
+                return b
+        return DECAY_BACKENDS["reference"]
+    b = DECAY_BACKENDS.get(backend)
+    if b is None:
+        why = {"cpp": "the C++ extension projkernels._C is not built (or was built without the decay ops; "
+                      "rebuild it)",
+               "cuda": "the CUDA extension is not built",
+               "triton": "Triton is not installed"}.get(backend, "not registered")
+        raise RuntimeError(f"backend={backend!r} cannot run the decay on {device}: {why}")
+    reason = b.why_unavailable(device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run the decay on {device}: {reason}")
+    return b
+
+
+@torch.no_grad()
+def apply_decay_(targets: Sequence[torch.Tensor], weights: Optional[Sequence[torch.Tensor]],
+                 tables: Sequence[OrbitTable], coef_dev: Sequence[float], coef_mean: Sequence[float], *,
+                 backend: str = "auto") -> None:
+    """``targets[l] += coef_dev[l] (W_l - P W_l) + coef_mean[l] P W_l`` in place for every l, one
+    fused pass per device (``W_l = weights[l]``, or the targets themselves when ``weights`` is None).
+
+    The low-level entry point of the decay (an optimizer-style update: no autograd); non-contiguous
+    targets are updated through a copy."""
+    check_backend_name(backend)
+    targets = list(targets)
+    if not targets:
+        return
+    n = len(targets)
+    for name, seq in (("weights", weights), ("tables", tables), ("coef_dev", coef_dev), ("coef_mean", coef_mean)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{name}: expected one entry per target ({n}), got {len(seq)}")
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, t in enumerate(targets):
+        by_device.setdefault(t.device, []).append(i)
+    for device, idx in by_device.items():
+        impl = _resolve(backend, device)
+        ts = [targets[i] for i in idx]
+        # An in-place kernel on a contiguous copy would update the copy: write such targets back.
+        back = [(j, t) for j, t in enumerate(ts) if not t.is_contiguous()]
+        for j, t in back:
+            ts[j] = t.contiguous()
+        ws = None if weights is None else [weights[i].contiguous() for i in idx]
+        single = len(idx) == len(targets)
+        impl.apply(ts, ws, tables if single else [tables[i] for i in idx],
+                   list(coef_dev) if single else [coef_dev[i] for i in idx],
+                   list(coef_mean) if single else [coef_mean[i] for i in idx])
+        for j, t in back:
+            t.copy_(ts[j])
+
+
+# --- the handle --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class _Entry:
+    param: torch.Tensor
+    table: OrbitTable
+    is_bias: bool
+    name: str
+
+
+def _check_lambda(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
+            value = float(value)
+        else:
+            raise TypeError(f"{name}: expected a non-negative number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite non-negative number, got {value}")
+    return value
+
+
+def _bias_table(module: nn.Module, sym) -> Optional[OrbitTable]:
+    """The orbit table of a regular-field bias, seen as an (n, 1) weight from a trivial input to
+    regular output fields: one orbit per field, P = the field mean (as ``model_penalty``)."""
+    bias = getattr(module, "bias", None)
+    if bias is None or sym.out_rep != "regular":
+        return None
+    return orbit_table((bias.numel(), 1), get_group(sym.group).name, "trivial", "regular")
+
+
+def _closure_given(args, kwargs) -> bool:
+    # The step pre-hooks receive step's positional arguments with the optimizer itself first.
+    return kwargs.get("closure") is not None or (len(args) > 1 and args[1] is not None)
+
+
+class EquivarianceDecay:
+    """The handle ``equivariance_decay`` returns: a step pre-hook on the optimizer.
+
+    ``remove()`` detaches it.  ``steps`` counts the steps it has acted on and ``host_seconds`` the
+    host time it spent in them.  The handle keeps no reference on the model (only on the attached
+    parameters, which the optimizer holds anyway) and adds nothing to any state_dict.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, lambda_perp, lambda_G=0.0,
+                 mode: str = "decoupled", *, bias: bool = True, backend: str = "auto"):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        self.lambda_perp = _check_lambda("lambda_perp", lambda_perp)
+        self.lambda_G = _check_lambda("lambda_G", lambda_G)
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.backend = check_backend_name(backend)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
+        layers = attached_layers(model)
+        if not layers:
+            raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
+                             "/ attach_regular_gcnn first")
+        entries: List[_Entry] = []
+        for name, module, sym in layers:
+            label = name or "(model)"
+            entries.append(_Entry(module.weight, orbit_table(module.weight, sym.group, sym.in_rep, sym.out_rep),
+                                  False, f"{label}.weight"))
+            table = _bias_table(module, sym) if bias else None
+            if table is not None:
+                entries.append(_Entry(module.bias, table, True, f"{label}.bias"))
+        seen: Dict[int, str] = {}
+        for e in entries:
+            if id(e.param) in seen:
+                raise ValueError(f"model: {e.name} is the same parameter as {seen[id(e.param)]} (tied weights); "
+                                 "attach a symmetry to only one of the layers that share it")
+            seen[id(e.param)] = e.name
+        for device in {e.param.device for e in entries}:
+            _resolve(self.backend, device)  # an unusable backend fails here, not at the first step
+        self._entries: Tuple[_Entry, ...] = tuple(entries)
+        self._lambda_G_of = [0.0 if e.is_bias else self.lambda_G for e in entries]
+        self._group_of: List[int] = []
+        self._groups_key = None
+        self._locate(optimizer)
+        if mode == "decoupled":
+            for i, g in enumerate(optimizer.param_groups):
+                if "lr" not in g:
+                    raise ValueError(f"optimizer: parameter group {i} has no 'lr'; the decoupled decay scales "
+                                     "by each group's learning rate (use mode='coupled')")
+        self.steps = 0
+        self.host_seconds = 0.0
+        self._warned = False
+        self._optimizer = weakref.ref(optimizer)
+        self._hook = optimizer.register_step_pre_hook(self._pre_step)
+
+    # -- bookkeeping --
+
+    @staticmethod
+    def _key(optimizer) -> Tuple[int, ...]:
+        # load_state_dict replaces the group dicts but keeps each group's params list.
+        return tuple(id(g["params"]) for g in optimizer.param_groups)
+
+    def _locate(self, optimizer) -> None:
+        where = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        group_of = []
+        for e in self._entries:
+            if id(e.param) not in where:
+                hint = ("pass bias=False to leave biases out, or add it to the optimizer" if e.is_bias
+                        else "add it to the optimizer, or detach_symmetry(layer) to leave the layer out")
+                raise ValueError(f"model: the attached parameter {e.name} is not in the optimizer's parameter "
+                                 f"groups; {hint}")
+            group_of.append(where[id(e.param)])
+        self._group_of = group_of
+        self._groups_key = self._key(optimizer)
+
+    @property
+    def parameters(self) -> List[torch.Tensor]:
+        """The parameters the decay acts on (weights, then regular-field biases, layer by layer)."""
+        return [e.param for e in self._entries]
+
+    def remove(self) -> None:
+        """Detach from the optimizer; later steps are plain optimizer steps.  Idempotent."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer the decay was made for (None once it has been garbage-collected)."""
+        return self._optimizer()
+
+    @property
+    def attached(self) -> bool:
+        return self._hook is not None
+
+    def __repr__(self) -> str:
+        return (f"EquivarianceDecay(mode={self.mode!r}, lambda_perp={self.lambda_perp:g}, "
+                f"lambda_G={self.lambda_G:g}, tensors={len(self._entries)}, backend={self.backend!r}, "
+                f"{'attached' if self.attached else 'removed'})")
+
+    # -- the step --
+
+    def _pre_step(self, optimizer, args, kwargs):
+        if self.lambda_perp == 0.0 and self.lambda_G == 0.0:
+            return None
+        t0 = time.perf_counter()
+        if self._key(optimizer) != self._groups_key:
+            self._locate(optimizer)
+        if self.mode == "coupled" and _closure_given(args, kwargs):
+            raise RuntimeError("equivariance_decay(mode='coupled'): this optimizer step takes a closure, which "
+                               "recomputes the gradients inside step(), after the decay added to them; put "
+                               "model_penalty in the closure's loss instead, or use mode='decoupled'")
+        # The hooks run outside the optimizer's own no_grad: in-place updates of leaves need it.
+        with torch.no_grad():
+            if self.mode == "decoupled":
+                self._decoupled(optimizer)
+            else:
+                self._coupled(optimizer)
+        self.steps += 1
+        self.host_seconds += time.perf_counter() - t0
+        return None
+
+    def _decoupled(self, optimizer) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor) and float(found_inf) != 0.0:
+            return  # a fused optimizer skips this step itself (GradScaler found inf/NaN)
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        targets, tables, c_dev, c_mean = [], [], [], []
+        for e, gi, lg in zip(self._entries, self._group_of, self._lambda_G_of):
+            p = e.param
+            if not p.requires_grad:
+                continue  # a frozen parameter gets no gradient from the penalty in the loss either
+            lr = lrs[gi]
+            targets.append(p)
+            tables.append(e.table)
+            c_dev.append(-2.0 * lr * self.lambda_perp)
+            c_mean.append(-2.0 * lr * lg)
+        if not self._warned and any(c < -1.0 for c in c_dev + c_mean):
+            # 2 lr lambda > 1 overshoots P W (the part flips sign every step), > 2 diverges.
+            self._warned = True
+            warnings.warn(f"equivariance_decay: 2 * lr * lambda = {-min(c_dev + c_mean):g} > 1 overshoots the "
+                          "projection (the decayed part changes sign every step); lower lambda_perp / lambda_G",
+                          RuntimeWarning, stacklevel=4)
+        if targets:
+            apply_decay_(targets, None, tables, c_dev, c_mean, backend=self.backend)
+
+    def _coupled(self, optimizer) -> None:
+        scale = getattr(optimizer, "grad_scale", None)
+        # A fused optimizer with a GradScaler divides the gradients by grad_scale inside its step.
+        s = float(scale) if isinstance(scale, torch.Tensor) else 1.0
+        grads, weights, tables, c_dev, c_mean = [], [], [], [], []
+        for e, lg in zip(self._entries, self._lambda_G_of):
+            p = e.param
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+            g = p.grad
+            if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape:
+                raise RuntimeError(f"equivariance_decay(mode='coupled'): the gradient of {e.name} is "
+                                   f"{'sparse' if g.is_sparse else f'{g.dtype} {tuple(g.shape)}'}; expected a dense "
+                                   f"{p.dtype} gradient of shape {tuple(p.shape)}")
+            grads.append(g)
+            weights.append(p)
+            tables.append(e.table)
+            c_dev.append(2.0 * self.lambda_perp * s)
+            c_mean.append(2.0 * lg * s)
+        if grads:
+            apply_decay_(grads, weights, tables, c_dev, c_mean, backend=self.backend)
+
+
+def equivariance_decay(optimizer: torch.optim.Optimizer, model: nn.Module, lambda_perp: float,
+                       lambda_G: float = 0.0, mode: str = "decoupled", *, bias: bool = True,
+                       backend: str = "auto") -> EquivarianceDecay:
+    """Attach the equivariance decay of ``model``'s attached layers to ``optimizer``.
+
+    Before every ``optimizer.step()``, each attached weight ``W`` (and, with ``bias=True``, each
+    regular-field bias, on the ``lambda_perp`` term) gets
+
+    - ``mode="decoupled"``: ``W <- W - lr (2 lambda_perp (W - P W) + 2 lambda_G P W)`` with its
+      parameter group's current ``lr`` (the decoupled analogue of the penalty, as AdamW's weight decay);
+    - ``mode="coupled"``: ``W.grad += 2 lambda_perp (W - P W) + 2 lambda_G P W`` (created if None):
+      exactly what ``model_penalty(model, lambda_perp, lambda_G)`` in the loss contributes.
+
+    Parameters with ``requires_grad=False`` are left alone.  The layers are those attached when the
+    handle is made.  Returns an ``EquivarianceDecay``; ``handle.remove()`` detaches it.  ``backend``:
+    "auto" (the fused C++/CUDA op where built), "reference", "cpp", "cuda" or "triton".
+
+    Raises TypeError / ValueError naming the argument for a bad optimizer, model, lambda or mode; a
+    model with no attached layer; or an attached parameter that is not in the optimizer.
+    """
+    return EquivarianceDecay(optimizer, model, lambda_perp, lambda_G, mode, bias=bias, backend=backend)
+
+
+# --- for the demo ------------------------------------------------------------------------------
+
+def demo_runs(lambdas: Sequence[float]) -> List[Tuple[str, float, str]]:
+    """Plan rows ``(method, lambda, label)`` for the demo: the decoupled decay at the penalty's lambdas.
+
+    The demo's training loop runs method "decay" as "none" plus, right after it creates the optimizer,
+    ``handle = equivariance_decay(opt, model, weight)``; the regulariser's time per step is the
+    handle's ``host_seconds`` (the decay runs inside ``opt.step()``)."""
+    return [("decay", float(lam), f"decay (decoupled) lambda={lam:g}") for lam in lambdas]

@@ -1,0 +1,106 @@
+"""The equivariance decay as a Triton kernel (the "triton" decay backend).
+
+``target <- target + coef_dev (W - P W) + coef_mean P W`` in place, one launch per tensor: each
+program loads ``BLOCK`` orbits as a ``[BLOCK, GP]`` tile (``GP`` = |G| rounded up to a power of two),
+takes the orbit means and writes the update back.  All values of a tile are loaded before anything
+is stored, so an entry listed several times in its orbit gets the same value each time, and the
+in-place update (target = W) reads the old W only.  Math in float32 (float64 for float64 tensors).
+
+Serves CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (tests).  Importing this module
+without Triton raises ImportError.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["apply", "why_unavailable", "INTERPRET"]
+
+# triton.jit picks the interpreter when it decorates, so the mode is fixed at import.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _decay_kernel(t_ptr, w_ptr, offsets_ptr, n_orbits, opb, c_in, stride_out, stride_in,
+                  dev_hi, dev_lo, mean_hi, mean_lo, G: tl.constexpr, GP: tl.constexpr, F64: tl.constexpr, IN_PLACE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    ids = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = ids < n_orbits
+    b = ids // opb
+    o = ids - b * opb
+    fo = b // c_in
+    fi = b - fo * c_in
+    base = fo.to(tl.int64) * stride_out + fi.to(tl.int64) * stride_in
+    g = tl.arange(0, GP)
+    mask = valid[:, None] & (g < G)[None, :]
+    off = tl.load(offsets_ptr + o[:, None] * G + g[None, :], mask=mask, other=0)
+    addr = base[:, None] + off.to(tl.int64)
+    f = tl.load(w_ptr + addr, mask=mask, other=0.0)
+    if F64:
+        f = f.to(tl.float64)
+    else:
+        f = f.to(tl.float32)
+    mean = tl.sum(f, axis=1) / G
+    if IN_PLACE:
+        old = f
+    else:
+        old = tl.load(t_ptr + addr, mask=mask, other=0.0).to(f.dtype)
+    # Scalar arguments arrive as float32: a float64 coefficient comes as hi + lo float32 parts.
+    zero = tl.zeros([1], dtype=f.dtype)
+    coef_dev = (zero + dev_hi) + dev_lo
+    coef_mean = (zero + mean_hi) + mean_lo
+    new = old + (coef_dev[:, None] * (f - mean[:, None]) + coef_mean[:, None] * mean[:, None])
+    tl.store(t_ptr + addr, new.to(t_ptr.dtype.element_ty), mask=mask)
+
+
+def why_unavailable(device) -> Optional[str]:
+    device = torch.device(device)
+    if device.type == "cpu":
+        if INTERPRET:
+            return None
+        return ("Triton kernels run on CUDA tensors; CPU tensors are served only under Triton's "
+                "interpreter (start the process with TRITON_INTERPRET=1; slow, meant for tests)")
+    if device.type == "cuda":
+        if INTERPRET:
+            return "TRITON_INTERPRET=1 is set, so the Triton kernels run on the CPU only; unset it to use the GPU"
+        if not torch.cuda.is_available():
+            return "CUDA is not available (no GPU, or torch was built without CUDA)"
+        return None
+    return f"Triton kernels run on CUDA tensors only, not on {device.type!r} tensors"
+
+
+def _block(n_orbits: int, gp: int) -> int:
+    # About 2048 values per program (a tile of 8 to 16 per thread at 4 warps); fewer, larger
+    # programs under the interpreter, whose cost is per program.
+    tile = 1 << 14 if INTERPRET else 2048
+    return max(16, min(triton.next_power_of_2(max(n_orbits, 1)), max(tile // gp, 1)))
+
+
+def _split(x: float):
+    """x as float32 hi + lo: together about 48 bits, enough for float64 math at float64 rounding."""
+    hi = float(np.float32(x))
+    return hi, float(np.float32(float(x) - hi))
+
+
+def apply(targets, weights, tables, coef_dev, coef_mean) -> None:
+    """The DecayBackend entry: one launch per tensor, in place."""
+    for i, (t, table) in enumerate(zip(targets, tables)):
+        w = t if weights is None else weights[i]
+        G = table.group.order
+        gp = triton.next_power_of_2(G)
+        n = table.n_orbits
+        block = _block(n, gp)
+        offsets = table.device_tables(t.device).offsets
+        ctx = torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+        with ctx:
+            _decay_kernel[(triton.cdiv(n, block),)](
+                t, w, offsets, n, table.orbits_per_block, table.c_in, table.stride_out, table.stride_in,
+                *_split(coef_dev[i]), *_split(coef_mean[i]), G=G, GP=gp, F64=t.dtype == torch.float64,
+                IN_PLACE=weights is None, BLOCK=block, num_warps=4)
