@@ -106,10 +106,9 @@ def _assert_same_params(a, b, tol):
 
 @pytest.mark.parametrize("lam_g", [0.0, 0.2])
 @pytest.mark.parametrize("mode", D.MODES)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+# Triton (interpreted on CPU) is held against the reference on tiny tensors further down.
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
 def test_sgd_decay_equals_penalty_in_the_loss(mode, backend, lam_g):
-    if backend == "triton":
-        pytest.skip("the Triton interpreter is exercised on tiny tensors below")
     ref, _ = _train("penalty", lam_g=lam_g)
     got, handle = _train(mode, lam_g=lam_g, backend=backend)
     assert handle.steps == 5
