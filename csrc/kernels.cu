@@ -13,6 +13,17 @@
 //
 // Backward: the same chunks; each orbit is read once and its dW written once.
 //
+// Tiles (PROJKERNELS_TILED, on by default; launch_plan.h): where a weight has the standard layout
+// and a few blocks fit in shared memory, a CUDA block instead owns a tile of whole
+// (out-field, in-field) blocks, reads it with coalesced 16-byte loads into shared memory, resolves
+// the orbits there, and (backward) writes the tile back the same way, so no thread issues
+// scattered partial-sector loads or stores.  The forward is tiled with or without the spectrum
+// (so the penalty has the same bits either way), the backward for the array classes
+// (|G| <= kMaxArrayOrder; the streamed backward takes the chunked path).  Whether a weight is
+// tiled depends only on the problem, so results stay reproducible across GPUs; setting
+// PROJKERNELS_TILED=0 in the environment (read once per process) selects the chunked path, for
+// comparison.
+//
 // Group orders: one switch (static_switch.h) for every kernel; any order up to kMaxGroupOrder
 // launches, the orders above kMaxArrayOrder through the streamed class.  Shared memory is sized in
 // one place (plan_shared) within the device's per-block limit; a table that does not fit is read
@@ -23,6 +34,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "block_reduce.cuh"
@@ -32,6 +46,10 @@
 #include "op_checks.h"
 #include "orbit_math.h"
 #include "static_switch.h"
+
+#ifndef PROJKERNELS_TILED
+#define PROJKERNELS_TILED 1
+#endif
 
 namespace projkernels {
 namespace {
@@ -52,7 +70,46 @@ __device__ __forceinline__ int64_t chunk_last(int64_t chunk_orbits, int64_t n_or
   return end < n_orbits ? end : n_orbits;
 }
 
-// Column j of the partials holds entry j of every chunk: 0 penalty, 1 eq energy, 1 + r row r.
+// Sums over the orbits first, first + blockDim, ... < last of this thread (threadIdx.x added by the
+// caller), reduced over the block by the fixed tree into column j of one partial: col[j * n_parts]
+// for j = 0 (penalty), 1 (eq energy) and, with SPECTRUM, 1 + r (row r).
+template <typename scalar_t, int K, bool SPECTRUM>
+__device__ __forceinline__ void reduce_orbits(const LayerDesc& d, const int32_t* __restrict__ offs,
+                                              const at::opmath_type<scalar_t>* __restrict__ bas, int64_t first,
+                                              int64_t last, double* __restrict__ col, int64_t n_parts,
+                                              double* scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int G = order_of(K, d.G);
+  // Row energies live in registers for the array classes; the streamed class walks rows outermost.
+  constexpr bool kRows = SPECTRUM && K != 0;
+  constexpr int kRowCount = kRows ? array_bound(K) : 1;
+  acc_t pen = 0, eq = 0;
+  acc_t rows[kRowCount];
+#pragma unroll
+  for (int r = 0; r < kRowCount; ++r) rows[r] = 0;
+  chunk_energies<K, kRows, scalar_t, acc_t, acc_t>(d, offs, first, last, blockDim.x, pen, eq, bas, rows);
+
+  double v = block_sum(static_cast<double>(pen), scratch);
+  if (threadIdx.x == 0) col[0] = v;
+  v = block_sum(static_cast<double>(eq), scratch);
+  if (threadIdx.x == 0) col[n_parts] = v;
+  if constexpr (kRows) {
+    constexpr int MAXG = array_bound(K);
+    PK_UNROLL
+    for (int r = 1; r < loop_bound(MAXG, G); ++r) {
+      if (r >= G) continue;  // G is the same in every thread, so every thread reaches the same syncs
+      v = block_sum(static_cast<double>(rows[r]), scratch);
+      if (threadIdx.x == 0) col[(1 + r) * n_parts] = v;
+    }
+  } else if constexpr (SPECTRUM) {
+    for (int r = 1; r < G; ++r) {
+      const acc_t e = chunk_row_energy<scalar_t, acc_t>(d, offs, first, last, blockDim.x, bas + int64_t(r) * G);
+      v = block_sum(static_cast<double>(e), scratch);
+      if (threadIdx.x == 0) col[(1 + r) * n_parts] = v;
+    }
+  }
+}
+
 template <typename scalar_t, int K, bool SPECTRUM>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(const LayerDesc d, const at::opmath_type<scalar_t>* __restrict__ basis, int64_t chunk_orbits,
@@ -65,37 +122,8 @@ forward_kernel(const LayerDesc d, const at::opmath_type<scalar_t>* __restrict__ 
   const int32_t* offs =
       plan.stage_offsets() ? stage(smem + plan.basis_bytes, d.offsets, d.orbits_per_block * G) : d.offsets;
   __syncthreads();
-
-  const int64_t first = chunk_first(chunk_orbits) + threadIdx.x, last = chunk_last(chunk_orbits, d.n_orbits);
-  // Row energies live in registers for the array classes; the streamed class walks rows outermost.
-  constexpr bool kRows = SPECTRUM && K != 0;
-  constexpr int kRowCount = kRows ? array_bound(K) : 1;
-  acc_t pen = 0, eq = 0;
-  acc_t rows[kRowCount];
-#pragma unroll
-  for (int r = 0; r < kRowCount; ++r) rows[r] = 0;
-  chunk_energies<K, kRows, scalar_t, acc_t, acc_t>(d, offs, first, last, blockDim.x, pen, eq, bas, rows);
-
-  double* col = partials + blockIdx.x;
-  double v = block_sum(static_cast<double>(pen), scratch);
-  if (threadIdx.x == 0) col[0] = v;
-  v = block_sum(static_cast<double>(eq), scratch);
-  if (threadIdx.x == 0) col[n_chunks] = v;
-  if constexpr (kRows) {
-    constexpr int MAXG = array_bound(K);
-    PK_UNROLL
-    for (int r = 1; r < loop_bound(MAXG, G); ++r) {
-      if (r >= G) continue;  // G is the same in every thread, so every thread reaches the same syncs
-      v = block_sum(static_cast<double>(rows[r]), scratch);
-      if (threadIdx.x == 0) col[(1 + r) * n_chunks] = v;
-    }
-  } else if constexpr (SPECTRUM) {
-    for (int r = 1; r < G; ++r) {
-      const acc_t e = chunk_row_energy<scalar_t, acc_t>(d, offs, first, last, blockDim.x, bas + int64_t(r) * G);
-      v = block_sum(static_cast<double>(e), scratch);
-      if (threadIdx.x == 0) col[(1 + r) * n_chunks] = v;
-    }
-  }
+  reduce_orbits<scalar_t, K, SPECTRUM>(d, offs, bas, chunk_first(chunk_orbits) + threadIdx.x,
+                                       chunk_last(chunk_orbits, d.n_orbits), partials + blockIdx.x, n_chunks, scratch);
 }
 
 // Block j adds column j of the partials in a fixed order (thread t takes chunks t, t + blockDim,
@@ -150,6 +178,124 @@ backward_kernel(const LayerDesc d, int64_t chunk_orbits, SharedPlan plan,
                                      chunk_last(chunk_orbits, d.n_orbits), blockDim.x, two_pen, two_eq);
 }
 
+// --- tiled kernels --------------------------------------------------------------------------
+
+// Copies `so` segments of `pitch` entries (src segment a at src + a * src_stride, dst segment a at
+// dst + a * dst_stride); consecutive threads take consecutive 16-byte vectors where every segment
+// start is 16-byte aligned, else consecutive entries.  Indices are 32-bit: a tile is < 2^31 entries.
+template <typename scalar_t>
+__device__ __forceinline__ void copy_segments(const scalar_t* __restrict__ src, int64_t src_stride,
+                                              scalar_t* __restrict__ dst, int64_t dst_stride, int64_t so,
+                                              int64_t pitch) {
+  constexpr int64_t V = 16 / sizeof(scalar_t);
+  const bool vec = reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+                   src_stride % V == 0 && dst_stride % V == 0 && pitch % V == 0;
+  if (vec) {
+    const uint32_t per = static_cast<uint32_t>(pitch / V), total = static_cast<uint32_t>(so) * per;
+#pragma unroll 4
+    for (uint32_t i = threadIdx.x; i < total; i += blockDim.x) {
+      const uint32_t a = i / per, r = i - a * per;
+      reinterpret_cast<int4*>(dst + a * dst_stride)[r] = reinterpret_cast<const int4*>(src + a * src_stride)[r];
+    }
+  } else {
+    const uint32_t per = static_cast<uint32_t>(pitch), total = static_cast<uint32_t>(so) * per;
+#pragma unroll 4
+    for (uint32_t i = threadIdx.x; i < total; i += blockDim.x) {
+      const uint32_t a = i / per, r = i - a * per;
+      dst[a * dst_stride + r] = src[a * src_stride + r];
+    }
+  }
+}
+
+// Loads tile blockIdx.x and its remapped offsets into shared memory.  Returns (the same in every
+// thread) whether some offset does not fit the tile layout; the block then reads from global memory.
+template <typename scalar_t>
+__device__ __forceinline__ bool stage_tile(const LayerDesc& d, const TilePlan& tp, const Tile& t, int G,
+                                           int32_t* s_offs, scalar_t* s_tile) {
+  int bad = 0;
+  const int64_t n = d.orbits_per_block * G;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    int32_t v = 0;
+    if (!remap_offset(d.offsets[i], tp.row_len, d.stride_in, tp.so, t.pitch, &v)) bad = 1;
+    s_offs[i] = v;
+  }
+  const scalar_t* w = static_cast<const scalar_t*>(d.weight);
+  copy_segments(w + tile_global_index(t, 0, 0, d.stride_out, tp.row_len, d.stride_in), tp.row_len, s_tile, t.pitch,
+                tp.so, t.pitch);
+  return __syncthreads_or(bad) != 0;
+}
+
+// The basis (spectrum only) is read from global memory: shared memory holds the tile.
+template <typename scalar_t, int K, bool SPECTRUM>
+__global__ void __launch_bounds__(kThreads)
+tiled_forward_kernel(const LayerDesc d, const TilePlan tp, const at::opmath_type<scalar_t>* __restrict__ basis,
+                     double* __restrict__ partials) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ double scratch[kWarps];
+  const int G = order_of(K, d.G);
+  const Tile t = tile_at(tp, blockIdx.x, d.c_in, d.stride_in, d.orbits_per_block);
+  int32_t* s_offs = reinterpret_cast<int32_t*>(smem);
+  scalar_t* s_tile = reinterpret_cast<scalar_t*>(smem + tp.offsets_bytes);
+  const bool bad = stage_tile(d, tp, t, G, s_offs, s_tile);
+  const int64_t n_local = t.width * d.orbits_per_block;
+  double* col = partials + blockIdx.x;
+  if (!bad) {
+    reduce_orbits<scalar_t, K, SPECTRUM>(tile_desc(d, t, s_tile, nullptr), s_offs, basis, threadIdx.x, n_local, col,
+                                         tp.n_tiles, scratch);
+  } else {
+    reduce_orbits<scalar_t, K, SPECTRUM>(d, d.offsets, basis, t.first_orbit + threadIdx.x, t.first_orbit + n_local,
+                                         col, tp.n_tiles, scratch);
+  }
+}
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(kThreads)
+tiled_backward_kernel(const LayerDesc d, const TilePlan tp, const at::opmath_type<scalar_t>* __restrict__ grad_pen,
+                      const at::opmath_type<scalar_t>* __restrict__ grad_eq) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int G = order_of(K, d.G);
+  const Tile t = tile_at(tp, blockIdx.x, d.c_in, d.stride_in, d.orbits_per_block);
+  int32_t* s_offs = reinterpret_cast<int32_t*>(smem);
+  scalar_t* s_tile = reinterpret_cast<scalar_t*>(smem + tp.offsets_bytes);
+  const bool bad = stage_tile(d, tp, t, G, s_offs, s_tile);
+  const acc_t two_pen = acc_t(2) * *grad_pen, two_eq = acc_t(2) * *grad_eq;
+  const int64_t n_local = t.width * d.orbits_per_block;
+  if (!bad) {
+    // Every entry of a block lies on one of its orbits, so the whole tile is overwritten with dW.
+    const LayerDesc local = tile_desc(d, t, s_tile, s_tile);
+    chunk_gradient_in_place<K, scalar_t, acc_t>(local, s_offs, threadIdx.x, n_local, blockDim.x, two_pen, two_eq);
+    __syncthreads();
+    scalar_t* out = static_cast<scalar_t*>(d.grad);
+    copy_segments(static_cast<const scalar_t*>(s_tile), t.pitch,
+                  out + tile_global_index(t, 0, 0, d.stride_out, tp.row_len, d.stride_in), tp.row_len, tp.so, t.pitch);
+  } else {
+    chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, t.first_orbit + threadIdx.x, t.first_orbit + n_local, blockDim.x,
+                                       two_pen, two_eq);
+  }
+}
+
+// Whether this build tiles, and the process did not ask for the chunked path (PROJKERNELS_TILED=0).
+bool tiles_enabled() {
+#if PROJKERNELS_TILED
+  static const bool on = [] {
+    const char* v = std::getenv("PROJKERNELS_TILED");
+    return !(v != nullptr && std::strcmp(v, "0") == 0);
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
+TilePlan tile_plan(const LayerDesc& d, int64_t c_out, int64_t elem_bytes, const char* op) {
+  if (!tiles_enabled()) return TilePlan{};
+  const TilePlan tp = plan_tiles(c_out, d.c_in, d.stride_out, d.stride_in, d.orbits_per_block, d.G, elem_bytes);
+  TORCH_CHECK(!tp.ok || tp.n_tiles <= std::numeric_limits<int32_t>::max(), op, ": too many tiles for one launch (",
+              tp.n_tiles, ")");
+  return tp;
+}
+
 // The parameter struct of the single-weight kernels: the multi-tensor kernels' layer descriptor.
 LayerDesc describe(const OrbitArgs& t, const at::Tensor& w, at::Tensor* grad) {
   LayerDesc d{};
@@ -197,13 +343,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
   const auto acc = acc_type_of(w.scalar_type());
   const LayerDesc d = describe(t, w, nullptr);
   const Chunks chunks(d, w.element_size(), op);
+  // Tiled or not regardless of with_spectrum: the penalty comes out the same bits either way.
+  const TilePlan tp = tile_plan(d, t.c_out, w.element_size(), op);
   const int G = d.G;
   const int64_t cols = with_spectrum ? G + 1 : 2;
+  const int64_t parts = tp.ok ? tp.n_tiles : chunks.count;  // one partial sum per tile or chunk
 
   at::Tensor pen = at::empty({}, w.options().dtype(acc));
   at::Tensor eq = at::empty({}, w.options().dtype(acc));
   at::Tensor spec = at::empty({n_irreps}, w.options().dtype(acc));
-  at::Tensor partials = at::empty({cols, chunks.count}, w.options().dtype(at::kDouble));
+  at::Tensor partials = at::empty({cols, parts}, w.options().dtype(at::kDouble));
   at::Tensor totals = at::empty({cols}, w.options().dtype(at::kDouble));
   const at::Tensor basis_acc = with_spectrum ? basis.to(acc).contiguous() : at::Tensor();
 
@@ -212,13 +361,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
     const SharedPlan plan = plan_for(d, chunks, w.element_size(), sizeof(acc_t), with_spectrum, call.shared_budget);
     const acc_t* basis_ptr = with_spectrum ? basis_acc.const_data_ptr<acc_t>() : nullptr;
     GROUP_ORDER_SWITCH(G, K, [&] {
-      auto kernel = with_spectrum ? forward_kernel<scalar_t, K, true> : forward_kernel<scalar_t, K, false>;
-      kernel<<<static_cast<unsigned>(chunks.count), kThreads, static_cast<size_t>(plan.total()), call.stream>>>(
-          d, basis_ptr, chunks.orbits, chunks.count, plan, partials.mutable_data_ptr<double>());
+      if (tp.ok) {
+        auto kernel = with_spectrum ? tiled_forward_kernel<scalar_t, K, true> : tiled_forward_kernel<scalar_t, K, false>;
+        kernel<<<static_cast<unsigned>(tp.n_tiles), kThreads, static_cast<size_t>(tp.shared_bytes()), call.stream>>>(
+            d, tp, basis_ptr, partials.mutable_data_ptr<double>());
+      } else {
+        auto kernel = with_spectrum ? forward_kernel<scalar_t, K, true> : forward_kernel<scalar_t, K, false>;
+        kernel<<<static_cast<unsigned>(chunks.count), kThreads, static_cast<size_t>(plan.total()), call.stream>>>(
+            d, basis_ptr, chunks.orbits, chunks.count, plan, partials.mutable_data_ptr<double>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     column_sum_kernel<acc_t><<<static_cast<unsigned>(cols), kThreads, 0, call.stream>>>(
-        partials.const_data_ptr<double>(), chunks.count, totals.mutable_data_ptr<double>(),
+        partials.const_data_ptr<double>(), parts, totals.mutable_data_ptr<double>(),
         pen.mutable_data_ptr<acc_t>(), eq.mutable_data_ptr<acc_t>(), spec.mutable_data_ptr<acc_t>(),
         with_spectrum ? 0 : static_cast<int>(n_irreps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -231,6 +386,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
     }
   });
   return {pen, eq, spec};
+}
+
+// A function template, so that `if constexpr` drops the tiled launch of the streamed class.
+template <typename scalar_t, int K>
+void launch_backward(const LayerDesc& d, const TilePlan& tp, const Chunks& chunks, const SharedPlan& plan,
+                     const CudaCall& call, const at::opmath_type<scalar_t>* gp, const at::opmath_type<scalar_t>* ge) {
+  if constexpr (K != 0) {
+    if (tp.ok) {
+      tiled_backward_kernel<scalar_t, K>
+          <<<static_cast<unsigned>(tp.n_tiles), kThreads, static_cast<size_t>(tp.shared_bytes()), call.stream>>>(
+              d, tp, gp, ge);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  backward_kernel<scalar_t, K>
+      <<<static_cast<unsigned>(chunks.count), kThreads, static_cast<size_t>(plan.total()), call.stream>>>(
+          d, chunks.orbits, plan, gp, ge);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor fused_backward_cuda(const at::Tensor& weight, const at::Tensor& grad_penalty, const at::Tensor& grad_eq,
@@ -249,15 +423,14 @@ at::Tensor fused_backward_cuda(const at::Tensor& weight, const at::Tensor& grad_
   at::Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
   const LayerDesc d = describe(t, w, &out);
   const Chunks chunks(d, w.element_size(), op);
+  // The streamed class is never tiled in the backward (it would read entries it already wrote).
+  const TilePlan tp = group_order_class(d.G) != 0 ? tile_plan(d, t.c_out, w.element_size(), op) : TilePlan{};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const SharedPlan plan = plan_for(d, chunks, w.element_size(), sizeof(acc_t), false, call.shared_budget);
     GROUP_ORDER_SWITCH(d.G, K, [&] {
-      backward_kernel<scalar_t, K><<<static_cast<unsigned>(chunks.count), kThreads,
-                                     static_cast<size_t>(plan.total()), call.stream>>>(
-          d, chunks.orbits, plan, gp.const_data_ptr<acc_t>(), ge.const_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_backward<scalar_t, K>(d, tp, chunks, plan, call, gp.const_data_ptr<acc_t>(), ge.const_data_ptr<acc_t>());
     });
   });
   return out;

@@ -116,4 +116,17 @@ PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __r
     write_orbit_gradient<K>(w, out, it.base, offsets + it.orbit * G, G, two_pen, two_eq);
 }
 
+// chunk_gradient in place (d.weight == d.grad, a tile in shared memory); array classes only.
+template <int K, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void chunk_gradient_in_place(const LayerDesc& d, const int32_t* __restrict__ offsets,
+                                                   int64_t first, int64_t last, int64_t step, acc_t two_pen,
+                                                   acc_t two_eq) {
+  scalar_t* buf = static_cast<scalar_t*>(d.grad);
+  const int G = order_of(K, d.G);
+  if (first >= last) return;
+  OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
+  for (int64_t id = first; id < last; id += step, it.advance(step))
+    write_orbit_gradient_in_place<K>(buf, it.base, offsets + it.orbit * G, G, two_pen, two_eq);
+}
+
 }  // namespace projkernels

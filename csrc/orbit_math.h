@@ -288,4 +288,23 @@ PK_HOST_DEVICE inline void write_orbit_gradient(const scalar_t* __restrict__ w, 
   }
 }
 
+// The same, in place: buf holds W on entry and dW on exit at this orbit's entries (a tile in shared
+// memory).  Only the array classes: the whole orbit is read into registers before the first store
+// (no __restrict__ here, so the compiler keeps that order), so a repeated entry is never read after
+// it was written.
+template <int K, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void write_orbit_gradient_in_place(scalar_t* buf, int64_t base, const int32_t* __restrict__ offsets,
+                                                         int G, acc_t two_grad_pen, acc_t two_grad_eq) {
+  static_assert(K != 0, "the streamed class would read entries it already wrote");
+  constexpr int MAXG = array_bound(K);
+  acc_t f[MAXG];
+  load_orbit<MAXG>(buf, base, offsets, G, f);
+  const acc_t mean = orbit_mean<MAXG>(f, G);
+  PK_UNROLL
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
+    buf[base + offsets[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_grad_pen, two_grad_eq));
+  }
+}
+
 }  // namespace projkernels

@@ -240,7 +240,109 @@ static void shared_plan() {
         for (int64_t acc : {4, 8}) CHECK(pk::plan_shared(G, opb, acc, spec, 1 << 16, budget).total() <= budget);
 }
 
+// An orbit table of C2 acting on regular fields (so = si = 2) with a 1-D kernel of 3 (reversal):
+// entry (a, b, x) pairs with (1 - a, 1 - b, 2 - x), six orbits of two entries per block.
+struct C2Layout {
+  int64_t c_out, c_in, k = 3, so = 2, si = 2;
+  int64_t stride_in() const { return si * k; }
+  int64_t row_len() const { return c_in * stride_in(); }
+  int64_t stride_out() const { return so * row_len(); }
+  int64_t numel() const { return c_out * stride_out(); }
+  std::vector<int32_t> offsets() const {
+    std::vector<int32_t> o;
+    for (int64_t b = 0; b < 2; ++b)
+      for (int64_t x = 0; x < 3; ++x) {
+        o.push_back(static_cast<int32_t>(0 * row_len() + b * k + x));
+        o.push_back(static_cast<int32_t>(1 * row_len() + (1 - b) * k + (2 - x)));
+      }
+    return o;
+  }
+};
+
+// The tiled kernels step by step on the CPU: plan, remap, copy the segments in, walk the tile
+// with T "threads", write the gradient in place and copy it back; against the global walks.
+static void tiles_emulated() {
+  const C2Layout L{3, 37};
+  const std::vector<int32_t> offs = L.offsets();
+  const int64_t opb = 6, G = 2;
+  std::vector<double> inv_stab(opb, 1.0), w(L.numel());
+  for (size_t i = 0; i < w.size(); ++i) w[i] = value(static_cast<int64_t>(i) + 500);
+  pk::LayerDesc d{};
+  d.weight = w.data();
+  d.offsets = offs.data();
+  d.inv_stab = inv_stab.data();
+  d.c_in = L.c_in;
+  d.stride_out = L.stride_out();
+  d.stride_in = L.stride_in();
+  d.orbits_per_block = opb;
+  d.n_orbits = opb * L.c_out * L.c_in;
+  d.G = static_cast<int32_t>(G);
+
+  // Eight blocks of 96 bytes a tile: five tiles per row, the last one five blocks wide.
+  const pk::TilePlan tp = pk::plan_tiles(L.c_out, L.c_in, L.stride_out(), L.stride_in(), opb, G, 8, 8 * 96, 1);
+  CHECK(tp.ok && tp.so == 2 && tp.row_len == L.row_len() && tp.blocks_per_tile == 8);
+  CHECK(tp.tiles_per_row == 5 && tp.n_tiles == 15 && tp.offsets_bytes == 48);
+  // With the defaults, a weight this small gets tiles of one block (more tiles for the GPU).
+  CHECK(pk::plan_tiles(L.c_out, L.c_in, L.stride_out(), L.stride_in(), opb, G, 8).blocks_per_tile == 1);
+  // A layout whose rows do not tile, and a block above the shared-memory budget, are not tiled.
+  CHECK(!pk::plan_tiles(L.c_out, L.c_in, L.stride_out() + 1, L.stride_in(), opb, G, 8).ok);
+  CHECK(!pk::plan_tiles(2, 2, 2 * 2 * 8000, 8000, 100, 4, 4).ok);
+
+  double pen_global = 0, eq_global = 0;
+  pk::chunk_energies<2, false, double, double, double>(d, offs.data(), 0, d.n_orbits, 1, pen_global, eq_global);
+  std::vector<double> grad_global(w.size(), -7.0), grad_tiled(w.size(), -9.0);
+  d.grad = grad_global.data();
+  pk::chunk_gradient<2, double, double>(d, offs.data(), 0, d.n_orbits, 1, 0.8, -0.3);
+
+  double pen_tiles = 0, eq_tiles = 0;
+  int64_t orbits_seen = 0;
+  for (int64_t ti = 0; ti < tp.n_tiles; ++ti) {
+    const pk::Tile t = pk::tile_at(tp, ti, d.c_in, d.stride_in, opb);
+    CHECK(t.width == (t.fi0 == 32 ? 5 : 8));
+    CHECK(t.first_orbit == (t.fo * d.c_in + t.fi0) * opb);
+    std::vector<int32_t> s_offs(opb * G);
+    for (int64_t i = 0; i < opb * G; ++i)
+      CHECK(pk::remap_offset(offs[i], tp.row_len, d.stride_in, tp.so, t.pitch, &s_offs[i]));
+    std::vector<double> tile(tp.so * t.pitch);
+    for (int64_t a = 0; a < tp.so; ++a)
+      for (int64_t i = 0; i < t.pitch; ++i)
+        tile[a * t.pitch + i] = w[pk::tile_global_index(t, a, i, d.stride_out, tp.row_len, d.stride_in)];
+    const int64_t n_local = t.width * opb;
+    // The tile's walk (T threads, step T) against the global walk over the same orbits.
+    const pk::LayerDesc local = pk::tile_desc(d, t, tile.data(), tile.data());
+    double pen = 0, eq = 0, pen_g = 0, eq_g = 0;
+    for (int64_t th = 0; th < 4; ++th)
+      pk::chunk_energies<2, false, double, double, double>(local, s_offs.data(), th, n_local, 4, pen, eq);
+    pk::chunk_energies<2, false, double, double, double>(d, offs.data(), t.first_orbit, t.first_orbit + n_local, 1,
+                                                         pen_g, eq_g);
+    CHECK_CLOSE(pen, pen_g, 1e-13);
+    CHECK_CLOSE(eq, eq_g, 1e-13);
+    pen_tiles += pen;
+    eq_tiles += eq;
+    orbits_seen += n_local;
+    for (int64_t th = 0; th < 4; ++th)
+      pk::chunk_gradient_in_place<2, double, double>(local, s_offs.data(), th, n_local, 4, 0.8, -0.3);
+    for (int64_t a = 0; a < tp.so; ++a)
+      for (int64_t i = 0; i < t.pitch; ++i)
+        grad_tiled[pk::tile_global_index(t, a, i, d.stride_out, tp.row_len, d.stride_in)] = tile[a * t.pitch + i];
+  }
+  CHECK(orbits_seen == d.n_orbits);
+  CHECK_CLOSE(pen_tiles, pen_global, 1e-13);
+  CHECK_CLOSE(eq_tiles, eq_global, 1e-13);
+  // Same arithmetic per orbit: the tiled gradient is the global one bit for bit, everywhere.
+  for (size_t i = 0; i < w.size(); ++i) CHECK(grad_tiled[i] == grad_global[i]);
+  for (size_t i = 0; i < w.size(); ++i) CHECK(grad_global[i] != -7.0);
+
+  // Offsets that are not (segment, rest) pairs of a block are refused.
+  int32_t v = 0;
+  CHECK(!pk::remap_offset(L.stride_in(), tp.row_len, L.stride_in(), tp.so, 48, &v));  // rest == stride_in
+  CHECK(!pk::remap_offset(2 * L.row_len(), tp.row_len, L.stride_in(), tp.so, 48, &v));  // segment == so
+  CHECK(!pk::remap_offset(-1, tp.row_len, L.stride_in(), tp.so, 48, &v));
+  CHECK(pk::remap_offset(L.row_len() + 5, tp.row_len, L.stride_in(), tp.so, 48, &v) && v == 48 + 5);
+}
+
 int main() {
+  tiles_emulated();
   group_order_classes();
   orbit_walk_steps();
   classes_agree();
