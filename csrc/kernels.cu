@@ -207,11 +207,24 @@ __device__ __forceinline__ void copy_segments(const scalar_t* __restrict__ src, 
   }
 }
 
-// Loads tile blockIdx.x and its remapped offsets into shared memory.  Returns (the same in every
-// thread) whether some offset does not fit the tile layout; the block then reads from global memory.
+// Tile blockIdx.x in shared memory: [remapped offsets][so segments of pitch entries].  `bad` (the
+// same in every thread) says that some offset does not fit the tile layout; the block then reads
+// from global memory.
 template <typename scalar_t>
-__device__ __forceinline__ bool stage_tile(const LayerDesc& d, const TilePlan& tp, const Tile& t, int G,
-                                           int32_t* s_offs, scalar_t* s_tile) {
+struct StagedTile {
+  Tile t;
+  int32_t* offs;
+  scalar_t* tile;
+  int64_t n_local;  // the tile's orbits
+  bool bad;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ StagedTile<scalar_t> stage_tile(const LayerDesc& d, const TilePlan& tp, int G,
+                                                           unsigned char* smem) {
+  const Tile t = tile_at(tp, blockIdx.x, d.c_in, d.stride_in, d.orbits_per_block);
+  int32_t* s_offs = reinterpret_cast<int32_t*>(smem);
+  scalar_t* s_tile = reinterpret_cast<scalar_t*>(smem + tp.offsets_bytes);
   int bad = 0;
   const int64_t n = d.orbits_per_block * G;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -222,7 +235,7 @@ __device__ __forceinline__ bool stage_tile(const LayerDesc& d, const TilePlan& t
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
   copy_segments(w + tile_global_index(t, 0, 0, d.stride_out, tp.row_len, d.stride_in), tp.row_len, s_tile, t.pitch,
                 tp.so, t.pitch);
-  return __syncthreads_or(bad) != 0;
+  return {t, s_offs, s_tile, t.width * d.orbits_per_block, __syncthreads_or(bad) != 0};
 }
 
 // The basis (spectrum only) is read from global memory: shared memory holds the tile.
@@ -232,19 +245,14 @@ tiled_forward_kernel(const LayerDesc d, const TilePlan tp, const at::opmath_type
                      double* __restrict__ partials) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ double scratch[kWarps];
-  const int G = order_of(K, d.G);
-  const Tile t = tile_at(tp, blockIdx.x, d.c_in, d.stride_in, d.orbits_per_block);
-  int32_t* s_offs = reinterpret_cast<int32_t*>(smem);
-  scalar_t* s_tile = reinterpret_cast<scalar_t*>(smem + tp.offsets_bytes);
-  const bool bad = stage_tile(d, tp, t, G, s_offs, s_tile);
-  const int64_t n_local = t.width * d.orbits_per_block;
+  const StagedTile<scalar_t> s = stage_tile<scalar_t>(d, tp, order_of(K, d.G), smem);
   double* col = partials + blockIdx.x;
-  if (!bad) {
-    reduce_orbits<scalar_t, K, SPECTRUM>(tile_desc(d, t, s_tile, nullptr), s_offs, basis, threadIdx.x, n_local, col,
-                                         tp.n_tiles, scratch);
-  } else {
-    reduce_orbits<scalar_t, K, SPECTRUM>(d, d.offsets, basis, t.first_orbit + threadIdx.x, t.first_orbit + n_local,
+  if (!s.bad) {
+    reduce_orbits<scalar_t, K, SPECTRUM>(tile_desc(d, s.t, s.tile, nullptr), s.offs, basis, threadIdx.x, s.n_local,
                                          col, tp.n_tiles, scratch);
+  } else {
+    reduce_orbits<scalar_t, K, SPECTRUM>(d, d.offsets, basis, s.t.first_orbit + threadIdx.x,
+                                         s.t.first_orbit + s.n_local, col, tp.n_tiles, scratch);
   }
 }
 
@@ -254,24 +262,20 @@ tiled_backward_kernel(const LayerDesc d, const TilePlan tp, const at::opmath_typ
                       const at::opmath_type<scalar_t>* __restrict__ grad_eq) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int G = order_of(K, d.G);
-  const Tile t = tile_at(tp, blockIdx.x, d.c_in, d.stride_in, d.orbits_per_block);
-  int32_t* s_offs = reinterpret_cast<int32_t*>(smem);
-  scalar_t* s_tile = reinterpret_cast<scalar_t*>(smem + tp.offsets_bytes);
-  const bool bad = stage_tile(d, tp, t, G, s_offs, s_tile);
+  const StagedTile<scalar_t> s = stage_tile<scalar_t>(d, tp, order_of(K, d.G), smem);
   const acc_t two_pen = acc_t(2) * *grad_pen, two_eq = acc_t(2) * *grad_eq;
-  const int64_t n_local = t.width * d.orbits_per_block;
-  if (!bad) {
+  if (!s.bad) {
     // Every entry of a block lies on one of its orbits, so the whole tile is overwritten with dW.
-    const LayerDesc local = tile_desc(d, t, s_tile, s_tile);
-    chunk_gradient_in_place<K, scalar_t, acc_t>(local, s_offs, threadIdx.x, n_local, blockDim.x, two_pen, two_eq);
+    chunk_gradient_in_place<K, scalar_t, acc_t>(tile_desc(d, s.t, s.tile, s.tile), s.offs, threadIdx.x, s.n_local,
+                                                blockDim.x, two_pen, two_eq);
     __syncthreads();
     scalar_t* out = static_cast<scalar_t*>(d.grad);
-    copy_segments(static_cast<const scalar_t*>(s_tile), t.pitch,
-                  out + tile_global_index(t, 0, 0, d.stride_out, tp.row_len, d.stride_in), tp.row_len, tp.so, t.pitch);
+    copy_segments(static_cast<const scalar_t*>(s.tile), s.t.pitch,
+                  out + tile_global_index(s.t, 0, 0, d.stride_out, tp.row_len, d.stride_in), tp.row_len, tp.so,
+                  s.t.pitch);
   } else {
-    chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, t.first_orbit + threadIdx.x, t.first_orbit + n_local, blockDim.x,
-                                       two_pen, two_eq);
+    chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, s.t.first_orbit + threadIdx.x, s.t.first_orbit + s.n_local,
+                                       blockDim.x, two_pen, two_eq);
   }
 }
 

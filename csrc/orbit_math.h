@@ -263,6 +263,19 @@ PK_HOST_DEVICE inline acc_t orbit_row_energy(const scalar_t* __restrict__ w, int
   return inv_stab * c * c;
 }
 
+// out[base + offsets[g]] = dW at entry g, from the orbit's values f (not yet centred).
+template <int MAXG, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void store_orbit_gradient(const acc_t* f, scalar_t* out, int64_t base,
+                                                const int32_t* __restrict__ offsets, int G, acc_t two_grad_pen,
+                                                acc_t two_grad_eq) {
+  const acc_t mean = orbit_mean<MAXG>(f, G);
+  PK_UNROLL
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
+    out[base + offsets[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_grad_pen, two_grad_eq));
+  }
+}
+
 // Writes dW (or, with two_grad_pen = 0 and two_grad_eq = 1, P(W)) at every entry of one orbit.
 // Orbits are disjoint and a repeated entry gets the same value each time, so writers never race.
 template <int K, typename scalar_t, typename acc_t>
@@ -279,12 +292,7 @@ PK_HOST_DEVICE inline void write_orbit_gradient(const scalar_t* __restrict__ w, 
     constexpr int MAXG = array_bound(K);
     acc_t f[MAXG];
     load_orbit<MAXG>(w, base, offsets, G, f);
-    const acc_t mean = orbit_mean<MAXG>(f, G);
-    PK_UNROLL
-    for (int g = 0; g < loop_bound(MAXG, G); ++g) {
-      if (g >= G) continue;
-      out[base + offsets[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_grad_pen, two_grad_eq));
-    }
+    store_orbit_gradient<MAXG>(f, out, base, offsets, G, two_grad_pen, two_grad_eq);
   }
 }
 
@@ -299,12 +307,7 @@ PK_HOST_DEVICE inline void write_orbit_gradient_in_place(scalar_t* buf, int64_t 
   constexpr int MAXG = array_bound(K);
   acc_t f[MAXG];
   load_orbit<MAXG>(buf, base, offsets, G, f);
-  const acc_t mean = orbit_mean<MAXG>(f, G);
-  PK_UNROLL
-  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
-    if (g >= G) continue;
-    buf[base + offsets[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_grad_pen, two_grad_eq));
-  }
+  store_orbit_gradient<MAXG>(f, buf, base, offsets, G, two_grad_pen, two_grad_eq);
 }
 
 }  // namespace projkernels
