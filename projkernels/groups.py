@@ -3,8 +3,8 @@
 A group is described by tables only (``FiniteGroup``), so every backend works from the same
 numbers: the element order fixes the regular representation's basis, ``mul`` fixes its law,
 ``characters`` fix the isotypic decomposition, and ``kernel_action`` says how an element moves a
-kernel.  ``C<N>`` and ``D<N>`` are the built-in instances (SPEC section 2); a new finite group is a
-new instance of the same dataclass, not new kernel code.
+kernel.  ``C<N>`` and ``D<N>`` are the built-in instances (docs/design.md, Conventions); a new
+finite group is a new instance of the same dataclass, not new kernel code.
 """
 from __future__ import annotations
 
@@ -54,7 +54,10 @@ class FiniteGroup:
         return len(self.elements)
 
     def kernel_action(self, kernel: torch.Tensor, g: int) -> torch.Tensor:
-        """T_g on the trailing kernel dims of ``kernel`` (SPEC section 2); orbit tables check it is a group action."""
+        """T_g on the trailing kernel dims of ``kernel`` (docs/design.md, Conventions).
+
+        Orbit tables check that it is a group action.
+        """
         return self._kernel_action(kernel, self.elements[g], self.rotation_order)
 
     @functools.cached_property
@@ -104,7 +107,7 @@ class FiniteGroup:
         return f"FiniteGroup({self.name}, order={self.order})"
 
 
-# --- the kernel action of SPEC section 2 -------------------------------------------------------
+# --- the kernel action (docs/design.md, Conventions) -----------------------------------------
 
 def _rotation_flip_action(kernel: torch.Tensor, element: Tuple[int, int], n: int, ndim: int) -> torch.Tensor:
     """T_(f, j) = rotation r^j after reflection f, on the last ``ndim`` dims (0, 1 or 2)."""

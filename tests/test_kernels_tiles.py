@@ -324,3 +324,33 @@ def test_gpu_cuda_matches_itself_and_multi():
     for w, t, g in zip(ws, ts, grads):
         ref = cuda.backward(w, t, one[0], 0.5 * one[0])
         assert torch.equal(g, ref)
+
+
+# --- groups whose tables do not fit -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["C1000", "C100000", "D300", "D100000"])
+def test_too_large_group_is_refused_before_allocating(name):
+    import tracemalloc
+
+    from projkernels import groups
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=name):
+            groups.irrep_names(name)
+        with pytest.raises(ValueError, match=name):
+            orbit_table((4, 4), name, "trivial", "trivial")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2 ** 20  # refused from the order alone, not after building a table
+
+
+def test_largest_group_order_is_accepted():
+    from projkernels import groups
+
+    order = groups.MAX_GROUP_ORDER
+    assert order == 512
+    assert len(groups.irrep_names(f"C{order}")) == order // 2 + 1
+    with pytest.raises(ValueError, match=f"C{order + 1}"):
+        groups.irrep_names(f"C{order + 1}")

@@ -45,7 +45,7 @@ TRITON = BACKENDS.get("triton")
 
 
 def _cases():
-    """A representative slice of the SPEC matrix, small enough for the interpreter."""
+    """A representative slice of the case matrix (groups, kernels, rep pairs), small enough for the interpreter."""
     out = []
 
     def add(group, kernel, pairs=REP_PAIRS, fields=((1, 1),)):
