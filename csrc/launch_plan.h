@@ -105,6 +105,13 @@ PK_HOST_DEVICE constexpr TilePlan plan_tiles(int64_t c_out, int64_t c_in, int64_
   width = width < 1 ? 1 : (width > c_in ? c_in : width);
   // Small weights: narrower tiles until there are kMinChunks of them (or one block a tile).
   while (width > 1 && c_out * ceil_div(c_in, width) < min_tiles) width = (width + 1) / 2;
+  // A width whose segment is a multiple of 16 bytes keeps every tile start 16-byte aligned (when the
+  // weight and its rows are), so the copies can move 16 bytes a thread.
+  const int64_t seg = stride_in * elem_bytes;
+  int64_t q = 16;
+  while (q > 1 && seg % q != 0) q /= 2;
+  q = 16 / q;  // blocks per 16-byte multiple
+  if (width >= q) width -= width % q;
   p.blocks_per_tile = width;
   p.tiles_per_row = ceil_div(c_in, width);
   p.n_tiles = c_out * p.tiles_per_row;

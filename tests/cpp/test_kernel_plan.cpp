@@ -284,6 +284,14 @@ static void tiles_emulated() {
   CHECK(tp.tiles_per_row == 5 && tp.n_tiles == 15 && tp.offsets_bytes == 48);
   // With the defaults, a weight this small gets tiles of one block (more tiles for the GPU).
   CHECK(pk::plan_tiles(L.c_out, L.c_in, L.stride_out(), L.stride_in(), opb, G, 8).blocks_per_tile == 1);
+  // Widths keep tile starts 16-byte aligned: D4 between trivial fields on 5x5 kernels in float32
+  // (100-byte blocks) gets a multiple of 4 blocks, C4 regular 3x3 (576-byte blocks) any width.
+  const pk::TilePlan d4 = pk::plan_tiles(2048, 2048, 2048 * 25, 25, 6, 8, 4);
+  CHECK(d4.ok && d4.blocks_per_tile % 4 == 0 && d4.blocks_per_tile >= 100);
+  CHECK((d4.blocks_per_tile * 25 * 4) % 16 == 0);
+  const pk::TilePlan c4 = pk::plan_tiles(512, 512, 4 * 512 * 36, 36, 36, 4, 4);
+  CHECK(c4.ok && c4.blocks_per_tile == 28 && c4.tiles_per_row == 19 && c4.n_tiles == 512 * 19);
+  CHECK(c4.shared_bytes() == 36 * 4 * 4 + 4 * 28 * 36 * 4);
   // A layout whose rows do not tile, and a block above the shared-memory budget, are not tiled.
   CHECK(!pk::plan_tiles(L.c_out, L.c_in, L.stride_out() + 1, L.stride_in(), opb, G, 8).ok);
   CHECK(!pk::plan_tiles(2, 2, 2 * 2 * 8000, 8000, 100, 4, 4).ok);
