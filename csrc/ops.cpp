@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "launch_plan.h"
 #include "multi_math.h"
 #include "op_checks.h"
 #include "orbit_math.h"
@@ -111,6 +112,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   return {pen, eq, spec.to(acc)};
 }
 
+// The backward over tiles of whole field blocks (launch_plan.h), as the CUDA tiled kernel does it:
+// copy the tile's segments into a buffer, write dW over it in place orbit by orbit, copy it back.
+// Bits equal the orbit-by-orbit path (same arithmetic per orbit); running it here puts the tile
+// layout, the offset remapping and the in-place writer under every CPU test.
+template <typename scalar_t, int K>
+void backward_cpu_tiles(const scalar_t* wp, scalar_t* op, const OrbitArgs& t, const TilePlan& tp,
+                        at::opmath_type<scalar_t> two_pen, at::opmath_type<scalar_t> two_eq) {
+  const int G = order_of(K, static_cast<int>(t.G));
+  const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
+  LayerDesc d{};
+  d.weight = wp;
+  d.grad = op;
+  d.offsets = offs;
+  d.inv_stab = t.inv_stab.const_data_ptr<double>();
+  d.c_in = t.c_in;
+  d.stride_out = t.stride_out;
+  d.stride_in = t.stride_in;
+  d.orbits_per_block = t.orbits_per_block;
+  d.n_orbits = t.n_orbits();
+  d.G = G;
+  const int64_t n_offs = t.orbits_per_block * G;
+  at::parallel_for(0, tp.n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<scalar_t> buf(static_cast<size_t>(tp.tile_bytes / static_cast<int64_t>(sizeof(scalar_t))));
+    std::vector<int32_t> tile_offs(n_offs);
+    int64_t remapped_pitch = -1;  // tiles of one width share the remapped table
+    bool bad = false;
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const Tile tile = tile_at(tp, ti, t.c_in, t.stride_in, t.orbits_per_block);
+      if (tile.pitch != remapped_pitch) {
+        bad = false;
+        for (int64_t i = 0; i < n_offs; ++i)
+          bad |= !remap_offset(offs[i], tp.row_len, t.stride_in, tp.so, tile.pitch, &tile_offs[i]);
+        remapped_pitch = tile.pitch;
+      }
+      const int64_t n_local = tile.width * t.orbits_per_block;
+      if (bad) {  // a table that does not fit the tile layout: straight from the weight
+        chunk_gradient<K, scalar_t>(d, offs, tile.first_orbit, tile.first_orbit + n_local, 1, two_pen, two_eq);
+        continue;
+      }
+      for (int64_t a = 0; a < tp.so; ++a)
+        std::copy_n(wp + tile_global_index(tile, a, 0, t.stride_out, tp.row_len, t.stride_in), tile.pitch,
+                    buf.data() + a * tile.pitch);
+      chunk_gradient_in_place<K, scalar_t>(tile_desc(d, tile, buf.data(), buf.data()), tile_offs.data(), 0, n_local, 1,
+                                           two_pen, two_eq);
+      for (int64_t a = 0; a < tp.so; ++a)
+        std::copy_n(buf.data() + a * tile.pitch, tile.pitch,
+                    op + tile_global_index(tile, a, 0, t.stride_out, tp.row_len, t.stride_in));
+    }
+  });
+}
+
 template <typename scalar_t, int K>
 void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pen, double grad_eq, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -120,6 +172,11 @@ void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pe
   const int G = order_of(K, static_cast<int>(t.G));
   const acc_t two_pen = static_cast<acc_t>(2 * grad_pen), two_eq = static_cast<acc_t>(2 * grad_eq);
 
+  if constexpr (K != 0) {  // the streamed class would read entries it already wrote
+    const TilePlan tp = plan_tiles(t.c_out, t.c_in, t.stride_out, t.stride_in, t.orbits_per_block, G,
+                                   static_cast<int64_t>(sizeof(scalar_t)));
+    if (tp.ok) return backward_cpu_tiles<scalar_t, K>(wp, op, t, tp, two_pen, two_eq);
+  }
   at::parallel_for(0, t.n_orbits(), kChunk, [&](int64_t i0, int64_t i1) {
     OrbitWalk it(i0, t.orbits_per_block, t.c_in, t.stride_out, t.stride_in);
     for (int64_t id = i0; id < i1; ++id, it.advance(1))
