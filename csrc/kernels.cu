@@ -42,6 +42,7 @@
 #include "block_reduce.cuh"
 #include "cuda_launch.cuh"
 #include "launch_plan.h"
+#include "layer_desc.h"
 #include "multi_math.h"
 #include "op_checks.h"
 #include "orbit_math.h"
@@ -300,23 +301,6 @@ TilePlan tile_plan(const LayerDesc& d, int64_t c_out, int64_t elem_bytes, const 
   return tp;
 }
 
-// The parameter struct of the single-weight kernels: the multi-tensor kernels' layer descriptor.
-LayerDesc describe(const OrbitArgs& t, const at::Tensor& w, at::Tensor* grad) {
-  LayerDesc d{};
-  d.weight = w.const_data_ptr();
-  d.grad = grad ? grad->mutable_data_ptr() : nullptr;
-  d.offsets = t.offsets.const_data_ptr<int32_t>();
-  d.inv_stab = t.inv_stab.const_data_ptr<double>();
-  d.c_in = t.c_in;
-  d.stride_out = t.stride_out;
-  d.stride_in = t.stride_in;
-  d.orbits_per_block = t.orbits_per_block;
-  d.n_orbits = t.n_orbits();
-  d.chunk_begin = 0;
-  d.G = static_cast<int32_t>(t.G);
-  return d;
-}
-
 // The chunking of one weight and its launch size.
 struct Chunks {
   int64_t orbits, count;
@@ -425,7 +409,7 @@ at::Tensor fused_backward_cuda(const at::Tensor& weight, const at::Tensor& grad_
   // Device-side scalars: reading them in the kernel avoids a host sync.
   const at::Tensor gp = grad_penalty.reshape({}).to(acc), ge = grad_eq.reshape({}).to(acc);
   at::Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
-  const LayerDesc d = describe(t, w, &out);
+  const LayerDesc d = describe(t, w, out.mutable_data_ptr());
   const Chunks chunks(d, w.element_size(), op);
   // The streamed class is never tiled in the backward (it would read entries it already wrote).
   const TilePlan tp = group_order_class(d.G) != 0 ? tile_plan(d, t.c_out, w.element_size(), op) : TilePlan{};

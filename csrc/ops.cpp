@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "launch_plan.h"
+#include "layer_desc.h"
 #include "multi_math.h"
 #include "op_checks.h"
 #include "orbit_math.h"
@@ -117,21 +118,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
 // Bits equal the orbit-by-orbit path (same arithmetic per orbit); running it here puts the tile
 // layout, the offset remapping and the in-place writer under every CPU test.
 template <typename scalar_t, int K>
-void backward_cpu_tiles(const scalar_t* wp, scalar_t* op, const OrbitArgs& t, const TilePlan& tp,
+void backward_cpu_tiles(const at::Tensor& w, scalar_t* op, const OrbitArgs& t, const TilePlan& tp,
                         at::opmath_type<scalar_t> two_pen, at::opmath_type<scalar_t> two_eq) {
   const int G = order_of(K, static_cast<int>(t.G));
   const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
-  LayerDesc d{};
-  d.weight = wp;
-  d.grad = op;
-  d.offsets = offs;
-  d.inv_stab = t.inv_stab.const_data_ptr<double>();
-  d.c_in = t.c_in;
-  d.stride_out = t.stride_out;
-  d.stride_in = t.stride_in;
-  d.orbits_per_block = t.orbits_per_block;
-  d.n_orbits = t.n_orbits();
-  d.G = G;
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  const LayerDesc d = describe(t, w, op);
   const int64_t n_offs = t.orbits_per_block * G;
   at::parallel_for(0, tp.n_tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<scalar_t> buf(static_cast<size_t>(tp.tile_bytes / static_cast<int64_t>(sizeof(scalar_t))));
@@ -175,7 +167,7 @@ void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pe
   if constexpr (K != 0) {  // the streamed class would read entries it already wrote
     const TilePlan tp = plan_tiles(t.c_out, t.c_in, t.stride_out, t.stride_in, t.orbits_per_block, G,
                                    static_cast<int64_t>(sizeof(scalar_t)));
-    if (tp.ok) return backward_cpu_tiles<scalar_t, K>(wp, op, t, tp, two_pen, two_eq);
+    if (tp.ok) return backward_cpu_tiles<scalar_t, K>(w, op, t, tp, two_pen, two_eq);
   }
   at::parallel_for(0, t.n_orbits(), kChunk, [&](int64_t i0, int64_t i1) {
     OrbitWalk it(i0, t.orbits_per_block, t.c_in, t.stride_out, t.stride_in);
