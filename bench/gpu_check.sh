@@ -20,13 +20,13 @@ status=0
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 git log -1 --oneline > "$OUT/commit.txt" 2>&1
 
-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PROJKERNELS_CUDA=1 timeout 160 \
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PROJKERNELS_CUDA=1 timeout 150 \
   python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || status=1
 tail -3 "$OUT/build.log"
 python3 -c "import projkernels as pk, projkernels.cpp_backend as c; print(pk.__file__, 'cuda:', c.WITH_CUDA, pk.available_backends('cuda'))" \
   >> "$OUT/build.log" 2>&1 || status=1
 
-timeout 130 python3 -m pytest -m gpu -x -q tests/test_kernels_tiles.py tests/test_cuda_backend.py \
+timeout 170 python3 -m pytest -m gpu -x -q tests/test_kernels_tiles.py tests/test_cuda_backend.py \
   tests/test_triton_backend.py tests/test_multi_fused.py > "$OUT/tests.log" 2>&1 || status=1
 tail -5 "$OUT/tests.log"
 
@@ -99,8 +99,8 @@ for name, shape, group, rep, dtype in cases:
 json.dump(dict(device=torch.cuda.get_device_name(), copy_gbs=copy_gbs, rows=rows), open(sys.argv[1], "w"), indent=1)
 PY
 # The tiled kernels (the default), then the chunked ones (PROJKERNELS_TILED=0) for comparison.
-timeout 70 python3 "$OUT/timings.py" "$OUT/timings.json" > "$OUT/timings.log" 2>&1 || status=1
+timeout 60 python3 "$OUT/timings.py" "$OUT/timings.json" > "$OUT/timings.log" 2>&1 || status=1
 cat "$OUT/timings.log"
-PROJKERNELS_TILED=0 timeout 60 python3 "$OUT/timings.py" "$OUT/timings-chunked.json" > "$OUT/timings-chunked.log" 2>&1 || status=1
+PROJKERNELS_TILED=0 timeout 40 python3 "$OUT/timings.py" "$OUT/timings-chunked.json" > "$OUT/timings-chunked.log" 2>&1 || status=1
 cat "$OUT/timings-chunked.log"
 exit $status
