@@ -26,7 +26,7 @@ tail -3 "$OUT/build.log"
 python3 -c "import projkernels as pk, projkernels.cpp_backend as c; print(pk.__file__, 'cuda:', c.WITH_CUDA, pk.available_backends('cuda'))" \
   >> "$OUT/build.log" 2>&1 || status=1
 
-timeout 170 python3 -m pytest -m gpu -x -q tests/test_kernels_tiles.py tests/test_cuda_backend.py \
+timeout 170 python3 -m pytest -m gpu -x -q --durations=10 tests/test_kernels_tiles.py tests/test_cuda_backend.py \
   tests/test_triton_backend.py tests/test_multi_fused.py > "$OUT/tests.log" 2>&1 || status=1
 tail -5 "$OUT/tests.log"
 
