@@ -12,19 +12,18 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstring>
-#include <type_traits>
 #include <limits>
 #include <vector>
 
 #include "block_reduce.cuh"
+#include "cuda_launch.cuh"
 #include "multi_math.h"
 #include "op_checks.h"
 #include "orbit_math.h"
+#include "static_switch.h"
 
 namespace projkernels {
 namespace {
@@ -32,21 +31,6 @@ namespace {
 // Orbits per chunk: four per thread, enough work per block to hide the reduction, small enough that
 // a model's small layers still spread over several blocks.
 constexpr int64_t kChunkOrbits = 4 * kThreads;
-
-// Calls fn(std::integral_constant<int, MAXG>) for the block's group order.  G is uniform across the
-// block, so the branch never diverges; bounds up to 16 keep the orbit in registers.
-template <typename Fn>
-__device__ __forceinline__ void with_max_group(int G, Fn&& fn) {
-  if (G <= 4) {
-    fn(std::integral_constant<int, 4>{});
-  } else if (G <= 8) {
-    fn(std::integral_constant<int, 8>{});
-  } else if (G <= 16) {
-    fn(std::integral_constant<int, 16>{});
-  } else {
-    fn(std::integral_constant<int, kMaxGroupOrder>{});
-  }
-}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -57,9 +41,9 @@ multi_forward_kernel(const LayerDesc* __restrict__ layers, const Chunk* __restri
   const Chunk c = chunks[blockIdx.x];
   const LayerDesc d = layers[c.layer];
   acc_t pen = 0, eq = 0;
-  with_max_group(d.G, [&](auto maxg) {
-    constexpr int MAXG = decltype(maxg)::value;
-    chunk_energies<MAXG, scalar_t, acc_t, acc_t>(d, d.offsets, d.G, c.first + threadIdx.x, c.last, blockDim.x, pen, eq);
+  // G is uniform across the block (a chunk never spans two layers), so the switch never diverges.
+  GROUP_ORDER_SWITCH(d.G, K, [&] {
+    chunk_energies<K, false, scalar_t, acc_t, acc_t>(d, d.offsets, c.first + threadIdx.x, c.last, blockDim.x, pen, eq);
   });
   double v = block_sum(static_cast<double>(pen), scratch);
   if (threadIdx.x == 0) partials[2 * static_cast<int64_t>(blockIdx.x)] = v;
@@ -75,6 +59,7 @@ multi_finalize_kernel(const LayerDesc* __restrict__ layers, const double* __rest
   __shared__ double scratch[kWarps];
   const int64_t begin = layers[blockIdx.x].chunk_begin, end = layers[blockIdx.x].chunk_end;
   double p = 0, e = 0;
+#pragma unroll 4
   for (int64_t c = begin + threadIdx.x; c < end; c += blockDim.x) {
     p += partials[2 * c];
     e += partials[2 * c + 1];
@@ -94,9 +79,8 @@ multi_backward_kernel(const LayerDesc* __restrict__ layers, const Chunk* __restr
   const Chunk c = chunks[blockIdx.x];
   const LayerDesc d = layers[c.layer];
   const acc_t two_pen = acc_t(2) * grad_pen[c.layer], two_eq = acc_t(2) * grad_eq[c.layer];
-  with_max_group(d.G, [&](auto maxg) {
-    constexpr int MAXG = decltype(maxg)::value;
-    chunk_gradient<MAXG, scalar_t, acc_t>(d, d.offsets, d.G, c.first + threadIdx.x, c.last, blockDim.x, two_pen, two_eq);
+  GROUP_ORDER_SWITCH(d.G, K, [&] {
+    chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, c.first + threadIdx.x, c.last, blockDim.x, two_pen, two_eq);
   });
 }
 
@@ -134,8 +118,7 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(at::TensorList weights, at
                                                       at::TensorList inv_stab, at::IntArrayRef geometry) {
   constexpr const char* op = "projkernels_C::multi_forward";
   MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
-  const c10::cuda::CUDAGuard guard(a.device);
-  const auto stream = c10::cuda::getCurrentCUDAStream(a.device.index());
+  const CudaCall call(a.device);
   const DeviceTable t = upload(a, op);
   const int64_t L = static_cast<int64_t>(a.layers.size());
   const auto opts = weights[0].options();
@@ -145,10 +128,10 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(at::TensorList weights, at
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    multi_forward_kernel<scalar_t><<<static_cast<unsigned>(t.n_chunks), kThreads, 0, stream>>>(
+    multi_forward_kernel<scalar_t><<<static_cast<unsigned>(t.n_chunks), kThreads, 0, call.stream>>>(
         t.layers, t.chunks, partials.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    multi_finalize_kernel<acc_t><<<static_cast<unsigned>(L), kThreads, 0, stream>>>(
+    multi_finalize_kernel<acc_t><<<static_cast<unsigned>(L), kThreads, 0, call.stream>>>(
         t.layers, partials.const_data_ptr<double>(), pen.mutable_data_ptr<acc_t>(), eq.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -162,8 +145,7 @@ std::vector<at::Tensor> multi_backward_cuda(at::TensorList weights, const at::Te
   MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
   check_multi_grad(a, grad_penalty, "grad_penalty", op);
   check_multi_grad(a, grad_eq, "grad_eq", op);
-  const c10::cuda::CUDAGuard guard(a.device);
-  const auto stream = c10::cuda::getCurrentCUDAStream(a.device.index());
+  const CudaCall call(a.device);
   const int64_t L = static_cast<int64_t>(a.layers.size());
   std::vector<at::Tensor> out;
   out.reserve(L);
@@ -179,7 +161,7 @@ std::vector<at::Tensor> multi_backward_cuda(at::TensorList weights, const at::Te
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    multi_backward_kernel<scalar_t><<<static_cast<unsigned>(t.n_chunks), kThreads, 0, stream>>>(
+    multi_backward_kernel<scalar_t><<<static_cast<unsigned>(t.n_chunks), kThreads, 0, call.stream>>>(
         t.layers, t.chunks, gp.const_data_ptr<acc_t>(), ge.const_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -12,11 +12,13 @@
 
 #include <cstdint>
 
+#include "launch_plan.h"
 #include "orbit_math.h"
 
 namespace projkernels {
 
-// One layer as the kernels read it.  Pointers are device pointers on CUDA, host pointers on CPU.
+// One weight as every kernel reads it (the single-weight ops build one, the multi-tensor ops one
+// per layer).  Pointers are device pointers on CUDA, host pointers on CPU.
 struct LayerDesc {
   const void* weight;        // contiguous, the call's dtype
   void* grad;                // dW (backward only), contiguous, the call's dtype
@@ -40,8 +42,6 @@ struct Chunk {
   int32_t layer;
   int32_t unused;
 };
-
-PK_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Sets every layer's chunk range and returns the number of chunks.
 inline int64_t assign_chunks(LayerDesc* layers, int64_t n_layers, int64_t chunk_orbits) {
@@ -67,37 +67,66 @@ inline void list_chunks(const LayerDesc* layers, int64_t n_layers, int64_t chunk
 }
 
 // pen += penalty part and eq += energy part of the orbits first, first + step, ... < last of one
-// layer.  A CPU task walks a whole chunk (step 1); a CUDA thread walks every blockDim-th orbit of
-// its block's chunk.  offsets may point at a copy of d.offsets (for example in shared memory).
-template <int MAXG, typename scalar_t, typename acc_t, typename sum_t>
-PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __restrict__ offsets, int G,
-                                          int64_t first, int64_t last, int64_t step, sum_t& pen, sum_t& eq) {
+// layer (and, with ROWS, row_energy[r] += its row energies).  A CPU task walks a whole chunk
+// (step 1); a CUDA thread walks every blockDim-th orbit of its block's chunk.  offsets (and basis)
+// may point at a copy of the table (for example in shared memory).  K is the group-order class of
+// d.G (static_switch.h).
+template <int K, bool ROWS, typename scalar_t, typename acc_t, typename sum_t, typename basis_t = acc_t>
+PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
+                                          int64_t last, int64_t step, sum_t& pen, sum_t& eq,
+                                          const basis_t* basis = nullptr, acc_t* row_energy = nullptr) {
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
+  const int G = order_of(K, d.G);
   if (first >= last) return;
   OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
   for (int64_t id = first; id < last; id += step, it.advance(step)) {
-    acc_t f[MAXG];
-    load_orbit<MAXG>(w, it.base, offsets + it.orbit * G, G, f);
-    const acc_t mean = orbit_mean<MAXG>(f, G);
-    subtract_mean<MAXG>(f, mean, G);
-    const acc_t is = static_cast<acc_t>(d.inv_stab[it.orbit]);
-    pen += static_cast<sum_t>(penalty_part<MAXG>(f, is, G));
-    eq += static_cast<sum_t>(energy_part(mean, is, G));
+    const OrbitEnergy<acc_t> e = orbit_energy<K, ROWS, scalar_t, acc_t, basis_t>(
+        w, it.base, offsets + it.orbit * G, G, static_cast<acc_t>(d.inv_stab[it.orbit]), basis, row_energy);
+    pen += static_cast<sum_t>(e.pen);
+    eq += static_cast<sum_t>(e.eq);
   }
+}
+
+// The energy of one basis row over the same orbits, streamed (the spectrum of the streamed class,
+// whose row energies do not fit in a thread's registers, walks the rows outermost).
+template <typename scalar_t, typename acc_t, typename basis_t>
+PK_HOST_DEVICE inline acc_t chunk_row_energy(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
+                                             int64_t last, int64_t step, const basis_t* basis_row) {
+  const scalar_t* w = static_cast<const scalar_t*>(d.weight);
+  acc_t s = acc_t(0);
+  if (first >= last) return s;
+  OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
+  for (int64_t id = first; id < last; id += step, it.advance(step))
+    s += orbit_row_energy(w, it.base, offsets + it.orbit * d.G, d.G, static_cast<acc_t>(d.inv_stab[it.orbit]),
+                          basis_row);
+  return s;
 }
 
 // dW = 2 grad_pen (W - P W) + 2 grad_eq P W on the orbits first, first + step, ... < last.
 // Orbits are disjoint and a repeated entry gets the same value each time, so writers never race.
-template <int MAXG, typename scalar_t, typename acc_t>
-PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __restrict__ offsets, int G,
-                                          int64_t first, int64_t last, int64_t step, acc_t two_pen, acc_t two_eq) {
+template <int K, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
+                                          int64_t last, int64_t step, acc_t two_pen, acc_t two_eq) {
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
   scalar_t* out = static_cast<scalar_t*>(d.grad);
+  const int G = order_of(K, d.G);
   if (first >= last) return;
   OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
-  for (int64_t id = first; id < last; id += step, it.advance(step)) {
-    write_orbit_gradient<MAXG>(w, out, it.base, offsets + it.orbit * G, G, two_pen, two_eq);
-  }
+  for (int64_t id = first; id < last; id += step, it.advance(step))
+    write_orbit_gradient<K>(w, out, it.base, offsets + it.orbit * G, G, two_pen, two_eq);
+}
+
+// chunk_gradient in place (d.weight == d.grad, a tile in shared memory); array classes only.
+template <int K, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void chunk_gradient_in_place(const LayerDesc& d, const int32_t* __restrict__ offsets,
+                                                   int64_t first, int64_t last, int64_t step, acc_t two_pen,
+                                                   acc_t two_eq) {
+  scalar_t* buf = static_cast<scalar_t*>(d.grad);
+  const int G = order_of(K, d.G);
+  if (first >= last) return;
+  OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
+  for (int64_t id = first; id < last; id += step, it.advance(step))
+    write_orbit_gradient_in_place<K>(buf, it.base, offsets + it.orbit * G, G, two_pen, two_eq);
 }
 
 }  // namespace projkernels

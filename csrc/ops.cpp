@@ -15,9 +15,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "launch_plan.h"
+#include "layer_desc.h"
 #include "multi_math.h"
 #include "op_checks.h"
 #include "orbit_math.h"
+#include "static_switch.h"
 
 #ifdef PROJKERNELS_PYTHON_MODULE
 #include <Python.h>
@@ -35,55 +38,39 @@ namespace {
 // of threads, and chunk partials are summed in chunk order: results are bitwise reproducible.
 constexpr int64_t kChunk = 256;
 
-// |G| as a compile-time constant for the common orders, so the orbit loops unroll and vectorise;
-// K = 0 stands for a runtime |G| up to kMaxGroupOrder.
-template <typename Fn>
-void dispatch_group_order(int64_t G, Fn&& fn) {
-  switch (G) {
-    case 1: return fn(std::integral_constant<int, 1>{});
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 4: return fn(std::integral_constant<int, 4>{});
-    case 8: return fn(std::integral_constant<int, 8>{});
-    case 16: return fn(std::integral_constant<int, 16>{});
-    default: return fn(std::integral_constant<int, 0>{});
-  }
-}
-
-template <int K>
-constexpr int bound_for() { return K ? K : kMaxGroupOrder; }
-
 template <typename scalar_t, int K>
 void forward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, const at::Tensor& basis_acc,
                         bool with_spectrum, std::vector<double>& partials, int64_t n_chunks) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int MAXG = bound_for<K>();
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
   const double* inv_stab = t.inv_stab.const_data_ptr<double>();
   const acc_t* basis = with_spectrum ? basis_acc.const_data_ptr<acc_t>() : nullptr;
-  const int G = K ? K : static_cast<int>(t.G);
+  const int G = order_of(K, static_cast<int>(t.G));
   const int64_t n = t.n_orbits(), width = G + 1;
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    acc_t f[MAXG];
-    acc_t rows[MAXG];
+    std::vector<acc_t> rows(with_spectrum ? G : 0);
+    std::vector<double> row_sum(with_spectrum ? G : 0);
     for (int64_t c = c0; c < c1; ++c) {
       double pen = 0, eq = 0;
-      std::vector<double> row_sum(with_spectrum ? G : 0, 0.0);
+      std::fill(row_sum.begin(), row_sum.end(), 0.0);
       const int64_t end = std::min(n, (c + 1) * kChunk);
       OrbitWalk it(c * kChunk, t.orbits_per_block, t.c_in, t.stride_out, t.stride_in);
       for (int64_t id = c * kChunk; id < end; ++id, it.advance(1)) {
-        load_orbit<MAXG>(wp, it.base, offs + it.orbit * G, G, f);
-        const acc_t mean = orbit_mean<MAXG>(f, G);
-        subtract_mean<MAXG>(f, mean, G);
+        const int32_t* o = offs + it.orbit * G;
         const acc_t is = static_cast<acc_t>(inv_stab[it.orbit]);
-        pen += static_cast<double>(penalty_part<MAXG>(f, is, G));
-        eq += static_cast<double>(energy_part(mean, is, G));
+        OrbitEnergy<acc_t> e;
         if (with_spectrum) {
-          std::fill(rows, rows + G, acc_t(0));
-          accumulate_row_energies<MAXG>(basis, f, is, G, rows);
+          // Each orbit's row energies in acc_t, their sum over the chunk in double.
+          std::fill(rows.begin(), rows.end(), acc_t(0));
+          e = orbit_energy<K, true>(wp, it.base, o, G, is, basis, rows.data());
           for (int r = 1; r < G; ++r) row_sum[r] += static_cast<double>(rows[r]);
+        } else {
+          e = orbit_energy<K, false>(wp, it.base, o, G, is);
         }
+        pen += static_cast<double>(e.pen);
+        eq += static_cast<double>(e.eq);
       }
       double* out = partials.data() + c * width;
       out[0] = pen;
@@ -109,9 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   std::vector<double> partials(n_chunks * (G + 1), 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_forward_cpu", [&] {
-    dispatch_group_order(G, [&](auto k) {
-      forward_cpu_kernel<scalar_t, decltype(k)::value>(w, t, basis_acc, with_spectrum, partials, n_chunks);
-    });
+    GROUP_ORDER_SWITCH(G, K, [&] { forward_cpu_kernel<scalar_t, K>(w, t, basis_acc, with_spectrum, partials, n_chunks); });
   });
 
   std::vector<double> total(G + 1, 0.0);
@@ -143,20 +128,66 @@ double read_scalar(const at::Tensor& g) {
   return v;
 }
 
+// The backward over tiles of whole field blocks (launch_plan.h), as the CUDA tiled kernel does it:
+// copy the tile's segments into a buffer, write dW over it in place orbit by orbit, copy it back.
+// Bits equal the orbit-by-orbit path (same arithmetic per orbit); running it here puts the tile
+// layout, the offset remapping and the in-place writer under every CPU test.
+template <typename scalar_t, int K>
+void backward_cpu_tiles(const at::Tensor& w, scalar_t* op, const OrbitArgs& t, const TilePlan& tp,
+                        at::opmath_type<scalar_t> two_pen, at::opmath_type<scalar_t> two_eq) {
+  const int G = order_of(K, static_cast<int>(t.G));
+  const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  const LayerDesc d = describe(t, w, op);
+  const int64_t n_offs = t.orbits_per_block * G;
+  at::parallel_for(0, tp.n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<scalar_t> buf(static_cast<size_t>(tp.tile_bytes / static_cast<int64_t>(sizeof(scalar_t))));
+    std::vector<int32_t> tile_offs(n_offs);
+    int64_t remapped_pitch = -1;  // tiles of one width share the remapped table
+    bool bad = false;
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const Tile tile = tile_at(tp, ti, t.c_in, t.stride_in, t.orbits_per_block);
+      if (tile.pitch != remapped_pitch) {
+        bad = false;
+        for (int64_t i = 0; i < n_offs; ++i)
+          bad |= !remap_offset(offs[i], tp.row_len, t.stride_in, tp.so, tile.pitch, &tile_offs[i]);
+        remapped_pitch = tile.pitch;
+      }
+      const int64_t n_local = tile.width * t.orbits_per_block;
+      if (bad) {  // a table that does not fit the tile layout: straight from the weight
+        chunk_gradient<K, scalar_t>(d, offs, tile.first_orbit, tile.first_orbit + n_local, 1, two_pen, two_eq);
+        continue;
+      }
+      for (int64_t a = 0; a < tp.so; ++a)
+        std::copy_n(wp + tile_global_index(tile, a, 0, t.stride_out, tp.row_len, t.stride_in), tile.pitch,
+                    buf.data() + a * tile.pitch);
+      chunk_gradient_in_place<K, scalar_t>(tile_desc(d, tile, buf.data(), buf.data()), tile_offs.data(), 0, n_local, 1,
+                                           two_pen, two_eq);
+      for (int64_t a = 0; a < tp.so; ++a)
+        std::copy_n(buf.data() + a * tile.pitch, tile.pitch,
+                    op + tile_global_index(tile, a, 0, t.stride_out, tp.row_len, t.stride_in));
+    }
+  });
+}
+
 template <typename scalar_t, int K>
 void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pen, double grad_eq, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int MAXG = bound_for<K>();
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
-  const int G = K ? K : static_cast<int>(t.G);
+  const int G = order_of(K, static_cast<int>(t.G));
   const acc_t two_pen = static_cast<acc_t>(2 * grad_pen), two_eq = static_cast<acc_t>(2 * grad_eq);
 
+  if constexpr (K != 0) {  // the streamed class would read entries it already wrote
+    const TilePlan tp = plan_tiles(t.c_out, t.c_in, t.stride_out, t.stride_in, t.orbits_per_block, G,
+                                   static_cast<int64_t>(sizeof(scalar_t)));
+    if (tp.ok) return backward_cpu_tiles<scalar_t, K>(w, op, t, tp, two_pen, two_eq);
+  }
   at::parallel_for(0, t.n_orbits(), kChunk, [&](int64_t i0, int64_t i1) {
     OrbitWalk it(i0, t.orbits_per_block, t.c_in, t.stride_out, t.stride_in);
     for (int64_t id = i0; id < i1; ++id, it.advance(1))
-      write_orbit_gradient<MAXG>(wp, op, it.base, offs + it.orbit * G, G, two_pen, two_eq);
+      write_orbit_gradient<K>(wp, op, it.base, offs + it.orbit * G, G, two_pen, two_eq);
   });
 }
 
@@ -173,7 +204,7 @@ at::Tensor fused_backward_cpu(const at::Tensor& weight, const at::Tensor& grad_p
   // check_grad guarantees one value; read in place rather than through .item() (an op dispatch each).
   const double gp = read_scalar(grad_penalty), ge = read_scalar(grad_eq);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_backward_cpu", [&] {
-    dispatch_group_order(t.G, [&](auto k) { backward_cpu_kernel<scalar_t, decltype(k)::value>(w, t, gp, ge, out); });
+    GROUP_ORDER_SWITCH(t.G, K, [&] { backward_cpu_kernel<scalar_t, K>(w, t, gp, ge, out); });
   });
   return out;
 }
@@ -215,10 +246,8 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at:
         const Chunk& ch = chunks[c];
         const LayerDesc& d = a.layers[ch.layer];
         double pen = 0, eq = 0;
-        dispatch_group_order(d.G, [&](auto k) {
-          constexpr int K = decltype(k)::value;
-          chunk_energies<bound_for<K>(), scalar_t, acc_t, double>(d, d.offsets, K ? K : d.G, ch.first, ch.last, 1,
-                                                                  pen, eq);
+        GROUP_ORDER_SWITCH(d.G, K, [&] {
+          chunk_energies<K, false, scalar_t, acc_t, double>(d, d.offsets, ch.first, ch.last, 1, pen, eq);
         });
         partials[2 * c] = pen;
         partials[2 * c + 1] = eq;
@@ -275,11 +304,7 @@ std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Ten
         const LayerDesc& d = a.layers[ch.layer];
         // As fused_backward: 2 * grad in double, then rounded to acc_t.
         const acc_t two_pen = static_cast<acc_t>(2 * gpp[ch.layer]), two_eq = static_cast<acc_t>(2 * gep[ch.layer]);
-        dispatch_group_order(d.G, [&](auto k) {
-          constexpr int K = decltype(k)::value;
-          chunk_gradient<bound_for<K>(), scalar_t, acc_t>(d, d.offsets, K ? K : d.G, ch.first, ch.last, 1, two_pen,
-                                                          two_eq);
-        });
+        GROUP_ORDER_SWITCH(d.G, K, [&] { chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, ch.first, ch.last, 1, two_pen, two_eq); });
       }
     });
   });

@@ -11,8 +11,13 @@
 //   row energy r  = inv_stab * (basis[r] . dev)^2        (r >= 1; the irrep of row r owns it)
 //   dW[g]         = 2 g_pen dev[g] + 2 g_eq mean
 //
-// The functions take a compile-time bound MAXG on |G| so the CUDA kernels can keep the orbit in
-// registers for small groups (see PK_UNROLL).  Plain C++ sees none of the
+// Kernels name the group order by a compile-time class K (static_switch.h picks it):
+//   K > 0   |G| == K exactly (the common orders 1, 2, 4, 8, 16): loops have constant bounds;
+//   K < 0   |G| <= -K at run time: the orbit is held in an array of -K values;
+//   K == 0  any |G|: no per-orbit array, the orbit is streamed from memory (read twice, and once
+//           more per basis row for the spectrum), so no order is too large for a kernel.
+// Arrays of bound up to kMaxUnrolled are unrolled completely on CUDA, with every index a
+// compile-time constant, so the orbit stays in registers (PK_UNROLL).  Plain C++ sees none of the
 // CUDA qualifiers, so this header builds without torch and without nvcc.
 #pragma once
 
@@ -20,9 +25,8 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define PK_HOST_DEVICE __host__ __device__
-// Bounds up to kMaxUnrolled are unrolled completely, with every index a compile-time constant, so
-// the orbit stays in registers; larger bounds loop to the runtime |G| (the orbit goes to local
-// memory), which keeps compile time and code size sane for the rare large groups.
+// Bounds up to kMaxUnrolled are unrolled completely; larger bounds loop to the runtime |G| (the
+// orbit goes to local memory), which keeps compile time and code size sane for the rare large groups.
 #define PK_UNROLL _Pragma("unroll (projkernels::unrolled(MAXG) ? MAXG : 1)")
 #else
 #define PK_HOST_DEVICE
@@ -31,15 +35,31 @@
 
 namespace projkernels {
 
-// Regular fields of the cube's full symmetry group (48 elements) still fit.
-constexpr int kMaxGroupOrder = 64;
+// The largest group order the ops accept.  The streamed class (K == 0) has no per-order limit;
+// this bound only keeps |G|^2 (the basis size) and row * |G| indices inside int32.  The Python side
+// refuses much smaller orders first, when the group's own tables would not fit in memory.
+constexpr int kMaxGroupOrder = 1 << 15;
+// Orders up to this bound keep the orbit in a per-thread array (K != 0); larger ones are streamed.
+constexpr int kMaxArrayOrder = 64;
 constexpr int kMaxUnrolled = 16;
+
+// The array bound of class K (1 for the streamed class, which has no array) and the group order a
+// kernel of class K works with (the constant itself when K > 0, so its loops have constant bounds).
+PK_HOST_DEVICE constexpr int array_bound(int K) { return K > 0 ? K : (K < 0 ? -K : 1); }
+PK_HOST_DEVICE constexpr int order_of(int K, int G) { return K > 0 ? K : G; }
 
 PK_HOST_DEVICE constexpr bool unrolled(int maxg) { return maxg <= kMaxUnrolled; }
 
 // Loops run to MAXG when unrolled (skipping g >= G by a predicate: an early exit would defeat
 // the register promotion) and to G otherwise.
-PK_HOST_DEVICE constexpr int loop_bound(int maxg, int G) { return unrolled(maxg) ? maxg : G; }
+PK_HOST_DEVICE constexpr int loop_bound(int maxg, int G) {
+#if defined(__CUDA_ARCH__)
+  return unrolled(maxg) ? maxg : G;
+#else
+  // Host code has no register arrays to protect: loop to G (a constant for the exact classes).
+  return static_cast<void>(maxg), G;
+#endif
+}
 
 // Offsets are relative to a block's first entry; block b = (out-field, in-field) in row-major order
 // starts here in the contiguous weight.
@@ -158,26 +178,136 @@ PK_HOST_DEVICE inline void rows_to_irreps(const acc_t* row_energy, acc_t energy,
   for (int r = 1; r < G; ++r) spectrum[row_irrep[r]] += static_cast<out_t>(row_energy[r]);
 }
 
-// The value of dW (and, with grad_pen = 0, grad_eq = 1/2, of P(W)) at orbit entry g.
+// The value of dW (and, with grad_pen = 0, grad_eq = 1/2, of P(W)) at orbit entry g.  With
+// two_grad_pen == 0 the deviation term is dropped, not multiplied: in an orbit holding an inf the
+// deviation is inf - inf = NaN, and 0 * NaN would turn the projection's inf (the mean) into NaN.
+// In float16 the value itself can overflow to inf where |2 g_pen dev + 2 g_eq mean| > 65504: it is
+// computed in float32 and rounded to the weight's dtype once, when it is stored.
 template <typename acc_t>
 PK_HOST_DEVICE inline acc_t gradient_value(acc_t dev_g, acc_t mean, acc_t two_grad_pen, acc_t two_grad_eq) {
-  return two_grad_pen * dev_g + two_grad_eq * mean;
+  const acc_t pen_term = two_grad_pen == acc_t(0) ? acc_t(0) : two_grad_pen * dev_g;
+  return pen_term + two_grad_eq * mean;
 }
 
-// Writes dW (or, with two_grad_pen = 0 and two_grad_eq = 1, P(W)) at every entry of one orbit.
-// Orbits are disjoint and a repeated entry gets the same value each time, so writers never race.
+// --- the streamed class (K == 0): no per-orbit array ------------------------------------------
+
+template <typename acc_t, typename scalar_t>
+PK_HOST_DEVICE inline acc_t streamed_mean(const scalar_t* __restrict__ w, int64_t base,
+                                          const int32_t* __restrict__ offsets, int G) {
+  acc_t s = acc_t(0);
+  for (int g = 0; g < G; ++g) s += static_cast<acc_t>(w[base + offsets[g]]);
+  return s / static_cast<acc_t>(G);
+}
+
+template <typename acc_t, typename scalar_t>
+PK_HOST_DEVICE inline acc_t streamed_sum_squares(const scalar_t* __restrict__ w, int64_t base,
+                                                 const int32_t* __restrict__ offsets, int G, acc_t mean) {
+  acc_t s = acc_t(0);
+  for (int g = 0; g < G; ++g) {
+    const acc_t d = static_cast<acc_t>(w[base + offsets[g]]) - mean;
+    s += d * d;
+  }
+  return s;
+}
+
+template <typename acc_t, typename scalar_t, typename basis_t>
+PK_HOST_DEVICE inline acc_t streamed_row_coefficient(const scalar_t* __restrict__ w, int64_t base,
+                                                     const int32_t* __restrict__ offsets, int G, acc_t mean,
+                                                     const basis_t* basis_row) {
+  acc_t c = acc_t(0);
+  for (int g = 0; g < G; ++g) c += static_cast<acc_t>(basis_row[g]) * (static_cast<acc_t>(w[base + offsets[g]]) - mean);
+  return c;
+}
+
+// --- one orbit, any class: the entry points every kernel calls -----------------------------------
+
+template <typename acc_t>
+struct OrbitEnergy {
+  acc_t pen;  // penalty part
+  acc_t eq;   // energy part
+};
+
+// The penalty and energy parts of one orbit; with ROWS, also row_energy[r] += the row energies
+// r = 1..G-1 (basis row-major [G, G], row_energy holding G values).
+template <int K, bool ROWS, typename scalar_t, typename acc_t, typename basis_t = acc_t>
+PK_HOST_DEVICE inline OrbitEnergy<acc_t> orbit_energy(const scalar_t* __restrict__ w, int64_t base,
+                                                      const int32_t* __restrict__ offsets, int G, acc_t inv_stab,
+                                                      const basis_t* basis = nullptr, acc_t* row_energy = nullptr) {
+  if constexpr (K == 0) {
+    const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
+    if constexpr (ROWS) {
+      for (int r = 1; r < G; ++r) {
+        const acc_t c = streamed_row_coefficient(w, base, offsets, G, mean, basis + static_cast<int64_t>(r) * G);
+        row_energy[r] += inv_stab * c * c;
+      }
+    }
+    return {inv_stab * streamed_sum_squares(w, base, offsets, G, mean), energy_part(mean, inv_stab, G)};
+  } else {
+    constexpr int MAXG = array_bound(K);
+    acc_t f[MAXG];
+    load_orbit<MAXG>(w, base, offsets, G, f);
+    const acc_t mean = orbit_mean<MAXG>(f, G);
+    subtract_mean<MAXG>(f, mean, G);
+    if constexpr (ROWS) accumulate_row_energies<MAXG>(basis, f, inv_stab, G, row_energy);
+    return {penalty_part<MAXG>(f, inv_stab, G), energy_part(mean, inv_stab, G)};
+  }
+}
+
+// inv_stab * (basis_row . dev)^2 of one orbit (the streamed spectrum walks the rows outermost).
+template <typename scalar_t, typename acc_t, typename basis_t>
+PK_HOST_DEVICE inline acc_t orbit_row_energy(const scalar_t* __restrict__ w, int64_t base,
+                                             const int32_t* __restrict__ offsets, int G, acc_t inv_stab,
+                                             const basis_t* basis_row) {
+  const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
+  const acc_t c = streamed_row_coefficient(w, base, offsets, G, mean, basis_row);
+  return inv_stab * c * c;
+}
+
+// out[base + offsets[g]] = dW at entry g, from the orbit's values f (not yet centred).
 template <int MAXG, typename scalar_t, typename acc_t>
-PK_HOST_DEVICE inline void write_orbit_gradient(const scalar_t* __restrict__ w, scalar_t* __restrict__ out,
-                                                int64_t base, const int32_t* __restrict__ offsets, int G,
-                                                acc_t two_grad_pen, acc_t two_grad_eq) {
-  acc_t f[MAXG];
-  load_orbit<MAXG>(w, base, offsets, G, f);
+PK_HOST_DEVICE inline void store_orbit_gradient(const acc_t* f, scalar_t* out, int64_t base,
+                                                const int32_t* __restrict__ offsets, int G, acc_t two_grad_pen,
+                                                acc_t two_grad_eq) {
   const acc_t mean = orbit_mean<MAXG>(f, G);
   PK_UNROLL
   for (int g = 0; g < loop_bound(MAXG, G); ++g) {
     if (g >= G) continue;
     out[base + offsets[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_grad_pen, two_grad_eq));
   }
+}
+
+// Writes dW (or, with two_grad_pen = 0 and two_grad_eq = 1, P(W)) at every entry of one orbit.
+// Orbits are disjoint and a repeated entry gets the same value each time, so writers never race.
+template <int K, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void write_orbit_gradient(const scalar_t* __restrict__ w, scalar_t* __restrict__ out,
+                                                int64_t base, const int32_t* __restrict__ offsets, int G,
+                                                acc_t two_grad_pen, acc_t two_grad_eq) {
+  if constexpr (K == 0) {
+    const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
+    for (int g = 0; g < G; ++g) {
+      const int64_t i = base + offsets[g];
+      out[i] = static_cast<scalar_t>(gradient_value(static_cast<acc_t>(w[i]) - mean, mean, two_grad_pen, two_grad_eq));
+    }
+  } else {
+    constexpr int MAXG = array_bound(K);
+    acc_t f[MAXG];
+    load_orbit<MAXG>(w, base, offsets, G, f);
+    store_orbit_gradient<MAXG>(f, out, base, offsets, G, two_grad_pen, two_grad_eq);
+  }
+}
+
+// The same, in place: buf holds W on entry and dW on exit at this orbit's entries (a tile in shared
+// memory).  Only the array classes: the whole orbit is read into registers before the first store
+// (no __restrict__ here, so the compiler keeps that order), so a repeated entry is never read after
+// it was written.
+template <int K, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void write_orbit_gradient_in_place(scalar_t* buf, int64_t base, const int32_t* __restrict__ offsets,
+                                                         int G, acc_t two_grad_pen, acc_t two_grad_eq) {
+  static_assert(K != 0, "the streamed class would read entries it already wrote");
+  constexpr int MAXG = array_bound(K);
+  acc_t f[MAXG];
+  load_orbit<MAXG>(buf, base, offsets, G, f);
+  store_orbit_gradient<MAXG>(f, buf, base, offsets, G, two_grad_pen, two_grad_eq);
 }
 
 }  // namespace projkernels

@@ -21,6 +21,23 @@ import torch
 __all__ = ["FiniteGroup", "get_group", "irrep_names", "cyclic", "dihedral", "register_group", "group_name_for_ops"]
 
 
+# The largest intermediate a group's tables need is the isotypic basis's [|G|, |G|, |G|] float64
+# left-regular action (the multiplication table is [|G|, |G|]).  A group whose tables would pass
+# this budget is refused before anything is allocated: order 512 is the largest that fits.
+_MAX_TABLE_BYTES = 1 << 30
+MAX_GROUP_ORDER = int(round((_MAX_TABLE_BYTES // 8) ** (1 / 3)))
+
+
+def check_table_size(name: str, order: int) -> None:
+    """ValueError naming the group when its tables would not fit in memory (before building them)."""
+    need = 8 * order ** 3
+    if need > _MAX_TABLE_BYTES:
+        raise ValueError(
+            f"group: {name} has order {order}; its tables would need {need / 2 ** 30:.3g} GiB "
+            f"(a [{order}, {order}, {order}] float64 array), more than the {_MAX_TABLE_BYTES / 2 ** 30:.3g} GiB "
+            f"allowed; use a group of order at most {MAX_GROUP_ORDER}")
+
+
 @dataclass(frozen=True, eq=False)
 class FiniteGroup:
     name: str
@@ -53,6 +70,7 @@ class FiniteGroup:
         ||P_rho f||^2 = sum over rows r of rho of (basis[r] . f)^2.
         """
         n = self.order
+        check_table_size(self.name, n)
         # Left-regular action on functions of G: (L_h f)(g) = f(h^-1 g).
         inv = self.inverse
         L = np.zeros((n, n, n))
@@ -158,6 +176,7 @@ def _kernel_ndim(kernel: torch.Tensor) -> int:
 def cyclic(n: int) -> FiniteGroup:
     if n < 1:
         raise ValueError(f"group: C<N> needs N >= 1, got N={n}")
+    check_table_size(f"C{n}", n)
     elements = tuple((0, j) for j in range(n))
     mul = np.array([[(a + b) % n for b in range(n)] for a in range(n)])
     names, dims, chars = _cyclic_irreps(n)
@@ -169,6 +188,7 @@ def cyclic(n: int) -> FiniteGroup:
 def dihedral(n: int) -> FiniteGroup:
     if n < 1:
         raise ValueError(f"group: D<N> needs N >= 1, got N={n}")
+    check_table_size(f"D{n}", 2 * n)
     elements = tuple((f, j) for f in range(2) for j in range(n))
     index = {e: i for i, e in enumerate(elements)}
     mul = np.empty((2 * n, 2 * n), dtype=np.int64)

@@ -7,12 +7,14 @@ penalty, energy and the isotypic energies come from the same tile.
 
 The reduction is two-staged so that it is deterministic and never waits on the host: stage one
 writes one row of partial sums per program, stage two (a single program) adds the rows in a fixed
-order.  The autotuner picks ``BLOCK`` once per (orbit count, group order, dtype) and process, so a
-repeated call reduces in the same order and gives the same bits; another process may time the
-configurations differently, pick another ``BLOCK`` and differ in the last bits.
+order.  The launch configuration (``BLOCK`` and the warp count) fixes both the partition of the
+sum and the order of the additions inside a program (Triton's reductions follow the tile's
+layout), so it is a function of the problem alone (``launch_config``), never timed: every process
+and every GPU of one architecture reduces in the same order and gets the same bits, and the write
+pass, whose orbit means are reductions too, writes the same bits as well.  Any group order works:
+the tile shrinks to 16 orbits as ``GP`` grows.
 
-Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter, with a
-single configuration (nothing to benchmark, and benchmarking would need a GPU).
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter.
 """
 from __future__ import annotations
 
@@ -22,58 +24,24 @@ import os
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
-__all__ = ["INTERPRET", "reduce_orbits", "apply_orbits"]
+__all__ = ["INTERPRET", "launch_config", "reduce_orbits", "apply_orbits"]
 
 # triton.jit picks the interpreter when it decorates, so the mode is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_BLOCKS = tuple(2 ** i for i in range(4, 13))   # 16 .. 4096 orbits per program
-_MIN_BLOCK = min(_BLOCKS)
-# Tiles of BLOCK * GP values in this range keep 4 to 32 values per thread at 4 or 8 warps: enough
-# loads in flight to hide latency, few enough registers not to spill.
-_TILE_MIN, _TILE_MAX = 1024, 4096
+# A tile of about this many values keeps 16 values per thread at 4 warps: enough loads in flight
+# to hide latency, few enough registers not to spill.
+_TILE = 2048
+_MIN_BLOCK, _MAX_BLOCK = 16, 1024
+_NUM_WARPS = 4
 
 
-def _configs():
-    if INTERPRET:
-        # Fewer, larger programs: the interpreter's cost is per program, not per element.
-        return [triton.Config({"BLOCK": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK": b}, num_warps=w) for b in _BLOCKS for w in (4, 8)]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Keep the tiles of a sensible size for this group order and orbit count (at most six)."""
-    gp = int(named_args.get("GP", kwargs.get("GP", 1)))
-    n = int(named_args.get("n_orbits", kwargs.get("n_orbits", 1)))
-    # A program with no valid orbit at all is pure waste.
-    useful = [c for c in configs if c.kwargs["BLOCK"] <= max(_MIN_BLOCK, triton.next_power_of_2(n))]
-
-    def distance(c):
-        tile = c.kwargs["BLOCK"] * gp
-        return max(_TILE_MIN / tile, tile / _TILE_MAX, 1.0)
-
-    kept = [c for c in useful if distance(c) == 1.0]
-    if kept:
-        return kept
-    # Small weights or huge groups: the tile closest to the range, at 4 warps.
-    best = min(distance(c) for c in useful)
-    return [c for c in useful if distance(c) == best and c.num_warps == 4][:1]
-
-
-def _bench(fn, quantiles):
-    # Shorter than Triton's default (25 ms warm-up, 100 ms timing): these kernels take
-    # microseconds, and every new weight shape is tuned once, at its first call.
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
-def _autotune(kernel, key):
-    kw = dict(configs=_configs(), key=key, prune_configs_by={"early_config_prune": _prune})
-    try:
-        return triton.autotune(**kw, do_bench=_bench)(kernel)
-    except TypeError:  # a Triton without the do_bench hook: its default timing is fine, only slower
-        return triton.autotune(**kw)(kernel)
+def launch_config(group_order: int):
+    """(BLOCK, num_warps) for a group order: orbits per program and warps, fixed per problem."""
+    gp = triton.next_power_of_2(group_order)
+    block = max(_MIN_BLOCK, min(_MAX_BLOCK, _TILE // gp))
+    return block, _NUM_WARPS
 
 
 @triton.jit
@@ -129,9 +97,6 @@ def _reduce_kernel(w_ptr, offsets_ptr, inv_stab_ptr, basis_ptr, row_irrep_ptr, p
     tl.store(part_ptr + pid * N_COLS + cols, row, mask=cols < N_COLS)
 
 
-_reduce_tuned = _autotune(_reduce_kernel, ["n_orbits", "G", "SPECTRUM"])
-
-
 @triton.jit
 def _finish_kernel(part_ptr, n_rows, out_ptr, out2_ptr, N_COLS: tl.constexpr, COLS_P: tl.constexpr,
                    SPLIT: tl.constexpr, ROWS: tl.constexpr):
@@ -170,9 +135,6 @@ def _apply_kernel(w_ptr, out_ptr, offsets_ptr, gp_ptr, ge_ptr,
     tl.store(out_ptr + addr, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_apply_tuned = _autotune(_apply_kernel, ["n_orbits", "G", "PROJECT"])
-
-
 # --- launch wrappers --------------------------------------------------------------------------
 
 def _device_ctx(t: torch.Tensor):
@@ -199,25 +161,22 @@ def reduce_orbits(w: torch.Tensor, table, spectrum: bool):
     n_cols = len(table.group.irrep_names) if spectrum else 2
     cols_p = triton.next_power_of_2(n_cols)
     n = geo["n_orbits"]
-    # Room for the smallest BLOCK: the autotuner may run every configuration into this buffer.
-    part = torch.empty((triton.cdiv(n, _MIN_BLOCK), n_cols), dtype=acc, device=w.device)
-    launched = {}
-
-    def grid(meta):
-        launched["rows"] = triton.cdiv(n, meta["BLOCK"])  # the last call is the chosen configuration
-        return (launched["rows"],)
+    block, warps = launch_config(geo["G"])
+    rows = triton.cdiv(n, block)
+    part = torch.empty((rows, n_cols), dtype=acc, device=w.device)
 
     with _device_ctx(w):
-        _reduce_tuned[grid](w, t["offsets"], t["inv_stab"], t["basis"], t["row_irrep"], part,
-                            N_COLS=n_cols, COLS_P=cols_p, SPECTRUM=spectrum, **geo)
+        _reduce_kernel[(rows,)](w, t["offsets"], t["inv_stab"], t["basis"], t["row_irrep"], part,
+                                N_COLS=n_cols, COLS_P=cols_p, SPECTRUM=spectrum, BLOCK=block, num_warps=warps,
+                                **geo)
         if spectrum:
             out = torch.empty((n_cols,), dtype=acc, device=w.device)
-            _finish_kernel[(1,)](part, launched["rows"], out, out, N_COLS=n_cols, COLS_P=cols_p,
+            _finish_kernel[(1,)](part, rows, out, out, N_COLS=n_cols, COLS_P=cols_p,
                                  SPLIT=False, ROWS=_FINISH_ROWS)
             return out
         pen = torch.empty((), dtype=acc, device=w.device)
         eq = torch.empty((), dtype=acc, device=w.device)
-        _finish_kernel[(1,)](part, launched["rows"], pen, eq, N_COLS=n_cols, COLS_P=cols_p,
+        _finish_kernel[(1,)](part, rows, pen, eq, N_COLS=n_cols, COLS_P=cols_p,
                              SPLIT=True, ROWS=_FINISH_ROWS)
     return pen, eq
 
@@ -226,6 +185,8 @@ def apply_orbits(w: torch.Tensor, table, grad_pen=None, grad_eq=None, out_dtype=
     """2 grad_pen (W - P W) + 2 grad_eq P W, or P(W) itself when both grads are None.
 
     The grads are 0-dim tensors on the weight's device, read inside the kernel (no host sync).
+    Written in ``out_dtype`` (the weight's dtype for a gradient); in float16 a value above 65504
+    in magnitude, e.g. 2 (W - P W) of a weight with a large spread, overflows to inf.
     """
     t = table.device_tables(w.device)._asdict()
     geo = _geometry(w, table)
@@ -234,7 +195,8 @@ def apply_orbits(w: torch.Tensor, table, grad_pen=None, grad_eq=None, out_dtype=
     if project:
         grad_pen = grad_eq = out  # unread placeholders
     n = geo["n_orbits"]
+    block, warps = launch_config(geo["G"])
     with _device_ctx(w):
-        _apply_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
-            w, out, t["offsets"], grad_pen, grad_eq, PROJECT=project, **geo)
+        _apply_kernel[(triton.cdiv(n, block),)](
+            w, out, t["offsets"], grad_pen, grad_eq, PROJECT=project, BLOCK=block, num_warps=warps, **geo)
     return out

@@ -84,15 +84,15 @@ template <typename acc_t>
 void orbit_with_stabiliser(double tol) {
   const double w[2] = {1, 5};
   const int32_t offsets[4] = {0, 1, 0, 1};
-  acc_t f[pk::kMaxGroupOrder];
-  pk::load_orbit<pk::kMaxGroupOrder>(w, 0, offsets, 4, f);
-  const acc_t mean = pk::orbit_mean<pk::kMaxGroupOrder>(f, 4);
-  pk::subtract_mean<pk::kMaxGroupOrder>(f, mean, 4);
+  acc_t f[pk::kMaxArrayOrder];
+  pk::load_orbit<pk::kMaxArrayOrder>(w, 0, offsets, 4, f);
+  const acc_t mean = pk::orbit_mean<pk::kMaxArrayOrder>(f, 4);
+  pk::subtract_mean<pk::kMaxArrayOrder>(f, mean, 4);
   const acc_t inv_stab = acc_t(0.5);
-  CHECK_CLOSE(pk::penalty_part<pk::kMaxGroupOrder>(f, inv_stab, 4), 8, tol);
+  CHECK_CLOSE(pk::penalty_part<pk::kMaxArrayOrder>(f, inv_stab, 4), 8, tol);
   CHECK_CLOSE(pk::energy_part(mean, inv_stab, 4), 18, tol);
-  acc_t rows[pk::kMaxGroupOrder] = {};
-  pk::accumulate_row_energies<pk::kMaxGroupOrder>(kC4Basis, f, inv_stab, 4, rows);
+  acc_t rows[pk::kMaxArrayOrder] = {};
+  pk::accumulate_row_energies<pk::kMaxArrayOrder>(kC4Basis, f, inv_stab, 4, rows);
   double spectrum[3] = {0, 0, 0};
   pk::rows_to_irreps(rows, pk::energy_part(mean, inv_stab, 4), kC4RowIrrep, 4, spectrum);
   CHECK_CLOSE(spectrum[0], 18, tol);
@@ -139,9 +139,9 @@ void trivial_group() {
 
 int main() {
   free_orbit<4, double, double>(1e-14);
-  free_orbit<pk::kMaxGroupOrder, double, double>(1e-14);
+  free_orbit<pk::kMaxArrayOrder, double, double>(1e-14);
   free_orbit<16, float, float>(1e-6);
-  free_orbit<pk::kMaxGroupOrder, float, double>(1e-14);
+  free_orbit<pk::kMaxArrayOrder, float, double>(1e-14);
   orbit_with_stabiliser<double>(1e-14);
   orbit_with_stabiliser<float>(1e-6);
   nearly_equivariant_float();

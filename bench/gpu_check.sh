@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# GPU check of the kernels: build, the GPU tests of the kernel files, and per-kernel timings.
+#
+#   OUT=/some/dir bash bench/gpu_check.sh        (run from anywhere; under 7 minutes on an H200: the step timeouts add up to 420 s,
+#   the expected total is about 4 minutes)
+#
+# Logs go to $OUT (build.log, tests.log, timings*.log, timings*.json).  Each step has its own
+# timeout and a failed step does not stop the next one; the exit status is non-zero if any failed.
+# Timings: each kernel alone (the op that launches it, no autograd), CUDA events around one call,
+# L2 flushed (a 256 MiB write) before each call, median of 20 calls after 3 warm-ups.  "% copy" is
+# bytes moved / time / the copy bandwidth measured here (a 1 GiB device-to-device copy, read +
+# write): a forward reads W once, a backward reads W and writes dW.
+set -x
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$ROOT/gpu-check-out}"
+mkdir -p "$OUT"
+cd "$ROOT" || exit 1
+status=0
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+git log -1 --oneline > "$OUT/commit.txt" 2>&1
+
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PROJKERNELS_CUDA=1 timeout 150 \
+  python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || status=1
+tail -3 "$OUT/build.log"
+python3 -c "import projkernels as pk, projkernels.native as c; print(pk.__file__, 'cuda:', c.WITH_CUDA, pk.available_backends('cuda'))" \
+  >> "$OUT/build.log" 2>&1 || status=1
+
+timeout 170 python3 -m pytest -m gpu -x -q --durations=10 tests/test_kernels_tiles.py tests/test_cuda_backend.py \
+  tests/test_triton_backend.py tests/test_multi_fused.py > "$OUT/tests.log" 2>&1 || status=1
+tail -5 "$OUT/tests.log"
+
+cat > "$OUT/timings.py" <<'PY'
+import json, sys
+import torch
+import projkernels  # noqa: F401  (registers the backends)
+from projkernels import native as C
+from projkernels import triton_kernels as K
+from projkernels.orbits import orbit_table
+
+dev = torch.device("cuda")
+flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev)
+
+
+def time_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.fill_(1)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+dst = torch.empty_like(src)
+copy_gbs = 2 * src.numel() / (time_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+del src, dst
+import os
+chunked_only = os.environ.get("PROJKERNELS_TILED") == "0"  # the Triton numbers come from the first run
+print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbs:.0f} GB/s; "
+      f"PROJKERNELS_TILED={os.environ.get('PROJKERNELS_TILED', '1 (default)')}")
+
+cases = [("C4 reg 2048x2048x3x3 fp32", (2048, 2048, 3, 3), "C4", "regular", torch.float32),
+         ("C4 reg 2048x2048x3x3 bf16", (2048, 2048, 3, 3), "C4", "regular", torch.bfloat16),
+         ("D4 reg 1536x1536x3x3 fp32", (1536, 1536, 3, 3), "D4", "regular", torch.float32),
+         ("D4 triv 2048x2048x5x5 fp32", (2048, 2048, 5, 5), "D4", "trivial", torch.float32)]
+rows = []
+for name, shape, group, rep, dtype in cases:
+    w = torch.randn(shape, device=dev).to(dtype)
+    table = orbit_table(w, group, rep, rep)
+    nbytes = w.numel() * w.element_size()
+    acc = torch.float32
+    gp = torch.tensor(0.5, dtype=acc, device=dev)
+    ge = torch.tensor(0.25, dtype=acc, device=dev)
+    kernels = {
+        "cuda fwd": (lambda: C.fused_forward(w, table, with_spectrum=False), nbytes),
+        "cuda bwd": (lambda: C.fused_backward(w, table, gp, ge), 2 * nbytes),
+        "triton fwd": (lambda: K.reduce_orbits(w, table, spectrum=False), nbytes),
+        "triton bwd": (lambda: K.apply_orbits(w, table, gp, ge, out_dtype=w.dtype), 2 * nbytes),
+    }
+    for kname, (fn, moved) in kernels.items():
+        if chunked_only and kname.startswith("triton"):
+            continue
+        try:
+            ms = time_ms(fn)
+            pct = 100 * moved / (ms * 1e-3) / (copy_gbs * 1e9)
+            rows.append(dict(case=name, kernel=kname, ms=ms, pct_copy=pct, mb=nbytes / 1e6))
+            print(f"{name:30s} {kname:11s} {ms * 1e3:9.1f} us  {pct:5.1f}% copy")
+        except Exception as exc:  # one failing kernel must not hide the others' numbers
+            print(f"{name:30s} {kname:11s} FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+    del w
+    torch.cuda.empty_cache()
+json.dump(dict(device=torch.cuda.get_device_name(), copy_gbs=copy_gbs, rows=rows), open(sys.argv[1], "w"), indent=1)
+PY
+# The tiled kernels (the default), then the chunked ones (PROJKERNELS_TILED=0) for comparison.
+timeout 60 python3 "$OUT/timings.py" "$OUT/timings.json" > "$OUT/timings.log" 2>&1 || status=1
+cat "$OUT/timings.log"
+PROJKERNELS_TILED=0 timeout 40 python3 "$OUT/timings.py" "$OUT/timings-chunked.json" > "$OUT/timings-chunked.log" 2>&1 || status=1
+cat "$OUT/timings-chunked.log"
+exit $status
