@@ -23,6 +23,7 @@
 #include "decay_checks.h"
 #include "decay_math.h"
 #include "orbit_math.h"
+#include "static_switch.h"
 
 namespace projkernels {
 namespace decay {
@@ -32,28 +33,11 @@ constexpr int kBlockThreads = 256;
 // Orbits per block: four per thread.
 constexpr int64_t kGpuChunk = 4 * kBlockThreads;
 
-// fn(std::integral_constant<int, MAXG>) for the block's group order; uniform across the block, so the
-// branch never diverges.  Bounds up to 16 keep the orbit in registers.
-template <typename Fn>
-__device__ __forceinline__ void with_max_group(int G, Fn&& fn) {
-  if (G <= 4) {
-    fn(std::integral_constant<int, 4>{});
-  } else if (G <= 8) {
-    fn(std::integral_constant<int, 8>{});
-  } else if (G <= 16) {
-    fn(std::integral_constant<int, 16>{});
-  } else {
-    fn(std::integral_constant<int, kMaxGroupOrder>{});
-  }
-}
-
 template <bool IN_PLACE, typename scalar_t>
 __device__ __forceinline__ void decay_block(const Layer& d, const Chunk& c) {
   using acc_t = at::opmath_type<scalar_t>;
-  with_max_group(d.G, [&](auto maxg) {
-    constexpr int MAXG = decltype(maxg)::value;
-    decay_chunk<MAXG, IN_PLACE, scalar_t, acc_t>(d, d.G, c.first + threadIdx.x, c.last, blockDim.x);
-  });
+  // The block's group order is uniform across the block, so the switch never diverges.
+  GROUP_ORDER_SWITCH(d.G, K, [&] { decay_chunk<K, IN_PLACE, scalar_t, acc_t>(d, c.first + threadIdx.x, c.last, blockDim.x); });
 }
 
 template <bool IN_PLACE>

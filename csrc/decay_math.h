@@ -96,17 +96,50 @@ PK_HOST_DEVICE inline void decay_orbit(const scalar_t* w, scalar_t* target, int6
   }
 }
 
+// The same update for the streamed class (orders above kMaxArrayOrder: no per-thread array).  The
+// orbit is read twice from memory.  An entry listed several times (|Stab| > 1) must be updated once,
+// from its old value: the listing of e's orbit holds each entry |Stab| times, so counting e's own
+// occurrences gives |Stab|, and only then is each entry checked against the earlier ones (O(|G|^2)
+// per orbit, paid by groups of order above kMaxArrayOrder with non-trivial stabilisers alone).
+template <bool IN_PLACE, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void decay_orbit_streamed(const scalar_t* w, scalar_t* target, int64_t base,
+                                                const int32_t* offsets, int G, acc_t coef_dev, acc_t coef_mean) {
+  acc_t sum = acc_t(0);
+  int stab = 0;
+  for (int g = 0; g < G; ++g) {
+    sum += static_cast<acc_t>(w[base + offsets[g]]);
+    stab += offsets[g] == offsets[0];
+  }
+  const acc_t mean = sum / static_cast<acc_t>(G);
+  const acc_t shift = coef_mean * mean;
+  for (int g = 0; g < G; ++g) {
+    bool seen = false;
+    for (int h = 0; stab > 1 && h < g && !seen; ++h) seen = offsets[h] == offsets[g];
+    if (seen) continue;
+    const acc_t wv = static_cast<acc_t>(w[base + offsets[g]]);  // first visit: not yet written
+    const acc_t old = IN_PLACE ? wv : static_cast<acc_t>(target[base + offsets[g]]);
+    target[base + offsets[g]] = static_cast<scalar_t>(old + (coef_dev * (wv - mean) + shift));
+  }
+}
+
 // The decay of orbits first, first + step, ... < last of one layer: a CPU task walks a whole chunk
-// (step 1), a CUDA thread every blockDim-th orbit of its block's chunk.
-template <int MAXG, bool IN_PLACE, typename scalar_t, typename acc_t>
-PK_HOST_DEVICE inline void decay_chunk(const Layer& d, int G, int64_t first, int64_t last, int64_t step) {
+// (step 1), a CUDA thread every blockDim-th orbit of its block's chunk.  K is the group-order class
+// of static_switch.h (GROUP_ORDER_SWITCH): an array of array_bound(K) values per orbit, or streamed
+// for K == 0.
+template <int K, bool IN_PLACE, typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void decay_chunk(const Layer& d, int64_t first, int64_t last, int64_t step) {
   if (first >= last) return;
+  const int G = order_of(K, d.G);
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
   scalar_t* target = static_cast<scalar_t*>(d.target);
   const acc_t c_dev = static_cast<acc_t>(d.coef_dev), c_mean = static_cast<acc_t>(d.coef_mean);
   OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
   for (int64_t id = first; id < last; id += step, it.advance(step)) {
-    decay_orbit<MAXG, IN_PLACE>(w, target, it.base, d.offsets + it.orbit * G, G, c_dev, c_mean);
+    if constexpr (K == 0) {
+      decay_orbit_streamed<IN_PLACE>(w, target, it.base, d.offsets + it.orbit * G, G, c_dev, c_mean);
+    } else {
+      decay_orbit<array_bound(K), IN_PLACE>(w, target, it.base, d.offsets + it.orbit * G, G, c_dev, c_mean);
+    }
   }
 }
 

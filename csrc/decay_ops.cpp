@@ -23,6 +23,7 @@
 #include "decay_checks.h"
 #include "decay_math.h"
 #include "orbit_math.h"
+#include "static_switch.h"
 
 namespace projkernels {
 namespace decay {
@@ -31,20 +32,6 @@ namespace {
 // Orbits per CPU task: large enough that the per-chunk dispatch vanishes, small enough that a
 // model's small layers still spread over threads.
 constexpr int64_t kCpuChunk = 256;
-
-// |G| as a compile-time constant for the common orders (the orbit loops unroll and vectorise);
-// 0 stands for a runtime |G| up to kMaxGroupOrder.
-template <typename Fn>
-void with_group_order(int G, Fn&& fn) {
-  switch (G) {
-    case 1: return fn(std::integral_constant<int, 1>{});
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 4: return fn(std::integral_constant<int, 4>{});
-    case 8: return fn(std::integral_constant<int, 8>{});
-    case 16: return fn(std::integral_constant<int, 16>{});
-    default: return fn(std::integral_constant<int, 0>{});
-  }
-}
 
 template <typename Fn>
 void with_dtype(int32_t code, Fn&& fn) {
@@ -69,10 +56,7 @@ void run_cpu(DecayArgs& a) {
       with_dtype(d.dtype, [&](auto s) {
         using scalar_t = decltype(s);
         using acc_t = at::opmath_type<scalar_t>;
-        with_group_order(d.G, [&](auto k) {
-          constexpr int K = decltype(k)::value;
-          decay_chunk<K ? K : kMaxGroupOrder, IN_PLACE, scalar_t, acc_t>(d, K ? K : d.G, ch.first, ch.last, 1);
-        });
+        GROUP_ORDER_SWITCH(d.G, K, [&] { decay_chunk<K, IN_PLACE, scalar_t, acc_t>(d, ch.first, ch.last, 1); });
       });
     }
   });

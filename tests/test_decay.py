@@ -221,25 +221,42 @@ EXACT_SPECS = [
     ((16, 2, 3, 3), "D4", "trivial", "regular"),
     ((4, 8, 5), "D2", "regular", "trivial"),
     ((16, 1), "C8", "trivial", "regular"),
+    # Orders above the kernels' array bound (64) take the streamed path: a free action, and a
+    # trivial one where every orbit is one entry listed |G| times.
+    ((66, 2), "C66", "trivial", "regular"),
+    ((5, 3), "C70", "trivial", "trivial"),
 ]
+
+
+def _check_apply_decay_against_dense_brute_force(backend, in_place, device):
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(s[0], generator=g, dtype=torch.float64) for s in EXACT_SPECS]
+    ts = [torch.randn(s[0], generator=g, dtype=torch.float64) for s in EXACT_SPECS]
+    tables = [orbit_table(*s) for s in EXACT_SPECS]
+    cd = [-0.35, 0.5, 1.25, -0.1, 0.75, 0.6, -0.45]
+    cm = [0.2, -0.4, 0.0, 0.3, -1.0, 0.15, 0.5]
+    targets = [x.clone().to(device) for x in (ws if in_place else ts)]
+    D.apply_decay_(targets, None if in_place else [w.to(device) for w in ws], tables, cd, cm, backend=backend)
+    for i, (s, w) in enumerate(zip(EXACT_SPECS, ws)):
+        pw = brute_force_project(w, *s[1:])
+        old = w if in_place else ts[i]
+        expect = old + cd[i] * (w - pw) + cm[i] * pw
+        torch.testing.assert_close(targets[i].cpu(), expect, rtol=1e-13, atol=1e-13, msg=f"{s}")
 
 
 @pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_apply_decay_against_dense_brute_force(backend, in_place):
-    g = torch.Generator().manual_seed(3)
-    ws = [torch.randn(s[0], generator=g, dtype=torch.float64) for s in EXACT_SPECS]
-    ts = [torch.randn(s[0], generator=g, dtype=torch.float64) for s in EXACT_SPECS]
-    tables = [orbit_table(*s) for s in EXACT_SPECS]
-    cd = [-0.35, 0.5, 1.25, -0.1, 0.75]
-    cm = [0.2, -0.4, 0.0, 0.3, -1.0]
-    targets = [w.clone() for w in ws] if in_place else [t.clone() for t in ts]
-    D.apply_decay_(targets, None if in_place else ws, tables, cd, cm, backend=backend)
-    for i, (s, w) in enumerate(zip(EXACT_SPECS, ws)):
-        pw = brute_force_project(w, *s[1:])
-        old = w if in_place else ts[i]
-        expect = old + cd[i] * (w - pw) + cm[i] * pw
-        torch.testing.assert_close(targets[i], expect, rtol=1e-13, atol=1e-13, msg=f"{s}")
+    _check_apply_decay_against_dense_brute_force(backend, in_place, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_place", [True, False])
+def test_gpu_apply_decay_against_dense_brute_force(in_place):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    for backend in D.decay_backends("cuda"):
+        _check_apply_decay_against_dense_brute_force(backend, in_place, "cuda")
 
 
 @pytest.mark.parametrize("mode", D.MODES)
@@ -269,7 +286,8 @@ def test_deterministic(backend):
     for _ in range(2):
         g = torch.Generator().manual_seed(5)
         ws = [torch.randn(s[0], generator=g, dtype=torch.float32) for s in EXACT_SPECS]
-        D.apply_decay_(ws, None, [orbit_table(*s) for s in EXACT_SPECS], [-0.3] * 5, [-0.1] * 5, backend=backend)
+        n = len(EXACT_SPECS)
+        D.apply_decay_(ws, None, [orbit_table(*s) for s in EXACT_SPECS], [-0.3] * n, [-0.1] * n, backend=backend)
         outs.append(ws)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
