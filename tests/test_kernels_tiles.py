@@ -277,7 +277,7 @@ _PROCESS_SCRIPT = textwrap.dedent("""
     t = orbit_table(w, "C4", "regular", "regular")
     one = torch.ones((), device="cuda")
     out = [*b.forward(w, t), b.spectrum(w, t), b.backward(w, t, one, 0.5 * one), b.project(w, t)]
-    print(" ".join(hashlib.sha256(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    print(" ".join(hashlib.sha256(x.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
                    for x in out))
 """)
 
