@@ -108,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _plan(args, main_sweep: bool) -> List[tuple]:
     plan = [("none", 0.0, "no penalty")]
     plan += [("penalty", lam, f"penalty lambda={lam:g}") for lam in args.lambda_list]
+    plan += [("decay", lam, f"decay lambda={lam:g}") for lam in args.lambda_list]
     if not args.no_baselines:
         plan.append(("projected", 0.0, "projected (exact)"))
         if main_sweep:  # the sample-based run is the slowest; its point is runtime, made once

@@ -45,6 +45,11 @@ def verdict(runs: List[dict]) -> str:
         line += (f"; best {bp['label']} ({bp['test_error']:.4f}) "
                  f"{'beats' if beats else 'does not beat'} both no penalty ({by['none']['test_error']:.4f}) "
                  f"and projected ({by['projected']['test_error']:.4f})")
+    dec = [r for r in runs if r["method"] == "decay"]
+    if pen and dec:
+        bp, bd = (min(rs, key=lambda r: r["test_error"]) for rs in (pen, dec))
+        line += (f"; best decay row {bd['label']} ({bd['test_error']:.4f}, {bd['regulariser_ms_per_step']:.2f} ms/step) "
+                 f"vs best penalty row ({bp['test_error']:.4f}, {bp['regulariser_ms_per_step']:.2f} ms/step)")
     return line
 
 

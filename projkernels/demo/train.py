@@ -8,13 +8,14 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
+from ..decay import equivariance_decay
 from ..model import equivariance_report, model_penalty, project_
 from .metrics import equivariance_error, relative_error
 from .models import build_model, project_grads_, sample_equivariance_loss
 
 __all__ = ["METHODS", "Progress", "train_run"]
 
-METHODS = ("none", "penalty", "projected", "sample")
+METHODS = ("none", "penalty", "decay", "projected", "sample")
 
 
 class Progress:
@@ -47,6 +48,7 @@ class Progress:
 def train_run(method: str, weight: float, data: Dict[str, torch.Tensor], args, progress: Progress,
               label: str) -> dict:
     """Train one model and score it.  ``method``: 'none', 'penalty' (``weight`` = lambda_perp),
+    'decay' (the decoupled equivariance decay inside the optimizer step, ``weight`` = lambda_perp),
     'projected' (an exact G-CNN throughout) or 'sample' (``weight`` = mu of the sample-based loss).
 
     Timing: the regulariser's share is its extra work, measured with perf_counter after the task
@@ -62,6 +64,8 @@ def train_run(method: str, weight: float, data: Dict[str, torch.Tensor], args, p
     else:
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps, eta_min=args.lr * 0.05)
+    # The decay runs inside opt.step(); its own timer (host seconds in the step pre-hook) gives its share.
+    decay = equivariance_decay(opt, model, weight) if method == "decay" else None
     x_tr, y_tr = data["x_train"], data["y_train"]
     g = torch.Generator().manual_seed(args.seed + 7)
     warmup = min(5, args.steps // 4)
@@ -86,6 +90,7 @@ def train_run(method: str, weight: float, data: Dict[str, torch.Tensor], args, p
             project_grads_(model)
         sync()
         t2 = time.perf_counter()
+        decay_s = decay.host_seconds if decay is not None else 0.0
         opt.step()
         sched.step()
         sync()
@@ -97,8 +102,12 @@ def train_run(method: str, weight: float, data: Dict[str, torch.Tensor], args, p
         if step >= warmup:
             step_t += t4 - t0
             reg_t += (t2 - t1) + (t4 - t3)
+            if decay is not None:
+                reg_t += decay.host_seconds - decay_s
         progress.update(1, f"{label} loss {loss.item():.3g}")
     timed = max(args.steps - warmup, 1)
+    if decay is not None:
+        decay.remove()
     model.eval()
     return {
         "method": method, "weight": weight, "label": label,
