@@ -24,7 +24,10 @@ def test_quick_end_to_end(tmp_path, capsys):
         saved = json.load(fh)
     assert saved["runs"] == json.loads(json.dumps(summary["runs"]))
     methods = [r["method"] for r in saved["runs"]]
-    assert methods == ["none", "penalty", "penalty", "projected", "sample"]
+    assert methods == ["none", "penalty", "penalty", "decay", "decay", "projected", "sample"]
+    decays = [r for r in saved["runs"] if r["method"] == "decay"]
+    assert [r["weight"] for r in decays] == [1, 100]
+    assert all(r["regulariser_ms_per_step"] > 0 for r in decays)  # the decay's own clock reached the table
     # --quick compares no other breaking strength
     assert [sw["breaking"] for sw in saved["breaking_sweep"]] == [0.3]
     for r in saved["runs"]:
@@ -44,8 +47,8 @@ def test_compare_breaking_reruns_on_a_symmetric_target(tmp_path, capsys):
     summary = demo.main(_tiny(tmp_path, "--steps", "20", "--lambdas", "10", "--compare-breaking", "0"))
     sweeps = summary["breaking_sweep"]
     assert [sw["breaking"] for sw in sweeps] == [0.3, 0.0]
-    assert [r["method"] for r in sweeps[0]["runs"]] == ["none", "penalty", "projected", "sample"]
-    assert [r["method"] for r in sweeps[1]["runs"]] == ["none", "penalty", "projected"]
+    assert [r["method"] for r in sweeps[0]["runs"]] == ["none", "penalty", "decay", "projected", "sample"]
+    assert [r["method"] for r in sweeps[1]["runs"]] == ["none", "penalty", "decay", "projected"]
     # with breaking=0 the target is exactly equivariant, so nothing is lost by exact equivariance
     assert sweeps[1]["target_equivariance_error"] < 1e-5
     assert sweeps[1]["equivariant_floor_test_error"] < 1e-6
@@ -59,7 +62,7 @@ def test_compare_breaking_reruns_on_a_symmetric_target(tmp_path, capsys):
 def test_large_lambda_gives_far_smaller_equivariance_error(tmp_path):
     summary = demo.main(_tiny(tmp_path, "--steps", "60", "--lambdas", "1000", "--no-baselines",
                               "--compare-breaking", ""))
-    none, big = summary["runs"]
+    none, big, _ = summary["runs"]  # no penalty, penalty, decay
     assert big["weight"] == 1000
     assert big["equivariance_error"] < 0.1 * none["equivariance_error"]
     assert big["test_error"] < 1.0  # it still learned something
@@ -130,7 +133,7 @@ def test_results_survive_a_missing_matplotlib(tmp_path, capsys, monkeypatch):
     with open(tmp_path / "summary.json") as fh:
         saved = json.load(fh)
     assert saved["figure"] is None and summary["figure"] is None
-    assert [r["method"] for r in saved["runs"]] == ["none", "penalty"]
+    assert [r["method"] for r in saved["runs"]] == ["none", "penalty", "decay"]
 
 
 def test_a_failing_plot_does_not_lose_results(tmp_path, capsys, monkeypatch):
@@ -143,7 +146,7 @@ def test_a_failing_plot_does_not_lose_results(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert "RuntimeError: no display" in captured.err and "lowest test error:" in captured.out
     with open(tmp_path / "summary.json") as fh:
-        assert len(json.load(fh)["runs"]) == 2
+        assert len(json.load(fh)["runs"]) == 3
 
 
 def test_module_entry_point_runs():
