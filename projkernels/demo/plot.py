@@ -24,11 +24,12 @@ def make_figure(sweeps: List[dict], spectra_runs: List[dict], path: str) -> None
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(6 * (len(panels) + 1), 4.4))
     for ax, (key, sw) in zip(axes, panels):
         runs = sw["runs"]
-        pen = sorted((r for r in runs if r["method"] == "penalty"), key=lambda r: r["weight"])
-        other = {r["method"]: r for r in runs if r["method"] != "penalty"}
-        if pen:
-            ax.plot([r["weight"] for r in pen], [r[key] for r in pen], "o-", color="tab:blue",
-                    label="projection penalty")
+        other = {r["method"]: r for r in runs if r["method"] not in ("penalty", "decay")}
+        for method, color, label in (("penalty", "tab:blue", "projection penalty"),
+                                     ("decay", "tab:orange", "equivariance decay (decoupled)")):
+            sweep = sorted((r for r in runs if r["method"] == method), key=lambda r: r["weight"])
+            if sweep:
+                ax.plot([r["weight"] for r in sweep], [r[key] for r in sweep], "o-", color=color, label=label)
         for m, (name, color, ls) in styles.items():
             if m in other:
                 ax.axhline(other[m][key], color=color, ls=ls, label=name)
