@@ -4,6 +4,7 @@
     python bench/run.py --large               # adds the >= 64 MB weight sets
     python bench/run.py --out bench/results.json --plot bench/plot.png --markdown bench/RESULTS.md
     python bench/run.py --host                # host cost vs native ops only (CPU, 1 thread; bench/host.py)
+    python bench/run.py --decay               # one decay step vs model_penalty and _foreach_mul_ (bench/decay_bench.py)
 
 Forward = penalty (ours: penalty and energy from one pass); forward+backward = the penalty and its
 gradient.  Effective bytes: one read of W forward; read W, read W again, write dW for both.  The
@@ -300,10 +301,17 @@ def main(argv=None):
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--host", action="store_true",
                     help="only the host-cost table: the API on tiny weights vs native ops, CPU, 1 thread")
+    ap.add_argument("--decay", action="store_true",
+                    help="only the equivariance-decay table: one decay step against model_penalty forward+backward "
+                         "and torch._foreach_mul_ over the same weights")
     args = ap.parse_args(argv)
     if args.host:
         import host
         host.main([])
+        return
+    if args.decay:
+        import decay_bench
+        decay_bench.main(["--device", args.device or "cpu"])
         return
     large = args.large or C.large_requested()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
