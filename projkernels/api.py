@@ -17,12 +17,22 @@ import torch
 from . import ops
 from .config import CONFIGS, config_for
 from .groups import group_name_for_ops
+from .distributed import single_weight_error
+
+try:
+    from torch.distributed.tensor import DTensor as _DTENSOR
+except ImportError:  # a build without torch.distributed
+    _DTENSOR = ()
 
 __all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "project", "spectrum"]
 
 def _config(weight, group, in_rep, out_rep, backend):
     if torch.compiler.is_compiling():
         return _COMPILED
+    if isinstance(weight, _DTENSOR):
+        # Checked before the lookup: a DTensor has its global shape, so it could hit the entry of
+        # a full weight and reach a kernel that would gather it, or fail deep inside.
+        raise single_weight_error("the single-weight functions")
     try:
         return CONFIGS[(weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend)]
     except (KeyError, AttributeError, TypeError):
