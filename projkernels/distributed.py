@@ -25,6 +25,7 @@ rank adds the penalty to its loss with the same coefficient.
 """
 from __future__ import annotations
 
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -33,10 +34,13 @@ from torch import nn
 __all__ = ["unwrap", "is_dtensor", "local_shard", "sum_over_ranks", "fsdp_params", "grad_scale",
            "single_weight_error"]
 
-try:
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # a build without torch.distributed
-    DTensor = Shard = None
+
+def _loaded(module: str, name: str):
+    """``module.name`` if that torch module is already imported, else None.  Importing
+    torch.distributed.tensor / .fsdp costs most of a second; a process that has not imported them
+    has no DTensor and no FSDP2 module, so projkernels never imports them itself."""
+    mod = sys.modules.get(module)
+    return getattr(mod, name, None) if mod is not None else None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -48,7 +52,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    cls = _loaded("torch.distributed.tensor", "DTensor")
+    return cls is not None and isinstance(t, cls)
 
 
 def _chunk_range(n: int, world: int, rank: int) -> Tuple[int, int]:
@@ -66,7 +71,8 @@ def local_shard(t: torch.Tensor, field_sizes: Sequence[int], label: str) -> Opti
     dim 1); a tensor may be sharded only along those dims, at multiples of the field size.
     """
     mesh = t.device_mesh
-    if mesh.ndim != 1 or len(t.placements) != 1 or not isinstance(t.placements[0], Shard):
+    shard = _loaded("torch.distributed.tensor", "Shard")
+    if mesh.ndim != 1 or len(t.placements) != 1 or not isinstance(t.placements[0], shard):
         raise NotImplementedError(
             f"{label}: a DTensor with placements {tuple(t.placements)} on a {mesh.ndim}-D mesh; the penalty "
             "supports parameters sharded along one dim of a 1-D mesh (FSDP2's fully_shard on a 1-D mesh, "
@@ -89,12 +95,14 @@ def local_shard(t: torch.Tensor, field_sizes: Sequence[int], label: str) -> Opti
                              "may be sharded")
         c = -(-n // world)
         raise ValueError(
-            f"{label}: FSDP2 splits dim {dim} ({n} {what} channels) over {world} ranks in chunks of "
-            f"ceil({n}/{world}) = {c}, which cuts through the {what} fields of size {size} (rank {rank} holds "
-            f"[{start}, {stop})); the penalty's orbits stay inside a field, so every shard must hold whole "
-            f"fields. Use a number of {what} fields that ceil(fields / world) * {size} splits evenly (for "
-            f"example a multiple of the world size), or leave this layer out of fully_shard "
-            "(its weight then stays a full copy on every rank)")
+            f"{label}: FSDP2 splits dim {dim} ({n} {what} channels, {n // size} fields of {size}) over {world} "
+            f"ranks in chunks of ceil({n}/{world}) = {c} rows, which cuts through the {what} fields of size "
+            f"{size} (rank {rank} holds [{start}, {stop})). The penalty's orbits stay inside a field, so every "
+            f"shard must hold whole fields: make ceil({what} channels / world size) a multiple of {size}, for "
+            f"example with a number of {what} fields that is a multiple of the world size"
+            + (f"; or, for a layer with regular input fields and no regular-field bias, shard its weight along "
+               "dim 1 instead (fully_shard(layer, shard_placement_fn=lambda p: Shard(1) if p is layer.weight "
+               "else None)), which must then split into whole input fields" if dim == 0 else ""))
     return local if local.shape[dim] > 0 else None
 
 
@@ -103,13 +111,12 @@ def fsdp_params(model: nn.Module) -> dict:
     manages in ``model``: the sharded parameter is read from there, so that a module whose
     parameters FSDP2 has swapped to their unsharded form (the root after its forward) is still
     penalised on its shard.  Empty for a model without FSDP2."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is None:
         return {}
     out = {}
     for m in model.modules():
-        if not isinstance(m, FSDPModule):
+        if not isinstance(m, fsdp_module):
             continue
         state = m._get_fsdp_state()
         for group in getattr(state, "_fsdp_param_groups", None) or []:
@@ -253,8 +260,16 @@ def sharded_layers(model: nn.Module, layers) -> Optional[List[ShardedLayer]]:
 
 def layer_type_name(module: nn.Module) -> str:
     """The layer's class name, without FSDP2's dynamic wrapper class (``FSDPLinear`` -> ``Linear``)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is None:
         return type(module).__name__
-    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)).__name__
+    return next(c for c in type(module).__mro__ if not issubclass(c, fsdp_module)).__name__
+
+
+def reshard(model: nn.Module) -> None:
+    """``reshard()`` every FSDP2 module of ``model`` (frees unsharded copies; a no-op when sharded)."""
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is not None:
+        for m in model.modules():
+            if isinstance(m, fsdp_module):
+                m.reshard()

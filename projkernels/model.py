@@ -402,6 +402,9 @@ def _compiled_model_penalty(model, lambda_perp, lambda_G, bias):
     if not layers:
         raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
                          "/ attach_regular_gcnn first")
+    if any(D.is_dtensor(m.weight) for _, m, _ in layers):
+        raise NotImplementedError("model: model_penalty of a sharded (DTensor) model under torch.compile; "
+                                  "call it outside the compiled region (its cost is one all-reduce of one scalar)")
     pen, eq, _, _ = multi_penalty([(m.weight, s.group, s.in_rep, s.out_rep) for _, m, s in layers])
     total = lambda_perp * pen
     if lambda_G:
@@ -419,10 +422,14 @@ def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
     regular-field bias by its field means), making those layers exactly equivariant.
 
     DDP wrappers are looked through; FSDP2-sharded weights are projected shard by shard, each
-    rank on its own (no collective: a shard of whole fields projects on its own)."""
+    rank on its own (no collective: a shard of whole fields projects on its own), after FSDP2's
+    modules are resharded (``reshard()``)."""
     wrapper, model = model, D.unwrap(model)
     sharded = D.sharded_layers(model, attached_layers(model))
     if sharded is not None:
+        # FSDP2 modules holding unsharded parameters (the root after its forward) would keep using
+        # those stale copies: reshard them, so that the next forward gathers the projected shards.
+        D.reshard(model)
         for l in sharded:
             w, _ = l.local_weight()
             if w is not None:

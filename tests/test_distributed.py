@@ -137,9 +137,7 @@ def _worker(rank, port, out):
         # After the forward the FSDP2 root holds head and out unsharded: the penalty still works.
         model(batch(0, rank)[0])
         res[f"{mode}_penalty_after_forward"] = pk.model_penalty(model, 1.0, 0.3).detach().clone()
-        if mode == "fsdp":
-            net.reshard()  # named_parameters() then gives the sharded parameters that project_ writes
-        pk.project_(model)
+        pk.project_(model)  # reshards the FSDP2 root first: named_parameters() then gives the shards
         res[f"{mode}_projected"] = _params(net)
     for mode, dmode, kind in DECAY:
         model, net = _wrap(mode, mesh)
@@ -165,6 +163,16 @@ def _worker(rank, port, out):
             res[key] = None
         except Exception as err:  # noqa: BLE001  (the tests check the type and message)
             res[key] = (type(err).__name__, str(err))
+    # The recipe's alternative: the same layer's weight sharded along dim 1 (2 whole input fields per rank).
+    from torch.distributed.tensor import Shard
+    torch.manual_seed(1)
+    alt = nn.Sequential(nn.Conv2d(8, 12, 3, bias=False)).double()
+    pk.attach_symmetry(alt[0], "C4", "regular", "regular")
+    fully_shard(alt, mesh=mesh, shard_placement_fn=lambda p: Shard(1))
+    res["dim1_local_shape"] = tuple(alt[0].weight.to_local().shape)
+    pen = pk.model_penalty(alt, 1.0, 0.3)
+    pen.backward()
+    res["dim1_penalty"], res["dim1_grad"] = pen.detach(), _full(alt[0].weight.grad)
     dist.all_reduce = real_all_reduce
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
@@ -328,7 +336,19 @@ def test_a_shard_that_cuts_a_field_is_refused_with_the_recipe(ranks):
         kind, msg = r["error_cut"]
         assert kind == "ValueError"
         assert "cuts through the output fields of size 4" in msg and "ceil(12/2) = 6" in msg
-        assert "multiple of the world size" in msg
+        assert "multiple of the world size" in msg and "Shard(1)" in msg
+
+
+def test_a_weight_sharded_along_its_input_fields_gives_the_single_process_penalty(ranks):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 12, 3, bias=False).double()
+    pk.attach_symmetry(conv, "C4", "regular", "regular")
+    pen = pk.model_penalty(nn.Sequential(conv), 1.0, 0.3)
+    pen.backward()
+    for r in ranks:
+        assert r["dim1_local_shape"] == (12, 4, 3, 3)
+        _close(r["dim1_penalty"], pen.detach())
+        _close(r["dim1_grad"], conv.weight.grad)
 
 
 def test_a_single_dtensor_names_the_model_entry_points(ranks):
