@@ -62,6 +62,8 @@ def main(rank: int, world: int) -> None:
 
 def _spawned(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks are on this machine
     main(rank, world)
 
 

@@ -222,6 +222,8 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks talk over the loopback interface only
     run = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
