@@ -104,6 +104,7 @@ def _train(model, net, rank, opt, penalty: bool):
 def _worker(rank, port, out):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     mesh = init_device_mesh("cpu", (WORLD,))
     calls = []
@@ -119,8 +120,10 @@ def _worker(rank, port, out):
         model, net = _wrap(mode, mesh)
         # The penalty and its gradient alone, before any forward (FSDP2: every parameter sharded).
         del calls[:]
-        pen = pk.model_penalty(model, 1.0, 0.3)
+        with CommDebugMode() as comms:  # every collective, the gathers of DTensors included
+            pen = pk.model_penalty(model, 1.0, 0.3)
         res[f"{mode}_collectives_forward"] = list(calls)
+        res[f"{mode}_all_collectives"] = comms.get_total_counts()
         if mode == "fsdp":
             pen.backward()
             res[f"{mode}_collectives_forward_and_backward"] = list(calls)
@@ -260,6 +263,7 @@ def test_one_scalar_all_reduce_per_call_under_fsdp_and_none_under_ddp(ranks):
         assert r["fsdp_collectives_forward"] == [1]            # one all-reduce of one scalar
         assert r["fsdp_collectives_forward_and_backward"] == [1]  # the backward adds none
         assert r["ddp_collectives_forward"] == []              # DDP's weights are full copies
+        assert r["fsdp_all_collectives"] == 1 and r["ddp_all_collectives"] == 0  # no weight is gathered
         assert len(r["fsdp_report_collectives"]) == 1          # the report: one vector, once
 
 
