@@ -343,14 +343,15 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
 def _sharded_penalty(layers, lambda_perp, lambda_G, bias) -> torch.Tensor:
     """``model_penalty`` of a model with DTensor parameters: the local shards' terms, summed over
     the ranks by one all-reduce, plus the terms of the weights that every rank holds in full."""
-    parts = {True: [], False: []}      # sharded?: [(tensor, group, in_rep, out_rep, backend, scale)]
-    biases = {True: [], False: []}     # sharded?: [(tensor, field size, scale)]
-    dtensors = []
+    parts = {True: [], False: []}      # sharded?: [(local weight, Symmetry, gradient scale)]
+    biases = {True: [], False: []}     # sharded?: [(local bias, field size, gradient scale)]
+    dtensors, dtypes = [], []
     for l in layers:
         w_glob = l.weight()
         w, sh = l.local_weight()
         if sh:
             dtensors.append(w_glob)
+        dtypes.append(w_glob.dtype)
         if w is not None:
             parts[sh].append((w, l.sym, l.weight_scale()))
         b_glob = l.bias() if bias and l.sym.out_rep == "regular" else None
@@ -360,9 +361,10 @@ def _sharded_penalty(layers, lambda_perp, lambda_G, bias) -> torch.Tensor:
                 dtensors.append(b_glob)
             if b is not None:
                 biases[bsh].append((b, l.field_out, l.bias_scale()))
-    scales = {s for sh in (True,) for _, _, s in parts[sh] + biases[sh]}
+    scales = {s for _, _, s in parts[True] + biases[True]}
     per_tensor = len(scales) > 1   # FSDP2 groups with different divide factors: scale each tensor
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in dtensors) else torch.float32
+    # From the global dtypes, the same on every rank (the all-reduced scalars must agree).
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
 
     def terms(sharded: bool):
         total = None
