@@ -118,6 +118,8 @@ def _worker(rank, port, out):
     res = {}
     for mode in ("fsdp", "ddp"):
         model, net = _wrap(mode, mesh)
+        if mode == "fsdp":
+            res["local_rows"] = {n: p.to_local().shape[0] for n, p in net.named_parameters()}
         # The penalty and its gradient alone, before any forward (FSDP2: every parameter sharded).
         del calls[:]
         with CommDebugMode() as comms:  # every collective, the gathers of DTensors included
@@ -139,6 +141,7 @@ def _worker(rank, port, out):
         res[f"{mode}_train_params"] = _params(net)
         # After the forward the FSDP2 root holds head and out unsharded: the penalty still works.
         model(batch(0, rank)[0])
+        res[f"{mode}_head_after_forward"] = type(net.head.weight).__name__
         res[f"{mode}_penalty_after_forward"] = pk.model_penalty(model, 1.0, 0.3).detach().clone()
         pk.project_(model)  # reshards the FSDP2 root first: named_parameters() then gives the shards
         res[f"{mode}_projected"] = _params(net)
@@ -256,6 +259,15 @@ def _trained():
 
 def _penalty_after_training():
     return pk.model_penalty(_trained(), 1.0, 0.3).detach()
+
+
+def test_the_scenarios_shard_evenly_unevenly_and_emptily(ranks):
+    rows = [r["local_rows"] for r in ranks]
+    assert [x["conv2.weight"] for x in rows] == [8, 8]
+    assert [x["head.weight"] for x in rows] == [3, 2]          # uneven: FSDP2 pads rank 1
+    assert [x["out.weight"] for x in rows] == [1, 0]           # rank 1 holds nothing of it
+    # After a forward the FSDP2 root holds its layers unsharded (plain tensors on the module).
+    assert {r["fsdp_head_after_forward"] for r in ranks} == {"Parameter"}
 
 
 def test_one_scalar_all_reduce_per_call_under_fsdp_and_none_under_ddp(ranks):
