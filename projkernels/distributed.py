@@ -137,17 +137,26 @@ def grad_scale(group, world: int) -> float:
     return 1.0 if factor is None else world / float(factor)
 
 
+def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``t`` over the ranks of ``group`` (in place, returned).  A CPU tensor under an NCCL-only
+    group (FSDP2's CPU offload keeps the shards on the CPU) travels through the current GPU."""
+    import torch.distributed as dist
+    if t.device.type == "cpu" and "gloo" not in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, group=group)
+        return t.copy_(on_gpu)
+    dist.all_reduce(t, group=group)
+    return t
+
+
 class _SumOverRanks(torch.autograd.Function):
     """Forward: all-reduce (sum) of a scalar.  Backward: the identity times ``scale``, no
     collective (the module docstring derives why)."""
 
     @staticmethod
     def forward(ctx, local, group, scale):
-        import torch.distributed as dist
         ctx.scale = scale
-        out = local.detach().clone()
-        dist.all_reduce(out, group=group)
-        return out
+        return all_reduce(local.detach().clone(), group)
 
     @staticmethod
     def backward(ctx, grad):

@@ -515,8 +515,7 @@ def _sharded_report(layers) -> List[dict]:
                 out[at + 2] += (f - f.mean(dim=1, keepdim=True)).square().sum().to(device)
                 out[at + 3] += f.square().sum().to(device)
     if dtensors:
-        import torch.distributed as dist
-        dist.all_reduce(local, group=D.process_group(dtensors))
+        D.all_reduce(local, D.process_group(dtensors))
     values = (local + full).tolist()
     rows = []
     for l, at, n, hb in zip(layers, starts, sizes, has_bias):
