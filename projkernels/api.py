@@ -17,12 +17,19 @@ import torch
 from . import ops
 from .config import CONFIGS, config_for
 from .groups import group_name_for_ops
+from .distributed import is_dtensor, single_weight_error
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 __all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "project", "spectrum"]
 
 def _config(weight, group, in_rep, out_rep, backend):
     if torch.compiler.is_compiling():
         return _COMPILED
+    if type(weight) not in _PLAIN and is_dtensor(weight):
+        # Checked before the lookup: a DTensor has its global shape, so it could hit the entry of
+        # a full weight and reach a kernel that would gather it, or fail deep inside.
+        raise single_weight_error("the single-weight functions")
     try:
         return CONFIGS[(weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend)]
     except (KeyError, AttributeError, TypeError):

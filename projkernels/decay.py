@@ -43,6 +43,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import distributed as D
 from .backends import BACKENDS, check_backend_name
 from .groups import get_group
 from .model import attached_layers
@@ -209,9 +210,10 @@ def apply_decay_(targets: Sequence[torch.Tensor], weights: Optional[Sequence[tor
 @dataclass(frozen=True, eq=False)
 class _Entry:
     param: torch.Tensor
-    table: OrbitTable
+    table: Optional[OrbitTable]  # None: a DTensor whose shard on this rank is empty
     is_bias: bool
     name: str
+    sharded: bool = False        # a DTensor: the update acts on its local shard (and its grad's)
 
 
 def _check_lambda(name: str, value) -> float:
@@ -262,12 +264,26 @@ class EquivarianceDecay:
         self.backend = check_backend_name(backend)
         if not isinstance(bias, bool):
             raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
+        model = D.unwrap(model)
         layers = attached_layers(model)
         if not layers:
             raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
                              "/ attach_regular_gcnn first")
         entries: List[_Entry] = []
-        for name, module, sym in layers:
+        sharded = D.sharded_layers(model, layers)
+        for l in sharded or ():
+            # FSDP2 / DTensor: the update of a shard of whole fields is the shard of the update, so
+            # every rank decays its own shard with the local shard's table, with no collective.
+            w, sh = l.local_weight()
+            entries.append(_Entry(l.weight(), None if w is None else orbit_table(w, l.sym.group, l.sym.in_rep,
+                                                                                   l.sym.out_rep),
+                                  False, f"{l.name}.weight", sh))
+            if bias and l.bias() is not None and l.sym.out_rep == "regular":
+                b, bsh = l.local_bias()
+                table = None if b is None else orbit_table((b.numel(), 1), get_group(l.sym.group).name,
+                                                           "trivial", "regular")
+                entries.append(_Entry(l.bias(), table, True, f"{l.name}.bias", bsh))
+        for name, module, sym in (layers if sharded is None else ()):
             label = name or "(model)"
             entries.append(_Entry(module.weight, orbit_table(module.weight, sym.group, sym.in_rep, sym.out_rep),
                                   False, f"{label}.weight"))
@@ -280,7 +296,7 @@ class EquivarianceDecay:
                 raise ValueError(f"model: {e.name} is the same parameter as {seen[id(e.param)]} (tied weights); "
                                  "attach a symmetry to only one of the layers that share it")
             seen[id(e.param)] = e.name
-        for device in {e.param.device for e in entries}:
+        for device in {(e.param.to_local() if e.sharded else e.param).device for e in entries}:
             _resolve(self.backend, device)  # an unusable backend fails here, not at the first step
         self._entries: Tuple[_Entry, ...] = tuple(entries)
         self._lambda_G_of = [0.0 if e.is_bias else self.lambda_G for e in entries]
@@ -373,10 +389,10 @@ class EquivarianceDecay:
         targets, tables, c_dev, c_mean = [], [], [], []
         for e, gi, lg in zip(self._entries, self._group_of, self._lambda_G_of):
             p = e.param
-            if not p.requires_grad:
+            if not p.requires_grad or e.table is None:
                 continue  # a frozen parameter gets no gradient from the penalty in the loss either
             lr = lrs[gi]
-            targets.append(p)
+            targets.append(p.to_local() if e.sharded else p)
             tables.append(e.table)
             c_dev.append(-2.0 * lr * self.lambda_perp)
             c_mean.append(-2.0 * lr * lg)
@@ -396,11 +412,13 @@ class EquivarianceDecay:
         grads, weights, tables, c_dev, c_mean = [], [], [], [], []
         for e, lg in zip(self._entries, self._lambda_G_of):
             p = e.param
-            if not p.requires_grad:
+            if not p.requires_grad or e.table is None:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
             g = p.grad
+            if e.sharded:
+                g, p = g.to_local(), p.to_local()
             if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape:
                 raise RuntimeError(f"equivariance_decay(mode='coupled'): the gradient of {e.name} is "
                                    f"{'sparse' if g.is_sparse else f'{g.dtype} {tuple(g.shape)}'}; expected a dense "

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from . import distributed as D
 from .api import penalty_and_energy, project, spectrum
 from .backends import ON_CHANGE
 from .multi import multi_penalty, plan_for
@@ -211,6 +212,13 @@ class _ModelPlan:
         if not layers:
             raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
                              "/ attach_regular_gcnn first")
+        # Sharded (DTensor / FSDP2) models keep only their layers here: their local shapes are read
+        # at every call (FSDP2 swaps sharded and unsharded parameters without any registration
+        # hook), and the multi-tensor plans of the local shards come from multi.plan_for's cache.
+        self.sharded = D.sharded_layers(model, layers)
+        if self.sharded is not None:
+            self.modules, self.weight_plans, self.bias_modules = [], [], []
+            return
         self.modules = [m for _, m, _ in layers]
         weights = [m.weight for m in self.modules]
         self.signature = _signature(weights)
@@ -234,6 +242,8 @@ class _ModelPlan:
         for i, m in enumerate(self.candidates):
             if getattr(m, _ATTR, None) is not syms[i]:
                 return None
+        if self.sharded is not None:
+            return []
         weights = [m.weight for m in self.modules]
         if _signature(weights) != self.signature:
             return None
@@ -306,10 +316,20 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     pass per direction).  The model's layers, symmetries and tables are collected once and cached
     with the model; a call on an unchanged model only gathers its weights.  Raises ValueError if
     no layer of ``model`` has a symmetry attached (almost always a forgotten attach).
+
+    Distributed models: a ``DistributedDataParallel`` wrapper is looked through (its weights are
+    full copies: no collective).  For an FSDP2-sharded model (DTensor parameters) every rank
+    computes its part on its local shards and one all-reduce of one scalar adds them; the value and
+    the gradients are those of the single-process penalty on the full weights (see
+    projkernels/distributed.py).  Every rank must call it (it is a collective), with the same
+    arguments; a shard that cuts through a field raises ValueError with the recipe to avoid it.
     """
     if torch.compiler.is_compiling():
         return _compiled_model_penalty(model, lambda_perp, lambda_G, bias)
+    model = D.unwrap(model)
     plan, weights = _model_plan(model)
+    if plan.sharded is not None:
+        return _sharded_penalty(plan.sharded, lambda_perp, lambda_G, bias)
     pen, eq = _weight_terms(plan, weights)
     total = lambda_perp * pen
     if lambda_G:
@@ -320,6 +340,63 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     return total
 
 
+def _sharded_penalty(layers, lambda_perp, lambda_G, bias) -> torch.Tensor:
+    """``model_penalty`` of a model with DTensor parameters: the local shards' terms, summed over
+    the ranks by one all-reduce, plus the terms of the weights that every rank holds in full."""
+    parts = {True: [], False: []}      # sharded?: [(local weight, Symmetry, gradient scale)]
+    biases = {True: [], False: []}     # sharded?: [(local bias, field size, gradient scale)]
+    dtensors, dtypes = [], []
+    for l in layers:
+        w_glob = l.weight()
+        w, sh = l.local_weight()
+        if sh:
+            dtensors.append(w_glob)
+        dtypes.append(w_glob.dtype)
+        if w is not None:
+            parts[sh].append((w, l.sym, l.weight_scale()))
+        b_glob = l.bias() if bias and l.sym.out_rep == "regular" else None
+        if b_glob is not None:
+            b, bsh = l.local_bias()
+            if bsh:
+                dtensors.append(b_glob)
+            if b is not None:
+                biases[bsh].append((b, l.field_out, l.bias_scale()))
+    scales = {s for _, _, s in parts[True] + biases[True]}
+    per_tensor = len(scales) > 1   # FSDP2 groups with different divide factors: scale each tensor
+    # From the global dtypes, the same on every rank (the all-reduced scalars must agree).
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+
+    def terms(sharded: bool):
+        total = None
+        by_backend: Dict[str, list] = {}
+        for w, sym, s in parts[sharded]:
+            w = D.scale_grad(w, s) if per_tensor else w
+            by_backend.setdefault(sym.backend, []).append((w, sym.group, sym.in_rep, sym.out_rep))
+        for backend, items in by_backend.items():
+            pen, eq, _, _ = multi_penalty(items, backend=backend)
+            t = lambda_perp * pen.to(acc) + (lambda_G * eq.to(acc) if lambda_G else 0.0)
+            total = t if total is None else total + t.to(total.device)
+        for b, size, s in biases[sharded]:
+            b = (D.scale_grad(b, s) if per_tensor else b).reshape(-1, size)
+            t = lambda_perp * (b - b.mean(dim=1, keepdim=True)).square().sum().to(acc)
+            total = t if total is None else total + t.to(total.device)
+        return total
+
+    total = None
+    if dtensors:
+        # Every rank joins the all-reduce, also one whose shards are all empty (uneven splits).
+        local = dtensors[0].to_local()
+        zero = torch.zeros((), dtype=acc, device=local.device)
+        mine = terms(True)
+        mine = zero if mine is None else zero + mine.to(local.device)
+        scale = 1.0 if per_tensor or not scales else scales.pop()
+        total = D.sum_over_ranks(mine, D.process_group(dtensors), scale)
+    full = terms(False)
+    if full is not None:
+        total = full if total is None else total + full.to(total.device)
+    return total
+
+
 def _compiled_model_penalty(model, lambda_perp, lambda_G, bias):
     # Traced by torch.compile: the layers are walked at trace time (guards recompile when the
     # model changes) and the weights go through multi_penalty's compiled route.
@@ -327,6 +404,9 @@ def _compiled_model_penalty(model, lambda_perp, lambda_G, bias):
     if not layers:
         raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
                          "/ attach_regular_gcnn first")
+    if any(D.is_dtensor(m.weight) for _, m, _ in layers):
+        raise NotImplementedError("model: model_penalty of a sharded (DTensor) model under torch.compile; "
+                                  "call it outside the compiled region (its cost is one all-reduce of one scalar)")
     pen, eq, _, _ = multi_penalty([(m.weight, s.group, s.in_rep, s.out_rep) for _, m, s in layers])
     total = lambda_perp * pen
     if lambda_G:
@@ -341,12 +421,30 @@ def _compiled_model_penalty(model, lambda_perp, lambda_G, bias):
 @torch.no_grad()
 def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
     """Replace every attached layer's weight by P(W) in place (and, with ``bias=True``, each
-    regular-field bias by its field means), making those layers exactly equivariant."""
+    regular-field bias by its field means), making those layers exactly equivariant.
+
+    DDP wrappers are looked through; FSDP2-sharded weights are projected shard by shard, each
+    rank on its own (no collective: a shard of whole fields projects on its own), after FSDP2's
+    modules are resharded (``reshard()``)."""
+    wrapper, model = model, D.unwrap(model)
+    sharded = D.sharded_layers(model, attached_layers(model))
+    if sharded is not None:
+        # FSDP2 modules holding unsharded parameters (the root after its forward) would keep using
+        # those stale copies: reshard them, so that the next forward gathers the projected shards.
+        D.reshard(model)
+        for l in sharded:
+            w, _ = l.local_weight()
+            if w is not None:
+                w.copy_(project(w, l.sym.group, l.sym.in_rep, l.sym.out_rep, backend=l.sym.backend))
+            if bias:
+                b, _ = l.local_bias()
+                project_bias_(b, l.sym)
+        return wrapper
     for _, module, sym in attached_layers(model):
         module.weight.copy_(project(module.weight, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend))
         if bias:
             project_bias_(module.bias, sym)
-    return model
+    return wrapper
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -355,9 +453,18 @@ def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
 def equivariance_report(model: nn.Module) -> List[dict]:
     """One dict per attached layer: ``name``, ``type``, ``group``, ``in_rep``, ``out_rep``, ``shape``,
     ``weight_norm``, ``penalty``, ``relative`` (= ||W - P(W)|| / ||W||), ``bias_relative`` (the same
-    for a regular-field bias, else None) and ``spectrum`` ({irrep name: energy}, summing to ||W||^2)."""
+    for a regular-field bias, else None) and ``spectrum`` ({irrep name: energy}, summing to ||W||^2).
+
+    DDP wrappers are looked through (names are those of the wrapped model).  For an FSDP2-sharded
+    model every rank computes its shards' numbers and one all-reduce of one vector adds them: every
+    rank must call it, and every rank gets the whole report."""
+    model = D.unwrap(model)
+    layers = attached_layers(model)
+    sharded = D.sharded_layers(model, layers)
+    if sharded is not None:
+        return _sharded_report(sharded)
     rows = []
-    for name, module, sym in attached_layers(model):
+    for name, module, sym in layers:
         w = module.weight.detach()
         pen, _ = penalty_and_energy(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
         spec = spectrum(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
@@ -373,6 +480,54 @@ def equivariance_report(model: nn.Module) -> List[dict]:
             "penalty": float(pen), "relative": (float(pen) ** 0.5 / norm) if norm > 0 else 0.0,
             "bias_relative": bias_rel,
             "spectrum": dict(zip(get_group(sym.group).irrep_names, (float(v) for v in spec))),
+        })
+    return rows
+
+
+def _sharded_report(layers) -> List[dict]:
+    # Per layer [penalty, ||W||^2, bias deviation^2, ||b||^2, spectrum...], float64: the sharded
+    # tensors' local sums go into one vector, all-reduced once; full tensors are added after it.
+    sizes = [4 + len(get_group(l.sym.group).irrep_names) for l in layers]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    dtensors = [t for l in layers for t in (l.weight(), l.bias()) if D.is_dtensor(t)]
+    device = dtensors[0].to_local().device
+    local = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
+    full = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
+    has_bias = []
+    for l, at in zip(layers, starts):
+        sym = l.sym
+        w, sh = l.local_weight()
+        if w is not None:
+            w = w.detach()
+            pen, _ = penalty_and_energy(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
+            spec = spectrum(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
+            out = local if sh else full
+            out[at] += pen.to(device=device, dtype=torch.float64)
+            out[at + 1] += w.double().square().sum().to(device)
+            out[at + 4:at + 4 + spec.numel()] += spec.to(device=device, dtype=torch.float64)
+        b_glob = l.bias() if sym.out_rep == "regular" else None
+        has_bias.append(b_glob is not None)
+        if b_glob is not None:
+            b, bsh = l.local_bias()
+            if b is not None:
+                f = b.detach().double().reshape(-1, l.field_out)
+                out = local if bsh else full
+                out[at + 2] += (f - f.mean(dim=1, keepdim=True)).square().sum().to(device)
+                out[at + 3] += f.square().sum().to(device)
+    if dtensors:
+        D.all_reduce(local, D.process_group(dtensors))
+    values = (local + full).tolist()
+    rows = []
+    for l, at, n, hb in zip(layers, starts, sizes, has_bias):
+        sym, v = l.sym, values[at:at + n]
+        pen, norm = v[0], v[1] ** 0.5
+        bn = v[3] ** 0.5
+        rows.append({
+            "name": l.name, "type": D.layer_type_name(l.module), "group": sym.group, "in_rep": sym.in_rep,
+            "out_rep": sym.out_rep, "shape": list(l.weight().shape), "weight_norm": norm, "penalty": pen,
+            "relative": (pen ** 0.5 / norm) if norm > 0 else 0.0,
+            "bias_relative": (v[2] ** 0.5 / bn if bn > 0 else 0.0) if hb else None,
+            "spectrum": dict(zip(get_group(sym.group).irrep_names, v[4:])),
         })
     return rows
 

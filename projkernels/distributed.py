@@ -1,0 +1,284 @@
+"""Distributed models: DistributedDataParallel wrappers and FSDP2 (DTensor) shards.
+
+DDP keeps a full copy of every weight on every rank, so the penalty of the wrapped ``.module`` is
+already the global value: it is computed locally, with no collective, and DDP's averaging of the
+(identical) penalty gradients over ranks leaves them as they are.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps every parameter as a DTensor sharded along a
+dim (dim 0 by default) of a 1-D device mesh.  The orbits of a weight never leave one
+(out-field, in-field) block, so a shard that holds whole output fields (dim 0) or whole input fields
+(dim 1) has a penalty of its own, and the global penalty is the sum over ranks of the local ones:
+each rank computes its part on its local shard (no weight is gathered) and one all-reduce of one
+scalar per call adds them (``sum_over_ranks``).  A shard that would cut through a field is refused
+with the recipe to avoid it (``local_shard``); torch.chunk's uneven split (what FSDP2 pads) and
+empty shards are handled.
+
+Gradients.  The penalty's gradient reaches the sharded parameters directly, beside FSDP2's
+reduce-scatter, which turns the ranks' task gradients into ``sum_r g_r / D`` (D, the gradient divide
+factor, is the world size by default: the average).  Every rank's loss holds the same global
+penalty, so the objective FSDP2 differentiates is ``(1 / D) sum_r loss_r``, whose gradient through
+the penalty on a rank's own shard is ``(world / D) dP / dW_local``.  The all-reduce's backward is
+therefore the identity times ``world / D`` (1 by default), with no collective: exactly the gradient
+of the single-process penalty.  (``torch.distributed.nn.functional.all_reduce`` would all-reduce the
+gradient as well and give ``world`` times that.)  This assumes what the value already needs: every
+rank adds the penalty to its loss with the same coefficient.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["unwrap", "is_dtensor", "local_shard", "sum_over_ranks", "fsdp_params", "grad_scale",
+           "single_weight_error"]
+
+
+def _loaded(module: str, name: str):
+    """``module.name`` if that torch module is already imported, else None.  Importing
+    torch.distributed.tensor / .fsdp costs most of a second; a process that has not imported them
+    has no DTensor and no FSDP2 module, so projkernels never imports them itself."""
+    mod = sys.modules.get(module)
+    return getattr(mod, name, None) if mod is not None else None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel wrappers (nested ones too)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def is_dtensor(t) -> bool:
+    cls = _loaded("torch.distributed.tensor", "DTensor")
+    return cls is not None and isinstance(t, cls)
+
+
+def _chunk_range(n: int, world: int, rank: int) -> Tuple[int, int]:
+    """[start, stop) of rank's rows under torch.chunk's split (FSDP2's, padding the last ranks)."""
+    c = -(-n // world)
+    start = min(rank * c, n)
+    return start, min(start + c, n)
+
+
+def local_shard(t: torch.Tensor, field_sizes: Sequence[int], label: str) -> Optional[torch.Tensor]:
+    """The local part of a DTensor parameter ``t`` (a differentiable view, gradients land in the
+    shard), checked to hold whole fields; None when this rank holds none of it.
+
+    ``field_sizes[d]`` is the field size along dim d (output fields for dim 0, input fields for
+    dim 1); a tensor may be sharded only along those dims, at multiples of the field size.
+    """
+    mesh = t.device_mesh
+    shard = _loaded("torch.distributed.tensor", "Shard")
+    if mesh.ndim != 1 or len(t.placements) != 1 or not isinstance(t.placements[0], shard):
+        raise NotImplementedError(
+            f"{label}: a DTensor with placements {tuple(t.placements)} on a {mesh.ndim}-D mesh; the penalty "
+            "supports parameters sharded along one dim of a 1-D mesh (FSDP2's fully_shard on a 1-D mesh, "
+            "Shard(0) by default); HSDP (2-D meshes) and replicated DTensors are not supported")
+    dim = t.placements[0].dim
+    n = t.shape[dim]
+    world, rank = mesh.size(), mesh.get_local_rank()
+    start, stop = _chunk_range(n, world, rank)
+    local = t.to_local()
+    if local.shape[dim] != stop - start:
+        raise NotImplementedError(f"{label}: the local shard has {local.shape[dim]} entries along dim {dim}, "
+                                  f"expected {stop - start} (torch.chunk's split of {n} over {world} ranks); "
+                                  "only that split (FSDP2's) is supported")
+    size = field_sizes[dim] if dim < len(field_sizes) else None
+    if size is None or start % size or stop % size:
+        what = {0: "output", 1: "input"}.get(dim)
+        if what is None or size is None:
+            raise ValueError(f"{label}: sharded along dim {dim}; the orbits of the penalty move entries "
+                             "along the kernel dims, so only dim 0 (output fields) or dim 1 (input fields) "
+                             "may be sharded")
+        c = -(-n // world)
+        raise ValueError(
+            f"{label}: FSDP2 splits dim {dim} ({n} {what} channels, {n // size} fields of {size}) over {world} "
+            f"ranks in chunks of ceil({n}/{world}) = {c} rows, which cuts through the {what} fields of size "
+            f"{size} (rank {rank} holds [{start}, {stop})). The penalty's orbits stay inside a field, so every "
+            f"shard must hold whole fields: make ceil({what} channels / world size) a multiple of {size}, for "
+            f"example with a number of {what} fields that is a multiple of the world size"
+            + (f"; or, for a layer with regular input fields and no regular-field bias, shard its weight along "
+               "dim 1 instead (fully_shard(layer, shard_placement_fn=lambda p: Shard(1) if p is layer.weight "
+               "else None)), which must then split into whole input fields" if dim == 0 else ""))
+    return local if local.shape[dim] > 0 else None
+
+
+def fsdp_params(model: nn.Module) -> dict:
+    """``{(id(module), param name): (FSDPParam, its param group)}`` for every parameter that FSDP2
+    manages in ``model``: the sharded parameter is read from there, so that a module whose
+    parameters FSDP2 has swapped to their unsharded form (the root after its forward) is still
+    penalised on its shard.  Empty for a model without FSDP2."""
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is None:
+        return {}
+    out = {}
+    for m in model.modules():
+        if not isinstance(m, fsdp_module):
+            continue
+        state = m._get_fsdp_state()
+        for group in getattr(state, "_fsdp_param_groups", None) or []:
+            for p in group.fsdp_params:
+                info = p._module_info
+                out[(id(info.module), info.param_name)] = (p, group)
+                for sm, sn in zip(info.shared_modules, info.shared_param_names):
+                    out[(id(sm), sn)] = (p, group)
+    return out
+
+
+def grad_scale(group, world: int) -> float:
+    """``world / D`` for an FSDP2 param group (D its gradient divide factor; the world size when
+    unset, also under force-sum reduction), 1 for a DTensor that FSDP2 does not manage (group None)."""
+    if group is None:
+        return 1.0
+    factor = getattr(group, "gradient_divide_factor", None)
+    return 1.0 if factor is None else world / float(factor)
+
+
+def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``t`` over the ranks of ``group`` (in place, returned).  A CPU tensor under an NCCL-only
+    group (FSDP2's CPU offload keeps the shards on the CPU) travels through the current GPU."""
+    import torch.distributed as dist
+    if t.device.type == "cpu" and "gloo" not in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, group=group)
+        return t.copy_(on_gpu)
+    dist.all_reduce(t, group=group)
+    return t
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: all-reduce (sum) of a scalar.  Backward: the identity times ``scale``, no
+    collective (the module docstring derives why)."""
+
+    @staticmethod
+    def forward(ctx, local, group, scale):
+        ctx.scale = scale
+        return all_reduce(local.detach().clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale if ctx.scale != 1.0 else grad, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times ``scale``: per-tensor scales when FSDP2 param groups carry
+    different divide factors."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
+
+
+def sum_over_ranks(local: torch.Tensor, group, scale: float = 1.0) -> torch.Tensor:
+    """The sum over the ranks of ``group`` of every rank's scalar ``local`` (one all-reduce),
+    differentiable: the gradient reaching ``local`` is ``scale`` times the incoming one."""
+    return _SumOverRanks.apply(local, group, scale)
+
+
+def process_group(tensors: List[torch.Tensor], label: str = "model"):
+    """The process group of the 1-D mesh that every DTensor in ``tensors`` lives on."""
+    meshes = {id(t.device_mesh): t.device_mesh for t in tensors}
+    if len(meshes) != 1:
+        raise NotImplementedError(f"{label}: its sharded parameters live on {len(meshes)} different device "
+                                  "meshes; the penalty's one all-reduce needs them on one mesh")
+    return next(iter(meshes.values())).get_group()
+
+
+def single_weight_error(fn: str) -> TypeError:
+    return TypeError(
+        f"weight: {fn} got a DTensor (a sharded parameter); the single-weight functions take a full "
+        "tensor. For a sharded model use model_penalty(model), project_(model), equivariance_report(model) "
+        "or equivariance_decay(optimizer, model), which work on the local shards with one all-reduce; for "
+        "one parameter, full_tensor() gathers it")
+
+
+# --- whole models ---------------------------------------------------------------------------
+
+class ShardedLayer:
+    """One attached layer of a model with sharded parameters: where its weight and bias are read
+    (FSDP2's sharded parameter when FSDP2 manages it, else the module attribute) and its field sizes."""
+    __slots__ = ("name", "module", "sym", "weight_src", "bias_src", "field_out", "field_in")
+
+    def __init__(self, name, module, sym, fsdp: dict):
+        from .groups import get_group
+        from .orbits import field_size
+        self.name, self.module, self.sym = name or "(model)", module, sym
+        self.weight_src = fsdp.get((id(module), "weight"))
+        self.bias_src = fsdp.get((id(module), "bias"))
+        g = get_group(sym.group)
+        self.field_out, self.field_in = field_size(sym.out_rep, g), field_size(sym.in_rep, g)
+
+    def weight(self) -> torch.Tensor:
+        return self.weight_src[0].sharded_param if self.weight_src is not None else self.module.weight
+
+    def bias(self) -> Optional[torch.Tensor]:
+        if self.module.bias is None:
+            return None
+        return self.bias_src[0].sharded_param if self.bias_src is not None else self.module.bias
+
+    def weight_scale(self) -> float:
+        return _scale_of(self.weight_src, self.weight())
+
+    def bias_scale(self) -> float:
+        return _scale_of(self.bias_src, self.bias())
+
+    def local_weight(self):
+        """(tensor or None, sharded): the local shard of a DTensor weight, else the weight itself."""
+        w = self.weight()
+        if is_dtensor(w):
+            return local_shard(w, (self.field_out, self.field_in), f"layer {self.name!r} weight"), True
+        return w, False
+
+    def local_bias(self):
+        """(tensor or None, sharded), as ``local_weight``; the bias's fields are the output fields."""
+        b = self.bias()
+        if is_dtensor(b):
+            return local_shard(b, (self.field_out,), f"layer {self.name!r} bias"), True
+        return b, False
+
+
+def _scale_of(src, t) -> float:
+    if src is None or not is_dtensor(t):
+        return 1.0
+    return grad_scale(src[1], t.device_mesh.size())
+
+
+def sharded_layers(model: nn.Module, layers) -> Optional[List[ShardedLayer]]:
+    """``ShardedLayer``s of the attached ``layers`` when any of their weights or biases is a
+    DTensor or managed by FSDP2; None for a model without sharded parameters."""
+    fsdp = fsdp_params(model)
+    out = [ShardedLayer(n, m, s, fsdp) for n, m, s in layers]
+    for l in out:
+        if l.weight_src is not None or l.bias_src is not None or is_dtensor(l.module.weight) \
+                or is_dtensor(l.module.bias):
+            return out
+    return None
+
+
+def layer_type_name(module: nn.Module) -> str:
+    """The layer's class name, without FSDP2's dynamic wrapper class (``FSDPLinear`` -> ``Linear``)."""
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is None:
+        return type(module).__name__
+    return next(c for c in type(module).__mro__ if not issubclass(c, fsdp_module)).__name__
+
+
+def reshard(model: nn.Module) -> None:
+    """``reshard()`` every FSDP2 module of ``model`` (frees unsharded copies; a no-op when sharded)."""
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is not None:
+        for m in model.modules():
+            if isinstance(m, fsdp_module):
+                m.reshard()

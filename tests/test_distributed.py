@@ -1,0 +1,375 @@
+"""The penalty, projection, report and decay on distributed models, really run on 2 CPU ranks (gloo).
+
+One subprocess (this file run as a script) spawns 2 ranks that run every scenario, under DDP and
+under FSDP2 (``fully_shard`` on a 1-D CPU mesh), and save what they saw; the tests compare it with
+one process running the same steps on the full model.  The model has sharded layers split evenly
+and unevenly (5 rows over 2 ranks), a layer whose shard on rank 1 is empty, and the FSDP2 root's
+layers (which stay unsharded after the forward).
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import projkernels as pk
+
+WORLD = 2
+STEPS = 3
+LAM, LAM_G = 0.05, 0.01
+DECAY = [("fsdp", "decoupled", "adam"), ("fsdp", "coupled", "sgd"), ("ddp", "coupled", "adam"),
+         ("ddp", "decoupled", "sgd")]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)     # C4 trivial -> 2 regular fields: shards [4 | 4]
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)    # regular -> 4 regular fields: shards [8 | 8]
+        self.head = nn.Linear(16, 5)                   # regular -> trivial: uneven shards [3 | 2]
+        self.out = nn.Linear(5, 1)                     # trivial -> trivial: shards [1 | 0] (rank 1 empty)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.out(F.relu(self.head(x.mean(dim=(2, 3)))))
+
+
+def build() -> Net:
+    torch.manual_seed(0)
+    net = Net().double()
+    pk.attach_symmetry(net.conv1, "C4", "trivial", "regular")
+    pk.attach_symmetry(net.conv2, "C4", "regular", "regular")
+    pk.attach_symmetry(net.head, "C4", "regular", "trivial")
+    pk.attach_symmetry(net.out, "C4", "trivial", "trivial")
+    return net
+
+
+def batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64), torch.randn(4, 1, generator=g,
+                                                                                  dtype=torch.float64)
+
+
+def make_optimizer(kind, params):
+    return torch.optim.Adam(params, lr=0.01) if kind == "adam" else torch.optim.SGD(params, lr=0.1)
+
+
+# --- the ranks ----------------------------------------------------------------------------------
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def _params(model):
+    return {n: _full(p) for n, p in model.named_parameters()}
+
+
+def _grads(model):
+    # Zeros for a missing gradient (an empty shard gets none), so every rank joins every gather.
+    return {n: _full(p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def _wrap(mode, mesh):
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    net = build()
+    if mode == "ddp":
+        return DDP(net), net
+    fully_shard(net.conv1, mesh=mesh)
+    fully_shard(net.conv2, mesh=mesh)
+    fully_shard(net, mesh=mesh)  # the root manages head and out
+    return net, net
+
+
+def _train(model, net, rank, opt, penalty: bool):
+    grads = None
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        loss = F.mse_loss(model(x), y)
+        if penalty:
+            loss = loss + pk.model_penalty(model, LAM, LAM_G)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            grads = _grads(net)
+        opt.step()
+    return grads
+
+
+def _worker(rank, port, out):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    res = {}
+    for mode in ("fsdp", "ddp"):
+        model, net = _wrap(mode, mesh)
+        if mode == "fsdp":
+            res["local_rows"] = {n: p.to_local().shape[0] for n, p in net.named_parameters()}
+        # The penalty and its gradient alone, before any forward (FSDP2: every parameter sharded).
+        del calls[:]
+        with CommDebugMode() as comms:  # every collective, the gathers of DTensors included
+            pen = pk.model_penalty(model, 1.0, 0.3)
+        res[f"{mode}_collectives_forward"] = list(calls)
+        res[f"{mode}_all_collectives"] = comms.get_total_counts()
+        if mode == "fsdp":
+            pen.backward()
+            res[f"{mode}_collectives_forward_and_backward"] = list(calls)
+            res[f"{mode}_penalty_grads"] = _grads(net)
+            net.zero_grad()
+        res[f"{mode}_penalty"] = pen.detach().clone()
+        del calls[:]
+        res[f"{mode}_report"] = pk.equivariance_report(model)
+        res[f"{mode}_report_collectives"] = list(calls)
+        # Training with the penalty in the loss; the gradients of the first step; the final weights.
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        res[f"{mode}_train_grads"] = _train(model, net, rank, opt, penalty=True)
+        res[f"{mode}_train_params"] = _params(net)
+        # After the forward the FSDP2 root holds head and out unsharded: the penalty still works.
+        model(batch(0, rank)[0])
+        res[f"{mode}_head_after_forward"] = type(net.head.weight).__name__
+        res[f"{mode}_penalty_after_forward"] = pk.model_penalty(model, 1.0, 0.3).detach().clone()
+        pk.project_(model)  # reshards the FSDP2 root first: named_parameters() then gives the shards
+        res[f"{mode}_projected"] = _params(net)
+    for mode, dmode, kind in DECAY:
+        model, net = _wrap(mode, mesh)
+        opt = make_optimizer(kind, net.parameters())
+        pk.equivariance_decay(opt, model, LAM, LAM_G, mode=dmode)
+        _train(model, net, rank, opt, penalty=False)
+        res[f"decay_{mode}_{dmode}_{kind}"] = _params(net)
+    # FSDP2 summing the gradients instead of averaging them: the penalty's gradient follows.
+    model, net = _wrap("fsdp", mesh)
+    for m in (net.conv1, net.conv2, net):
+        m.set_gradient_divide_factor(1.0)
+    pk.model_penalty(model, 1.0, 0.3).backward()
+    res["sum_reduction_penalty_grads"] = _grads(net)
+    # A shard that cuts through a field (3 regular fields of 4 rows, chunks of 6 rows); a single DTensor.
+    from torch.distributed.fsdp import fully_shard
+    bad = nn.Sequential(nn.Conv2d(4, 12, 3)).double()
+    pk.attach_symmetry(bad[0], "C4", "regular", "regular")
+    fully_shard(bad, mesh=mesh)
+    for key, fn in (("error_cut", lambda: pk.model_penalty(bad)),
+                    ("error_single", lambda: pk.projected_penalty(bad[0].weight, "C4", "regular", "regular"))):
+        try:
+            fn()
+            res[key] = None
+        except Exception as err:  # noqa: BLE001  (the tests check the type and message)
+            res[key] = (type(err).__name__, str(err))
+    # The recipe's alternative: the same layer's weight sharded along dim 1 (2 whole input fields per rank).
+    from torch.distributed.tensor import Shard
+    torch.manual_seed(1)
+    alt = nn.Sequential(nn.Conv2d(8, 12, 3, bias=False)).double()
+    pk.attach_symmetry(alt[0], "C4", "regular", "regular")
+    fully_shard(alt, mesh=mesh, shard_placement_fn=lambda p: Shard(1))
+    res["dim1_local_shape"] = tuple(alt[0].weight.to_local().shape)
+    pen = pk.model_penalty(alt, 1.0, 0.3)
+    pen.backward()
+    res["dim1_penalty"], res["dim1_grad"] = pen.detach(), _full(alt[0].weight.grad)
+    dist.all_reduce = real_all_reduce
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+    torch.set_num_threads(1)
+    mp.spawn(_worker, args=(_free_port(), sys.argv[1]), nprocs=WORLD, join=True)
+    sys.exit(0)
+
+
+# --- one process, the full model -----------------------------------------------------------------
+
+def _reference_train(mode_penalty=True, decay=None):
+    net = build()
+    kind = decay[2] if decay else "sgd"
+    opt = make_optimizer(kind, net.parameters()) if decay else torch.optim.SGD(net.parameters(), lr=0.1)
+    if decay:
+        pk.equivariance_decay(opt, net, LAM, LAM_G, mode=decay[1])
+    grads = None
+    for step in range(STEPS):
+        # The ranks' losses averaged: what DDP and FSDP2 (averaging their gradients) optimise.
+        loss = sum(F.mse_loss(net(x), y) for x, y in (batch(step, r) for r in range(WORLD))) / WORLD
+        if mode_penalty and not decay:
+            loss = loss + pk.model_penalty(net, LAM, LAM_G)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        opt.step()
+    return grads, dict(net.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("ranks")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks talk over the loopback interface only
+    run = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_penalty_value_is_the_single_process_value(ranks, mode):
+    expected = pk.model_penalty(build(), 1.0, 0.3)
+    for r in ranks:
+        _close(r[f"{mode}_penalty"], expected.detach())
+        _close(r[f"{mode}_penalty_after_forward"], _penalty_after_training())
+
+
+def _trained():
+    _, params = _reference_train()
+    net = build()
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(params[n])
+    return net
+
+
+def _penalty_after_training():
+    return pk.model_penalty(_trained(), 1.0, 0.3).detach()
+
+
+def test_the_scenarios_shard_evenly_unevenly_and_emptily(ranks):
+    rows = [r["local_rows"] for r in ranks]
+    assert [x["conv2.weight"] for x in rows] == [8, 8]
+    assert [x["head.weight"] for x in rows] == [3, 2]          # uneven: FSDP2 pads rank 1
+    assert [x["out.weight"] for x in rows] == [1, 0]           # rank 1 holds nothing of it
+    # After a forward the FSDP2 root holds its layers unsharded (plain tensors on the module).
+    assert {r["fsdp_head_after_forward"] for r in ranks} == {"Parameter"}
+
+
+def test_one_scalar_all_reduce_per_call_under_fsdp_and_none_under_ddp(ranks):
+    for r in ranks:
+        assert r["fsdp_collectives_forward"] == [1]            # one all-reduce of one scalar
+        assert r["fsdp_collectives_forward_and_backward"] == [1]  # the backward adds none
+        assert r["ddp_collectives_forward"] == []              # DDP's weights are full copies
+        assert r["fsdp_all_collectives"] == 1 and r["ddp_all_collectives"] == 0  # no weight is gathered
+        assert len(r["fsdp_report_collectives"]) == 1          # the report: one vector, once
+
+
+def test_fsdp_penalty_gradient_is_the_single_process_gradient(ranks):
+    net = build()
+    pk.model_penalty(net, 1.0, 0.3).backward()
+    params = dict(net.named_parameters())
+    assert params["out.bias"].grad is None and params["head.bias"].grad is None  # no bias term there
+    for r in ranks:
+        got = r["fsdp_penalty_grads"]
+        assert set(got) == set(params)
+        for n, g in got.items():
+            _close(g, params[n].grad if params[n].grad is not None else torch.zeros_like(g))
+
+
+def test_fsdp_sum_reduction_scales_the_penalty_gradient_like_the_task_gradient(ranks):
+    # With gradient_divide_factor=1 FSDP2 sums the ranks' gradients: the objective is the sum of the
+    # ranks' losses, each holding the penalty once, so the penalty's gradient is WORLD times its own.
+    net = build()
+    pk.model_penalty(net, 1.0, 0.3).backward()
+    for r in ranks:
+        for n, g in r["sum_reduction_penalty_grads"].items():
+            want = dict(net.named_parameters())[n].grad
+            _close(g, WORLD * want if want is not None else torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_training_with_the_penalty_matches_one_process(ranks, mode):
+    grads, params = _reference_train()
+    for r in ranks:
+        assert set(r[f"{mode}_train_grads"]) == set(grads)
+        for n, g in r[f"{mode}_train_grads"].items():
+            _close(g, grads[n])
+        for n, p in r[f"{mode}_train_params"].items():
+            _close(p, params[n].detach())
+    # The penalty moved the weights: without it they end elsewhere.
+    net_no_pen = _reference_train(mode_penalty=False)[1]
+    assert (net_no_pen["conv2.weight"] - params["conv2.weight"]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_report_and_project_match_one_process(ranks, mode):
+    expected = pk.equivariance_report(build())
+    net = pk.project_(_trained())
+    for r in ranks:
+        rows = r[f"{mode}_report"]
+        assert [row["name"] for row in rows] == ["conv1", "conv2", "head", "out"]
+        for got, want in zip(rows, expected):
+            assert got["type"] == want["type"] and got["shape"] == want["shape"]
+            for key in ("penalty", "weight_norm", "relative"):
+                assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+            assert (got["bias_relative"] is None) == (want["bias_relative"] is None)
+            if want["bias_relative"] is not None:
+                assert got["bias_relative"] == pytest.approx(want["bias_relative"], rel=1e-9)
+            assert list(got["spectrum"]) == list(want["spectrum"])
+            for k in want["spectrum"]:
+                assert got["spectrum"][k] == pytest.approx(want["spectrum"][k], rel=1e-9, abs=1e-12)
+        for n, p in r[f"{mode}_projected"].items():
+            _close(p, dict(net.named_parameters())[n].detach())
+    assert pk.model_penalty(net) < 1e-20
+
+
+@pytest.mark.parametrize("case", DECAY, ids=["-".join(c) for c in DECAY])
+def test_decay_matches_one_process(ranks, case):
+    _, params = _reference_train(decay=case)
+    _, plain = _reference_train(mode_penalty=False)
+    mode, dmode, kind = case
+    for r in ranks:
+        for n, p in r[f"decay_{mode}_{dmode}_{kind}"].items():
+            _close(p, params[n].detach())
+    assert (plain["conv2.weight"] - params["conv2.weight"]).abs().max() > 1e-6  # the decay acted
+
+
+def test_a_shard_that_cuts_a_field_is_refused_with_the_recipe(ranks):
+    for r in ranks:
+        kind, msg = r["error_cut"]
+        assert kind == "ValueError"
+        assert "cuts through the output fields of size 4" in msg and "ceil(12/2) = 6" in msg
+        assert "multiple of the world size" in msg and "Shard(1)" in msg
+
+
+def test_a_weight_sharded_along_its_input_fields_gives_the_single_process_penalty(ranks):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 12, 3, bias=False).double()
+    pk.attach_symmetry(conv, "C4", "regular", "regular")
+    pen = pk.model_penalty(nn.Sequential(conv), 1.0, 0.3)
+    pen.backward()
+    for r in ranks:
+        assert r["dim1_local_shape"] == (12, 4, 3, 3)
+        _close(r["dim1_penalty"], pen.detach())
+        _close(r["dim1_grad"], conv.weight.grad)
+
+
+def test_a_single_dtensor_names_the_model_entry_points(ranks):
+    for r in ranks:
+        kind, msg = r["error_single"]
+        assert kind == "TypeError" and "DTensor" in msg and "model_penalty(model)" in msg
