@@ -54,6 +54,16 @@ inline int64_t assign_chunks(LayerDesc* layers, int64_t n_layers, int64_t chunk_
   return n;
 }
 
+// Orbits [first, last) of chunk c of layer d (d.chunk_begin <= c < d.chunk_end).
+struct ChunkRange {
+  int64_t first;
+  int64_t last;
+};
+PK_HOST_DEVICE inline ChunkRange chunk_range(const LayerDesc& d, int64_t c, int64_t chunk_orbits) {
+  const int64_t first = (c - d.chunk_begin) * chunk_orbits;
+  return ChunkRange{first, first + chunk_orbits < d.n_orbits ? first + chunk_orbits : d.n_orbits};
+}
+
 // Writes the chunk list of layers whose ranges assign_chunks set.
 inline void list_chunks(const LayerDesc* layers, int64_t n_layers, int64_t chunk_orbits, Chunk* chunks) {
   for (int64_t l = 0; l < n_layers; ++l) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -168,6 +169,24 @@ inline MultiArgs check_multi(at::TensorList weights, at::TensorList offsets, at:
     a.layers.push_back(d);
   }
   return a;
+}
+
+// The backward's outputs: every layer's dW, contiguous, in the weights' dtype, and each layer's
+// descriptor pointed at its output.  Each dW has its own storage (outputs of an op must not alias
+// one another: torch.compile's fake kernels and tensor hooks rely on it).  On the CPU they are
+// allocated without dispatching an op per layer.
+inline std::vector<at::Tensor> multi_grad_outputs(MultiArgs& a) {
+  const int64_t L = static_cast<int64_t>(a.layers.size());
+  const bool cpu = a.device.is_cpu();
+  std::vector<at::Tensor> out;
+  out.reserve(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& w = a.keep[3 * l];
+    out.push_back(cpu ? at::detail::empty_cpu(w.sizes(), a.dtype, /*pin_memory=*/false, std::nullopt)
+                      : at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous)));
+    a.layers[l].grad = out.back().mutable_data_ptr();
+  }
+  return out;
 }
 
 inline void check_multi_grad(const MultiArgs& a, const at::Tensor& g, const char* name, const char* op) {
