@@ -143,15 +143,24 @@ inline MultiArgs check_multi(at::TensorList weights, at::TensorList offsets, at:
   a.keep.reserve(3 * L);
   a.layers.reserve(L);
   for (int64_t l = 0; l < L; ++l) {
-    const std::string name = std::string(op) + " (weights[" + std::to_string(l) + "])";
+    // The layer's name goes into a message only when a check fails: no string is built per layer.
     const at::Tensor& w = weights[l];
-    check_weight(w, name.c_str());
-    TORCH_CHECK(w.scalar_type() == a.dtype, name, ": every weight of one call must have the dtype of weights[0] (",
-                a.dtype, "), got ", w.scalar_type(), "; call once per dtype");
-    TORCH_CHECK(w.device() == a.device, name, ": every weight of one call must be on weights[0]'s device (",
-                a.device, "), got ", w.device());
+    TORCH_CHECK(w.defined(), op, " (weights[", l, "]): weight is undefined");
+    TORCH_CHECK(w.scalar_type() == a.dtype, op, " (weights[", l, "]): every weight of one call must have the dtype of ",
+                "weights[0] (", a.dtype, "), got ", w.scalar_type(), "; call once per dtype");
+    TORCH_CHECK(w.device() == a.device, op, " (weights[", l, "]): every weight of one call must be on weights[0]'s ",
+                "device (", a.device, "), got ", w.device());
     const int64_t* g = geometry.data() + 4 * l;
-    const OrbitArgs t = check_table(w, offsets[l], inv_stab[l], g[0], g[1], g[2], g[3], name.c_str());
+    OrbitArgs t;
+    try {
+      t = check_table(w, offsets[l], inv_stab[l], g[0], g[1], g[2], g[3], op);
+    } catch (const c10::Error& e) {
+      // Rewritten as "<op> (weights[l]): <reason>".
+      std::string reason = e.msg();
+      const std::string prefix = std::string(op) + ": ";
+      if (reason.compare(0, prefix.size(), prefix) == 0) reason.erase(0, prefix.size());
+      TORCH_CHECK(false, op, " (weights[", l, "]): ", reason);
+    }
     a.keep.push_back(w.contiguous());
     a.keep.push_back(t.offsets);
     a.keep.push_back(t.inv_stab);
