@@ -37,8 +37,8 @@ namespace {
 // a model's small layers still spread over several blocks.
 constexpr int64_t kChunkOrbits = 4 * kThreads;
 
-// Layers per launch.  Kernel arguments are limited to 4 KiB on every architecture and toolkit this
-// builds for (the 32 KiB limit of CUDA 12.1+ also needs a recent driver), so one launch carries 32
+// Layers per launch.  4 KiB of kernel arguments is what every driver accepts (the 32 KiB that CUDA
+// 12.1+ allows on Volta and later also needs a driver of that release), so one launch carries 32
 // descriptors (3 KiB) and the rest of its arguments.
 constexpr int kLayersPerLaunch = 32;
 
@@ -52,21 +52,13 @@ struct LaunchLayers {
 };
 static_assert(sizeof(LaunchLayers) + 64 <= 4096, "kernel arguments must fit in 4 KiB");
 
-// The launch-local index of the layer owning chunk c (chunk ranges ascend with the layer index).
-// Every thread of a block reads the same argument words, so the scan costs a few broadcast loads.
-__device__ __forceinline__ int layer_of_chunk(const LaunchLayers& p, int64_t c) {
-  int j = 0;
-  while (j + 1 < p.n_layers && p.layers[j].chunk_end <= c) ++j;
-  return j;
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 multi_forward_kernel(const __grid_constant__ LaunchLayers p, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ double scratch[kWarps];
   const int64_t c = p.chunk_base + blockIdx.x;
-  const LayerDesc d = p.layers[layer_of_chunk(p, c)];
+  const LayerDesc d = p.layers[layer_of_chunk(p.layers, p.n_layers, c)];
   const ChunkRange r = chunk_range(d, c, kChunkOrbits);
   acc_t pen = 0, eq = 0;
   // G is uniform across the block (a chunk never spans two layers), so the switch never diverges.
@@ -106,7 +98,7 @@ multi_backward_kernel(const __grid_constant__ LaunchLayers p, const at::opmath_t
                       const at::opmath_type<scalar_t>* __restrict__ grad_eq) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = p.chunk_base + blockIdx.x;
-  const int j = layer_of_chunk(p, c);
+  const int j = layer_of_chunk(p.layers, p.n_layers, c);
   const LayerDesc d = p.layers[j];
   const ChunkRange r = chunk_range(d, c, kChunkOrbits);
   const int64_t l = p.first_layer + j;
