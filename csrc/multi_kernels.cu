@@ -1,20 +1,25 @@
 // CUDA kernels of the multi-tensor ops (schemas in ops.cpp, shared math in multi_math.h).
 //
-// The host writes the per-layer descriptors and the chunk list into one pinned buffer and copies it
-// to the device asynchronously (no sync).  Every block owns one chunk, so all its threads see one
-// layer: one group order, one geometry, no divergence between layers.
+// Nothing is copied from the host: the per-layer descriptors (weight and gradient addresses, table
+// addresses, geometry, chunk ranges) travel as a kernel argument, a fixed-size struct of up to
+// kLayersPerLaunch layers passed by value; a call on more layers makes one launch per group of
+// kLayersPerLaunch layers.  Kernel arguments are recorded by value when a CUDA graph captures the
+// launch, so the ops can be captured, and a call costs no host-to-device copy.  Every block owns
+// one chunk and finds its layer among the launch's layers, so all its threads see one layer: one
+// group order, one geometry, no divergence between layers.
 //
 // Forward: one launch over all chunks writes a (penalty, eq_energy) pair per chunk through the fixed
 // block tree; one second-stage launch (a block per layer) adds each layer's chunk pairs in a fixed
 // order.  Backward: one launch over the same chunks writes every layer's dW, reading the layer's
-// grad_penalty / grad_eq from device arrays.  No atomics; results are bitwise reproducible.
+// grad_penalty / grad_eq from device arrays.  No atomics; results are bitwise reproducible, and the
+// grouping into launches changes no chunk and no summation order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
-#include <cstring>
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -32,86 +37,97 @@ namespace {
 // a model's small layers still spread over several blocks.
 constexpr int64_t kChunkOrbits = 4 * kThreads;
 
+// Layers per launch.  4 KiB of kernel arguments is what every driver accepts (the 32 KiB that CUDA
+// 12.1+ allows on Volta and later also needs a driver of that release), so one launch carries 32
+// descriptors (3 KiB) and the rest of its arguments.
+constexpr int kLayersPerLaunch = 32;
+
+// One launch's layers: descriptors of layers [first_layer, first_layer + n_layers) of the call,
+// whose chunks are [chunk_base, chunk_base + grid size) of the call's chunk list.
+struct LaunchLayers {
+  LayerDesc layers[kLayersPerLaunch];
+  int64_t chunk_base;
+  int32_t first_layer;
+  int32_t n_layers;
+};
+static_assert(sizeof(LaunchLayers) + 64 <= 4096, "kernel arguments must fit in 4 KiB");
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-multi_forward_kernel(const LayerDesc* __restrict__ layers, const Chunk* __restrict__ chunks,
-                     double* __restrict__ partials) {
+multi_forward_kernel(const __grid_constant__ LaunchLayers p, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ double scratch[kWarps];
-  const Chunk c = chunks[blockIdx.x];
-  const LayerDesc d = layers[c.layer];
+  const int64_t c = p.chunk_base + blockIdx.x;
+  const LayerDesc d = p.layers[layer_of_chunk(p.layers, p.n_layers, c)];
+  const ChunkRange r = chunk_range(d, c, kChunkOrbits);
   acc_t pen = 0, eq = 0;
   // G is uniform across the block (a chunk never spans two layers), so the switch never diverges.
   GROUP_ORDER_SWITCH(d.G, K, [&] {
-    chunk_energies<K, false, scalar_t, acc_t, acc_t>(d, d.offsets, c.first + threadIdx.x, c.last, blockDim.x, pen, eq);
+    chunk_energies<K, false, scalar_t, acc_t, acc_t>(d, d.offsets, r.first + threadIdx.x, r.last, blockDim.x, pen, eq);
   });
   double v = block_sum(static_cast<double>(pen), scratch);
-  if (threadIdx.x == 0) partials[2 * static_cast<int64_t>(blockIdx.x)] = v;
+  if (threadIdx.x == 0) partials[2 * c] = v;
   v = block_sum(static_cast<double>(eq), scratch);
-  if (threadIdx.x == 0) partials[2 * static_cast<int64_t>(blockIdx.x) + 1] = v;
+  if (threadIdx.x == 0) partials[2 * c + 1] = v;
 }
 
-// Block l adds layer l's chunk pairs (a fixed assignment of chunks to threads, then the fixed tree).
+// Block j adds the chunk pairs of the launch's layer j (a fixed assignment of chunks to threads,
+// then the fixed tree).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-multi_finalize_kernel(const LayerDesc* __restrict__ layers, const double* __restrict__ partials,
+multi_finalize_kernel(const __grid_constant__ LaunchLayers p, const double* __restrict__ partials,
                       acc_t* __restrict__ pen_out, acc_t* __restrict__ eq_out) {
   __shared__ double scratch[kWarps];
-  const int64_t begin = layers[blockIdx.x].chunk_begin, end = layers[blockIdx.x].chunk_end;
-  double p = 0, e = 0;
+  const int64_t begin = p.layers[blockIdx.x].chunk_begin, end = p.layers[blockIdx.x].chunk_end;
+  double pp = 0, e = 0;
 #pragma unroll 4
   for (int64_t c = begin + threadIdx.x; c < end; c += blockDim.x) {
-    p += partials[2 * c];
+    pp += partials[2 * c];
     e += partials[2 * c + 1];
   }
-  p = block_sum(p, scratch);
-  if (threadIdx.x == 0) pen_out[blockIdx.x] = static_cast<acc_t>(p);
+  const int64_t l = p.first_layer + static_cast<int64_t>(blockIdx.x);
+  pp = block_sum(pp, scratch);
+  if (threadIdx.x == 0) pen_out[l] = static_cast<acc_t>(pp);
   e = block_sum(e, scratch);
-  if (threadIdx.x == 0) eq_out[blockIdx.x] = static_cast<acc_t>(e);
+  if (threadIdx.x == 0) eq_out[l] = static_cast<acc_t>(e);
 }
 
+// The descriptor read from the kernel argument takes registers that the chunk-list version did not
+// need; the bound keeps the occupancy that version had (4 blocks an SM, 3 for float64) without
+// spilling.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-multi_backward_kernel(const LayerDesc* __restrict__ layers, const Chunk* __restrict__ chunks,
-                      const at::opmath_type<scalar_t>* __restrict__ grad_pen,
+__global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 8 ? 3 : 4)
+multi_backward_kernel(const __grid_constant__ LaunchLayers p, const at::opmath_type<scalar_t>* __restrict__ grad_pen,
                       const at::opmath_type<scalar_t>* __restrict__ grad_eq) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Chunk c = chunks[blockIdx.x];
-  const LayerDesc d = layers[c.layer];
-  const acc_t two_pen = acc_t(2) * grad_pen[c.layer], two_eq = acc_t(2) * grad_eq[c.layer];
+  const int64_t c = p.chunk_base + blockIdx.x;
+  const int j = layer_of_chunk(p.layers, p.n_layers, c);
+  const LayerDesc d = p.layers[j];
+  const ChunkRange r = chunk_range(d, c, kChunkOrbits);
+  const int64_t l = p.first_layer + j;
+  const acc_t two_pen = acc_t(2) * grad_pen[l], two_eq = acc_t(2) * grad_eq[l];
   GROUP_ORDER_SWITCH(d.G, K, [&] {
-    chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, c.first + threadIdx.x, c.last, blockDim.x, two_pen, two_eq);
+    chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, r.first + threadIdx.x, r.last, blockDim.x, two_pen, two_eq);
   });
 }
 
-// The descriptors and chunk list on the device, from one pinned staging buffer.  The caching host
-// allocator keeps the staging block alive until the copy on `stream` has run.
-struct DeviceTable {
-  at::Tensor bytes;
-  const LayerDesc* layers = nullptr;
-  const Chunk* chunks = nullptr;
-  int64_t n_chunks = 0;
-};
-
-DeviceTable upload(MultiArgs& a, const char* op) {
+// Calls launch(p, n_chunks) once per group of up to kLayersPerLaunch layers, with the group's
+// descriptors and chunk count (assign_chunks has set the chunk ranges).  Host work only.
+template <typename Launch>
+void for_each_launch(const MultiArgs& a, const char* op, Launch&& launch) {
   const int64_t L = static_cast<int64_t>(a.layers.size());
-  const int64_t n_chunks = assign_chunks(a.layers.data(), L, kChunkOrbits);
-  TORCH_CHECK(n_chunks <= std::numeric_limits<int32_t>::max(), op, ": too many orbits for one launch (", n_chunks,
-              " chunks of ", kChunkOrbits, ")");
-  static_assert(sizeof(LayerDesc) % alignof(Chunk) == 0, "chunks follow the descriptors unpadded");
-  const int64_t layer_bytes = L * static_cast<int64_t>(sizeof(LayerDesc));
-  const int64_t total = layer_bytes + n_chunks * static_cast<int64_t>(sizeof(Chunk));
-  at::Tensor host = at::empty({total}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  unsigned char* hp = host.mutable_data_ptr<unsigned char>();
-  std::memcpy(hp, a.layers.data(), layer_bytes);
-  list_chunks(a.layers.data(), L, kChunkOrbits, reinterpret_cast<Chunk*>(hp + layer_bytes));
-  DeviceTable t;
-  t.bytes = host.to(a.device, /*non_blocking=*/true);
-  const unsigned char* dp = t.bytes.const_data_ptr<unsigned char>();
-  t.layers = reinterpret_cast<const LayerDesc*>(dp);
-  t.chunks = reinterpret_cast<const Chunk*>(dp + layer_bytes);
-  t.n_chunks = n_chunks;
-  return t;
+  for (int64_t l0 = 0; l0 < L; l0 += kLayersPerLaunch) {
+    const int64_t n = std::min<int64_t>(kLayersPerLaunch, L - l0);
+    LaunchLayers p{};
+    std::copy_n(a.layers.data() + l0, n, p.layers);
+    p.chunk_base = a.layers[l0].chunk_begin;
+    p.first_layer = static_cast<int32_t>(l0);
+    p.n_layers = static_cast<int32_t>(n);
+    const int64_t n_chunks = a.layers[l0 + n - 1].chunk_end - p.chunk_base;
+    TORCH_CHECK(n_chunks <= std::numeric_limits<int32_t>::max(), op, ": too many orbits for one launch (", n_chunks,
+                " chunks of ", kChunkOrbits, ")");
+    launch(p, static_cast<unsigned>(n_chunks));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(at::TensorList weights, at::TensorList offsets,
@@ -119,21 +135,22 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(at::TensorList weights, at
   constexpr const char* op = "projkernels_C::multi_forward";
   MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
   const CudaCall call(a.device);
-  const DeviceTable t = upload(a, op);
   const int64_t L = static_cast<int64_t>(a.layers.size());
+  const int64_t total_chunks = assign_chunks(a.layers.data(), L, kChunkOrbits);
   const auto opts = weights[0].options();
   const auto acc = acc_type_of(a.dtype);
   at::Tensor pen = at::empty({L}, opts.dtype(acc)), eq = at::empty({L}, opts.dtype(acc));
-  at::Tensor partials = at::empty({2 * t.n_chunks}, opts.dtype(at::kDouble));
+  at::Tensor partials = at::empty({2 * total_chunks}, opts.dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    multi_forward_kernel<scalar_t><<<static_cast<unsigned>(t.n_chunks), kThreads, 0, call.stream>>>(
-        t.layers, t.chunks, partials.mutable_data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    multi_finalize_kernel<acc_t><<<static_cast<unsigned>(L), kThreads, 0, call.stream>>>(
-        t.layers, partials.const_data_ptr<double>(), pen.mutable_data_ptr<acc_t>(), eq.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for_each_launch(a, op, [&](const LaunchLayers& p, unsigned n_chunks) {
+      multi_forward_kernel<scalar_t><<<n_chunks, kThreads, 0, call.stream>>>(p, partials.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      multi_finalize_kernel<acc_t><<<static_cast<unsigned>(p.n_layers), kThreads, 0, call.stream>>>(
+          p, partials.const_data_ptr<double>(), pen.mutable_data_ptr<acc_t>(), eq.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {pen, eq};
 }
@@ -146,24 +163,19 @@ std::vector<at::Tensor> multi_backward_cuda(at::TensorList weights, const at::Te
   check_multi_grad(a, grad_penalty, "grad_penalty", op);
   check_multi_grad(a, grad_eq, "grad_eq", op);
   const CudaCall call(a.device);
-  const int64_t L = static_cast<int64_t>(a.layers.size());
-  std::vector<at::Tensor> out;
-  out.reserve(L);
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor& w = a.keep[3 * l];
-    out.push_back(at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous)));
-    a.layers[l].grad = out.back().mutable_data_ptr();
-  }
-  const DeviceTable t = upload(a, op);
+  assign_chunks(a.layers.data(), static_cast<int64_t>(a.layers.size()), kChunkOrbits);
+  std::vector<at::Tensor> out = multi_grad_outputs(a);
   const auto acc = acc_type_of(a.dtype);
   // Already the accumulation dtype in the usual call, so no conversion kernels run.
   const at::Tensor gp = grad_penalty.to(acc).contiguous(), ge = grad_eq.to(acc).contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    multi_backward_kernel<scalar_t><<<static_cast<unsigned>(t.n_chunks), kThreads, 0, call.stream>>>(
-        t.layers, t.chunks, gp.const_data_ptr<acc_t>(), ge.const_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for_each_launch(a, op, [&](const LaunchLayers& p, unsigned n_chunks) {
+      multi_backward_kernel<scalar_t><<<n_chunks, kThreads, 0, call.stream>>>(p, gp.const_data_ptr<acc_t>(),
+                                                                               ge.const_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }

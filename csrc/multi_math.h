@@ -54,6 +54,25 @@ inline int64_t assign_chunks(LayerDesc* layers, int64_t n_layers, int64_t chunk_
   return n;
 }
 
+// Orbits [first, last) of chunk c of layer d (d.chunk_begin <= c < d.chunk_end).
+struct ChunkRange {
+  int64_t first;
+  int64_t last;
+};
+PK_HOST_DEVICE inline ChunkRange chunk_range(const LayerDesc& d, int64_t c, int64_t chunk_orbits) {
+  const int64_t first = (c - d.chunk_begin) * chunk_orbits;
+  return ChunkRange{first, first + chunk_orbits < d.n_orbits ? first + chunk_orbits : d.n_orbits};
+}
+
+// The index in layers[0, n_layers) of the layer owning chunk c, for a chunk of one of these layers
+// (chunk ranges ascend with the layer index).  A CUDA block runs it on descriptors passed as a kernel
+// argument: every thread reads the same words, so the scan costs a few broadcast loads.
+PK_HOST_DEVICE inline int layer_of_chunk(const LayerDesc* layers, int n_layers, int64_t c) {
+  int j = 0;
+  while (j + 1 < n_layers && layers[j].chunk_end <= c) ++j;
+  return j;
+}
+
 // Writes the chunk list of layers whose ranges assign_chunks set.
 inline void list_chunks(const LayerDesc* layers, int64_t n_layers, int64_t chunk_orbits, Chunk* chunks) {
   for (int64_t l = 0; l < n_layers; ++l) {

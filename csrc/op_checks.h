@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -142,15 +143,24 @@ inline MultiArgs check_multi(at::TensorList weights, at::TensorList offsets, at:
   a.keep.reserve(3 * L);
   a.layers.reserve(L);
   for (int64_t l = 0; l < L; ++l) {
-    const std::string name = std::string(op) + " (weights[" + std::to_string(l) + "])";
+    // The layer's name goes into a message only when a check fails: no string is built per layer.
     const at::Tensor& w = weights[l];
-    check_weight(w, name.c_str());
-    TORCH_CHECK(w.scalar_type() == a.dtype, name, ": every weight of one call must have the dtype of weights[0] (",
-                a.dtype, "), got ", w.scalar_type(), "; call once per dtype");
-    TORCH_CHECK(w.device() == a.device, name, ": every weight of one call must be on weights[0]'s device (",
-                a.device, "), got ", w.device());
+    TORCH_CHECK(w.defined(), op, " (weights[", l, "]): weight is undefined");
+    TORCH_CHECK(w.scalar_type() == a.dtype, op, " (weights[", l, "]): every weight of one call must have the dtype of ",
+                "weights[0] (", a.dtype, "), got ", w.scalar_type(), "; call once per dtype");
+    TORCH_CHECK(w.device() == a.device, op, " (weights[", l, "]): every weight of one call must be on weights[0]'s ",
+                "device (", a.device, "), got ", w.device());
     const int64_t* g = geometry.data() + 4 * l;
-    const OrbitArgs t = check_table(w, offsets[l], inv_stab[l], g[0], g[1], g[2], g[3], name.c_str());
+    OrbitArgs t;
+    try {
+      t = check_table(w, offsets[l], inv_stab[l], g[0], g[1], g[2], g[3], op);
+    } catch (const c10::Error& e) {
+      // Rewritten as "<op> (weights[l]): <reason>".
+      std::string reason = e.msg();
+      const std::string prefix = std::string(op) + ": ";
+      if (reason.compare(0, prefix.size(), prefix) == 0) reason.erase(0, prefix.size());
+      TORCH_CHECK(false, op, " (weights[", l, "]): ", reason);
+    }
     a.keep.push_back(w.contiguous());
     a.keep.push_back(t.offsets);
     a.keep.push_back(t.inv_stab);
@@ -168,6 +178,24 @@ inline MultiArgs check_multi(at::TensorList weights, at::TensorList offsets, at:
     a.layers.push_back(d);
   }
   return a;
+}
+
+// The backward's outputs: every layer's dW, contiguous, in the weights' dtype, and each layer's
+// descriptor pointed at its output.  Each dW has its own storage (outputs of an op must not alias
+// one another: torch.compile's fake kernels and tensor hooks rely on it).  On the CPU they are
+// allocated without dispatching an op per layer.
+inline std::vector<at::Tensor> multi_grad_outputs(MultiArgs& a) {
+  const int64_t L = static_cast<int64_t>(a.layers.size());
+  const bool cpu = a.device.is_cpu();
+  std::vector<at::Tensor> out;
+  out.reserve(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& w = a.keep[3 * l];
+    out.push_back(cpu ? at::detail::empty_cpu(w.sizes(), a.dtype, /*pin_memory=*/false, std::nullopt)
+                      : at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous)));
+    a.layers[l].grad = out.back().mutable_data_ptr();
+  }
+  return out;
 }
 
 inline void check_multi_grad(const MultiArgs& a, const at::Tensor& g, const char* name, const char* op) {

@@ -284,13 +284,7 @@ std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Ten
   check_multi_grad(a, grad_eq, "grad_eq", op);
   const std::vector<Chunk> chunks = plan(a);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size()), L = static_cast<int64_t>(a.layers.size());
-  std::vector<at::Tensor> out;
-  out.reserve(L);
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor& w = a.keep[3 * l];
-    out.push_back(at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous)));
-    a.layers[l].grad = out.back().mutable_data_ptr();
-  }
+  std::vector<at::Tensor> out = multi_grad_outputs(a);
   // Read in place, strides honoured (an expanded total gradient has stride 0): no conversion ops.
   const std::vector<double> gp = read_per_layer(grad_penalty, L), ge = read_per_layer(grad_eq, L);
   const double* gpp = gp.data();

@@ -7,7 +7,9 @@ the first call validates it, builds the layers' ``MultiTable`` (projkernels/mult
 picks the route, later calls go straight to it:
 
 - native backends ("cpp", "cuda"): one ``projkernels_C::multi_penalty`` op per dtype present (one
-  for the usual single-dtype model), autograd in C++, tables resident on the device;
+  for the usual single-dtype model), autograd in C++, tables resident on the device; on CUDA the
+  op copies nothing from the host (its layer descriptors are kernel arguments), so a training step
+  that calls it can be captured in a CUDA graph as it is;
 - a backend with Python multi-tensor kernels (the concatenated "reference" route of
   projkernels/multi_reference.py, or one registered with ``register_multi_backend``): through
   ``MultiPenaltyFunction`` (projkernels/multi_autograd.py);
@@ -77,7 +79,6 @@ class MultiPlan:
         self.buf_dtype = functools.reduce(torch.promote_types, dtypes)
         self.acc = functools.reduce(torch.promote_types, (acc_dtype(d) for d in dtypes))
         self.native = kernels.native
-        self.cuda = device.type == "cuda"
         self.groups: List[Tuple[List[int], object]] = []
         self.inverse: Optional[torch.Tensor] = None
         if self.native:
@@ -96,8 +97,6 @@ class MultiPlan:
     def run(self, weights: List[torch.Tensor]):
         if not self.native:
             return MultiPenaltyFunction.apply(self.table, self.kernels, self.buf_dtype, *weights)
-        if self.cuda and torch.cuda.is_current_stream_capturing():
-            return self._per_layer(weights)
         if self.inverse is None:
             a = self.groups[0][1]
             return _OP(weights, a.offsets, a.inv_stab, a.consts, a.geometry)
@@ -110,17 +109,6 @@ class MultiPlan:
         eq = torch.cat([o[3].to(acc) for o in outs]).index_select(0, self.inverse)
         return total_pen, total_eq, pen, eq
 
-
-    def _per_layer(self, weights: List[torch.Tensor]):
-        # While a CUDA graph is being captured.  The fused multi-tensor CUDA op uploads its per-call
-        # descriptor (weight and gradient addresses) from host memory, which a graph cannot replay;
-        # the single-weight ops read only device-resident tables, so the captured step uses them,
-        # one per layer (a replay does not pay for the extra launches on the host).
-        op = torch.ops.projkernels_C.penalty_energy.default
-        pairs = [op(w, list(t.device_tables(w.device, w.dtype)), t.geometry) for w, t in zip(weights, self.table.tables)]
-        pen = torch.stack([p.to(self.acc) for p, _ in pairs])
-        eq = torch.stack([e.to(self.acc) for _, e in pairs])
-        return pen.sum(), eq.sum(), pen, eq
 
 
 def _reps(t) -> Tuple[str, str]:

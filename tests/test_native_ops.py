@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch import nn
 
 import projkernels as pk
@@ -328,7 +329,23 @@ def test_compile_multi_and_model_penalty_fullgraph():
 
 # --- CUDA graphs (run by the GPU job) -------------------------------------------------------------
 
-def _capture_and_replay(step, params, replays=3):
+class _CapturedOps(TorchDispatchMode):
+    """The names of the projkernels_C ops dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "projkernels_C":
+            self.names.append(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+def _capture_and_replay(step, params, replays=3, perturb=None):
+    """Warm up, capture ``step`` in a CUDA graph, then replay it; ``perturb(i)`` (if given) writes
+    new values into the parameters in place before replay i.  Returns the outputs and gradients of
+    each replay and the projkernels_C ops dispatched during the capture."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -336,13 +353,17 @@ def _capture_and_replay(step, params, replays=3):
             step()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    ops = _CapturedOps()
+    with torch.cuda.graph(graph), ops:
         out = step()
+    grads = [p.grad for p in params]
     results = []
-    for _ in range(replays):
+    for i in range(replays):
+        if perturb is not None:
+            perturb(i)
         graph.replay()
-        results.append([out.clone()] + [p.grad.clone() for p in params])
-    return results
+        results.append([out.clone()] + [g.clone() for g in grads])
+    return results, ops.names
 
 
 @pytest.mark.gpu
@@ -355,7 +376,7 @@ def test_cuda_graph_captures_projected_penalty_step():
         loss.backward()
         return loss.detach()
 
-    replays = _capture_and_replay(step, [w])
+    replays, _ = _capture_and_replay(step, [w])
     loss = pk.projected_penalty(w, "C4", "regular", "regular")
     (grad,) = torch.autograd.grad(loss, [w])
     for out, g in replays:
@@ -365,8 +386,11 @@ def test_cuda_graph_captures_projected_penalty_step():
 
 @pytest.mark.gpu
 def test_cuda_graph_captures_model_penalty_step():
+    # The captured step is the fused multi-tensor op (one forward, one backward), and a replay reads
+    # whatever the parameters hold at replay time.
     m = _model(torch.float32).cuda()
     params = [p for p in m.parameters()]
+    gen = torch.Generator().manual_seed(5)
 
     def step():
         for p in params:
@@ -375,13 +399,22 @@ def test_cuda_graph_captures_model_penalty_step():
         loss.backward()
         return loss.detach()
 
-    replays = _capture_and_replay(step, params)
+    def perturb(i):
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=gen).cuda())
+
+    replays, names = _capture_and_replay(step, params, perturb=perturb)
+    assert names.count("multi_penalty") == 1 and names.count("multi_penalty_backward") == 1, names
+    assert "penalty_energy" not in names and "penalty_energy_backward" not in names, names
+    # The parameters now hold the last replay's values.
     loss = pk.model_penalty(m)
     grads = torch.autograd.grad(loss, params)
-    for out, *gs in replays:
-        torch.testing.assert_close(out, loss.detach())
-        for a, b in zip(gs, grads):
-            torch.testing.assert_close(a, b)
+    out, *gs = replays[-1]
+    assert torch.equal(out, loss.detach())  # the same launches: bit for bit
+    for a, b in zip(gs, grads):
+        assert torch.equal(a, b)
+    assert not torch.equal(replays[0][0], out)  # the replays did see the new values
 
 
 @pytest.mark.gpu

@@ -196,6 +196,32 @@ static void chunk_walk_with_threads() {
   }
 }
 
+// The multi-tensor chunking: each CUDA block finds its layer and orbit range from the descriptors
+// (layer_of_chunk, chunk_range) instead of reading a chunk list; both must give the list's chunks,
+// also when the layers are split into launches of a few layers each.
+static void multi_chunks_by_lookup() {
+  const int64_t orbits[] = {1, 1024, 1025, 3000, 7, 4096, 2};
+  const int64_t L = 7, per_chunk = 1024;
+  std::vector<pk::LayerDesc> layers(L);
+  for (int64_t l = 0; l < L; ++l) layers[l].n_orbits = orbits[l];
+  const int64_t n = pk::assign_chunks(layers.data(), L, per_chunk);
+  CHECK(n == 1 + 1 + 2 + 3 + 1 + 4 + 1);
+  std::vector<pk::Chunk> list(n);
+  pk::list_chunks(layers.data(), L, per_chunk, list.data());
+  for (int64_t group : {L, int64_t(3), int64_t(1)}) {  // layers per launch
+    for (int64_t l0 = 0; l0 < L; l0 += group) {
+      const int count = static_cast<int>(group < L - l0 ? group : L - l0);
+      const pk::LayerDesc* launch = layers.data() + l0;
+      for (int64_t c = launch[0].chunk_begin; c < launch[count - 1].chunk_end; ++c) {
+        const int j = pk::layer_of_chunk(launch, count, c);
+        const pk::ChunkRange r = pk::chunk_range(launch[j], c, per_chunk);
+        CHECK(l0 + j == list[c].layer);
+        CHECK(r.first == list[c].first && r.last == list[c].last);
+      }
+    }
+  }
+}
+
 static void chunk_plan() {
   const int64_t T = 256;
   // C4 regular 2048x2048x3x3 fp32: 16 bytes an orbit, four orbits a thread, 9216 chunks.
@@ -358,6 +384,7 @@ int main() {
   projection_keeps_inf<-16>();
   projection_keeps_inf<0>();
   chunk_walk_with_threads();
+  multi_chunks_by_lookup();
   chunk_plan();
   shared_plan();
   if (failures) {
