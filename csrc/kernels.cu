@@ -325,9 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
     const at::Tensor& row_irrep, int64_t n_irreps, int64_t c_out, int64_t c_in, int64_t stride_out,
     int64_t stride_in, bool with_spectrum) {
   constexpr const char* op = "projkernels_C::fused_forward";
-  check_weight(weight, op);
-  const OrbitArgs t = check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
-  check_spectral(weight, basis, row_irrep, t.G, n_irreps, op);
+  const OrbitArgs t =
+      check_fused_forward(weight, offsets, inv_stab, basis, row_irrep, n_irreps, c_out, c_in, stride_out, stride_in);
   const CudaCall call(weight.device());
   const at::Tensor w = weight.contiguous();
   const auto acc = acc_type_of(w.scalar_type());
@@ -401,10 +400,8 @@ at::Tensor fused_backward_cuda(const at::Tensor& weight, const at::Tensor& grad_
                                const at::Tensor& offsets, const at::Tensor& inv_stab, int64_t c_out, int64_t c_in,
                                int64_t stride_out, int64_t stride_in) {
   constexpr const char* op = "projkernels_C::fused_backward";
-  check_weight(weight, op);
-  check_grad(weight, grad_penalty, "grad_penalty", op);
-  check_grad(weight, grad_eq, "grad_eq", op);
-  const OrbitArgs t = check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
+  const OrbitArgs t =
+      check_fused_backward(weight, grad_penalty, grad_eq, offsets, inv_stab, c_out, c_in, stride_out, stride_in);
   const CudaCall call(weight.device());
   const at::Tensor w = weight.contiguous();
   const auto acc = acc_type_of(w.scalar_type());

@@ -133,7 +133,7 @@ void for_each_launch(const MultiArgs& a, const char* op, Launch&& launch) {
 std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(at::TensorList weights, at::TensorList offsets,
                                                       at::TensorList inv_stab, at::IntArrayRef geometry) {
   constexpr const char* op = "projkernels_C::multi_forward";
-  MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
+  MultiArgs a = check_multi_forward(weights, offsets, inv_stab, geometry);
   const CudaCall call(a.device);
   const int64_t L = static_cast<int64_t>(a.layers.size());
   const int64_t total_chunks = assign_chunks(a.layers.data(), L, kChunkOrbits);
@@ -159,9 +159,7 @@ std::vector<at::Tensor> multi_backward_cuda(at::TensorList weights, const at::Te
                                             const at::Tensor& grad_eq, at::TensorList offsets, at::TensorList inv_stab,
                                             at::IntArrayRef geometry) {
   constexpr const char* op = "projkernels_C::multi_backward";
-  MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
-  check_multi_grad(a, grad_penalty, "grad_penalty", op);
-  check_multi_grad(a, grad_eq, "grad_eq", op);
+  MultiArgs a = check_multi_backward(weights, grad_penalty, grad_eq, offsets, inv_stab, geometry);
   const CudaCall call(a.device);
   assign_chunks(a.layers.data(), static_cast<int64_t>(a.layers.size()), kChunkOrbits);
   std::vector<at::Tensor> out = multi_grad_outputs(a);

@@ -206,4 +206,40 @@ inline void check_multi_grad(const MultiArgs& a, const at::Tensor& g, const char
   TORCH_CHECK(g.device() == a.device, op, ": ", name, " is on ", g.device(), " but the weights are on ", a.device);
 }
 
+// --- the opening checks of each raw op, shared by its CPU and CUDA kernels ----------------------
+
+inline OrbitArgs check_fused_forward(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& inv_stab,
+                                     const at::Tensor& basis, const at::Tensor& row_irrep, int64_t n_irreps,
+                                     int64_t c_out, int64_t c_in, int64_t stride_out, int64_t stride_in) {
+  constexpr const char* op = "projkernels_C::fused_forward";
+  check_weight(weight, op);
+  const OrbitArgs t = check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
+  check_spectral(weight, basis, row_irrep, t.G, n_irreps, op);
+  return t;
+}
+
+inline OrbitArgs check_fused_backward(const at::Tensor& weight, const at::Tensor& grad_penalty,
+                                      const at::Tensor& grad_eq, const at::Tensor& offsets, const at::Tensor& inv_stab,
+                                      int64_t c_out, int64_t c_in, int64_t stride_out, int64_t stride_in) {
+  constexpr const char* op = "projkernels_C::fused_backward";
+  check_weight(weight, op);
+  check_grad(weight, grad_penalty, "grad_penalty", op);
+  check_grad(weight, grad_eq, "grad_eq", op);
+  return check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
+}
+
+inline MultiArgs check_multi_forward(at::TensorList weights, at::TensorList offsets, at::TensorList inv_stab,
+                                     at::IntArrayRef geometry) {
+  return check_multi(weights, offsets, inv_stab, geometry, "projkernels_C::multi_forward");
+}
+
+inline MultiArgs check_multi_backward(at::TensorList weights, const at::Tensor& grad_penalty, const at::Tensor& grad_eq,
+                                      at::TensorList offsets, at::TensorList inv_stab, at::IntArrayRef geometry) {
+  constexpr const char* op = "projkernels_C::multi_backward";
+  MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
+  check_multi_grad(a, grad_penalty, "grad_penalty", op);
+  check_multi_grad(a, grad_eq, "grad_eq", op);
+  return a;
+}
+
 }  // namespace projkernels

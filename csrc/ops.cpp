@@ -84,10 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
     const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& inv_stab, const at::Tensor& basis,
     const at::Tensor& row_irrep, int64_t n_irreps, int64_t c_out, int64_t c_in, int64_t stride_out,
     int64_t stride_in, bool with_spectrum) {
-  constexpr const char* op = "projkernels_C::fused_forward";
-  check_weight(weight, op);
-  const OrbitArgs t = check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
-  check_spectral(weight, basis, row_irrep, t.G, n_irreps, op);
+  const OrbitArgs t =
+      check_fused_forward(weight, offsets, inv_stab, basis, row_irrep, n_irreps, c_out, c_in, stride_out, stride_in);
   const auto acc = acc_type_of(weight.scalar_type());
   const at::Tensor w = weight.contiguous();
   // The basis is only read for the spectrum: the training call converts nothing.
@@ -194,11 +192,8 @@ void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pe
 at::Tensor fused_backward_cpu(const at::Tensor& weight, const at::Tensor& grad_penalty, const at::Tensor& grad_eq,
                               const at::Tensor& offsets, const at::Tensor& inv_stab, int64_t c_out, int64_t c_in,
                               int64_t stride_out, int64_t stride_in) {
-  constexpr const char* op = "projkernels_C::fused_backward";
-  check_weight(weight, op);
-  check_grad(weight, grad_penalty, "grad_penalty", op);
-  check_grad(weight, grad_eq, "grad_eq", op);
-  const OrbitArgs t = check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
+  const OrbitArgs t =
+      check_fused_backward(weight, grad_penalty, grad_eq, offsets, inv_stab, c_out, c_in, stride_out, stride_in);
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
   // check_grad guarantees one value; read in place rather than through .item() (an op dispatch each).
@@ -233,8 +228,7 @@ std::vector<double> read_per_layer(const at::Tensor& g, int64_t L) {
 
 std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at::TensorList offsets,
                                                      at::TensorList inv_stab, at::IntArrayRef geometry) {
-  constexpr const char* op = "projkernels_C::multi_forward";
-  MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
+  MultiArgs a = check_multi_forward(weights, offsets, inv_stab, geometry);
   const std::vector<Chunk> chunks = plan(a);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size()), L = static_cast<int64_t>(a.layers.size());
   std::vector<double> partials(2 * n_chunks, 0.0);
@@ -278,10 +272,7 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at:
 std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Tensor& grad_penalty,
                                            const at::Tensor& grad_eq, at::TensorList offsets, at::TensorList inv_stab,
                                            at::IntArrayRef geometry) {
-  constexpr const char* op = "projkernels_C::multi_backward";
-  MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
-  check_multi_grad(a, grad_penalty, "grad_penalty", op);
-  check_multi_grad(a, grad_eq, "grad_eq", op);
+  MultiArgs a = check_multi_backward(weights, grad_penalty, grad_eq, offsets, inv_stab, geometry);
   const std::vector<Chunk> chunks = plan(a);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size()), L = static_cast<int64_t>(a.layers.size());
   std::vector<at::Tensor> out = multi_grad_outputs(a);
