@@ -17,11 +17,14 @@ import torch
 from . import ops
 from .config import CONFIGS, config_for
 from .groups import group_name_for_ops
+from .steerable import SteerableSymmetry
 
 __all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "project", "spectrum"]
 
 def _config(weight, group, in_rep, out_rep, backend):
     if torch.compiler.is_compiling():
+        if isinstance(group, SteerableSymmetry):  # hook: steerable bases trace as plain PyTorch
+            return config_for(weight, group, in_rep, out_rep, backend)
         return _COMPILED
     try:
         return CONFIGS[(weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend)]

@@ -1,0 +1,505 @@
+"""Steerable symmetries: the projection onto escnn's equivariant kernel space, block by block.
+
+``steerable(in_type, out_type, kernel_size)`` describes a layer between escnn field types (on a
+continuous gspace such as ``rot2dOnR2(-1)``, ``flipRot2dOnR2(-1)``, ``rot3dOnR3()``, a discrete one
+such as ``rot2dOnR2(4)``, or ``no_base_space(G)`` for ``nn.Linear`` weights).  Its projection P is
+the orthogonal projection onto the span of the basis that escnn samples for that layer.
+
+Why block by block.  escnn's kernel basis is a direct sum over pairs (output field, input field):
+the sub-tensor ``W[out field i, in field j]`` (``d_out x d_in x k^d`` numbers, flattened to m) is
+expanded from the basis of the pair of their representations, and every pair of fields with the
+same pair of representations ("one block type") uses the same basis.  So P is a batch of small
+dense projections: with Q_t (m x r, orthonormal columns spanning that basis, built once in float64
+by an SVD with a rank tolerance), ``P(W_b) = Q_t Q_t^T W_b`` for every block b of type t.  The
+dense alternative (one N x D orthonormal basis for the whole weight) costs N*D memory and time;
+the block route costs sum_t m*r memory and one pass over W.
+
+Exactness: the penalty is the squared norm of each block's residual ``W_b - Q_t Q_t^T W_b``, never
+``||W_b||^2 - ||Q_t^T W_b||^2`` (which cancels catastrophically for a nearly equivariant weight).
+Half-precision weights are read as such and accumulated in float32; results are float32 for half
+and float32 weights and float64 for float64 weights, as for the finite groups.
+
+Weight layout: ``nn.Linear`` ``[out_type.size, in_type.size]``, ``nn.Conv2d``
+``[out_type.size, in_type.size, k, k]``, ``nn.Conv3d`` ``[out_type.size, in_type.size, k, k, k]``:
+the layout of escnn's expanded filter (fields occupy consecutive channels, in field-type order).
+
+Backends: "reference" (batched matmuls in PyTorch, autograd through them) and "triton" (one
+program per tile of blocks of one type, Q_t loaded once per program; projkernels/steerable_triton.py).
+"auto" picks Triton on CUDA when it is available and the reference route otherwise.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+__all__ = ["steerable", "SteerableSymmetry", "BlockType", "is_steerable", "STEERABLE_BACKENDS"]
+
+STEERABLE_BACKENDS = ("auto", "reference", "triton")
+_RANK_RTOL = 1e-6  # singular values below this fraction of the largest are sampling noise, not basis
+
+
+def _escnn():
+    try:
+        import escnn.nn  # noqa: F401
+        import escnn.gspaces  # noqa: F401
+    except ImportError as e:
+        raise ImportError("projkernels.steerable needs escnn, an optional extra: "
+                          "pip install projkernels[escnn]") from e
+    import escnn
+    return escnn
+
+
+def is_steerable(group) -> bool:
+    return isinstance(group, SteerableSymmetry)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockType:
+    """One pair (output representation, input representation) and the blocks of the weight that it
+    covers: output fields ``out_fields`` x input fields ``in_fields`` (channel offsets), each block
+    ``d_out x d_in x S`` flattened to ``m`` numbers in (out channel, in channel, kernel position)
+    order.  ``q``: [m, r] float64 with orthonormal columns (r = 0 when escnn's basis is empty)."""
+    out_name: str
+    in_name: str
+    d_out: int
+    d_in: int
+    out_fields: Tuple[int, ...]
+    in_fields: Tuple[int, ...]
+    q: torch.Tensor
+
+    @property
+    def m(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.out_fields) * len(self.in_fields)
+
+
+class SteerableSymmetry:
+    """The symmetry of a layer between escnn field types; accepted wherever a group is.
+
+    Attributes: ``in_type``, ``out_type``, ``kernel_size`` (None for Linear), ``weight_shape``,
+    ``types`` (the ``BlockType`` list), ``dim`` (the dimension of the equivariant space, sum over
+    types of n_blocks * r) and ``numel`` (the weight's size).  Built by ``steerable()``, which
+    caches it: the same arguments give the same object (and so hit the configuration caches).
+    """
+
+    def __init__(self, in_type, out_type, kernel_size, basis_options: dict):
+        _escnn()
+        import escnn.nn as enn
+        if in_type.gspace != out_type.gspace:
+            raise ValueError(f"out_type: its gspace {out_type.gspace} differs from in_type's {in_type.gspace}")
+        gs = in_type.gspace
+        d = gs.dimensionality
+        if d == 0:
+            if kernel_size is not None:
+                raise ValueError(f"kernel_size: must be None for field types on no_base_space (an nn.Linear "
+                                 f"weight), got {kernel_size!r}")
+            module = enn.Linear(in_type, out_type, bias=False, initialize=False, **basis_options)
+            spatial: Tuple[int, ...] = ()
+        elif d in (2, 3):
+            if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1:
+                raise ValueError(f"kernel_size: a positive int is required for a {d}-D gspace ({gs}), "
+                                 f"got {kernel_size!r}")
+            conv = enn.R2Conv if d == 2 else enn.R3Conv
+            module = conv(in_type, out_type, kernel_size, bias=False, initialize=False, **basis_options)
+            spatial = (kernel_size,) * d
+        else:
+            raise ValueError(f"in_type: gspaces of dimension {d} are not supported (0, 2 or 3)")
+        self.in_type, self.out_type, self.kernel_size = in_type, out_type, kernel_size
+        self.basis_options = dict(basis_options)
+        self.spatial_dims = d
+        self.weight_shape = (out_type.size, in_type.size) + spatial
+        self.numel = out_type.size * in_type.size * (kernel_size ** d if d else 1)
+        self.types = _block_types(module, in_type, out_type)
+        self.dim = sum(t.n_blocks * t.rank for t in self.types)
+        self._device_cache: Dict[tuple, object] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        ks = "" if self.kernel_size is None else f", kernel_size={self.kernel_size}"
+        return (f"steerable({self.in_type.fibergroup}: {_type_label(self.in_type)} -> "
+                f"{_type_label(self.out_type)}{ks}; {self.dim} of {self.numel} dims)")
+
+    __str__ = __repr__
+
+    @property
+    def name(self) -> str:
+        return repr(self)
+
+    def check_weight(self, weight, argument: str = "weight") -> None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{argument}: expected a torch.Tensor, got {type(weight).__name__}")
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"{argument}: shape {tuple(weight.shape)} does not match the steerable symmetry's "
+                             f"weight shape {self.weight_shape} (out_type.size, in_type.size, *kernel)")
+        if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"{argument}: dtype {weight.dtype} is not supported (float16, bfloat16, float32, float64)")
+
+    def layout(self, device, acc: torch.dtype) -> "Layout":
+        """The device-resident form (Q_t in ``acc``, index tensors), built once per (device, dtype)."""
+        key = (torch.device(device), acc)
+        lay = self._device_cache.get(key)
+        if lay is None:
+            with self._lock:
+                lay = self._device_cache.get(key)
+                if lay is None:
+                    lay = _layout(self, key[0], acc)
+                    self._device_cache[key] = lay
+        return lay
+
+    def dense_basis(self) -> torch.Tensor:
+        """[numel, dim] float64 orthonormal basis of the whole equivariant space (the naive route's Q;
+        for tests and benchmarks: it costs numel * dim memory)."""
+        shape = self.weight_shape
+        s = self.numel // (shape[0] * shape[1])
+        cols = []
+        for t in self.types:
+            for o in t.out_fields:
+                for i in t.in_fields:
+                    block = torch.zeros(shape[0], shape[1], s, t.rank, dtype=torch.float64)
+                    block[o:o + t.d_out, i:i + t.d_in] = t.q.reshape(t.d_out, t.d_in, s, t.rank)
+                    cols.append(block.reshape(-1, t.rank))
+        return torch.cat(cols, 1) if cols else torch.zeros(self.numel, 0, dtype=torch.float64)
+
+
+def _type_label(ft) -> str:
+    names = [r.name for r in ft.representations]
+    out, i = [], 0
+    while i < len(names):
+        j = i
+        while j < len(names) and names[j] == names[i]:
+            j += 1
+        out.append(names[i] if j - i == 1 else f"{j - i}x{names[i]}")
+        i = j
+    return "[" + ", ".join(out) + "]"
+
+
+def _fields(ft) -> Dict[str, List[int]]:
+    """Channel offsets of the fields of each representation, in first-appearance order."""
+    by_name: Dict[str, List[int]] = {}
+    off = 0
+    for r in ft.representations:
+        by_name.setdefault(r.name, []).append(off)
+        off += r.size
+    return by_name
+
+
+def _block_types(module, in_type, out_type) -> List[BlockType]:
+    be = module.basisexpansion
+    sizes_in = {r.name: r.size for r in in_type.representations}
+    sizes_out = {r.name: r.size for r in out_type.representations}
+    in_fields, out_fields = _fields(in_type), _fields(out_type)
+    pairs = set(be._representations_pairs)  # (in name, out name) pairs with a non-empty basis
+    s = max(1, int(getattr(be, "S", 1)))
+    types = []
+    for o_name, o_offs in out_fields.items():
+        for i_name, i_offs in in_fields.items():
+            d_o, d_i = sizes_out[o_name], sizes_in[i_name]
+            m = d_o * d_i * s
+            if (i_name, o_name) in pairs:
+                sampled = getattr(be, f"block_expansion_{be._escape_pair((i_name, o_name))}").sampled_basis
+                # [n_basis, d_out, d_in, S]: the layout of the block of the expanded filter
+                b = sampled.detach().to("cpu", torch.float64).reshape(sampled.shape[0], m)
+                q = _orthonormal(b.T)
+            else:
+                q = torch.zeros(m, 0, dtype=torch.float64)  # no equivariant map between these fields
+            types.append(BlockType(o_name, i_name, d_o, d_i, tuple(o_offs), tuple(i_offs), q))
+    return types
+
+
+def _orthonormal(b: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning the columns of ``b`` (float64 SVD, rank tolerance _RANK_RTOL)."""
+    if b.shape[1] == 0:
+        return b
+    u, sv, _ = torch.linalg.svd(b, full_matrices=False)
+    rank = int((sv > _RANK_RTOL * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0
+    return u[:, :rank].contiguous()
+
+
+class TypeLayout(NamedTuple):
+    q: torch.Tensor             # [m, r] in the accumulation dtype
+    rows: slice                 # rows of the permuted weight that this type's output fields occupy
+    cols: slice
+    n_out: int
+    n_in: int
+    d_out: int
+    d_in: int
+    base: torch.Tensor          # [n_blocks] int64 offsets of each block's first element in W (row-major)
+    elem: torch.Tensor          # [m] int64 offsets of a block's elements relative to its first
+
+
+class Layout(NamedTuple):
+    out_perm: Optional[torch.Tensor]  # None when the output fields are already grouped by representation
+    in_perm: Optional[torch.Tensor]
+    out_inv: Optional[torch.Tensor]
+    in_inv: Optional[torch.Tensor]
+    s: int
+    types: Tuple[TypeLayout, ...]
+
+
+def _perm(ft, by_name) -> Tuple[List[int], Dict[str, slice]]:
+    sizes = {r.name: r.size for r in ft.representations}
+    perm, spans, start = [], {}, 0
+    for name, offs in by_name.items():
+        for o in offs:
+            perm.extend(range(o, o + sizes[name]))
+        spans[name] = slice(start, start + len(offs) * sizes[name])
+        start += len(offs) * sizes[name]
+    return perm, spans
+
+
+def _layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> Layout:
+    c_out, c_in = sym.weight_shape[:2]
+    s = sym.numel // (c_out * c_in)
+    out_perm, out_spans = _perm(sym.out_type, _fields(sym.out_type))
+    in_perm, in_spans = _perm(sym.in_type, _fields(sym.in_type))
+
+    def as_index(perm):
+        if perm == list(range(len(perm))):
+            return None, None
+        p = torch.tensor(perm, dtype=torch.long)
+        return p.to(device), torch.argsort(p).to(device)
+    op, oinv = as_index(out_perm)
+    ip, iinv = as_index(in_perm)
+    types = []
+    for t in sym.types:
+        base = torch.tensor([(o * c_in + i) * s for o in t.out_fields for i in t.in_fields], dtype=torch.long)
+        p, q, k = torch.meshgrid(torch.arange(t.d_out), torch.arange(t.d_in), torch.arange(s), indexing="ij")
+        elem = ((p * c_in + q) * s + k).reshape(-1)
+        types.append(TypeLayout(t.q.to(device=device, dtype=acc), out_spans[t.out_name], in_spans[t.in_name],
+                                len(t.out_fields), len(t.in_fields), t.d_out, t.d_in, base.to(device),
+                                elem.to(device)))
+    return Layout(op, ip, oinv, iinv, s, tuple(types))
+
+
+_SYMMETRIES: Dict[tuple, SteerableSymmetry] = {}
+
+
+def steerable(in_type, out_type, kernel_size: Optional[int] = None, **basis_options) -> SteerableSymmetry:
+    """The symmetry of a layer mapping escnn field type ``in_type`` to ``out_type``.
+
+    ``kernel_size``: None for an ``nn.Linear`` weight (field types on ``no_base_space(G)``), the
+    side of the (square / cubic) kernel for ``nn.Conv2d`` / ``nn.Conv3d`` weights (field types on a
+    2-D / 3-D gspace).  ``basis_options`` go to escnn's ``R2Conv`` / ``R3Conv`` / ``Linear``
+    (``frequencies_cutoff``, ``rings``, ``sigma``, ``maximum_offset``, ``basis_filter``, ...) and
+    select the sampled basis.  The result is cached: equal arguments give the same object.
+    """
+    _escnn()
+    from escnn.nn import FieldType
+    for arg, ft in (("in_type", in_type), ("out_type", out_type)):
+        if not isinstance(ft, FieldType):
+            raise TypeError(f"{arg}: expected an escnn.nn.FieldType, got {type(ft).__name__}")
+    try:
+        key = (in_type, out_type, kernel_size, tuple(sorted(basis_options.items())))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _SYMMETRIES:
+        return _SYMMETRIES[key]
+    sym = SteerableSymmetry(in_type, out_type, kernel_size, basis_options)
+    if key is not None:
+        _SYMMETRIES[key] = sym
+    return sym
+
+
+# --- the reference route -----------------------------------------------------------------------
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _permuted(weight: torch.Tensor, lay: Layout, acc: torch.dtype) -> torch.Tensor:
+    w = weight.reshape(weight.shape[0], weight.shape[1], lay.s)
+    if lay.out_perm is not None:
+        w = w.index_select(0, lay.out_perm)
+    if lay.in_perm is not None:
+        w = w.index_select(1, lay.in_perm)
+    return w.to(acc)
+
+
+def _blocks(wp: torch.Tensor, t: TypeLayout, s: int) -> torch.Tensor:
+    x = wp[t.rows, t.cols]  # [n_out * d_out, n_in * d_in, S]
+    x = x.reshape(t.n_out, t.d_out, t.n_in, t.d_in, s).permute(0, 2, 1, 3, 4)
+    return x.reshape(t.n_out * t.n_in, t.d_out * t.d_in * s)
+
+
+def reference_penalty_energy(weight: torch.Tensor, sym: SteerableSymmetry):
+    acc = acc_dtype(weight.dtype)
+    lay = sym.layout(weight.device, acc)
+    wp = _permuted(weight, lay, acc)
+    pen = eq = None
+    for t in lay.types:
+        x = _blocks(wp, t, lay.s)
+        c = x @ t.q
+        r = x - c @ t.q.T  # the residual of every block: the penalty never subtracts two energies
+        p, e = r.square().sum(), c.square().sum()
+        pen = p if pen is None else pen + p
+        eq = e if eq is None else eq + e
+    return pen, eq
+
+
+def reference_project(weight: torch.Tensor, sym: SteerableSymmetry) -> torch.Tensor:
+    acc = acc_dtype(weight.dtype)
+    lay = sym.layout(weight.device, acc)
+    wp = _permuted(weight, lay, acc)
+    c_out, c_in = weight.shape[:2]
+    rows: Dict[int, List[torch.Tensor]] = {}
+    for t in lay.types:
+        x = _blocks(wp, t, lay.s)
+        px = (x @ t.q) @ t.q.T
+        px = px.reshape(t.n_out, t.n_in, t.d_out, t.d_in, lay.s).permute(0, 2, 1, 3, 4)
+        rows.setdefault(t.rows.start, []).append(px.reshape(t.n_out * t.d_out, t.n_in * t.d_in, lay.s))
+    # Types are laid out output-group major, input-group minor: concatenating restores the permuted weight.
+    out = torch.cat([torch.cat(cols, 1) for _, cols in sorted(rows.items())], 0)
+    if lay.in_inv is not None:
+        out = out.index_select(1, lay.in_inv)
+    if lay.out_inv is not None:
+        out = out.index_select(0, lay.out_inv)
+    return out.reshape(weight.shape).to(weight.dtype)
+
+
+# --- dispatch --------------------------------------------------------------------------------------
+
+def check_backend(backend) -> None:
+    if backend not in STEERABLE_BACKENDS:
+        raise ValueError(f"backend: {backend!r} does not serve steerable symmetries; they are served by "
+                         f"{', '.join(repr(b) for b in STEERABLE_BACKENDS)}")
+
+
+def _triton_ready(device: torch.device) -> Optional[str]:
+    try:
+        from . import steerable_triton
+    except ImportError as e:
+        return f"triton cannot be imported: {e}"
+    return steerable_triton.why_unavailable(device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    check_backend(backend)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_ready(device) is None else "reference"
+    if backend == "triton":
+        why = _triton_ready(device)
+        if why is not None:
+            raise RuntimeError(f"backend='triton' cannot serve this steerable symmetry on {device}: {why}")
+    return backend
+
+
+class SteerableOps(NamedTuple):
+    penalty_energy: object
+    project: object
+    spectrum: object
+
+
+class SteerableConfig:
+    """A configuration of the public API for a steerable symmetry: like a native configuration,
+    the API calls ``ops.penalty_energy(weight, tables, geometry)`` / ``ops.project(...)`` directly."""
+    native = True  # "call cfg.ops directly" (projkernels/api.py)
+
+    def __init__(self, sym: SteerableSymmetry, backend: str):
+        self.symmetry, self.backend_name = sym, backend
+        self.tables, self.geometry = sym, None
+        if backend == "triton":
+            from . import steerable_triton
+            self.ops = SteerableOps(steerable_triton.penalty_energy, steerable_triton.project, _no_spectrum)
+        else:
+            self.ops = SteerableOps(_ref_penalty_energy, _ref_project, _no_spectrum)
+
+
+def _ref_penalty_energy(weight, sym, _geometry):
+    return reference_penalty_energy(weight, sym)
+
+
+def _ref_project(weight, sym, _geometry):
+    return reference_project(weight, sym)
+
+
+def _no_spectrum(weight, sym, _geometry):
+    raise NotImplementedError("spectrum: isotypic energies are defined for the finite groups only; for a "
+                              "steerable symmetry use penalty_and_energy")
+
+
+def config(weight, sym: SteerableSymmetry, in_rep, out_rep, backend) -> SteerableConfig:
+    """Validate a call with a steerable symmetry (the API's slow path)."""
+    if in_rep != "trivial" or out_rep != "trivial":
+        raise ValueError(f"in_rep/out_rep: a steerable symmetry carries its own field types; leave them at "
+                         f"'trivial', got {in_rep!r}, {out_rep!r}")
+    sym.check_weight(weight)
+    return SteerableConfig(sym, resolve_backend(backend, weight.device))
+
+
+# --- whole models ---------------------------------------------------------------------------------
+
+def module_kind(sym: SteerableSymmetry) -> str:
+    return {0: "nn.Linear", 2: "nn.Conv2d", 3: "nn.Conv3d"}[sym.spatial_dims]
+
+
+def check_module(module, sym: SteerableSymmetry) -> None:
+    """``attach_symmetry``'s check of a layer against a steerable symmetry."""
+    from torch import nn
+    layer = {0: nn.Linear, 2: nn.Conv2d, 3: nn.Conv3d}[sym.spatial_dims]
+    if not isinstance(module, layer):
+        raise TypeError(f"module: this steerable symmetry describes an {module_kind(sym)} weight, got "
+                        f"{type(module).__name__}")
+    if getattr(module, "groups", 1) != 1:
+        raise ValueError(f"module: grouped convolutions (groups={module.groups}) are not supported; use groups=1")
+    sym.check_weight(module.weight, "module.weight")
+
+
+class MixedPlan:
+    """``multi_penalty`` over items of which some have steerable symmetries: those go through their
+    own route, the others through the finite-group plan; per-layer results in the callers' order."""
+
+    def __init__(self, key: tuple, backend: str, finite_plan):
+        check_backend(backend)
+        self.steer = [i for i, k in enumerate(key) if is_steerable(k[3])]
+        self.finite = [i for i, k in enumerate(key) if not is_steerable(k[3])]
+        self.cfgs = []
+        for i in self.steer:
+            shape, dtype, device, sym, a, b = key[i]
+            try:
+                self.cfgs.append(_config_on(shape, dtype, device, sym, a, b, backend))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"items[{i}]: {e}") from None
+        dtypes = [k[1] for k in key]
+        self.acc = torch.float64 if all(d == torch.float64 for d in dtypes) else torch.float32
+        self.finite_plan = finite_plan([key[i] for i in self.finite]) if self.finite else None
+        order = self.steer + self.finite
+        self.inverse = torch.argsort(torch.tensor(order))
+        self.device = torch.device(key[0][2])
+        for i, k in enumerate(key):
+            if k[2] != key[0][2]:
+                raise ValueError(f"items[{i}]: weight is on {k[2]}, but items[0] is on {key[0][2]}; "
+                                 "all weights must be on one device")
+
+    def run(self, weights):
+        pens, eqs = [], []
+        for i, cfg in zip(self.steer, self.cfgs):
+            p, e = cfg.ops.penalty_energy(weights[i], cfg.tables, cfg.geometry)
+            pens.append(p.to(self.acc))
+            eqs.append(e.to(self.acc))
+        if self.finite_plan is not None:
+            _, _, p, e = self.finite_plan.run([weights[i] for i in self.finite])
+            pens.extend(p.to(self.acc).unbind(0))
+            eqs.extend(e.to(self.acc).unbind(0))
+        inv = self.inverse.to(pens[0].device)
+        pen = torch.stack(pens).index_select(0, inv)
+        eq = torch.stack(eqs).index_select(0, inv)
+        return pen.sum(), eq.sum(), pen, eq
+
+
+def _config_on(shape, dtype, device, sym, in_rep, out_rep, backend) -> SteerableConfig:
+    if in_rep != "trivial" or out_rep != "trivial":
+        raise ValueError(f"in_rep/out_rep: a steerable symmetry carries its own field types; leave them at "
+                         f"'trivial', got {in_rep!r}, {out_rep!r}")
+    sym.check_weight(torch.empty(shape, dtype=dtype, device="meta"))
+    return SteerableConfig(sym, resolve_backend(backend, torch.device(device)))
