@@ -27,6 +27,7 @@ from .multi import multi_penalty, plan_for
 from .multi_inputs import collect
 from .groups import get_group, group_name_for_ops
 from .orbits import field_size, orbit_table
+from .steerable import SteerableSymmetry, check_module as steerable_check_module
 
 __all__ = ["Symmetry", "attach_symmetry", "detach_symmetry", "get_symmetry", "attach_symmetries",
            "attach_regular_gcnn", "attached_layers", "model_penalty", "project_", "equivariance_report",
@@ -98,6 +99,14 @@ def attach_symmetry(module: nn.Module, group="C4", in_rep: str = "trivial", out_
     which ``attach_symmetries`` and ``attach_regular_gcnn`` pass), its type and weight shape.
     Returns the stored Symmetry.
     """
+    if isinstance(group, SteerableSymmetry):  # hook: steerable symmetries (Linear, Conv2d, Conv3d; no bias term)
+        try:
+            steerable_check_module(module, group)
+        except (TypeError, ValueError) as err:
+            raise _name_layer(err, module, name) from None
+        sym = Symmetry(group, "trivial", "trivial", backend)
+        setattr(module, _ATTR, sym)
+        return sym
     try:
         _check_module(module)
         group_name = group_name_for_ops(group)
