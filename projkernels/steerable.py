@@ -163,6 +163,8 @@ class SteerableSymmetry:
         s = self.numel // (shape[0] * shape[1])
         cols = []
         for t in self.types:
+            if t.rank == 0:
+                continue
             for o in t.out_fields:
                 for i in t.in_fields:
                     block = torch.zeros(shape[0], shape[1], s, t.rank, dtype=torch.float64)
