@@ -228,59 +228,48 @@ def _orthonormal(b: torch.Tensor) -> torch.Tensor:
 
 
 class TypeLayout(NamedTuple):
+    """One block type on the device (the Triton route's view)."""
     q: torch.Tensor             # [m, r] in the accumulation dtype
-    rows: slice                 # rows of the permuted weight that this type's output fields occupy
-    cols: slice
-    n_out: int
-    n_in: int
-    d_out: int
-    d_in: int
+    n_blocks: int
     base: torch.Tensor          # [n_blocks] int64 offsets of each block's first element in W (row-major)
     elem: torch.Tensor          # [m] int64 offsets of a block's elements relative to its first
 
 
+class GroupLayout(NamedTuple):
+    """Block types of equal block size m, batched for the reference route: type t's blocks are
+    rows of ``index[t]`` (padded with the index of an appended zero), its Q_t is ``q[t]`` (padded
+    with zero columns).  Padding rows and columns contribute exact zeros."""
+    index: torch.Tensor         # [T, n_blocks_max, m] int64 into the flattened weight plus one zero
+    q: torch.Tensor             # [T, m, r_max] in the accumulation dtype
+
+
 class Layout(NamedTuple):
-    out_perm: Optional[torch.Tensor]  # None when the output fields are already grouped by representation
-    in_perm: Optional[torch.Tensor]
-    out_inv: Optional[torch.Tensor]
-    in_inv: Optional[torch.Tensor]
-    s: int
+    numel: int
     types: Tuple[TypeLayout, ...]
-
-
-def _perm(ft, by_name) -> Tuple[List[int], Dict[str, slice]]:
-    sizes = {r.name: r.size for r in ft.representations}
-    perm, spans, start = [], {}, 0
-    for name, offs in by_name.items():
-        for o in offs:
-            perm.extend(range(o, o + sizes[name]))
-        spans[name] = slice(start, start + len(offs) * sizes[name])
-        start += len(offs) * sizes[name]
-    return perm, spans
+    groups: Tuple[GroupLayout, ...]
 
 
 def _layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> Layout:
     c_out, c_in = sym.weight_shape[:2]
     s = sym.numel // (c_out * c_in)
-    out_perm, out_spans = _perm(sym.out_type, _fields(sym.out_type))
-    in_perm, in_spans = _perm(sym.in_type, _fields(sym.in_type))
-
-    def as_index(perm):
-        if perm == list(range(len(perm))):
-            return None, None
-        p = torch.tensor(perm, dtype=torch.long)
-        return p.to(device), torch.argsort(p).to(device)
-    op, oinv = as_index(out_perm)
-    ip, iinv = as_index(in_perm)
-    types = []
+    types, by_m = [], {}
     for t in sym.types:
         base = torch.tensor([(o * c_in + i) * s for o in t.out_fields for i in t.in_fields], dtype=torch.long)
         p, q, k = torch.meshgrid(torch.arange(t.d_out), torch.arange(t.d_in), torch.arange(s), indexing="ij")
         elem = ((p * c_in + q) * s + k).reshape(-1)
-        types.append(TypeLayout(t.q.to(device=device, dtype=acc), out_spans[t.out_name], in_spans[t.in_name],
-                                len(t.out_fields), len(t.in_fields), t.d_out, t.d_in, base.to(device),
-                                elem.to(device)))
-    return Layout(op, ip, oinv, iinv, s, tuple(types))
+        types.append(TypeLayout(t.q.to(device=device, dtype=acc), t.n_blocks, base.to(device), elem.to(device)))
+        by_m.setdefault(t.m, []).append((t, base[:, None] + elem[None, :]))
+    groups = []
+    for m, members in by_m.items():
+        nb = max(t.n_blocks for t, _ in members)
+        r = max(t.rank for t, _ in members)
+        index = torch.full((len(members), nb, m), sym.numel, dtype=torch.long)
+        qs = torch.zeros(len(members), m, r, dtype=torch.float64)
+        for j, (t, idx) in enumerate(members):
+            index[j, :t.n_blocks] = idx
+            qs[j, :, :t.rank] = t.q
+        groups.append(GroupLayout(index.to(device), qs.to(device=device, dtype=acc)))
+    return Layout(sym.numel, tuple(types), tuple(groups))
 
 
 _SYMMETRIES: Dict[tuple, SteerableSymmetry] = {}
@@ -319,54 +308,77 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _permuted(weight: torch.Tensor, lay: Layout, acc: torch.dtype) -> torch.Tensor:
-    w = weight.reshape(weight.shape[0], weight.shape[1], lay.s)
-    if lay.out_perm is not None:
-        w = w.index_select(0, lay.out_perm)
-    if lay.in_perm is not None:
-        w = w.index_select(1, lay.in_perm)
-    return w.to(acc)
+def _flat(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    # the weight flattened, in the accumulation dtype, plus one zero that padding indices point at
+    w = weight.reshape(-1).to(acc)
+    return torch.cat([w, w.new_zeros(1)])
 
 
-def _blocks(wp: torch.Tensor, t: TypeLayout, s: int) -> torch.Tensor:
-    x = wp[t.rows, t.cols]  # [n_out * d_out, n_in * d_in, S]
-    x = x.reshape(t.n_out, t.d_out, t.n_in, t.d_in, s).permute(0, 2, 1, 3, 4)
-    return x.reshape(t.n_out * t.n_in, t.d_out * t.d_in * s)
+def _pieces(wf: torch.Tensor, g: GroupLayout):
+    """(X, C, PX) of one group: the blocks, their coefficients C = X Q_t and projections C Q_t^T."""
+    x = wf[g.index]                      # [T, n_blocks, m]
+    c = torch.bmm(x, g.q)                # [T, n_blocks, r]
+    return x, c, torch.bmm(c, g.q.transpose(1, 2))
+
+
+def _write(lay: Layout, wf: torch.Tensor, a, b, like: torch.Tensor) -> torch.Tensor:
+    """``a (W - P W) + b P W`` shaped and typed like ``like`` (every element written once: the blocks
+    partition W; padding writes land on the extra element, which is dropped)."""
+    out = wf.new_empty(lay.numel + 1)
+    for g in lay.groups:
+        x, _, px = _pieces(wf, g)
+        val = px if a is None else a * (x - px) + b * px
+        out = out.index_put((g.index.reshape(-1),), val.reshape(-1))
+    return out[:-1].reshape(like.shape).to(like.dtype)
+
+
+class _RefPenaltyEnergy(torch.autograd.Function):
+    """Forward: per block the residual's squared norm (never ||W||^2 - ||Q^T W||^2) and ||C||^2.
+    Backward: 2 g_pen (W - P W) + 2 g_eq P W in one write pass, from differentiable ops (so a
+    second derivative is available too)."""
+
+    @staticmethod
+    def forward(ctx, weight, sym):
+        acc = acc_dtype(weight.dtype)
+        lay = sym.layout(weight.device, acc)
+        wf = _flat(weight, acc)
+        pen = eq = None
+        for g in lay.groups:
+            x, c, px = _pieces(wf, g)
+            p, e = (x - px).square().sum(), c.square().sum()
+            pen = p if pen is None else pen + p
+            eq = e if eq is None else eq + e
+        ctx.lay = lay
+        ctx.save_for_backward(weight)
+        return pen, eq
+
+    @staticmethod
+    def backward(ctx, g_pen, g_eq):
+        (weight,) = ctx.saved_tensors
+        acc = acc_dtype(weight.dtype)
+        wf = _flat(weight, acc)
+        return _write(ctx.lay, wf, 2 * g_pen.to(acc), 2 * g_eq.to(acc), weight), None
+
+
+class _RefProject(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, sym):
+        acc = acc_dtype(weight.dtype)
+        ctx.lay, ctx.acc = sym.layout(weight.device, acc), acc
+        return _write(ctx.lay, _flat(weight, acc), None, None, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # P is self-adjoint: the gradient of <G, P W> is P G.
+        return _write(ctx.lay, _flat(grad, ctx.acc), None, None, grad), None
 
 
 def reference_penalty_energy(weight: torch.Tensor, sym: SteerableSymmetry):
-    acc = acc_dtype(weight.dtype)
-    lay = sym.layout(weight.device, acc)
-    wp = _permuted(weight, lay, acc)
-    pen = eq = None
-    for t in lay.types:
-        x = _blocks(wp, t, lay.s)
-        c = x @ t.q
-        r = x - c @ t.q.T  # the residual of every block: the penalty never subtracts two energies
-        p, e = r.square().sum(), c.square().sum()
-        pen = p if pen is None else pen + p
-        eq = e if eq is None else eq + e
-    return pen, eq
+    return _RefPenaltyEnergy.apply(weight, sym)
 
 
 def reference_project(weight: torch.Tensor, sym: SteerableSymmetry) -> torch.Tensor:
-    acc = acc_dtype(weight.dtype)
-    lay = sym.layout(weight.device, acc)
-    wp = _permuted(weight, lay, acc)
-    c_out, c_in = weight.shape[:2]
-    rows: Dict[int, List[torch.Tensor]] = {}
-    for t in lay.types:
-        x = _blocks(wp, t, lay.s)
-        px = (x @ t.q) @ t.q.T
-        px = px.reshape(t.n_out, t.n_in, t.d_out, t.d_in, lay.s).permute(0, 2, 1, 3, 4)
-        rows.setdefault(t.rows.start, []).append(px.reshape(t.n_out * t.d_out, t.n_in * t.d_in, lay.s))
-    # Types are laid out output-group major, input-group minor: concatenating restores the permuted weight.
-    out = torch.cat([torch.cat(cols, 1) for _, cols in sorted(rows.items())], 0)
-    if lay.in_inv is not None:
-        out = out.index_select(1, lay.in_inv)
-    if lay.out_inv is not None:
-        out = out.index_select(0, lay.out_inv)
-    return out.reshape(weight.shape).to(weight.dtype)
+    return _RefProject.apply(weight, sym)
 
 
 # --- dispatch --------------------------------------------------------------------------------------

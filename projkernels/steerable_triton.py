@@ -109,7 +109,7 @@ class _Padded:
             rp = max(16, triton.next_power_of_2(max(r, 1)))
             qp = torch.zeros(m, rp, dtype=acc, device=t.q.device)
             qp[:, :r] = t.q
-            n = t.n_out * t.n_in
+            n = t.n_blocks
             out.append((qp.contiguous(), t.base, t.elem, n, m, rp, launch_block(m)))
         cls.cache[key] = (sym, out)
         return out
