@@ -41,29 +41,32 @@ import common as C  # noqa: E402
 
 
 def layers(small: bool):
-    """name -> (in_type, out_type, kernel_size)."""
+    """name -> (in_type, out_type, kernel_size): each layer at a size where the dense Q fits and at a
+    larger one (where, by default, only its memory is reported)."""
     from escnn import group, gspaces, nn as enn
-    n = 1 if small else 2
     g3 = gspaces.rot3dOnR3()
-    l3 = [g3.irrep(0), g3.irrep(1), g3.irrep(2)] * n
-    go3 = getattr(gspaces, "fullRot3dOnR3", None) or gspaces.flipRot3dOnR3
-    go3 = go3()
-    lo3 = [go3.irrep(0, 0), go3.irrep(1, 1), go3.irrep(0, 2)] * n
+    go3 = (getattr(gspaces, "fullRot3dOnR3", None) or gspaces.flipRot3dOnR3)()
     g2 = gspaces.rot2dOnR2(-1)
-    l2 = [g2.irrep(0), g2.irrep(1), g2.irrep(2), g2.irrep(3)] * (2 if small else 8)
     c4 = gspaces.rot2dOnR2(4)
     so2 = group.so2_group(4)
     g0 = gspaces.no_base_space(so2)
-    l0 = [so2.irrep(k) for k in range(4)] * (4 if small else 32)
-    return {
-        f"SO(3) conv3d k=5, fields (0,1,2)x{n}": (enn.FieldType(g3, l3), enn.FieldType(g3, l3), 5),
-        f"O(3) conv3d k=5, fields (0+,1-,2+)x{n}": (enn.FieldType(go3, lo3), enn.FieldType(go3, lo3), 5),
-        f"SO(2) conv2d k=5, fields (0,1,2,3)x{len(l2) // 4}": (enn.FieldType(g2, l2), enn.FieldType(g2, l2), 5),
-        f"C4 band-limited conv2d k=5, {4 if small else 16} regular fields": (
-            enn.FieldType(c4, [c4.regular_repr] * (4 if small else 16)),
-            enn.FieldType(c4, [c4.regular_repr] * (4 if small else 16)), 5),
-        f"SO(2) Linear, fields (0,1,2,3)x{len(l0) // 4}": (enn.FieldType(g0, l0), enn.FieldType(g0, l0), None),
-    }
+    out = {}
+    for n in ((1,) if small else (2, 4)):
+        t = [g3.irrep(0), g3.irrep(1), g3.irrep(2)] * n
+        out[f"SO(3) conv3d k=5, fields (0,1,2)x{n}"] = (enn.FieldType(g3, t), enn.FieldType(g3, t), 5)
+    for n in ((1,) if small else (2,)):
+        t = [go3.irrep(0, 0), go3.irrep(1, 1), go3.irrep(0, 2)] * n
+        out[f"O(3) conv3d k=5, fields (0+,1-,2+)x{n}"] = (enn.FieldType(go3, t), enn.FieldType(go3, t), 5)
+    for n in ((2,) if small else (4, 8)):
+        t = [g2.irrep(0), g2.irrep(1), g2.irrep(2), g2.irrep(3)] * n
+        out[f"SO(2) conv2d k=5, fields (0,1,2,3)x{n}"] = (enn.FieldType(g2, t), enn.FieldType(g2, t), 5)
+    for n in ((4,) if small else (8, 16)):
+        t = [c4.regular_repr] * n
+        out[f"C4 band-limited conv2d k=5, {n} regular fields"] = (enn.FieldType(c4, t), enn.FieldType(c4, t), 5)
+    for n in ((4,) if small else (16, 32)):
+        t = [so2.irrep(k) for k in range(4)] * n
+        out[f"SO(2) Linear, fields (0,1,2,3)x{n}"] = (enn.FieldType(g0, t), enn.FieldType(g0, t), None)
+    return out
 
 
 def _dense_fn(w, q):
@@ -107,7 +110,7 @@ def main(argv=None) -> List[Dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--small", action="store_true", help="tiny sizes (a smoke run)")
-    ap.add_argument("--max-dense-mb", type=float, default=1024.0, help="skip the dense route above this size")
+    ap.add_argument("--max-dense-mb", type=float, default=512.0, help="skip the dense route above this size (MB)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
