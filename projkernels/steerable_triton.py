@@ -1,10 +1,11 @@
 """The Triton route of steerable symmetries (projkernels/steerable.py).
 
-One launch per block type t.  A program takes ``BB`` consecutive blocks of that type, gathers them
-straight from the weight as a ``[BB, MP]`` tile (``MP`` = m rounded up to a power of two; each
-block's elements sit at ``base[b] + elem[e]``), loads Q_t (``[MP, RP]``, zero-padded) once, and
-computes the coefficients ``C = X Q_t``, the projection ``PX = C Q_t^T`` and the residual
-``R = X - PX`` on chip.  The forward pass writes one (penalty, energy) pair of partial sums per
+One launch per block type t.  A program takes ``BB`` consecutive blocks of that type and gathers
+them straight from the weight (each block's elements sit at ``base[b] + elem[e]``) in steps of
+``MC`` elements, so tiles stay small for any block size m (m reaches thousands for 3-D kernels).
+A first loop accumulates the coefficients ``C = X Q_t`` ([BB, RP], on chip); a second loop
+re-reads each step of X with the matching rows of Q_t (zero-padded to ``RP`` columns) and forms
+the projection ``PX = C Q_t^T`` and the residual ``R = X - PX``.  The forward pass writes one (penalty, energy) pair of partial sums per
 program (``sum R^2``, ``sum C^2``); PyTorch adds the partials in a fixed order, so the result does
 not depend on scheduling.  The write pass stores ``a R + b PX`` at the same addresses: ``a = 0,
 b = 1`` is the projection, ``a = 2 g_pen, b = 2 g_eq`` the gradient.  Blocks partition the weight,
@@ -28,7 +29,8 @@ from .steerable import SteerableSymmetry, acc_dtype
 
 __all__ = ["penalty_energy", "project", "why_unavailable", "launch_block"]
 
-_TILE = 8192  # values of X per program: BB * MP
+_BB = 32   # blocks per program
+_MC = 64   # block elements per step of the loop over m: tiles stay small for any block size
 
 
 def why_unavailable(device) -> Optional[str]:
@@ -43,20 +45,18 @@ def why_unavailable(device) -> Optional[str]:
     return f"Triton kernels run on CUDA tensors only, not on {device.type!r} tensors"
 
 
-def launch_block(m: int) -> int:
-    """Blocks per program for block size m: a function of the problem only (fixed summation order)."""
-    mp = max(16, triton.next_power_of_2(m))
-    return max(16, min(128, _TILE // mp))
+def launch_block(m: int):
+    """(blocks per program, elements per step) for block size m: a function of the problem only, so
+    the order of the additions is fixed."""
+    return _BB, max(16, min(_MC, triton.next_power_of_2(m)))
 
 
 @triton.jit
-def _tile(w_ptr, base_ptr, elem_ptr, q_ptr, pid, n_blocks, m,
-          BB: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr, F64: tl.constexpr):
-    rows = pid * BB + tl.arange(0, BB)
-    rmask = rows < n_blocks
-    e = tl.arange(0, MP)
+def _chunk(w_ptr, base, rmask, elem_ptr, q_ptr, k0, m, MC: tl.constexpr, RP: tl.constexpr, F64: tl.constexpr):
+    """Elements k0 .. k0+MC of the program's blocks ([BB, MC], accumulation dtype), Q_t's rows for
+    them ([MC, RP]) and their addresses."""
+    e = k0 + tl.arange(0, MC)
     emask = e < m
-    base = tl.load(base_ptr + rows, mask=rmask, other=0)
     elem = tl.load(elem_ptr + e, mask=emask, other=0)
     addr = base[:, None] + elem[None, :]
     mask = rmask[:, None] & emask[None, :]
@@ -66,30 +66,58 @@ def _tile(w_ptr, base_ptr, elem_ptr, q_ptr, pid, n_blocks, m,
     else:
         x = x.to(tl.float32)
     q = tl.load(q_ptr + e[:, None] * RP + tl.arange(0, RP)[None, :], mask=emask[:, None], other=0.0)
-    c = tl.dot(x, q, input_precision="ieee")
-    px = tl.dot(c, tl.trans(q), input_precision="ieee")
-    return x, c, px, addr, mask
+    return x, q, addr, mask
+
+
+@triton.jit
+def _coefficients(w_ptr, base, rmask, elem_ptr, q_ptr, m,
+                  BB: tl.constexpr, MC: tl.constexpr, RP: tl.constexpr, F64: tl.constexpr):
+    """C = X Q_t for the program's blocks ([BB, RP]): the first pass over the blocks."""
+    if F64:
+        c = tl.zeros((BB, RP), dtype=tl.float64)
+    else:
+        c = tl.zeros((BB, RP), dtype=tl.float32)
+    for k0 in range(0, m, MC):
+        x, q, addr, mask = _chunk(w_ptr, base, rmask, elem_ptr, q_ptr, k0, m, MC, RP, F64)
+        c += tl.dot(x, q, input_precision="ieee")
+    return c
 
 
 @triton.jit
 def _forward_kernel(w_ptr, base_ptr, elem_ptr, q_ptr, part_ptr, n_blocks, m,
-                    BB: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr, F64: tl.constexpr):
+                    BB: tl.constexpr, MC: tl.constexpr, RP: tl.constexpr, F64: tl.constexpr):
     pid = tl.program_id(0)
-    x, c, px, addr, mask = _tile(w_ptr, base_ptr, elem_ptr, q_ptr, pid, n_blocks, m, BB, MP, RP, F64)
-    r = x - px  # the residual of each block; padded rows and columns are exact zeros
-    tl.store(part_ptr + 2 * pid, tl.sum(tl.sum(r * r, axis=1), axis=0))
+    rows = pid * BB + tl.arange(0, BB)
+    rmask = rows < n_blocks
+    base = tl.load(base_ptr + rows, mask=rmask, other=0)
+    c = _coefficients(w_ptr, base, rmask, elem_ptr, q_ptr, m, BB, MC, RP, F64)
+    if F64:
+        acc = tl.zeros((BB, MC), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BB, MC), dtype=tl.float32)
+    for k0 in range(0, m, MC):
+        x, q, addr, mask = _chunk(w_ptr, base, rmask, elem_ptr, q_ptr, k0, m, MC, RP, F64)
+        r = x - tl.dot(c, tl.trans(q), input_precision="ieee")  # the residual; padding gives exact zeros
+        acc += r * r
+    tl.store(part_ptr + 2 * pid, tl.sum(tl.sum(acc, axis=1), axis=0))
     tl.store(part_ptr + 2 * pid + 1, tl.sum(tl.sum(c * c, axis=1), axis=0))
 
 
 @triton.jit
 def _write_kernel(w_ptr, base_ptr, elem_ptr, q_ptr, out_ptr, ab_ptr, n_blocks, m,
-                  BB: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr, F64: tl.constexpr):
+                  BB: tl.constexpr, MC: tl.constexpr, RP: tl.constexpr, F64: tl.constexpr):
     pid = tl.program_id(0)
-    x, c, px, addr, mask = _tile(w_ptr, base_ptr, elem_ptr, q_ptr, pid, n_blocks, m, BB, MP, RP, F64)
+    rows = pid * BB + tl.arange(0, BB)
+    rmask = rows < n_blocks
+    base = tl.load(base_ptr + rows, mask=rmask, other=0)
+    c = _coefficients(w_ptr, base, rmask, elem_ptr, q_ptr, m, BB, MC, RP, F64)
     a = tl.load(ab_ptr)
     b = tl.load(ab_ptr + 1)
-    val = a * (x - px) + b * px
-    tl.store(out_ptr + addr, val.to(out_ptr.dtype.element_ty), mask=mask)
+    for k0 in range(0, m, MC):
+        x, q, addr, mask = _chunk(w_ptr, base, rmask, elem_ptr, q_ptr, k0, m, MC, RP, F64)
+        px = tl.dot(c, tl.trans(q), input_precision="ieee")
+        val = a * (x - px) + b * px
+        tl.store(out_ptr + addr, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 class _Padded:
@@ -110,7 +138,8 @@ class _Padded:
             qp = torch.zeros(m, rp, dtype=acc, device=t.q.device)
             qp[:, :r] = t.q
             n = t.n_blocks
-            out.append((qp.contiguous(), t.base, t.elem, n, m, rp, launch_block(m)))
+            bb, mc = launch_block(m)
+            out.append((qp.contiguous(), t.base, t.elem, n, m, rp, bb, mc))
         cls.cache[key] = (sym, out)
         return out
 
@@ -119,13 +148,12 @@ def _forward(w: torch.Tensor, sym: SteerableSymmetry):
     acc = acc_dtype(w.dtype)
     w = w.contiguous()
     parts = []
-    for qp, base, elem, n, m, rp, bb in _Padded.get(sym, w.device, acc):
+    for qp, base, elem, n, m, rp, bb, mc in _Padded.get(sym, w.device, acc):
         if n == 0:
             continue
         grid = triton.cdiv(n, bb)
         part = torch.empty(grid, 2, dtype=acc, device=w.device)
-        _forward_kernel[(grid,)](w, base, elem, qp, part, n, m, BB=bb, MP=max(16, triton.next_power_of_2(m)),
-                                 RP=rp, F64=acc == torch.float64)
+        _forward_kernel[(grid,)](w, base, elem, qp, part, n, m, BB=bb, MC=mc, RP=rp, F64=acc == torch.float64)
         parts.append(part)
     total = torch.cat(parts).sum(0)  # partials added by PyTorch in a fixed order
     return total[0], total[1]
@@ -136,11 +164,11 @@ def _write(w: torch.Tensor, sym: SteerableSymmetry, ab: torch.Tensor, out_dtype:
     w = w.contiguous()
     out = torch.empty(w.shape, dtype=out_dtype, device=w.device)
     ab = ab.to(device=w.device, dtype=acc).contiguous()
-    for qp, base, elem, n, m, rp, bb in _Padded.get(sym, w.device, acc):
+    for qp, base, elem, n, m, rp, bb, mc in _Padded.get(sym, w.device, acc):
         if n == 0:
             continue
-        _write_kernel[(triton.cdiv(n, bb),)](w, base, elem, qp, out, ab, n, m, BB=bb,
-                                             MP=max(16, triton.next_power_of_2(m)), RP=rp, F64=acc == torch.float64)
+        _write_kernel[(triton.cdiv(n, bb),)](w, base, elem, qp, out, ab, n, m, BB=bb, MC=mc, RP=rp,
+                                             F64=acc == torch.float64)
     return out
 
 
