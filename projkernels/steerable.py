@@ -29,7 +29,6 @@ program per tile of blocks of one type, Q_t loaded once per program; projkernels
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -122,7 +121,8 @@ class SteerableSymmetry:
         self.types = _block_types(module, in_type, out_type)
         self.dim = sum(t.n_blocks * t.rank for t in self.types)
         self._device_cache: Dict[tuple, object] = {}
-        self._lock = threading.Lock()
+        for acc in (torch.float32, torch.float64):
+            self.layout("cpu", acc)
 
     def __repr__(self) -> str:
         ks = "" if self.kernel_size is None else f", kernel_size={self.kernel_size}"
@@ -149,11 +149,11 @@ class SteerableSymmetry:
         key = (torch.device(device), acc)
         lay = self._device_cache.get(key)
         if lay is None:
-            with self._lock:
-                lay = self._device_cache.get(key)
-                if lay is None:
-                    lay = _layout(self, key[0], acc)
-                    self._device_cache[key] = lay
+            # No lock: two threads racing here build equal layouts, and a lock would stop torch.compile.
+            # Under torch.compile the build runs eagerly (a graph break) so that the cached tensors are
+            # real; CPU layouts are built with the symmetry and a device's on the API's first call.
+            build = torch.compiler.disable(_layout) if torch.compiler.is_compiling() else _layout
+            lay = self._device_cache[key] = build(self, key[0], acc)
         return lay
 
     def dense_basis(self) -> torch.Tensor:
@@ -448,7 +448,9 @@ def config(weight, sym: SteerableSymmetry, in_rep, out_rep, backend) -> Steerabl
         raise ValueError(f"in_rep/out_rep: a steerable symmetry carries its own field types; leave them at "
                          f"'trivial', got {in_rep!r}, {out_rep!r}")
     sym.check_weight(weight)
-    return SteerableConfig(sym, resolve_backend(backend, weight.device))
+    cfg = SteerableConfig(sym, resolve_backend(backend, weight.device))
+    sym.layout(weight.device, acc_dtype(weight.dtype))  # on the device now, not inside the first op
+    return cfg
 
 
 # --- whole models ---------------------------------------------------------------------------------

@@ -318,3 +318,30 @@ def test_errors_name_the_argument():
         pk.attach_symmetry(torch.nn.Linear(4, 7), sym)
     with pytest.raises(NotImplementedError, match="spectrum"):
         pk.spectrum(_random(sym), sym)
+
+
+def test_compiles_in_one_graph():
+    sym, _ = case("o2_conv2d")
+    w = _random(sym, seed=14).requires_grad_()
+    f = torch.compile(lambda x: pk.projected_penalty(x, sym) + pk.project(x, sym).square().sum(),
+                      fullgraph=True, backend="eager")
+    got = f(w)
+    want = pk.projected_penalty(w, sym) + pk.project(w, sym).square().sum()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
+    g1, = torch.autograd.grad(got, w)
+    g2, = torch.autograd.grad(want, w)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_without_escnn_the_error_says_what_to_install(monkeypatch):
+    import builtins
+    from projkernels.steerable import _escnn
+    real = builtins.__import__
+
+    def no_escnn(name, *args, **kwargs):
+        if name == "escnn" or name.startswith("escnn."):
+            raise ImportError("No module named 'escnn'")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_escnn)
+    with pytest.raises(ImportError, match=r"pip install projkernels\[escnn\]"):
+        _escnn()
