@@ -368,8 +368,12 @@ def equivariance_report(model: nn.Module) -> List[dict]:
     rows = []
     for name, module, sym in attached_layers(model):
         w = module.weight.detach()
-        pen, _ = penalty_and_energy(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
-        spec = spectrum(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
+        pen, eq = penalty_and_energy(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
+        if isinstance(sym.group, SteerableSymmetry):  # hook: no isotypic spectrum; the two energies instead
+            names, spec = ("equivariant", "non-equivariant"), (eq, pen)
+        else:
+            names = get_group(sym.group).irrep_names
+            spec = spectrum(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
         norm = float(w.double().norm())
         b = _bias_fields(module, sym)
         bias_rel = None
@@ -381,7 +385,7 @@ def equivariance_report(model: nn.Module) -> List[dict]:
             "in_rep": sym.in_rep, "out_rep": sym.out_rep, "shape": list(w.shape), "weight_norm": norm,
             "penalty": float(pen), "relative": (float(pen) ** 0.5 / norm) if norm > 0 else 0.0,
             "bias_relative": bias_rel,
-            "spectrum": dict(zip(get_group(sym.group).irrep_names, (float(v) for v in spec))),
+            "spectrum": dict(zip(names, (float(v) for v in spec))),
         })
     return rows
 

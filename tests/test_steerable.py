@@ -345,3 +345,14 @@ def test_without_escnn_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_escnn)
     with pytest.raises(ImportError, match=r"pip install projkernels\[escnn\]"):
         _escnn()
+
+
+def test_equivariance_report_lists_steerable_layers():
+    sym, _ = case("so2_linear")
+    lin = torch.nn.Linear(7, 7, bias=False).double()
+    pk.attach_symmetry(lin, sym)
+    (row,) = pk.equivariance_report(torch.nn.Sequential(lin))
+    pen = float(pk.projected_penalty(lin.weight.detach(), sym))
+    assert row["penalty"] == pytest.approx(pen, rel=1e-12)
+    assert sum(row["spectrum"].values()) == pytest.approx(float(lin.weight.detach().square().sum()), rel=1e-12)
+    assert "SO(2)" in pk.format_report([row])
