@@ -15,6 +15,8 @@ regular conv2d, an SO(2) Linear) it times forward + backward of the penalty, flo
 - eager block loop: a Python loop over every (output field, input field) block, each projected by
   its Q_t: the same arithmetic as ours, one small op per block.
 
+A last column times the finite-group penalty (C4 group average, regular -> regular, backend
+"auto") of a Conv2d weight of about the same size, the cost the steerable route is measured against.
 It reports times, ratios and memory (the dense Q against the Q_t of all block types).  ``main()``
 prints the table and returns the rows.
 """
@@ -98,6 +100,14 @@ def _loop_fn(w, sym):
     return run
 
 
+def _finite_fn(w):
+    def run():
+        pen, eq = pk.penalty_and_energy(w, "C4", "regular", "regular")
+        pen.backward()
+        w.grad = None
+    return run
+
+
 def _ours_fn(w, sym, backend):
     def run():
         pen, eq = pk.penalty_and_energy(w, sym, backend=backend)
@@ -134,6 +144,12 @@ def main(argv=None) -> List[Dict]:
             del q
         else:
             row["dense_s"] = None
+        # the finite-group penalty (C4 group average, regular -> regular 5x5) of a weight of about
+        # the same size: what the steerable route should cost within a small factor of
+        c = max(4, 4 * round((sym.numel / 25) ** 0.5 / 4))
+        wf = torch.randn(c, c, 5, 5, device=device).requires_grad_()
+        row["finite_shape"] = f"{c}x{c}x5x5"
+        row["finite_s"] = C.time_call(_finite_fn(wf), device)
         rows.append(row)
     info = C.device_info(device)
     print(f"Machine: {info['name']}, {info.get('cores', '?')} cores visible, {info['threads']} thread(s) used; "
@@ -141,14 +157,15 @@ def main(argv=None) -> List[Dict]:
           f"device {device}")
     print()
     print("| layer | weight | N | D | Q dense (MB) | Q_t (KB) | memory ratio | ours fwd+bwd (ms) | dense Q (ms) | "
-          "dense / ours | block loop (ms) | loop / ours |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "dense / ours | block loop (ms) | loop / ours | C4 group average, same size (ms) | ours / C4 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         dense = "skipped" if r["dense_s"] is None else f"{r['dense_s'] * 1e3:.2f}"
         dratio = "-" if r["dense_s"] is None else f"{r['dense_s'] / r['ours_s']:.1f}x"
         print(f"| {r['layer']} | {r['shape']} | {r['N']} | {r['D']} | {r['dense_bytes'] / 2 ** 20:.1f} | "
               f"{r['qt_bytes'] / 2 ** 10:.1f} | {r['qt_bytes'] / r['dense_bytes']:.2e} | {r['ours_s'] * 1e3:.3f} | "
-              f"{dense} | {dratio} | {r['loop_s'] * 1e3:.2f} | {r['loop_s'] / r['ours_s']:.1f}x |")
+              f"{dense} | {dratio} | {r['loop_s'] * 1e3:.2f} | {r['loop_s'] / r['ours_s']:.1f}x | "
+              f"{r['finite_s'] * 1e3:.3f} ({r['finite_shape']}) | {r['ours_s'] / r['finite_s']:.1f}x |")
     return rows
 
 
