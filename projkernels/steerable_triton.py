@@ -189,16 +189,28 @@ class _PenaltyEnergy(torch.autograd.Function):
         return _write(w, ctx.sym, ab, w.dtype), None
 
 
+_PROJECT_AB = {}
+
+
+def _project_ab(device, dtype) -> torch.Tensor:
+    # (a, b) = (0, 1) resident on the device: no host-to-device copy per call
+    key = (torch.device(device), dtype)
+    ab = _PROJECT_AB.get(key)
+    if ab is None:
+        ab = _PROJECT_AB[key] = torch.tensor([0.0, 1.0], dtype=dtype, device=device)
+    return ab
+
+
 class _Project(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, sym):
         ctx.sym = sym
-        return _write(w, sym, torch.tensor([0.0, 1.0]), w.dtype)
+        return _write(w, sym, _project_ab(w.device, acc_dtype(w.dtype)), w.dtype)
 
     @staticmethod
     def backward(ctx, g):
         # P is self-adjoint: the gradient of <G, P W> is P G.
-        return _write(g, ctx.sym, torch.tensor([0.0, 1.0]), g.dtype), None
+        return _write(g, ctx.sym, _project_ab(g.device, acc_dtype(g.dtype)), g.dtype), None
 
 
 def penalty_energy(w, sym, _geometry=None):

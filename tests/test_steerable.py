@@ -360,3 +360,12 @@ def test_equivariance_report_lists_steerable_layers():
     assert row["penalty"] == pytest.approx(pen, rel=1e-12)
     assert sum(row["spectrum"].values()) == pytest.approx(float(lin.weight.detach().square().sum()), rel=1e-12)
     assert "SO(2)" in pk.format_report([row])
+
+
+def test_multi_penalty_under_compile_takes_steerable_items():
+    sym, _ = case("o2_conv2d")
+    w = _random(sym, seed=15)
+    v = torch.randn(8, 8, 3, 3, dtype=torch.float64)
+    items = [(w, sym, "trivial", "trivial"), (v, "C4", "regular", "regular")]
+    got = torch.compile(lambda: pk.multi_penalty(items)[2], backend="eager")()
+    torch.testing.assert_close(got, pk.multi_penalty(items)[2], rtol=1e-12, atol=0)
