@@ -132,6 +132,17 @@ class SteerableSymmetry:
 
     __str__ = __repr__
 
+    # Immutable: copies of a model share it (and so the configuration caches and device layouts).
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        raise TypeError("a steerable symmetry cannot be pickled (escnn's field types do not pickle); save the "
+                        "model's state_dict, which never holds symmetries, and attach them again after loading")
+
     @property
     def name(self) -> str:
         return repr(self)

@@ -369,3 +369,14 @@ def test_multi_penalty_under_compile_takes_steerable_items():
     items = [(w, sym, "trivial", "trivial"), (v, "C4", "regular", "regular")]
     got = torch.compile(lambda: pk.multi_penalty(items)[2], backend="eager")()
     torch.testing.assert_close(got, pk.multi_penalty(items)[2], rtol=1e-12, atol=0)
+
+
+def test_copies_of_a_model_share_the_symmetry_and_pickling_says_why_not():
+    import copy
+    import pickle
+    sym, _ = case("so2_linear")
+    lin = torch.nn.Linear(7, 7, bias=False)
+    pk.attach_symmetry(lin, sym)
+    assert pk.get_symmetry(copy.deepcopy(lin)).group is sym
+    with pytest.raises(TypeError, match="state_dict"):
+        pickle.dumps(lin)
