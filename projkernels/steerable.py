@@ -23,7 +23,8 @@ Weight layout: ``nn.Linear`` ``[out_type.size, in_type.size]``, ``nn.Conv2d``
 ``[out_type.size, in_type.size, k, k]``, ``nn.Conv3d`` ``[out_type.size, in_type.size, k, k, k]``:
 the layout of escnn's expanded filter (fields occupy consecutive channels, in field-type order).
 
-Backends: "reference" (batched matmuls in PyTorch, autograd through them) and "triton" (one
+Backends: "reference" (block types of equal size batched: one gather, two batched matmuls; the
+backward is one write pass from the forward's P W) and "triton" (one
 program per tile of blocks of one type, Q_t loaded once per program; projkernels/steerable_triton.py).
 "auto" picks Triton on CUDA when it is available and the reference route otherwise.
 """
@@ -464,12 +465,19 @@ def _no_spectrum(weight, sym, _geometry):
 
 def config(weight, sym: SteerableSymmetry, in_rep, out_rep, backend) -> SteerableConfig:
     """Validate a call with a steerable symmetry (the API's slow path)."""
+    sym.check_weight(weight)
+    return _config_on(weight.shape, weight.dtype, weight.device, sym, in_rep, out_rep, backend)
+
+
+def _config_on(shape, dtype, device, sym, in_rep, out_rep, backend) -> SteerableConfig:
+    """A configuration from the weight's shape, dtype and device (no tensor data)."""
     if in_rep != "trivial" or out_rep != "trivial":
         raise ValueError(f"in_rep/out_rep: a steerable symmetry carries its own field types; leave them at "
                          f"'trivial', got {in_rep!r}, {out_rep!r}")
-    sym.check_weight(weight)
-    cfg = SteerableConfig(sym, resolve_backend(backend, weight.device))
-    sym.layout(weight.device, acc_dtype(weight.dtype))  # on the device now, not inside the first op
+    sym.check_weight(torch.empty(shape, dtype=dtype, device="meta"))
+    device = torch.device(device)
+    cfg = SteerableConfig(sym, resolve_backend(backend, device))
+    sym.layout(device, acc_dtype(dtype))  # on the device now, not inside the first op
     return cfg
 
 
@@ -531,11 +539,3 @@ class MixedPlan:
         pen = torch.stack(pens).index_select(0, inv)
         eq = torch.stack(eqs).index_select(0, inv)
         return pen.sum(), eq.sum(), pen, eq
-
-
-def _config_on(shape, dtype, device, sym, in_rep, out_rep, backend) -> SteerableConfig:
-    if in_rep != "trivial" or out_rep != "trivial":
-        raise ValueError(f"in_rep/out_rep: a steerable symmetry carries its own field types; leave them at "
-                         f"'trivial', got {in_rep!r}, {out_rep!r}")
-    sym.check_weight(torch.empty(shape, dtype=dtype, device="meta"))
-    return SteerableConfig(sym, resolve_backend(backend, torch.device(device)))
