@@ -116,11 +116,21 @@ def _ours_fn(w, sym, backend):
     return run
 
 
+def _ms(t) -> str:
+    return "skipped" if t is None else f"{t * 1e3:.2f}"
+
+
+def _ratio(a, b) -> str:
+    return "-" if a is None else f"{a / b:.1f}x"
+
+
 def main(argv=None) -> List[Dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--small", action="store_true", help="tiny sizes (a smoke run)")
     ap.add_argument("--max-dense-mb", type=float, default=512.0, help="skip the dense route above this size (MB)")
+    ap.add_argument("--max-loop-blocks", type=int, default=1 << 30,
+                    help="skip the eager block loop for layers with more blocks than this")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -137,7 +147,9 @@ def main(argv=None) -> List[Dict]:
                "setup_s": setup, "qt_bytes": qt_bytes, "dense_bytes": dense_bytes}
         backend = "triton" if device.type == "cuda" else "reference"
         row["ours_s"] = C.time_call(_ours_fn(w, sym, backend), device)
-        row["loop_s"] = C.time_call(_loop_fn(w, sym), device, max_reps=5, min_reps=2)
+        blocks = sum(t.n_blocks for t in sym.types)
+        row["loop_s"] = (C.time_call(_loop_fn(w, sym), device, max_reps=5, min_reps=2)
+                         if blocks <= args.max_loop_blocks else None)
         if dense_bytes <= args.max_dense_mb * 2 ** 20:
             q = sym.dense_basis().to(device=device, dtype=torch.float32)
             row["dense_s"] = C.time_call(_dense_fn(w, q), device, max_reps=10, min_reps=3)
@@ -164,7 +176,7 @@ def main(argv=None) -> List[Dict]:
         dratio = "-" if r["dense_s"] is None else f"{r['dense_s'] / r['ours_s']:.1f}x"
         print(f"| {r['layer']} | {r['shape']} | {r['N']} | {r['D']} | {r['dense_bytes'] / 2 ** 20:.1f} | "
               f"{r['qt_bytes'] / 2 ** 10:.1f} | {r['qt_bytes'] / r['dense_bytes']:.2e} | {r['ours_s'] * 1e3:.3f} | "
-              f"{dense} | {dratio} | {r['loop_s'] * 1e3:.2f} | {r['loop_s'] / r['ours_s']:.1f}x | "
+              f"{dense} | {dratio} | {_ms(r['loop_s'])} | {_ratio(r['loop_s'], r['ours_s'])} | "
               f"{r['finite_s'] * 1e3:.3f} ({r['finite_shape']}) | {r['ours_s'] / r['finite_s']:.1f}x |")
     return rows
 
