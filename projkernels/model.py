@@ -101,7 +101,7 @@ def attach_symmetry(module: nn.Module, group="C4", in_rep: str = "trivial", out_
     """
     if isinstance(group, SteerableSymmetry):  # hook: steerable symmetries (Linear, Conv2d, Conv3d; no bias term)
         try:
-            steerable_check_module(module, group)
+            steerable_check_module(module, group, backend)
         except (TypeError, ValueError) as err:
             raise _name_layer(err, module, name) from None
         sym = Symmetry(group, "trivial", "trivial", backend)

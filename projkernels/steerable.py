@@ -487,9 +487,10 @@ def module_kind(sym: SteerableSymmetry) -> str:
     return {0: "nn.Linear", 2: "nn.Conv2d", 3: "nn.Conv3d"}[sym.spatial_dims]
 
 
-def check_module(module, sym: SteerableSymmetry) -> None:
-    """``attach_symmetry``'s check of a layer against a steerable symmetry."""
+def check_module(module, sym: SteerableSymmetry, backend: str = "auto") -> None:
+    """``attach_symmetry``'s check of a layer (and backend) against a steerable symmetry."""
     from torch import nn
+    check_backend(backend)
     layer = {0: nn.Linear, 2: nn.Conv2d, 3: nn.Conv3d}[sym.spatial_dims]
     if not isinstance(module, layer):
         raise TypeError(f"module: this steerable symmetry describes an {module_kind(sym)} weight, got "

@@ -320,6 +320,8 @@ def test_errors_name_the_argument():
         pk.steerable("C4", fo, 3)
     with pytest.raises(TypeError, match="Conv2d weight, got Linear"):
         pk.attach_symmetry(torch.nn.Linear(4, 7), sym)
+    with pytest.raises(ValueError, match="backend: 'cuda' does not serve"):
+        pk.attach_symmetry(torch.nn.Conv2d(4, 7, 5), sym, backend="cuda")
     with pytest.raises(NotImplementedError, match="spectrum"):
         pk.spectrum(_random(sym), sym)
 
