@@ -40,6 +40,11 @@ def _types(name):
         gs = gspaces.rot2dOnR2(-1)
         return (enn.FieldType(gs, [gs.irrep(0), gs.irrep(1), gs.irrep(0)]),
                 enn.FieldType(gs, [gs.irrep(1), gs.irrep(2), gs.irrep(0), gs.irrep(1)]), 5)
+    if name == "so2_conv2d_uneven":
+        # fields of one representation at unevenly spaced channels (the index route, not strided views)
+        gs = gspaces.rot2dOnR2(-1)
+        return (enn.FieldType(gs, [gs.irrep(0), gs.irrep(1), gs.irrep(1), gs.irrep(0), gs.irrep(0)]),
+                enn.FieldType(gs, [gs.irrep(1), gs.irrep(0), gs.irrep(0), gs.irrep(2), gs.irrep(1)]), 3)
     if name == "o2_conv2d":
         gs = gspaces.flipRot2dOnR2(-1)
         return (enn.FieldType(gs, [gs.irrep(0, 0), gs.irrep(1, 1)]),
@@ -76,7 +81,7 @@ def _types(name):
     raise KeyError(name)
 
 
-CASES = ["so2_conv2d", "o2_conv2d", "so3_conv3d", "o3_conv3d", "c4_regular_conv2d", "d4_regular_conv2d",
+CASES = ["so2_conv2d", "so2_conv2d_uneven", "o2_conv2d", "so3_conv3d", "o3_conv3d", "c4_regular_conv2d", "d4_regular_conv2d",
          "so2_linear", "o2_linear", "so3_linear"]
 
 
@@ -190,7 +195,7 @@ def _triton_or_skip():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["so2_conv2d", "c4_regular_conv2d", "so3_linear", "o3_conv3d"])
+@pytest.mark.parametrize("name", ["so2_conv2d", "so2_conv2d_uneven", "c4_regular_conv2d", "so3_linear", "o3_conv3d"])
 def test_triton_agrees_with_reference(name, dtype):
     device = _triton_or_skip()
     sym, _ = case(name)
@@ -382,3 +387,22 @@ def test_copies_of_a_model_share_the_symmetry_and_pickling_says_why_not():
     assert pk.get_symmetry(copy.deepcopy(lin)).group is sym
     with pytest.raises(TypeError, match="state_dict"):
         pickle.dumps(lin)
+
+
+@pytest.mark.parametrize("name", ["so2_conv2d", "so2_conv2d_uneven"])
+def test_weights_that_are_views_of_a_larger_buffer(name):
+    # a weight with a storage offset (a slice of a flat parameter buffer) and a non-contiguous one
+    sym, _ = case(name)
+    w = _random(sym, seed=16)
+    buf = torch.zeros(w.numel() + 5, dtype=torch.float64)
+    buf[5:] = w.reshape(-1)
+    view = buf[5:].view(w.shape).requires_grad_()
+    pen, eq = pk.penalty_and_energy(view, sym)
+    want_pen, want_eq = pk.penalty_and_energy(w, sym)
+    assert float(pen.detach()) == pytest.approx(float(want_pen), rel=1e-13)
+    g, = torch.autograd.grad(pen, view)
+    torch.testing.assert_close(g, 2 * (w - pk.project(w, sym)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(pk.project(view.detach(), sym), pk.project(w, sym), rtol=0, atol=0)
+    wt = w.transpose(0, 1).contiguous().transpose(0, 1)  # same values, not contiguous
+    assert not wt.is_contiguous()
+    assert float(pk.projected_penalty(wt, sym)) == pytest.approx(float(want_pen), rel=1e-13)
