@@ -249,14 +249,13 @@ class TypeLayout(NamedTuple):
 
 
 class Member(NamedTuple):
-    """Where one block type's blocks sit in W, for the reference route's gather and scatter: a strided
-    view ``[n_out, n_in, d_out, d_in, S]`` of the flattened weight when its fields' channel offsets
-    are evenly spaced (the usual case: one field type, or a repeated pattern of types), else an
-    index tensor (one strided copy is several times faster than an index gather on a CPU)."""
+    """Where one block type's blocks sit in W, for the reference route: when its fields' channel
+    offsets are evenly spaced (the usual case: one field type, or a repeated pattern of types), a
+    view ``[n_out, n_in, d_out, d_in, S]`` of W made of two unfolds (one strided copy is several
+    times faster than an index gather on a CPU); otherwise the group's index serves it."""
     n_blocks: int
     view: Tuple[int, ...]               # (n_out, n_in, d_out, d_in, S)
     strided: Optional[Tuple[int, int, int, int]]  # (first out channel, out spacing, first in channel, in spacing)
-    index: Optional[torch.Tensor]       # [n_blocks * m] int64, when not strided
 
 
 class GroupLayout(NamedTuple):
@@ -268,6 +267,8 @@ class GroupLayout(NamedTuple):
     m: int
     padded: bool
     q: torch.Tensor                     # [T, m, r_max] in the accumulation dtype
+    index: Optional[torch.Tensor]       # [T * n_blocks_max * m] into W flattened plus one zero (padding
+                                        # points there): one gather for a small group of many types
 
 
 class Layout(NamedTuple):
@@ -275,6 +276,10 @@ class Layout(NamedTuple):
     numel: int
     types: Tuple[TypeLayout, ...]
     groups: Tuple[GroupLayout, ...]
+    flat: bool                          # some group gathers through an index
+
+
+_SMALL_GROUP = 1 << 16  # elements: below this a group is gathered with one index op
 
 
 def _spacing(offsets: Tuple[int, ...]) -> Optional[int]:
@@ -297,9 +302,9 @@ def _layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> L
         so, si = _spacing(t.out_fields), _spacing(t.in_fields)
         view = (len(t.out_fields), len(t.in_fields), t.d_out, t.d_in, s)
         if so is not None and si is not None:
-            member = Member(t.n_blocks, view, (t.out_fields[0], so, t.in_fields[0], si), None)
+            member = Member(t.n_blocks, view, (t.out_fields[0], so, t.in_fields[0], si))
         else:
-            member = Member(t.n_blocks, view, None, (base[:, None] + elem[None, :]).reshape(-1).to(device))
+            member = Member(t.n_blocks, view, None)  # served by the group's index
         by_m.setdefault(t.m, []).append((t, member))
     groups = []
     for m, members in by_m.items():
@@ -309,8 +314,20 @@ def _layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> L
         for j, (t, _) in enumerate(members):
             qs[j, :, :t.rank] = t.q
         padded = any(t.n_blocks != nb for t, _ in members)
-        groups.append(GroupLayout(tuple(mb for _, mb in members), nb, m, padded, qs.to(device=device, dtype=acc)))
-    return Layout((c_out, c_in, s), sym.numel, tuple(types), tuple(groups))
+        index = None
+        if len(members) * nb * m <= _SMALL_GROUP or any(mb.strided is None for _, mb in members):
+            # one index gather beats a strided copy per type when the group is small (host cost) or
+            # when some fields are unevenly spaced anyway
+            index = torch.full((len(members), nb, m), sym.numel, dtype=torch.long)
+            for j, (t, _) in enumerate(members):
+                tb = torch.tensor([(o * c_in + i) * s for o in t.out_fields for i in t.in_fields], dtype=torch.long)
+                p, q, k = torch.meshgrid(torch.arange(t.d_out), torch.arange(t.d_in), torch.arange(s), indexing="ij")
+                index[j, :t.n_blocks] = tb[:, None] + ((p * c_in + q) * s + k).reshape(-1)[None, :]
+            index = index.reshape(-1).to(device)
+        groups.append(GroupLayout(tuple(mb for _, mb in members), nb, m, padded, qs.to(device=device, dtype=acc),
+                                  index))
+    return Layout((c_out, c_in, s), sym.numel, tuple(types), tuple(groups),
+                  any(g.index is not None for g in groups))
 
 
 _SYMMETRIES: Dict[tuple, SteerableSymmetry] = {}
@@ -359,32 +376,36 @@ def _blocks(w3: torch.Tensor, mb: Member) -> torch.Tensor:
     return v.permute(0, 1, 3, 4, 2)
 
 
-def _gather(w3: torch.Tensor, g: GroupLayout, acc: torch.dtype) -> torch.Tensor:
+def _flat(w3: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    # W flattened in ``acc`` plus one zero that padding indices point at
+    return torch.cat([w3.reshape(-1).to(acc), w3.new_zeros(1, dtype=acc)])
+
+
+def _gather(w3: torch.Tensor, g: GroupLayout, acc: torch.dtype, flat=None) -> torch.Tensor:
     """The group's blocks as a [T, n_blocks_max, m] tile in ``acc`` (the copy converts half types)."""
+    if g.index is not None:
+        flat = _flat(w3, acc) if flat is None else flat
+        return flat[g.index].view(len(g.members), g.n_blocks, g.m)
     x = (torch.zeros if g.padded else torch.empty)(len(g.members), g.n_blocks, g.m, dtype=acc, device=w3.device)
     for j, mb in enumerate(g.members):
-        dst = x[j, :mb.n_blocks]
-        if mb.strided is not None:
-            dst.view(mb.view).copy_(_blocks(w3, mb))
-        else:
-            dst.view(-1).copy_(w3.reshape(-1)[mb.index])
+        x[j, :mb.n_blocks].view(mb.view).copy_(_blocks(w3, mb))
     return x
 
 
-def _scatter(out3: torch.Tensor, g: GroupLayout, val: torch.Tensor) -> None:
-    """Write a [T, n_blocks_max, m] tile back to the blocks' places in ``out3`` ([C_out, C_in, S],
-    contiguous)."""
+def _scatter(buf: torch.Tensor, shape3, g: GroupLayout, val: torch.Tensor) -> None:
+    """Write a [T, n_blocks_max, m] tile back to the blocks' places in ``buf`` (W flattened plus one
+    element that padding writes land on)."""
+    if g.index is not None:
+        buf.index_put_((g.index,), val.reshape(-1))
+        return
+    out3 = buf[:-1].view(shape3)
     for j, mb in enumerate(g.members):
-        src = val[j, :mb.n_blocks]
-        if mb.strided is not None:
-            _blocks(out3, mb).copy_(src.view(mb.view))
-        else:
-            out3.view(-1).index_put_((mb.index,), src.reshape(-1))
+        _blocks(out3, mb).copy_(val[j, :mb.n_blocks].view(mb.view))
 
 
-def _pieces(w3: torch.Tensor, g: GroupLayout, acc: torch.dtype):
+def _pieces(w3: torch.Tensor, g: GroupLayout, acc: torch.dtype, flat=None):
     """(X, C, PX) of one group: the blocks, their coefficients C = X Q_t and projections C Q_t^T."""
-    x = _gather(w3, g, acc)              # [T, n_blocks, m]
+    x = _gather(w3, g, acc, flat)              # [T, n_blocks, m]
     c = torch.bmm(x, g.q)                # [T, n_blocks, r]
     return x, c, torch.bmm(c, g.q.transpose(1, 2))
 
@@ -392,11 +413,12 @@ def _pieces(w3: torch.Tensor, g: GroupLayout, acc: torch.dtype):
 def _write(lay: Layout, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """P W shaped and typed like ``weight`` (every element is written once: the blocks partition W)."""
     w3 = weight.reshape(lay.shape3)
-    out = torch.empty(lay.shape3, dtype=acc, device=weight.device)
+    buf = torch.empty(lay.numel + 1, dtype=acc, device=weight.device)
+    flat = _flat(w3, acc) if lay.flat else None
     for g in lay.groups:
-        _, _, px = _pieces(w3, g, acc)
-        _scatter(out, g, px)
-    return out.reshape(weight.shape).to(weight.dtype)
+        _, _, px = _pieces(w3, g, acc, flat)
+        _scatter(buf, lay.shape3, g, px)
+    return buf[:-1].reshape(weight.shape).to(weight.dtype)
 
 
 class _RefPenaltyEnergy(torch.autograd.Function):
@@ -409,10 +431,11 @@ class _RefPenaltyEnergy(torch.autograd.Function):
         acc = acc_dtype(weight.dtype)
         lay = sym.layout(weight.device, acc)
         w3 = weight.reshape(lay.shape3)
+        flat = _flat(w3, acc) if lay.flat else None
         pen = eq = None
         pxs = []
         for g in lay.groups:
-            x, c, px = _pieces(w3, g, acc)
+            x, c, px = _pieces(w3, g, acc, flat)
             p, e = (x - px).square().sum(), c.square().sum()
             pen = p if pen is None else pen + p
             eq = e if eq is None else eq + e
@@ -428,10 +451,10 @@ class _RefPenaltyEnergy(torch.autograd.Function):
         acc = acc_dtype(weight.dtype)
         a, b = 2 * g_pen.to(acc), 2 * (g_eq.to(acc) - g_pen.to(acc))
         # W's own term is elementwise; only P W needs the block scatter.
-        out = torch.empty(ctx.lay.shape3, dtype=acc, device=weight.device)
+        buf = torch.empty(ctx.lay.numel + 1, dtype=acc, device=weight.device)
         for g, px in zip(ctx.lay.groups, pxs):
-            _scatter(out, g, b * px)
-        grad = out.reshape(weight.shape).add_(weight.to(acc) * a)
+            _scatter(buf, ctx.lay.shape3, g, b * px)
+        grad = buf[:-1].reshape(weight.shape).add_(weight.to(acc) * a)
         return grad.to(weight.dtype), None
 
 
