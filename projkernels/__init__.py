@@ -23,3 +23,7 @@ __all__ = [
     "get_group", "register_group", "FiniteGroup", "orbit_table", "available_backends", "register_multi_backend",
 ]
 from .decay import equivariance_decay; __all__.append("equivariance_decay")  # noqa: E402,E702
+# Steerable symmetries (escnn bases).  Note: the name ``projkernels.steerable`` is the function; the
+# module is reached as ``from projkernels.steerable import ...``.
+from .steerable import SteerableSymmetry, steerable  # noqa: E402
+__all__ += ["steerable", "SteerableSymmetry"]

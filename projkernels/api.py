@@ -18,6 +18,7 @@ from . import ops
 from .config import CONFIGS, config_for
 from .groups import group_name_for_ops
 from .distributed import is_dtensor, single_weight_error
+from .steerable import SteerableSymmetry
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -25,6 +26,8 @@ __all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "pro
 
 def _config(weight, group, in_rep, out_rep, backend):
     if torch.compiler.is_compiling():
+        if isinstance(group, SteerableSymmetry):  # hook: steerable bases trace as plain PyTorch
+            return config_for(weight, group, in_rep, out_rep, backend)
         return _COMPILED
     if type(weight) not in _PLAIN and is_dtensor(weight):
         # Checked before the lookup: a DTensor has its global shape, so it could hit the entry of

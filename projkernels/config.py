@@ -21,6 +21,7 @@ import torch
 from .backends import ON_CHANGE, Backend, check_backend_name, resolve
 from .groups import group_name_for_ops
 from .orbits import OrbitTable, check_weight, orbit_table
+from .steerable import SteerableSymmetry, config as steerable_config
 
 __all__ = ["Config", "config_for", "CONFIGS", "clear_configs"]
 
@@ -59,6 +60,8 @@ _MAX_CONFIGS = 4096
 
 def config_for(weight, group, in_rep, out_rep, backend) -> Config:
     """The configuration of this call, validated and built on a miss (the slow path)."""
+    if isinstance(group, SteerableSymmetry):  # hook: escnn steerable bases (projkernels/steerable.py)
+        return _steerable_config(weight, group, in_rep, out_rep, backend)
     check_weight(weight)
     return _build((weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend))
 
@@ -85,6 +88,15 @@ def _build(key: tuple) -> Config:
         CONFIGS[key] = cfg
     except TypeError:
         pass  # an unhashable argument that validated (none today): served, not cached
+    return cfg
+
+
+def _steerable_config(weight, group, in_rep, out_rep, backend):
+    # A steerable configuration is "native" in the API's sense: the API calls its ops directly.
+    cfg = steerable_config(weight, group, in_rep, out_rep, backend)
+    if len(CONFIGS) >= _MAX_CONFIGS:
+        CONFIGS.clear()
+    CONFIGS[(weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend)] = cfg
     return cfg
 
 

@@ -28,6 +28,7 @@ from .multi import multi_penalty, plan_for
 from .multi_inputs import collect
 from .groups import get_group, group_name_for_ops
 from .orbits import field_size, orbit_table
+from .steerable import SteerableSymmetry, check_module as steerable_check_module
 
 __all__ = ["Symmetry", "attach_symmetry", "detach_symmetry", "get_symmetry", "attach_symmetries",
            "attach_regular_gcnn", "attached_layers", "model_penalty", "project_", "equivariance_report",
@@ -99,6 +100,14 @@ def attach_symmetry(module: nn.Module, group="C4", in_rep: str = "trivial", out_
     which ``attach_symmetries`` and ``attach_regular_gcnn`` pass), its type and weight shape.
     Returns the stored Symmetry.
     """
+    if isinstance(group, SteerableSymmetry):  # hook: steerable symmetries (Linear, Conv2d, Conv3d; no bias term)
+        try:
+            steerable_check_module(module, group, backend)
+        except (TypeError, ValueError) as err:
+            raise _name_layer(err, module, name) from None
+        sym = Symmetry(group, "trivial", "trivial", backend)
+        setattr(module, _ATTR, sym)
+        return sym
     try:
         _check_module(module)
         group_name = group_name_for_ops(group)
@@ -466,8 +475,12 @@ def equivariance_report(model: nn.Module) -> List[dict]:
     rows = []
     for name, module, sym in layers:
         w = module.weight.detach()
-        pen, _ = penalty_and_energy(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
-        spec = spectrum(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
+        pen, eq = penalty_and_energy(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
+        if isinstance(sym.group, SteerableSymmetry):  # hook: no isotypic spectrum; the two energies instead
+            names, spec = ("equivariant", "non-equivariant"), (eq, pen)
+        else:
+            names = get_group(sym.group).irrep_names
+            spec = spectrum(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
         norm = float(w.double().norm())
         b = _bias_fields(module, sym)
         bias_rel = None
@@ -479,7 +492,7 @@ def equivariance_report(model: nn.Module) -> List[dict]:
             "in_rep": sym.in_rep, "out_rep": sym.out_rep, "shape": list(w.shape), "weight_norm": norm,
             "penalty": float(pen), "relative": (float(pen) ** 0.5 / norm) if norm > 0 else 0.0,
             "bias_relative": bias_rel,
-            "spectrum": dict(zip(get_group(sym.group).irrep_names, (float(v) for v in spec))),
+            "spectrum": dict(zip(names, (float(v) for v in spec))),
         })
     return rows
 

@@ -32,6 +32,7 @@ from .multi_autograd import MultiPenaltyFunction, per_layer
 from .multi_inputs import collect, validate
 from .multi_table import MultiTable, multi_table
 from .orbits import acc_dtype
+from .steerable import MixedPlan, SteerableSymmetry
 
 __all__ = ["multi_penalty", "MultiTable", "multi_table", "MultiBackend", "register_multi_backend", "MultiPlan",
            "plan_for"]
@@ -127,10 +128,13 @@ def plan_for(key: tuple, backend: str) -> MultiPlan:
         return _PLANS[full]
     except (KeyError, TypeError):
         pass
-    check_backend_name(backend)
-    specs = validate(key)
-    device = torch.device(key[0][2])
-    plan = MultiPlan(multi_table(specs), device, [k[1] for k in key], _choose(backend, device))
+    if any(isinstance(k[3], SteerableSymmetry) for k in key):  # hook: steerable symmetries (their own route)
+        plan = MixedPlan(key, backend, lambda finite: plan_for(tuple(finite), backend))
+    else:
+        check_backend_name(backend)
+        specs = validate(key)
+        device = torch.device(key[0][2])
+        plan = MultiPlan(multi_table(specs), device, [k[1] for k in key], _choose(backend, device))
     try:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
@@ -181,7 +185,9 @@ def _compiled_multi_penalty(weights, key, backend):
     from . import ops
     from .groups import group_name_for_ops
     check_backend_name(backend)
-    pairs = [ops.penalty_energy(w, group_name_for_ops(g), a, b, backend) for w, (_, _, _, g, a, b) in zip(weights, key)]
+    from .api import penalty_and_energy
+    pairs = [penalty_and_energy(w, g, a, b, backend=backend) if isinstance(g, SteerableSymmetry)  # hook: steerable
+             else ops.penalty_energy(w, group_name_for_ops(g), a, b, backend) for w, (_, _, _, g, a, b) in zip(weights, key)]
     acc = functools.reduce(torch.promote_types, (acc_dtype(w.dtype) for w in weights))
     pen = torch.stack([p.to(acc) for p, _ in pairs])
     eq = torch.stack([e.to(acc) for _, e in pairs])

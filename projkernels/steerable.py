@@ -1,0 +1,619 @@
+"""Steerable symmetries: the projection onto escnn's equivariant kernel space, block by block.
+
+``steerable(in_type, out_type, kernel_size)`` describes a layer between escnn field types (on a
+continuous gspace such as ``rot2dOnR2(-1)``, ``flipRot2dOnR2(-1)``, ``rot3dOnR3()``, a discrete one
+such as ``rot2dOnR2(4)``, or ``no_base_space(G)`` for ``nn.Linear`` weights).  Its projection P is
+the orthogonal projection onto the span of the basis that escnn samples for that layer.
+
+Why block by block.  escnn's kernel basis is a direct sum over pairs (output field, input field):
+the sub-tensor ``W[out field i, in field j]`` (``d_out x d_in x k^d`` numbers, flattened to m) is
+expanded from the basis of the pair of their representations, and every pair of fields with the
+same pair of representations ("one block type") uses the same basis.  So P is a batch of small
+dense projections: with Q_t (m x r, orthonormal columns spanning that basis, built once in float64
+by an SVD with a rank tolerance), ``P(W_b) = Q_t Q_t^T W_b`` for every block b of type t.  The
+dense alternative (one N x D orthonormal basis for the whole weight) costs N*D memory and time;
+the block route costs sum_t m*r memory and one pass over W.
+
+Exactness: the penalty is the squared norm of each block's residual ``W_b - Q_t Q_t^T W_b``, never
+``||W_b||^2 - ||Q_t^T W_b||^2`` (which cancels catastrophically for a nearly equivariant weight).
+Half-precision weights are read as such and accumulated in float32; results are float32 for half
+and float32 weights and float64 for float64 weights, as for the finite groups.
+
+Weight layout: ``nn.Linear`` ``[out_type.size, in_type.size]``, ``nn.Conv2d``
+``[out_type.size, in_type.size, k, k]``, ``nn.Conv3d`` ``[out_type.size, in_type.size, k, k, k]``:
+the layout of escnn's expanded filter (fields occupy consecutive channels, in field-type order).
+
+Backends: "reference" (block types of equal size batched: one gather, two batched matmuls; the
+backward is one write pass from the forward's P W) and "triton" (one
+program per tile of blocks of one type, Q_t loaded once per program; projkernels/steerable_triton.py).
+"auto" picks Triton on CUDA when it is available and the reference route otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["steerable", "SteerableSymmetry", "BlockType", "is_steerable", "STEERABLE_BACKENDS"]
+
+STEERABLE_BACKENDS = ("auto", "reference", "triton")
+_RANK_RTOL = 1e-6  # singular values below this fraction of the largest are sampling noise, not basis
+
+
+def _escnn():
+    try:
+        import escnn.nn  # noqa: F401
+        import escnn.gspaces  # noqa: F401
+    except ImportError as e:
+        raise ImportError("projkernels.steerable needs escnn, an optional extra: "
+                          "pip install projkernels[escnn]") from e
+    import escnn
+    return escnn
+
+
+def is_steerable(group) -> bool:
+    return isinstance(group, SteerableSymmetry)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockType:
+    """One pair (output representation, input representation) and the blocks of the weight that it
+    covers: output fields ``out_fields`` x input fields ``in_fields`` (channel offsets), each block
+    ``d_out x d_in x S`` flattened to ``m`` numbers in (out channel, in channel, kernel position)
+    order.  ``q``: [m, r] float64 with orthonormal columns (r = 0 when escnn's basis is empty)."""
+    out_name: str
+    in_name: str
+    d_out: int
+    d_in: int
+    out_fields: Tuple[int, ...]
+    in_fields: Tuple[int, ...]
+    q: torch.Tensor
+
+    @property
+    def m(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.out_fields) * len(self.in_fields)
+
+
+class SteerableSymmetry:
+    """The symmetry of a layer between escnn field types; accepted wherever a group is.
+
+    Attributes: ``in_type``, ``out_type``, ``kernel_size`` (None for Linear), ``weight_shape``,
+    ``types`` (the ``BlockType`` list), ``dim`` (the dimension of the equivariant space, sum over
+    types of n_blocks * r) and ``numel`` (the weight's size).  Built by ``steerable()``, which
+    caches it: the same arguments give the same object (and so hit the configuration caches).
+    """
+
+    def __init__(self, in_type, out_type, kernel_size, basis_options: dict):
+        _escnn()
+        import escnn.nn as enn
+        if in_type.gspace != out_type.gspace:
+            raise ValueError(f"out_type: its gspace {out_type.gspace} differs from in_type's {in_type.gspace}")
+        gs = in_type.gspace
+        d = gs.dimensionality
+        if d == 0:
+            if kernel_size is not None:
+                raise ValueError(f"kernel_size: must be None for field types on no_base_space (an nn.Linear "
+                                 f"weight), got {kernel_size!r}")
+            module = enn.Linear(in_type, out_type, bias=False, initialize=False, **basis_options)
+            spatial: Tuple[int, ...] = ()
+        elif d in (2, 3):
+            if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1:
+                raise ValueError(f"kernel_size: a positive int is required for a {d}-D gspace ({gs}), "
+                                 f"got {kernel_size!r}")
+            conv = enn.R2Conv if d == 2 else enn.R3Conv
+            module = conv(in_type, out_type, kernel_size, bias=False, initialize=False, **basis_options)
+            spatial = (kernel_size,) * d
+        else:
+            raise ValueError(f"in_type: gspaces of dimension {d} are not supported (0, 2 or 3)")
+        self.in_type, self.out_type, self.kernel_size = in_type, out_type, kernel_size
+        self.basis_options = dict(basis_options)
+        self.spatial_dims = d
+        self.weight_shape = (out_type.size, in_type.size) + spatial
+        self.numel = out_type.size * in_type.size * (kernel_size ** d if d else 1)
+        self.types = _block_types(module, in_type, out_type)
+        self.dim = sum(t.n_blocks * t.rank for t in self.types)
+        self._device_cache: Dict[tuple, object] = {}
+        for acc in (torch.float32, torch.float64):
+            self.layout("cpu", acc)
+
+    def __repr__(self) -> str:
+        ks = "" if self.kernel_size is None else f", kernel_size={self.kernel_size}"
+        return (f"steerable({self.in_type.fibergroup}: {_type_label(self.in_type)} -> "
+                f"{_type_label(self.out_type)}{ks}; {self.dim} of {self.numel} dims)")
+
+    __str__ = __repr__
+
+    # Immutable: copies of a model share it (and so the configuration caches and device layouts).
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        raise TypeError("a steerable symmetry cannot be pickled (escnn's field types do not pickle); save the "
+                        "model's state_dict, which never holds symmetries, and attach them again after loading")
+
+    @property
+    def name(self) -> str:
+        return repr(self)
+
+    def check_weight(self, weight, argument: str = "weight") -> None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{argument}: expected a torch.Tensor, got {type(weight).__name__}")
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"{argument}: shape {tuple(weight.shape)} does not match the steerable symmetry's "
+                             f"weight shape {self.weight_shape} (out_type.size, in_type.size, *kernel)")
+        if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"{argument}: dtype {weight.dtype} is not supported (float16, bfloat16, float32, float64)")
+
+    def layout(self, device, acc: torch.dtype) -> "Layout":
+        """The device-resident form (Q_t in ``acc``, index tensors), built once per (device, dtype)."""
+        key = (torch.device(device), acc)
+        lay = self._device_cache.get(key)
+        if lay is None:
+            # No lock: two threads racing here build equal layouts, and a lock would stop torch.compile.
+            # Under torch.compile the build runs eagerly (a graph break) so that the cached tensors are
+            # real; CPU layouts are built with the symmetry and a device's on the API's first call.
+            build = torch.compiler.disable(_layout) if torch.compiler.is_compiling() else _layout
+            lay = self._device_cache[key] = build(self, key[0], acc)
+        return lay
+
+    def dense_basis(self) -> torch.Tensor:
+        """[numel, dim] float64 orthonormal basis of the whole equivariant space (the naive route's Q;
+        for tests and benchmarks: it costs numel * dim memory)."""
+        shape = self.weight_shape
+        s = self.numel // (shape[0] * shape[1])
+        cols = []
+        for t in self.types:
+            if t.rank == 0:
+                continue
+            for o in t.out_fields:
+                for i in t.in_fields:
+                    block = torch.zeros(shape[0], shape[1], s, t.rank, dtype=torch.float64)
+                    block[o:o + t.d_out, i:i + t.d_in] = t.q.reshape(t.d_out, t.d_in, s, t.rank)
+                    cols.append(block.reshape(-1, t.rank))
+        return torch.cat(cols, 1) if cols else torch.zeros(self.numel, 0, dtype=torch.float64)
+
+
+def _type_label(ft) -> str:
+    names = [r.name for r in ft.representations]
+    out, i = [], 0
+    while i < len(names):
+        j = i
+        while j < len(names) and names[j] == names[i]:
+            j += 1
+        out.append(names[i] if j - i == 1 else f"{j - i}x{names[i]}")
+        i = j
+    return "[" + ", ".join(out) + "]"
+
+
+def _fields(ft) -> Dict[str, List[int]]:
+    """Channel offsets of the fields of each representation, in first-appearance order."""
+    by_name: Dict[str, List[int]] = {}
+    off = 0
+    for r in ft.representations:
+        by_name.setdefault(r.name, []).append(off)
+        off += r.size
+    return by_name
+
+
+def _block_types(module, in_type, out_type) -> List[BlockType]:
+    be = module.basisexpansion
+    sizes_in = {r.name: r.size for r in in_type.representations}
+    sizes_out = {r.name: r.size for r in out_type.representations}
+    in_fields, out_fields = _fields(in_type), _fields(out_type)
+    pairs = set(be._representations_pairs)  # (in name, out name) pairs with a non-empty basis
+    s = max(1, int(getattr(be, "S", 1)))
+    types = []
+    for o_name, o_offs in out_fields.items():
+        for i_name, i_offs in in_fields.items():
+            d_o, d_i = sizes_out[o_name], sizes_in[i_name]
+            m = d_o * d_i * s
+            if (i_name, o_name) in pairs:
+                sampled = getattr(be, f"block_expansion_{be._escape_pair((i_name, o_name))}").sampled_basis
+                # [n_basis, d_out, d_in, S]: the layout of the block of the expanded filter
+                b = sampled.detach().to("cpu", torch.float64).reshape(sampled.shape[0], m)
+                q = _orthonormal(b.T)
+            else:
+                q = torch.zeros(m, 0, dtype=torch.float64)  # no equivariant map between these fields
+            types.append(BlockType(o_name, i_name, d_o, d_i, tuple(o_offs), tuple(i_offs), q))
+    return types
+
+
+def _orthonormal(b: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning the columns of ``b`` (float64 SVD, rank tolerance _RANK_RTOL)."""
+    if b.shape[1] == 0:
+        return b
+    u, sv, _ = torch.linalg.svd(b, full_matrices=False)
+    rank = int((sv > _RANK_RTOL * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0
+    return u[:, :rank].contiguous()
+
+
+class TypeLayout(NamedTuple):
+    """One block type on the device (the Triton route's view)."""
+    q: torch.Tensor             # [m, r] in the accumulation dtype
+    n_blocks: int
+    base: torch.Tensor          # [n_blocks] int64 offsets of each block's first element in W (row-major)
+    elem: torch.Tensor          # [m] int64 offsets of a block's elements relative to its first
+
+
+class Member(NamedTuple):
+    """Where one block type's blocks sit in W, for the reference route: when its fields' channel
+    offsets are evenly spaced (the usual case: one field type, or a repeated pattern of types), a
+    view ``[n_out, n_in, d_out, d_in, S]`` of W made of two unfolds (one strided copy is several
+    times faster than an index gather on a CPU); otherwise the group's index serves it."""
+    n_blocks: int
+    view: Tuple[int, ...]               # (n_out, n_in, d_out, d_in, S)
+    strided: Optional[Tuple[int, int, int, int]]  # (first out channel, out spacing, first in channel, in spacing)
+
+
+class GroupLayout(NamedTuple):
+    """Block types of equal block size m, batched for the reference route: type j's blocks are rows
+    ``[j, :n_blocks_j]`` of a ``[T, n_blocks_max, m]`` tile (padding rows are zeros) and its Q_t is
+    ``q[j]`` (padded with zero columns).  Padding contributes exact zeros."""
+    members: Tuple[Member, ...]
+    n_blocks: int                       # n_blocks_max
+    m: int
+    padded: bool
+    q: torch.Tensor                     # [T, m, r_max] in the accumulation dtype
+    index: Optional[torch.Tensor]       # [T * n_blocks_max * m] into W flattened plus one zero (padding
+                                        # points there): one gather for a small group of many types
+
+
+class Layout(NamedTuple):
+    shape3: Tuple[int, int, int]        # the weight as [C_out, C_in, S]
+    numel: int
+    types: Tuple[TypeLayout, ...]
+    groups: Tuple[GroupLayout, ...]
+    flat: bool                          # some group gathers through an index
+
+
+_SMALL_GROUP = 1 << 16  # elements: below this a group is gathered with one index op
+
+
+def _spacing(offsets: Tuple[int, ...]) -> Optional[int]:
+    if len(offsets) == 1:
+        return 0
+    d = offsets[1] - offsets[0]
+    ok = d > 0 and all(b - a == d for a, b in zip(offsets, offsets[1:]))
+    return d if ok else None
+
+
+def _layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> Layout:
+    c_out, c_in = sym.weight_shape[:2]
+    s = sym.numel // (c_out * c_in)
+    types, by_m = [], {}
+    for t in sym.types:
+        base = torch.tensor([(o * c_in + i) * s for o in t.out_fields for i in t.in_fields], dtype=torch.long)
+        p, q, k = torch.meshgrid(torch.arange(t.d_out), torch.arange(t.d_in), torch.arange(s), indexing="ij")
+        elem = ((p * c_in + q) * s + k).reshape(-1)
+        types.append(TypeLayout(t.q.to(device=device, dtype=acc), t.n_blocks, base.to(device), elem.to(device)))
+        so, si = _spacing(t.out_fields), _spacing(t.in_fields)
+        view = (len(t.out_fields), len(t.in_fields), t.d_out, t.d_in, s)
+        if so is not None and si is not None:
+            member = Member(t.n_blocks, view, (t.out_fields[0], so, t.in_fields[0], si))
+        else:
+            member = Member(t.n_blocks, view, None)  # served by the group's index
+        by_m.setdefault(t.m, []).append((t, member))
+    groups = []
+    for m, members in by_m.items():
+        nb = max(t.n_blocks for t, _ in members)
+        r = max(t.rank for t, _ in members)
+        qs = torch.zeros(len(members), m, r, dtype=torch.float64)
+        for j, (t, _) in enumerate(members):
+            qs[j, :, :t.rank] = t.q
+        padded = any(t.n_blocks != nb for t, _ in members)
+        index = None
+        if len(members) * nb * m <= _SMALL_GROUP or any(mb.strided is None for _, mb in members):
+            # one index gather beats a strided copy per type when the group is small (host cost) or
+            # when some fields are unevenly spaced anyway
+            index = torch.full((len(members), nb, m), sym.numel, dtype=torch.long)
+            for j, (t, _) in enumerate(members):
+                tb = torch.tensor([(o * c_in + i) * s for o in t.out_fields for i in t.in_fields], dtype=torch.long)
+                p, q, k = torch.meshgrid(torch.arange(t.d_out), torch.arange(t.d_in), torch.arange(s), indexing="ij")
+                index[j, :t.n_blocks] = tb[:, None] + ((p * c_in + q) * s + k).reshape(-1)[None, :]
+            index = index.reshape(-1).to(device)
+        groups.append(GroupLayout(tuple(mb for _, mb in members), nb, m, padded, qs.to(device=device, dtype=acc),
+                                  index))
+    return Layout((c_out, c_in, s), sym.numel, tuple(types), tuple(groups),
+                  any(g.index is not None for g in groups))
+
+
+_SYMMETRIES: Dict[tuple, SteerableSymmetry] = {}
+
+
+def steerable(in_type, out_type, kernel_size: Optional[int] = None, **basis_options) -> SteerableSymmetry:
+    """The symmetry of a layer mapping escnn field type ``in_type`` to ``out_type``.
+
+    ``kernel_size``: None for an ``nn.Linear`` weight (field types on ``no_base_space(G)``), the
+    side of the (square / cubic) kernel for ``nn.Conv2d`` / ``nn.Conv3d`` weights (field types on a
+    2-D / 3-D gspace).  ``basis_options`` go to escnn's ``R2Conv`` / ``R3Conv`` / ``Linear``
+    (``frequencies_cutoff``, ``rings``, ``sigma``, ``maximum_offset``, ``basis_filter``, ...) and
+    select the sampled basis.  The result is cached: equal arguments give the same object.
+    """
+    _escnn()
+    from escnn.nn import FieldType
+    for arg, ft in (("in_type", in_type), ("out_type", out_type)):
+        if not isinstance(ft, FieldType):
+            raise TypeError(f"{arg}: expected an escnn.nn.FieldType, got {type(ft).__name__}")
+    try:
+        key = (in_type, out_type, kernel_size, tuple(sorted(basis_options.items())))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _SYMMETRIES:
+        return _SYMMETRIES[key]
+    sym = SteerableSymmetry(in_type, out_type, kernel_size, basis_options)
+    if key is not None:
+        _SYMMETRIES[key] = sym
+    return sym
+
+
+# --- the reference route -----------------------------------------------------------------------
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(w3: torch.Tensor, mb: Member) -> torch.Tensor:
+    """The [n_out, n_in, d_out, d_in, S] view of a type's blocks in ``w3`` ([C_out, C_in, S]): evenly
+    spaced fields are windows of an unfold (plain views, so torch.compile traces them)."""
+    n_o, n_i, d_o, d_i, _ = mb.view
+    o0, so, i0, si = mb.strided
+    v = w3.narrow(0, o0, (n_o - 1) * so + d_o).unfold(0, d_o, max(so, 1))       # [n_o, C_in, S, d_o]
+    v = v.narrow(1, i0, (n_i - 1) * si + d_i).unfold(1, d_i, max(si, 1))        # [n_o, n_i, S, d_o, d_i]
+    return v.permute(0, 1, 3, 4, 2)
+
+
+def _flat(w3: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    # W flattened in ``acc`` plus one zero that padding indices point at
+    return torch.cat([w3.reshape(-1).to(acc), w3.new_zeros(1, dtype=acc)])
+
+
+def _gather(w3: torch.Tensor, g: GroupLayout, acc: torch.dtype, flat=None) -> torch.Tensor:
+    """The group's blocks as a [T, n_blocks_max, m] tile in ``acc`` (the copy converts half types)."""
+    if g.index is not None:
+        flat = _flat(w3, acc) if flat is None else flat
+        return flat[g.index].view(len(g.members), g.n_blocks, g.m)
+    x = (torch.zeros if g.padded else torch.empty)(len(g.members), g.n_blocks, g.m, dtype=acc, device=w3.device)
+    for j, mb in enumerate(g.members):
+        x[j, :mb.n_blocks].view(mb.view).copy_(_blocks(w3, mb))
+    return x
+
+
+def _scatter(buf: torch.Tensor, shape3, g: GroupLayout, val: torch.Tensor) -> None:
+    """Write a [T, n_blocks_max, m] tile back to the blocks' places in ``buf`` (W flattened plus one
+    element that padding writes land on)."""
+    if g.index is not None:
+        buf.index_put_((g.index,), val.reshape(-1))
+        return
+    out3 = buf[:-1].view(shape3)
+    for j, mb in enumerate(g.members):
+        _blocks(out3, mb).copy_(val[j, :mb.n_blocks].view(mb.view))
+
+
+def _pieces(w3: torch.Tensor, g: GroupLayout, acc: torch.dtype, flat=None):
+    """(X, C, PX) of one group: the blocks, their coefficients C = X Q_t and projections C Q_t^T."""
+    x = _gather(w3, g, acc, flat)              # [T, n_blocks, m]
+    c = torch.bmm(x, g.q)                # [T, n_blocks, r]
+    return x, c, torch.bmm(c, g.q.transpose(1, 2))
+
+
+def _write(lay: Layout, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """P W shaped and typed like ``weight`` (every element is written once: the blocks partition W)."""
+    w3 = weight.reshape(lay.shape3)
+    buf = torch.empty(lay.numel + 1, dtype=acc, device=weight.device)
+    flat = _flat(w3, acc) if lay.flat else None
+    for g in lay.groups:
+        _, _, px = _pieces(w3, g, acc, flat)
+        _scatter(buf, lay.shape3, g, px)
+    return buf[:-1].reshape(weight.shape).to(weight.dtype)
+
+
+class _RefPenaltyEnergy(torch.autograd.Function):
+    """Forward: per block the residual's squared norm (never ||W||^2 - ||Q^T W||^2) and ||C||^2.
+    Backward: 2 g_pen (W - P W) + 2 g_eq P W = 2 g_pen W + 2 (g_eq - g_pen) P W in one write pass,
+    from the forward's P W (kept: it saves the two matrix products again, half the work)."""
+
+    @staticmethod
+    def forward(ctx, weight, sym):
+        acc = acc_dtype(weight.dtype)
+        lay = sym.layout(weight.device, acc)
+        w3 = weight.reshape(lay.shape3)
+        flat = _flat(w3, acc) if lay.flat else None
+        pen = eq = None
+        pxs = []
+        for g in lay.groups:
+            x, c, px = _pieces(w3, g, acc, flat)
+            p, e = (x - px).square().sum(), c.square().sum()
+            pen = p if pen is None else pen + p
+            eq = e if eq is None else eq + e
+            pxs.append(px)
+        ctx.lay = lay
+        ctx.save_for_backward(weight, *pxs)
+        return pen, eq
+
+    @staticmethod
+    @once_differentiable  # the kept P W is a constant to autograd: no silent wrong second derivative
+    def backward(ctx, g_pen, g_eq):
+        weight, *pxs = ctx.saved_tensors
+        acc = acc_dtype(weight.dtype)
+        a, b = 2 * g_pen.to(acc), 2 * (g_eq.to(acc) - g_pen.to(acc))
+        # W's own term is elementwise; only P W needs the block scatter.
+        buf = torch.empty(ctx.lay.numel + 1, dtype=acc, device=weight.device)
+        for g, px in zip(ctx.lay.groups, pxs):
+            _scatter(buf, ctx.lay.shape3, g, b * px)
+        grad = buf[:-1].reshape(weight.shape).add_(weight.to(acc) * a)
+        return grad.to(weight.dtype), None
+
+
+class _RefProject(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, sym):
+        acc = acc_dtype(weight.dtype)
+        ctx.lay, ctx.acc = sym.layout(weight.device, acc), acc
+        return _write(ctx.lay, weight, acc)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # P is self-adjoint: the gradient of <G, P W> is P G.
+        return _write(ctx.lay, grad.contiguous(), ctx.acc), None
+
+
+def reference_penalty_energy(weight: torch.Tensor, sym: SteerableSymmetry):
+    return _RefPenaltyEnergy.apply(weight, sym)
+
+
+def reference_project(weight: torch.Tensor, sym: SteerableSymmetry) -> torch.Tensor:
+    return _RefProject.apply(weight, sym)
+
+
+# --- dispatch --------------------------------------------------------------------------------------
+
+def check_backend(backend) -> None:
+    if backend not in STEERABLE_BACKENDS:
+        raise ValueError(f"backend: {backend!r} does not serve steerable symmetries; they are served by "
+                         f"{', '.join(repr(b) for b in STEERABLE_BACKENDS)}")
+
+
+def _triton_ready(device: torch.device) -> Optional[str]:
+    try:
+        from . import steerable_triton
+    except ImportError as e:
+        return f"triton cannot be imported: {e}"
+    return steerable_triton.why_unavailable(device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    check_backend(backend)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_ready(device) is None else "reference"
+    if backend == "triton":
+        why = _triton_ready(device)
+        if why is not None:
+            raise RuntimeError(f"backend='triton' cannot serve this steerable symmetry on {device}: {why}")
+    return backend
+
+
+class SteerableOps(NamedTuple):
+    penalty_energy: object
+    project: object
+    spectrum: object
+
+
+class SteerableConfig:
+    """A configuration of the public API for a steerable symmetry: like a native configuration,
+    the API calls ``ops.penalty_energy(weight, tables, geometry)`` / ``ops.project(...)`` directly."""
+    native = True  # "call cfg.ops directly" (projkernels/api.py)
+
+    def __init__(self, sym: SteerableSymmetry, backend: str):
+        self.symmetry, self.backend_name = sym, backend
+        self.tables, self.geometry = sym, None
+        if backend == "triton":
+            from . import steerable_triton
+            self.ops = SteerableOps(steerable_triton.penalty_energy, steerable_triton.project, _no_spectrum)
+        else:
+            self.ops = SteerableOps(_ref_penalty_energy, _ref_project, _no_spectrum)
+
+
+def _ref_penalty_energy(weight, sym, _geometry):
+    return reference_penalty_energy(weight, sym)
+
+
+def _ref_project(weight, sym, _geometry):
+    return reference_project(weight, sym)
+
+
+def _no_spectrum(weight, sym, _geometry):
+    raise NotImplementedError("spectrum: isotypic energies are defined for the finite groups only; for a "
+                              "steerable symmetry use penalty_and_energy")
+
+
+def config(weight, sym: SteerableSymmetry, in_rep, out_rep, backend) -> SteerableConfig:
+    """Validate a call with a steerable symmetry (the API's slow path)."""
+    sym.check_weight(weight)
+    return _config_on(weight.shape, weight.dtype, weight.device, sym, in_rep, out_rep, backend)
+
+
+def _config_on(shape, dtype, device, sym, in_rep, out_rep, backend) -> SteerableConfig:
+    """A configuration from the weight's shape, dtype and device (no tensor data)."""
+    if in_rep != "trivial" or out_rep != "trivial":
+        raise ValueError(f"in_rep/out_rep: a steerable symmetry carries its own field types; leave them at "
+                         f"'trivial', got {in_rep!r}, {out_rep!r}")
+    sym.check_weight(torch.empty(shape, dtype=dtype, device="meta"))
+    device = torch.device(device)
+    cfg = SteerableConfig(sym, resolve_backend(backend, device))
+    sym.layout(device, acc_dtype(dtype))  # on the device now, not inside the first op
+    return cfg
+
+
+# --- whole models ---------------------------------------------------------------------------------
+
+def module_kind(sym: SteerableSymmetry) -> str:
+    return {0: "nn.Linear", 2: "nn.Conv2d", 3: "nn.Conv3d"}[sym.spatial_dims]
+
+
+def check_module(module, sym: SteerableSymmetry, backend: str = "auto") -> None:
+    """``attach_symmetry``'s check of a layer (and backend) against a steerable symmetry."""
+    from torch import nn
+    check_backend(backend)
+    layer = {0: nn.Linear, 2: nn.Conv2d, 3: nn.Conv3d}[sym.spatial_dims]
+    if not isinstance(module, layer):
+        raise TypeError(f"module: this steerable symmetry describes an {module_kind(sym)} weight, got "
+                        f"{type(module).__name__}")
+    if getattr(module, "groups", 1) != 1:
+        raise ValueError(f"module: grouped convolutions (groups={module.groups}) are not supported; use groups=1")
+    sym.check_weight(module.weight, "module.weight")
+
+
+class MixedPlan:
+    """``multi_penalty`` over items of which some have steerable symmetries: those go through their
+    own route, the others through the finite-group plan; per-layer results in the callers' order."""
+
+    def __init__(self, key: tuple, backend: str, finite_plan):
+        check_backend(backend)
+        self.steer = [i for i, k in enumerate(key) if is_steerable(k[3])]
+        self.finite = [i for i, k in enumerate(key) if not is_steerable(k[3])]
+        self.cfgs = []
+        for i in self.steer:
+            shape, dtype, device, sym, a, b = key[i]
+            try:
+                self.cfgs.append(_config_on(shape, dtype, device, sym, a, b, backend))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"items[{i}]: {e}") from None
+        dtypes = [k[1] for k in key]
+        self.acc = torch.float64 if all(d == torch.float64 for d in dtypes) else torch.float32
+        self.finite_plan = finite_plan([key[i] for i in self.finite]) if self.finite else None
+        order = self.steer + self.finite
+        self.inverse = torch.argsort(torch.tensor(order))
+        self.device = torch.device(key[0][2])
+        for i, k in enumerate(key):
+            if k[2] != key[0][2]:
+                raise ValueError(f"items[{i}]: weight is on {k[2]}, but items[0] is on {key[0][2]}; "
+                                 "all weights must be on one device")
+
+    def run(self, weights):
+        pens, eqs = [], []
+        for i, cfg in zip(self.steer, self.cfgs):
+            p, e = cfg.ops.penalty_energy(weights[i], cfg.tables, cfg.geometry)
+            pens.append(p.to(self.acc))
+            eqs.append(e.to(self.acc))
+        if self.finite_plan is not None:
+            _, _, p, e = self.finite_plan.run([weights[i] for i in self.finite])
+            pens.extend(p.to(self.acc).unbind(0))
+            eqs.extend(e.to(self.acc).unbind(0))
+        inv = self.inverse.to(pens[0].device)
+        pen = torch.stack(pens).index_select(0, inv)
+        eq = torch.stack(eqs).index_select(0, inv)
+        return pen.sum(), eq.sum(), pen, eq
