@@ -259,12 +259,16 @@ def sharded_layers(model: nn.Module, layers) -> Optional[List[ShardedLayer]]:
     """``ShardedLayer``s of the attached ``layers`` when any of their weights or biases is a
     DTensor or managed by FSDP2; None for a model without sharded parameters."""
     fsdp = fsdp_params(model)
-    out = [ShardedLayer(n, m, s, fsdp) for n, m, s in layers]
-    for l in out:
-        if l.weight_src is not None or l.bias_src is not None or is_dtensor(l.module.weight) \
-                or is_dtensor(l.module.bias):
-            return out
-    return None
+    sharded = any((id(m), "weight") in fsdp or (id(m), "bias") in fsdp or is_dtensor(m.weight)
+                  or is_dtensor(getattr(m, "bias", None)) for _, m, _ in layers)
+    if not sharded:
+        return None
+    from .groups import FiniteGroup
+    for name, _, sym in layers:
+        if not isinstance(sym.group, (str, FiniteGroup)):
+            raise NotImplementedError(f"layer {name!r}: a {type(sym.group).__name__} on a sharded (DTensor / FSDP2) "
+                                      "model is not supported; the sharded penalty serves finite groups")
+    return [ShardedLayer(n, m, s, fsdp) for n, m, s in layers]
 
 
 def layer_type_name(module: nn.Module) -> str:
