@@ -284,3 +284,35 @@ def test_attach_symmetry_on_conv3d():
         pk.attach_symmetry(nn.Conv3d(24, 24, 3, groups=2), "O", "regular", "regular")
     with pytest.raises(ValueError, match=r"^layer '0' \(Conv3d 24x1x3x5x5\): weight: O permutes the kernel's axes"):
         pk.attach_regular_gcnn(nn.Sequential(nn.Conv3d(1, 24, (3, 5, 5))), "O")
+
+
+# --- the reference module's own routes, and the decay ----------------------------------------------------
+
+@pytest.mark.parametrize("case", [("O", (24, 2, 3, 3, 3), "trivial", "regular"), ("Oh", (2, 48, 2, 2, 2), "regular", "trivial"),
+                                  ("T", (12, 12, 3, 3, 3), "regular", "regular"), ("T", (2, 3, 4, 4, 4), "trivial", "trivial")],
+                         ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}")
+def test_brute_force_and_orbit_forms_agree(case):
+    from projkernels import reference as R
+    from cases import Oracle
+
+    group, shape, ir, orr = case
+    w = seeded_weight(case)
+    o = Oracle(w, group, ir, orr)
+    torch.testing.assert_close(R.brute_force_project(w, group, ir, orr), o.p, rtol=1e-13, atol=1e-14)
+    table = pk.orbit_table(w, group, ir, orr)
+    torch.testing.assert_close(R.project(w, table), o.p, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(R.spectrum(w, table), o.spectrum, rtol=1e-10, atol=1e-12 * float(o.w.square().sum()))
+
+
+def test_equivariance_decay_on_conv3d():
+    """The decoupled decay step on a Conv3d layer under Oh: W <- W - lr 2 lambda (W - P W)."""
+    conv = nn.Conv3d(2, 48, 3, bias=False).double()
+    pk.attach_symmetry(conv, "Oh", "trivial", "regular")
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+    handle = pk.equivariance_decay(opt, conv, lambda_perp=0.5)
+    w0 = conv.weight.detach().clone()
+    conv.weight.grad = torch.zeros_like(w0)
+    opt.step()
+    expected = w0 - 0.1 * 2 * 0.5 * (w0 - pk.project(w0, "Oh", "trivial", "regular"))
+    torch.testing.assert_close(conv.weight.detach(), expected, rtol=1e-12, atol=1e-14)
+    handle.remove()
