@@ -281,13 +281,15 @@ def _cube_action(kernel: torch.Tensor, element: int, mats: np.ndarray) -> torch.
     # (x, y, z) = M (u - o), o the centre: x along the last dim, y and z against the middle and first
     # dims (escnn's R3Conv grid).  In array coordinates g is the signed permutation A = M^T R M, and
     # T_g(W)[u] = W[o + A^-1 (u - o)]: flip the dims whose entry of A^-1 is -1, then permute the dims.
-    a_inv = (_GRID.T @ mats[element] @ _GRID).T
-    src = np.abs(a_inv).argmax(axis=1)                 # A^-1 reads dim src[i] into dim i (up to sign)
+    a_inv = (_GRID.T @ mats[element] @ _GRID).T     # A^-1 = A^T: a signed permutation too
+    # (A^-1 u')_i = +-u'_src[i]: the output's index in dim src[i] picks the input's index in dim i
+    # (reversed where the sign is -1).  Flip those input dims, then move input dim i to place src[i],
+    # which is permute() with the order argsort(src).
+    src = np.abs(a_inv).argmax(axis=1)
     flips = [i - 3 for i in range(3) if a_inv[i, src[i]] < 0]
     out = torch.flip(kernel, flips) if flips else kernel
     lead = list(range(kernel.dim() - 3))
-    perm = np.argsort(src)                             # dims = src^-1 (see docs/design.md, Conventions)
-    return out.permute(lead + [len(lead) + int(d) for d in perm])
+    return out.permute(lead + [len(lead) + int(d) for d in np.argsort(src)])
 
 
 # (x, y, z) = _GRID @ (a - o, b - o, c - o) for the kernel dims (-3, -2, -1).
