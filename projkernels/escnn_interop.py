@@ -137,35 +137,41 @@ def symmetries_from_escnn(model) -> Dict[str, Symmetry]:
     return out
 
 
-def _exported_copy(module):
-    """A plain-PyTorch copy of ``module``: escnn parts through their ``export()``, the rest copied.
+def _export(module):
+    """escnn's ``export()`` of one escnn module, leaving the module as it was.
 
-    Without ``copy.deepcopy`` of escnn modules: deep-copying a module built on the cube groups fails
-    inside escnn (its group elements are hashed before they are rebuilt).  ``export()`` switches escnn
-    modules to eval mode, so every module's mode is put back afterwards, and the export's tensors are
-    cloned, since escnn hands out the module's own cached filter.
+    ``export()`` switches the module to eval mode, so every submodule's mode is put back afterwards,
+    and the export's tensors are cloned, since escnn hands out the module's own cached filter.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        out = module.export()
+    finally:
+        for m, mode in modes:  # parents first: a parent's train() also sets its children
+            if m.training != mode:
+                m.train(mode)
+    for t in list(out.parameters()) + list(out.buffers()):
+        t.data = t.data.clone()
+    return out
+
+
+def _exported_copy(model):
+    """A plain-PyTorch copy of ``model``: escnn parts through their ``export()``, the rest deep-copied.
+
+    The escnn modules are never deep-copied (for a module built on the cube groups that fails inside
+    escnn, whose group elements are hashed before they are rebuilt): the outermost ones are exported
+    first and handed to ``copy.deepcopy`` as the copies of themselves.
     """
     enn = _escnn().nn
-    if isinstance(module, enn.EquivariantModule):
-        modes = [(m, m.training) for m in module.modules()]
-        try:
-            out = module.export()
-        finally:
-            for m, mode in modes:  # parents first: a parent's train() also sets its children
-                if m.training != mode:
-                    m.train(mode)
-        for t in list(out.parameters()) + list(out.buffers()):
-            t.data = t.data.clone()
-        return out
-    if not any(isinstance(m, enn.EquivariantModule) for m in module.modules()):
-        return copy.deepcopy(module)
-    clone = copy.copy(module)  # a new module object; its dicts are replaced below, never shared
-    clone.__dict__ = {k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-    clone._parameters = type(module._parameters)((k, copy.deepcopy(v)) for k, v in module._parameters.items())
-    clone._buffers = type(module._buffers)((k, copy.deepcopy(v)) for k, v in module._buffers.items())
-    clone._modules = type(module._modules)((k, None if c is None else _exported_copy(c))
-                                           for k, c in module._modules.items())
-    return clone
+    if isinstance(model, enn.EquivariantModule):
+        return _export(model)
+    memo = {}
+    inside = set()
+    for m in model.modules():  # parents before children
+        if isinstance(m, enn.EquivariantModule) and id(m) not in inside:
+            memo[id(m)] = _export(m)
+            inside.update(id(c) for c in m.modules())
+    return copy.deepcopy(model, memo)
 
 
 def from_escnn_export(model) -> nn.Module:
