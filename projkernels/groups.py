@@ -353,6 +353,17 @@ def tetrahedral() -> FiniteGroup:
 
 
 _CUBE_GROUPS = {"O": octahedral, "Oh": full_octahedral, "T": tetrahedral}
+# The cube groups once built, by name: a plain dict, so that torch.compile, tracing the model-level
+# functions that look a group up, reads the built group instead of inlining its construction (the
+# tracer does not use functools.lru_cache's cache).
+_CUBE_BUILT: dict = {}
+
+
+def _cube_group_named(name: str) -> FiniteGroup:
+    group = _CUBE_BUILT.get(name)
+    if group is None:
+        group = _CUBE_BUILT[name] = _CUBE_GROUPS[name]()
+    return group
 
 
 # Group names.  A built-in group is named exactly ``C<N>`` or ``D<N>`` (an upper-case letter and N
@@ -433,7 +444,7 @@ def get_group(group, argument: str = "group") -> FiniteGroup:
     if group in _REGISTERED:
         return _REGISTERED[group]
     if group in _CUBE_GROUPS:
-        return _CUBE_GROUPS[group]()
+        return _cube_group_named(group)
     m = _BUILTIN_RE.fullmatch(group)
     if m is not None:
         n = int(m.group(2))

@@ -316,3 +316,16 @@ def test_equivariance_decay_on_conv3d():
     expected = w0 - 0.1 * 2 * 0.5 * (w0 - pk.project(w0, "Oh", "trivial", "regular"))
     torch.testing.assert_close(conv.weight.detach(), expected, rtol=1e-12, atol=1e-14)
     handle.remove()
+
+
+def test_model_penalty_of_a_conv3d_model_under_torch_compile():
+    """fullgraph compile of model_penalty (the traced route looks the group up for the bias fields)."""
+    model = _cnn3d(pk.get_group("T").order, fields=1)
+    pk.attach_regular_gcnn(model, "T", last_out="trivial")
+    compiled = torch.compile(lambda: pk.model_penalty(model, lambda_perp=1.0, lambda_G=0.5), fullgraph=True)
+    got = compiled()
+    expected = pk.model_penalty(model, lambda_perp=1.0, lambda_G=0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    params = [m.weight for _, m, _ in pk.attached_layers(model)]
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
