@@ -1,6 +1,7 @@
 """What people compute today instead of projkernels, written as they would write it.
 
-- ``EagerGroupLoop``: sum over g of ||W - Pi_g W||^2 / (2|G|) with rot90 / flip copies and channel
+- ``EagerGroupLoop``: sum over g of ||W - Pi_g W||^2 / (2|G|) with rot90 / flip copies (for the cube
+  groups on Conv3d weights: flips and a permutation of the three kernel dims) and channel
   permutations.  For an orthogonal action sum_g ||W - Pi_g W||^2 = 2|G| ||W - P W||^2, so this is the
   same number as the projection penalty.
 - ``compiled_gather_penalty``: ``torch.compile`` of the pure-PyTorch orbit-gather code of
@@ -47,18 +48,30 @@ class EagerGroupLoop:
         self.order = G.order
         self.ops = []
         spatial = len(shape) == 4 and shape[-1] > 1
+        cube = len(shape) == 5 and shape[-1] > 1
         for g, (flip, rot) in enumerate(G.elements):
             po = _channel_perm(G, out_rep, g, shape[0])
             pi = _channel_perm(G, in_rep, g, shape[1])
-            k = rot * 4 // G.rotation_order if spatial else 0
-            self.ops.append((bool(flip) and spatial, k,
-                             None if po is None else po.to(device), None if pi is None else pi.to(device)))
+            if cube:
+                # A signed permutation of the grid: flip some kernel dims, then permute them.
+                flips, perm = _flip_and_permute(G.matrices[g])
+                geometry = (flips, perm)
+            else:
+                geometry = (bool(flip) and spatial, rot * 4 // G.rotation_order if spatial else 0)
+            self.ops.append((cube, geometry, None if po is None else po.to(device),
+                             None if pi is None else pi.to(device)))
 
     def transformed(self, w: torch.Tensor, op) -> torch.Tensor:
-        flip, k, po, pi = op
-        t = torch.flip(w, [-1]) if flip else w
-        if k:
-            t = torch.rot90(t, k, dims=(-2, -1))
+        cube, geometry, po, pi = op
+        if cube:
+            flips, perm = geometry
+            t = torch.flip(w, flips) if flips else w
+            t = t.permute(0, 1, *perm)
+        else:
+            flip, k = geometry
+            t = torch.flip(w, [-1]) if flip else w
+            if k:
+                t = torch.rot90(t, k, dims=(-2, -1))
         if po is not None:
             t = t.index_select(0, po)
         if pi is not None:
@@ -70,6 +83,16 @@ class EagerGroupLoop:
         for op in self.ops:
             total = total + (w - self.transformed(w, op)).square().sum()
         return total / (2 * self.order)
+
+
+def _flip_and_permute(matrix):
+    """(dims to flip, order of the kernel dims) that move a (out, in, k, k, k) kernel by the 3x3
+    ``matrix`` on points (x, y, z) = (c - o, o - b, o - a) of the grid (docs/design.md, Conventions)."""
+    grid = torch.tensor([[0, 0, 1], [0, -1, 0], [-1, 0, 0]])
+    a_inv = (grid.T @ torch.as_tensor(matrix.tolist()) @ grid).T     # the move on array indices, inverted
+    src = a_inv.abs().argmax(dim=1)
+    flips = [2 + i for i in range(3) if a_inv[i, src[i]] < 0]
+    return flips, [2 + int(d) for d in torch.argsort(src)]
 
 
 # --- torch.compile baselines -------------------------------------------------------------------

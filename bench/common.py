@@ -85,6 +85,17 @@ CASES: List[Case] = [
     Case((1536, 1536, 3, 3), "D4", "regular", "regular", F32, large=True),
 ]
 
+# Conv3d under the cube groups (``python bench/run.py --conv3d``): Oh's 48-channel regular fields with a
+# 3x3x3 kernel, and O on scalar (trivial) channels with a 5x5x5 kernel.  CPU-sized.
+CONV3D_CASES: List[Case] = [
+    Case((96, 96, 3, 3, 3), "Oh", "regular", "regular", F32, note="Conv3d, 2 regular fields of 48"),
+    Case((192, 192, 3, 3, 3), "Oh", "regular", "regular", F32, note="Conv3d, 4 regular fields of 48"),
+    Case((192, 192, 3, 3, 3), "Oh", "regular", "regular", BF16, note="Conv3d"),
+    Case((64, 64, 5, 5, 5), "O", "trivial", "trivial", F32, note="Conv3d, scalar channels"),
+    Case((128, 128, 5, 5, 5), "O", "trivial", "trivial", F32, note="Conv3d, scalar channels"),
+]
+CASES = CASES + CONV3D_CASES
+
 # The series drawn in the plot (time vs weight size).
 SERIES = lambda c: c.group == "C4" and c.in_rep == "regular" and c.out_rep == "regular" and c.dtype == F32
 

@@ -5,6 +5,7 @@
     python bench/run.py --out bench/results.json --plot bench/plot.png --markdown bench/RESULTS.md
     python bench/run.py --host                # host cost vs native ops only (CPU, 1 thread; bench/host.py)
     python bench/run.py --decay               # one decay step vs model_penalty and _foreach_mul_ (bench/decay_bench.py)
+    python bench/run.py --conv3d --markdown bench/RESULTS.md   # only the Conv3d rows (cube groups)
 
 Forward = penalty (ours: penalty and energy from one pass); forward+backward = the penalty and its
 gradient.  Effective bytes: one read of W forward; read W, read W again, write dW for both.  The
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 import common as C  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+CONV3D_BEGIN, CONV3D_END = "<!-- conv3d:begin -->", "<!-- conv3d:end -->"
 
 
 def _ms(t):
@@ -278,14 +280,34 @@ def markdown_block(data):
     return "\n".join(parts)
 
 
-def write_markdown(path, block):
-    text = open(path).read() if os.path.exists(path) else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+def write_markdown(path, block, begin=BEGIN, end=END):
+    text = open(path).read() if os.path.exists(path) else f"# Benchmark results\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     with open(path, "w") as fh:
-        fh.write(head + BEGIN + "\n" + block + "\n" + END + tail)
+        fh.write(head + begin + "\n" + block + "\n" + end + tail)
+
+
+def conv3d_block(data):
+    """The Conv3d rows (cube groups) as markdown, with the machine, date and commit they were run on."""
+    info = data["info"]
+    rows, header = layer_rows(data["layers"], data["copy_GBps"] * 1e9)
+    by = {(r["case"], r["method"]): r for r in data["layers"]}
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in data["layers"]):
+        eager, comp = by.get((case, "eager loop"), {}), by.get((case, "compile(gather)"), {})
+        best = min((r for (c, m), r in by.items() if c == case and m.startswith("ours:") and r.get("fwdbwd_s")),
+                   key=lambda r: r["fwdbwd_s"], default=None)
+        if best and eager.get("fwdbwd_s") and comp.get("fwdbwd_s"):
+            lines.append(f"- {case}: {best['method']} fwd+bwd {_ms(best['fwdbwd_s'])} ms, "
+                         f"{eager['fwdbwd_s'] / best['fwdbwd_s']:.1f}x faster than the eager group loop, "
+                         f"{comp['fwdbwd_s'] / best['fwdbwd_s']:.1f}x faster than torch.compile(gather)")
+    return "\n".join([
+        f"Device: {info['name']} ({info['device']}, {info.get('cores', '?')} cores, {info['threads']} torch threads), "
+        f"torch {info['torch']}; date {data['date']}; commit {info['commit']}; command `{data['command']}`.",
+        "", *lines, "", md_table(rows, header), ""])
 
 
 def main(argv=None):
@@ -299,6 +321,8 @@ def main(argv=None):
     ap.add_argument("--passes", type=int, default=2, help="separate measurements per entry; the best is kept")
     ap.add_argument("--quick", action="store_true", help="a few cases only (smoke run)")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--conv3d", action="store_true",
+                    help="only the Conv3d rows (the cube groups O / Oh on 3-D kernels); --markdown updates their section")
     ap.add_argument("--host", action="store_true",
                     help="only the host-cost table: the API on tiny weights vs native ops, CPU, 1 thread")
     ap.add_argument("--decay", action="store_true",
@@ -328,6 +352,16 @@ def main(argv=None):
     data = {"info": info, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "copy_GBps": copy_bw / 1e9, "large": large}
+    if args.conv3d:
+        log("Conv3d layers:")
+        data["layers"] = run_layers(C.CONV3D_CASES, device, copy_bw, args.min_time, log, args.passes)
+        rows, header = layer_rows(data["layers"], copy_bw)
+        print()
+        print(table(rows, header))
+        if args.markdown:
+            write_markdown(args.markdown, conv3d_block(data), CONV3D_BEGIN, CONV3D_END)
+            log(f"updated {args.markdown}")
+        return
     log("single layer:")
     data["layers"] = run_layers(cases, device, copy_bw, args.min_time, log, args.passes)
     log("whole model:")

@@ -12,6 +12,9 @@ from projkernels.reference import brute_force_project
     ((16, 8, 3, 3), "D4", "trivial", "regular"),
     ((6, 16, 4, 4), "D4", "regular", "trivial"),
     ((12, 8), "C4", "regular", "regular"),
+    ((48, 2, 3, 3, 3), "Oh", "trivial", "regular"),
+    ((24, 24, 2, 2, 2), "O", "regular", "regular"),
+    ((3, 2, 4, 4, 4), "T", "trivial", "trivial"),
 ])
 def test_baselines_equal_the_penalty(shape, group, in_rep, out_rep):
     w = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

@@ -5,7 +5,8 @@ numbers: the element order fixes the regular representation's basis, ``mul`` fix
 ``characters`` fix the isotypic decomposition, and ``kernel_action`` says how an element moves a
 kernel.  ``C<N>`` and ``D<N>`` are the built-in instances (docs/design.md, Conventions); a new
 finite group is a new instance of the same dataclass, not new kernel code (docs/design.md, Adding a
-group).
+group).  ``O``, ``Oh`` and ``T``, the symmetry groups of the cube (and of the tetrahedron inside it),
+act on 3-D kernels (Conv3d weights) by signed permutations of the kernel axes.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import functools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["FiniteGroup", "get_group", "irrep_names", "cyclic", "dihedral", "register_group", "group_name_for_ops"]
+__all__ = ["FiniteGroup", "get_group", "irrep_names", "cyclic", "dihedral", "octahedral", "full_octahedral",
+           "tetrahedral", "register_group", "group_name_for_ops"]
 
 
 # The largest intermediate a group's tables need is the isotypic basis's [|G|, |G|, |G|] float64
@@ -46,9 +48,15 @@ class FiniteGroup:
     irrep_names: Tuple[str, ...]
     irrep_dims: Tuple[int, ...]
     characters: np.ndarray                  # [n_irreps, |G|] real characters of the real irreps
-    rotation_order: int                     # N
+    rotation_order: int                     # N (the cube groups: the largest rotation order, 4 or 3)
     has_reflections: bool
     _kernel_action: Callable = field(repr=False, default=None)
+    # The kernels the action is written for: 2 for the square-grid groups (which also act on 1-D
+    # kernels), 3 for the cube groups (3-D kernels).  Kernel-free weights suit every group.
+    kernel_ndim: int = 2
+    # The cube groups: [|G|, 3, 3] integer matrices, how each element moves a point (x, y, z) of the
+    # kernel grid (docs/design.md, Conventions); None for the others.
+    matrices: Optional[np.ndarray] = field(repr=False, default=None)
 
     @property
     def order(self) -> int:
@@ -98,9 +106,14 @@ class FiniteGroup:
         e = self.identity
         return np.array([int(np.nonzero(self.mul[g] == e)[0][0]) for g in range(self.order)])
 
-    @property
+    @functools.cached_property
     def identity(self) -> int:
-        return 0
+        """Index of the identity element: 0 for C<N> and D<N>; 3 for the cube groups, whose element
+        order is escnn's (its fourth element is the identity)."""
+        rows = np.nonzero((np.asarray(self.mul) == np.arange(self.order)).all(axis=1))[0]
+        if len(rows) != 1:
+            raise AssertionError(f"multiplication table of {self.name} has no unique identity")
+        return int(rows[0])
 
     def __repr__(self) -> str:
         return f"FiniteGroup({self.name}, order={self.order})"
@@ -200,15 +213,169 @@ def dihedral(n: int) -> FiniteGroup:
                        _make_action(_kernel_ndim))
 
 
-# Group names.  A built-in group is named exactly ``C<N>`` or ``D<N>``: an upper-case letter and N
-# in ASCII digits, N >= 1, no sign, leading zeros, spaces or other case.  One spelling per group keeps
-# names usable as cache and table keys, and a typo ("c4", "C04", " C4", non-ASCII digits) fails
-# loudly instead of quietly meaning another spelling's group.
+# --- the cube groups O, Oh and T (docs/design.md, Conventions) ---------------------------------
+#
+# Elements are rotation matrices on R^3 (signed permutation matrices), in escnn's element order for
+# ``octaOnR3()`` / ``fullOctaOnR3()``, so that escnn's regular fields have the same channel layout.
+# escnn lists O as scipy's ``Rotation.create_group('O')`` does: the 12 rotations of the tetrahedron
+# inscribed in the cube first (the half turns about x, y, z, the identity, then the eight turns by
+# 120 degrees about the body diagonals), then the 12 others.  The quaternions below (x, y, z, w)
+# restate that order; the matrices follow from them.  T is the first 12 elements of O, in the same
+# order.  Oh = O x {1, -1} (the point reflection -1 through the centre): element (f, j) is
+# (-1)^f R_j, at index 24 f + j, escnn's direct-product order.
+
+def _quaternion_matrix(q) -> np.ndarray:
+    x, y, z, w = q
+    m = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                  [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                  [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    r = np.rint(m)
+    if not np.allclose(m, r, atol=1e-12):
+        raise AssertionError(f"quaternion {q} is not a symmetry of the cube")
+    return r.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _octahedral_rotations() -> np.ndarray:
+    """[24, 3, 3] rotation matrices of O in escnn's element order."""
+    quats = [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)]
+    # The eight turns by 120 degrees: (1, sy, sz, sw) / 2, sw outermost, then sy, then sz, minus first.
+    quats += [(0.5, 0.5 * sy, 0.5 * sz, 0.5 * sw) for sw in (1, -1) for sy in (-1, 1) for sz in (-1, 1)]
+    c = math.sqrt(0.5)
+    for q in [(1, 0, 0, 1), (0, 1, 0, 1), (0, 0, 1, 1), (0, 0, -1, 1), (0, -1, 0, 1), (-1, 0, 0, 1),
+              (0, 1, 1, 0), (0, -1, 1, 0), (1, 0, 1, 0), (-1, 0, 1, 0), (1, 1, 0, 0), (-1, 1, 0, 0)]:
+        quats.append(tuple(c * v for v in q))
+    mats = np.stack([_quaternion_matrix(q) for q in quats])
+    mats.setflags(write=False)
+    return mats
+
+
+def _cube_characters(mats: np.ndarray):
+    """Per element: the trace t of its rotation part R, the sign s of the permutation of axes |R|, and
+    the number n of axes |R| fixes.  They give every character of O: trivial 1, irrep_1 (R itself,
+    escnn's Wigner-D of frequency 1) t, irrep_-1 t s, irrep_2 n - 1 (the permutation action on the
+    three axes minus the trivial part), irrep_3 s."""
+    rot = mats * np.linalg.det(mats).round().astype(np.int64)[:, None, None]  # the rotation part
+    perm = np.abs(rot)
+    t = np.trace(rot, axis1=1, axis2=2).astype(np.float64)
+    s = np.linalg.det(perm).round()
+    n = np.trace(perm, axis1=1, axis2=2).astype(np.float64)
+    return t, s, n
+
+
+def _matrix_table(mats: np.ndarray) -> np.ndarray:
+    index = {m.tobytes(): i for i, m in enumerate(mats)}
+    if len(index) != len(mats):
+        raise AssertionError("repeated group element")
+    return np.array([[index[(a @ b).tobytes()] for b in mats] for a in mats], dtype=np.int64)
+
+
+def _cube_action(kernel: torch.Tensor, element: int, mats: np.ndarray) -> torch.Tensor:
+    """T_g on the last three dims (kernel-free weights are left alone)."""
+    spatial = kernel.shape[2:] if kernel.dim() > 2 else ()
+    if all(s == 1 for s in spatial):
+        return kernel
+    if len(spatial) != 3:
+        raise ValueError(f"group: the cube groups act on 3-D kernels, got a kernel of shape {tuple(spatial)}")
+    # The grid point at array index u = (a, b, c) of the kernel dims (-3, -2, -1) is
+    # (x, y, z) = M (u - o), o the centre: x along the last dim, y and z against the middle and first
+    # dims (escnn's R3Conv grid).  In array coordinates g is the signed permutation A = M^T R M, and
+    # T_g(W)[u] = W[o + A^-1 (u - o)]: flip the dims whose entry of A^-1 is -1, then permute the dims.
+    a_inv = (_GRID.T @ mats[element] @ _GRID).T     # A^-1 = A^T: a signed permutation too
+    # (A^-1 u')_i = +-u'_src[i]: the output's index in dim src[i] picks the input's index in dim i
+    # (reversed where the sign is -1).  Flip those input dims, then move input dim i to place src[i],
+    # which is permute() with the order argsort(src).
+    src = np.abs(a_inv).argmax(axis=1)
+    flips = [i - 3 for i in range(3) if a_inv[i, src[i]] < 0]
+    out = torch.flip(kernel, flips) if flips else kernel
+    lead = list(range(kernel.dim() - 3))
+    return out.permute(lead + [len(lead) + int(d) for d in np.argsort(src)])
+
+
+# (x, y, z) = _GRID @ (a - o, b - o, c - o) for the kernel dims (-3, -2, -1).
+_GRID = np.array([[0, 0, 1], [0, -1, 0], [-1, 0, 0]], dtype=np.int64)
+
+
+def _cube_group(name: str, mats: np.ndarray, elements, irreps, rotation_order: int, reflections: bool) -> FiniteGroup:
+    mats = np.ascontiguousarray(mats)
+    mats.setflags(write=False)
+    names, dims, chars = zip(*irreps)
+
+    index = {e: i for i, e in enumerate(elements)}
+
+    def action(kernel, element, n):
+        return _cube_action(kernel, index[element], mats)
+
+    return FiniteGroup(name, tuple(elements), _matrix_table(mats), tuple(names), tuple(dims),
+                       np.stack(chars).astype(np.float64), rotation_order, reflections, action, 3, mats)
+
+
+def _octahedral_irreps(mats: np.ndarray):
+    """(name, dim, character) of O's real irreps in escnn's ``octa_group().irreps()`` order."""
+    t, s, n = _cube_characters(mats)
+    return [("irrep_0", 1, np.ones(len(mats))), ("irrep_1", 3, t), ("irrep_-1", 3, t * s),
+            ("irrep_2", 2, n - 1), ("irrep_3", 1, s)]
+
+
+@functools.lru_cache(maxsize=None)
+def octahedral() -> FiniteGroup:
+    """O: the 24 rotations of the cube, in escnn's ``octaOnR3()`` element order."""
+    mats = _octahedral_rotations()
+    return _cube_group("O", mats, [(0, j) for j in range(24)], _octahedral_irreps(mats), 4, False)
+
+
+@functools.lru_cache(maxsize=None)
+def full_octahedral() -> FiniteGroup:
+    """Oh: O and its products with the point reflection -1 (48 elements), escnn's ``fullOctaOnR3()``
+    order: (f, j) = (-1)^f R_j at index 24 f + j.  Its irreps are escnn's too: for the reflection's
+    irrep i in (0, 1) (outer) and O's irrep l (inner), ``irrep_[(i,),(l,)](0)`` with character
+    (-1)^(i f) chi_l(j)."""
+    rot = _octahedral_rotations()
+    mats = np.concatenate([rot, -rot])
+    flag = np.repeat([0, 1], 24)
+    irreps = []
+    for i in (0, 1):
+        for name, dim, chi in _octahedral_irreps(rot):
+            irreps.append((f"irrep_[({i},),({name[6:]},)](0)", dim, np.tile(chi, 2) * (-1.0) ** (i * flag)))
+    return _cube_group("Oh", mats, [(f, j) for f in (0, 1) for j in range(24)], irreps, 4, True)
+
+
+@functools.lru_cache(maxsize=None)
+def tetrahedral() -> FiniteGroup:
+    """T: the 12 rotations of the tetrahedron inscribed in the cube, the first 12 elements of O in O's
+    order (escnn has no T on R^3; this is its subgroup of ``octaOnR3()``).  Real irreps, named after the
+    irreps of O they come from: ``irrep_0`` (trivial), ``irrep_1`` (the rotation matrices, 3-D) and
+    ``irrep_2`` (2-D, of complex type: the two conjugate 1-D complex irreps together)."""
+    mats = _octahedral_rotations()[:12]
+    t, s, n = _cube_characters(mats)
+    irreps = [("irrep_0", 1, np.ones(12)), ("irrep_1", 3, t), ("irrep_2", 2, n - 1)]
+    return _cube_group("T", mats, [(0, j) for j in range(12)], irreps, 3, False)
+
+
+_CUBE_GROUPS = {"O": octahedral, "Oh": full_octahedral, "T": tetrahedral}
+# The cube groups once built, by name: a plain dict, so that torch.compile, tracing the model-level
+# functions that look a group up, reads the built group instead of inlining its construction (the
+# tracer does not use functools.lru_cache's cache).
+_CUBE_BUILT: dict = {}
+
+
+def _cube_group_named(name: str) -> FiniteGroup:
+    group = _CUBE_BUILT.get(name)
+    if group is None:
+        group = _CUBE_BUILT[name] = _CUBE_GROUPS[name]()
+    return group
+
+
+# Group names.  A built-in group is named exactly ``C<N>`` or ``D<N>`` (an upper-case letter and N
+# in ASCII digits, N >= 1, no sign, leading zeros, spaces or other case) or exactly ``O``, ``Oh`` or
+# ``T``.  One spelling per group keeps names usable as cache and table keys, and a typo ("c4", "C04",
+# " C4", "oh", "OH", non-ASCII digits) fails loudly instead of quietly meaning another spelling's group.
 _BUILTIN_RE = re.compile(r"([CD])([1-9][0-9]*)", re.ASCII)
 # Names that look like a built-in spelled another way; reserved, so that no user group can take one.
-_RESERVED_RE = re.compile(r"\s*[CcDd]\s*[+-]?\s*\d+\s*")
+_RESERVED_RE = re.compile(r"\s*(?:[CcDd]\s*[+-]?\s*\d+|[Oo]\s*[Hh]?|[Tt])\s*")
 _ACCEPTED = ("'C<N>' (cyclic) or 'D<N>' (dihedral) with N >= 1 in ASCII digits, no leading zeros, "
-             "spaces or lower case, e.g. 'C4', 'D8'")
+             "spaces or lower case, e.g. 'C4', 'D8'; or 'O', 'Oh', 'T' (the cube's rotations, its rotations "
+             "and reflections, the tetrahedron's rotations; for Conv3d)")
 
 # Groups added with register_group, by name.  Process-local: the registry lives in this module, so a
 # new process (a spawned DataLoader worker, multiprocessing, a restarted kernel) or a reload of
@@ -217,7 +384,7 @@ _REGISTERED: dict = {}
 
 
 def _is_builtin_name(name: str) -> bool:
-    return _BUILTIN_RE.fullmatch(name) is not None
+    return name in _CUBE_GROUPS or _BUILTIN_RE.fullmatch(name) is not None
 
 
 def register_group(group: FiniteGroup) -> FiniteGroup:
@@ -235,7 +402,8 @@ def register_group(group: FiniteGroup) -> FiniteGroup:
         raise ValueError(f"group: a registered group needs a non-empty name without surrounding spaces, "
                          f"got {name!r}")
     if _RESERVED_RE.fullmatch(name):
-        raise ValueError(f"group: the name {name!r} is reserved for the built-in C<N> / D<N>; pick another name")
+        raise ValueError(f"group: the name {name!r} is reserved for the built-in C<N> / D<N> / O / Oh / T; "
+                         "pick another name")
     if _REGISTERED.get(name, group) is not group:
         # Tables are cached by name downstream: a second group under one name would read stale ones.
         raise ValueError(f"group: a different group is already registered as {name!r}; pick another name")
@@ -248,7 +416,8 @@ def group_name_for_ops(group, argument: str = "group") -> str:
     if isinstance(group, FiniteGroup):
         if _is_builtin_name(group.name):
             if get_group(group.name, argument) is not group:
-                raise ValueError(f"{argument}: the name {group.name!r} is reserved for the built-in C<N> / D<N>")
+                raise ValueError(f"{argument}: the name {group.name!r} is reserved for the built-in "
+                                 "C<N> / D<N> / O / Oh / T")
         elif _REGISTERED.get(group.name) is not group:
             register_group(group)
         return group.name
@@ -260,7 +429,8 @@ def group_name_for_ops(group, argument: str = "group") -> str:
 
 
 def get_group(group, argument: str = "group") -> FiniteGroup:
-    """The ``FiniteGroup`` for a name (``"C4"``, ``"D8"``, ... or a registered name) or a ``FiniteGroup``.
+    """The ``FiniteGroup`` for a name (``"C4"``, ``"D8"``, ..., ``"O"``, ``"Oh"``, ``"T"`` or a registered
+    name) or a ``FiniteGroup``.
 
     Raises TypeError for a non-string and ValueError for an unknown name, both starting with
     ``argument``; the ValueError lists the accepted forms and, for a name that is not a built-in,
@@ -269,10 +439,12 @@ def get_group(group, argument: str = "group") -> FiniteGroup:
     if isinstance(group, FiniteGroup):
         return group
     if not isinstance(group, str):
-        raise TypeError(f"{argument}: expected a group name like 'C4' or 'D4' (str) or a FiniteGroup, "
+        raise TypeError(f"{argument}: expected a group name like 'C4', 'D4' or 'O' (str) or a FiniteGroup, "
                         f"got {type(group).__name__}")
     if group in _REGISTERED:
         return _REGISTERED[group]
+    if group in _CUBE_GROUPS:
+        return _cube_group_named(group)
     m = _BUILTIN_RE.fullmatch(group)
     if m is not None:
         n = int(m.group(2))

@@ -3,7 +3,9 @@
 A symmetry ``(group, in_rep, out_rep)`` is stored on the layer itself (attribute
 ``_projkernels_symmetry``), so it follows the module through ``copy.deepcopy``, ``model.to(...)``
 and wrapping in bigger models, and it never enters the ``state_dict``.  Supported layers are
-``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (and subclasses) with ``groups=1``.
+``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` (and subclasses) with ``groups=1``; the
+group must act on the layer's kernel (C<N> / D<N> on 1-D and 2-D kernels, O / Oh / T on 3-D ones,
+any group on kernel-free layers: Linear and 1x1 convs).
 
 Biases.  For a layer whose output fields are ``regular``, the bias is equivariant exactly when
 it is constant on each field; for ``trivial`` output fields every bias is equivariant.  So the
@@ -34,7 +36,7 @@ __all__ = ["Symmetry", "attach_symmetry", "detach_symmetry", "get_symmetry", "at
            "attach_regular_gcnn", "attached_layers", "model_penalty", "project_", "equivariance_report",
            "format_report", "SUPPORTED_LAYERS"]
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ATTR = "_projkernels_symmetry"
 
 
@@ -68,8 +70,8 @@ def _as_symmetry(spec: SymmetryLike) -> Optional[Symmetry]:
 
 def _check_module(module, name: str = "module") -> None:
     if not isinstance(module, SUPPORTED_LAYERS):
-        raise TypeError(f"{name}: expected nn.Linear, nn.Conv1d or nn.Conv2d, got {type(module).__name__}")
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+        raise TypeError(f"{name}: expected nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(module).__name__}")
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups != 1:
         # A grouped conv's weight is (out, in/groups, ...): its dim 1 is not the layer's input space.
         raise ValueError(f"{name}: grouped convolutions (groups={module.groups}) are not supported; "
                          "use groups=1")
@@ -149,10 +151,12 @@ def attach_symmetries(model: nn.Module, rule: Callable[[str, nn.Module], Symmetr
 
 
 def attach_regular_gcnn(model: nn.Module, group="C4", *, first_in: str = "trivial", last_out: str = "regular",
-                        layer_types: Sequence[type] = (nn.Conv1d, nn.Conv2d)) -> Dict[str, Symmetry]:
+                        layer_types: Sequence[type] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)) -> Dict[str, Symmetry]:
     """The common G-CNN layout: every conv (in module order) is regular -> regular, except that the
     first takes ``first_in`` fields (the image's trivial channels) and the last gives ``last_out``
-    (``"trivial"`` for an invariant / scalar-field head).  Errors name the offending layer."""
+    (``"trivial"`` for an invariant / scalar-field head).  Errors name the offending layer.  For a
+    3-D CNN pass a cube group (``"O"``, ``"Oh"``, ``"T"``): its regular fields are |G| channels in
+    escnn's element order."""
     group = get_group(group_name_for_ops(group)).name  # a bad group fails once, before any layer
     layers = [name for name, m in model.named_modules() if isinstance(m, tuple(layer_types))]
     if not layers:

@@ -48,16 +48,36 @@ def check_weight(weight) -> None:
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
     if not weight.dtype.is_floating_point:
         raise TypeError(f"weight: expected a floating dtype (float16, bfloat16, float32, float64), got {weight.dtype}")
-    if weight.dim() not in (2, 3, 4):
+    if weight.dim() not in (2, 3, 4, 5):
         raise ValueError(
-            "weight: expected shape (out, in) for Linear, (out, in, k) for Conv1d or (out, in, kh, kw) for "
-            f"Conv2d, got {tuple(weight.shape)} ({weight.dim()} dims)")
+            "weight: expected shape (out, in) for Linear, (out, in, k) for Conv1d, (out, in, kh, kw) for "
+            f"Conv2d or (out, in, kd, kh, kw) for Conv3d, got {tuple(weight.shape)} ({weight.dim()} dims)")
+
+
+_LAYER = {1: "Conv1d", 2: "Conv2d", 3: "Conv3d"}
 
 
 def _check_action(group: FiniteGroup, shape: Tuple[int, ...]) -> None:
     kernel = shape[2:]
     if all(k == 1 for k in kernel):
-        return  # kernel-free: any N
+        return  # kernel-free: any group
+    size = "x".join(map(str, kernel))
+    if group.kernel_ndim == 3:
+        # The cube groups permute the axes of a cubic kernel: exact for every size k.
+        if len(kernel) != 3:
+            raise ValueError(
+                f"group: {group.name} acts on 3-D kernels (Conv3d weights (out, in, k, k, k)) and on kernel-free "
+                f"weights; weight has shape {tuple(shape)}, a {size} {_LAYER[len(kernel)]} kernel (use C<N> / D<N> "
+                "for 1-D and 2-D kernels)")
+        if len(set(kernel)) != 1:
+            raise ValueError(
+                f"weight: {group.name} permutes the kernel's axes, so the kernel must be a cube (k x k x k); "
+                f"got a {size} kernel (weight shape {tuple(shape)})")
+        return
+    if len(kernel) == 3:
+        raise ValueError(
+            f"group: {group.name} acts on 1-D and 2-D kernels; weight has shape {tuple(shape)}, a {size} Conv3d "
+            "kernel: use 'O', 'Oh' or 'T' for 3-D kernels (or a 1x1x1 kernel)")
     n = group.rotation_order
     if len(kernel) == 1:
         if n not in (1, 2):
@@ -222,8 +242,8 @@ def orbit_table(weight_or_shape, group="C4", in_rep="trivial", out_rep="trivial"
     g = get_group(group)
     in_rep, out_rep = _check_rep("in_rep", in_rep), _check_rep("out_rep", out_rep)
     so, si = field_size(out_rep, g), field_size(in_rep, g)
-    if len(shape) not in (2, 3, 4):
-        raise ValueError(f"weight: expected 2, 3 or 4 dims (Linear, Conv1d, Conv2d), got shape {shape}")
+    if len(shape) not in (2, 3, 4, 5):
+        raise ValueError(f"weight: expected 2, 3, 4 or 5 dims (Linear, Conv1d, Conv2d, Conv3d), got shape {shape}")
     if shape[0] % so or shape[0] == 0:
         raise ValueError(
             f"weight: dim 0 (out channels) must be a positive multiple of the {out_rep} field size {so} "

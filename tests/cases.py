@@ -3,7 +3,8 @@ independent oracle the backends are held against.
 
 The oracle applies the definition as written: it builds every transformed copy
 Pi_g(W) = rho_out(g) T_g(W) rho_in(g)^T densely (permutation matrices for the channel
-representations, the group's kernel action on the kernel dims) and averages them.  It uses only the
+representations, the group's kernel action on the kernel dims; for the cube groups' 3-D kernels an
+independent point-by-point restatement of it from the elements' 3x3 matrices) and averages them.  It uses only the
 group's data (element order, multiplication table, characters, kernel action) and never the orbit
 tables, their 1/|Stab| weights, the isotypic basis or its row-to-irrep map, so a wrong table or a
 mislabelled spectrum row cannot agree with it by construction.
@@ -40,6 +41,10 @@ CASES_2D = _cases(("C1", "C2", "C4", "D1", "D2", "D4"), [(k, k) for k in range(1
 CASES_1D = _cases(("C1", "C2", "D1", "D2"), [(k,) for k in range(1, 5)])
 CASES_LINEAR = _cases([f"{t}{n}" for t in "CD" for n in range(1, 9)], [()])
 ALL_CASES = CASES_2D + CASES_1D + CASES_LINEAR
+# The cube groups on Conv3d weights (odd and even k, 1x1x1) and kernel-free ones; Oh's regular fields
+# are 48 channels, so the largest shapes keep one field per side.
+CASES_3D = [c for c in _cases(("O", "Oh", "T"), [(), (1, 1, 1), (2, 2, 2), (3, 3, 3)], fields=((1, 1), (2, 1)))
+            if torch.Size(c[1]).numel() <= (65000 if c[1][0] * c[1][1] <= 48 * 48 else 8000)]
 
 
 def case_id(case):
@@ -67,6 +72,30 @@ def dense_rep(G, rep, g, fields):
     return torch.block_diag(*([rho] * fields))
 
 
+def grid_action(w, matrix):
+    """T_g on a (out, in, k, k, k) weight from g's 3x3 matrix on points, written out point by point
+    (independently of the groups' own flip-and-permute code): the kernel entry at array index
+    (a, b, c) sits at (x, y, z) = (c - o, o - b, o - a), o = (k - 1) / 2, and T_g(W) at p is W at
+    g^-1 p."""
+    k = w.shape[-1]
+    o = (k - 1) / 2
+    r_inv = torch.tensor(matrix.tolist(), dtype=torch.float64).T    # g^-1 = g^T for a rotation or reflection
+    a, b, c = torch.meshgrid(*(torch.arange(k, dtype=torch.float64),) * 3, indexing="ij")
+    points = torch.stack([c - o, o - b, o - a]).reshape(3, -1)
+    x, y, z = (r_inv @ points).round(decimals=6)
+    src = ((o - z) * k * k + (o - y) * k + (x + o)).round().long()
+    flat = w.reshape(w.shape[0], w.shape[1], -1)
+    return flat[:, :, src].reshape(w.shape)
+
+
+def kernel_action(G, w, g):
+    """T_g(W): the 3-D kernels of the cube groups by ``grid_action``, everything else by the group's own
+    action (a kernel-free weight is not moved)."""
+    if G.matrices is not None and w.dim() == 5 and any(s != 1 for s in w.shape[2:]):
+        return grid_action(w, G.matrices[g])
+    return G.kernel_action(w, g)
+
+
 def group_copies(weight, group, in_rep, out_rep):
     """[|G|, *shape] float64: Pi_g(W) for every element g, in element order."""
     G = get_group(group)
@@ -74,7 +103,7 @@ def group_copies(weight, group, in_rep, out_rep):
     c_out, c_in = w.shape[0] // field_size(out_rep, G), w.shape[1] // field_size(in_rep, G)
     out = []
     for g in range(G.order):
-        t = G.kernel_action(w, g)
+        t = kernel_action(G, w, g)
         left = torch.tensordot(dense_rep(G, out_rep, g, c_out), t, dims=([1], [0]))        # rho_out(g) T_g(W)
         out.append(torch.tensordot(left, dense_rep(G, in_rep, g, c_in), dims=([1], [1])).movedim(-1, 1))  # ... rho_in(g)^T
     return torch.stack(out)

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 import projkernels as pk
 
-from cases import ALL_CASES, Oracle, c2_x_c4, case_id, oracle_for, seeded_weight, shape_for
+from cases import ALL_CASES, CASES_3D, Oracle, c2_x_c4, case_id, oracle_for, seeded_weight, shape_for
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -94,8 +94,12 @@ LARGE_GROUPS = [(g, shape_for(g, ir, orr, (), ci, co), ir, orr) for g, ir, orr, 
                 [("C16", "regular", "regular", 1, 2), ("D16", "regular", "trivial", 2, 2),
                  ("C64", "trivial", "regular", 2, 1), ("D32", "regular", "regular", 1, 1),
                  ("C64", "regular", "regular", 1, 1), ("D16", "trivial", "trivial", 3, 2)]]
-CASES = ALL_CASES + LARGE_GROUPS
-SUBSAMPLE = ALL_CASES[::6] + LARGE_GROUPS[::2]
+# The cube groups on Conv3d weights: on the slow routes a few, Oh's 48-channel regular fields included.
+CUBE_SUBSAMPLE = [c for c in CASES_3D if case_id(c) in {
+    "Oh-48x48x2x2x2-reg-reg", "Oh-48x1x3x3x3-tri-reg", "O-1x24x3x3x3-reg-tri", "T-1x2x3x3x3-tri-tri",
+    "O-24x24-reg-reg", "Oh-48x1x1x1x1-tri-reg"}]
+CASES = ALL_CASES + CASES_3D + LARGE_GROUPS
+SUBSAMPLE = ALL_CASES[::6] + CUBE_SUBSAMPLE + LARGE_GROUPS[::2]
 
 
 @pytest.mark.parametrize("backend,device,case", _params(CASES, SUBSAMPLE, lambda c: case_id(c)))
@@ -169,8 +173,8 @@ def test_group_given_as_data(backend, device):
 
 # --- the other dtypes ----------------------------------------------------------------------------
 
-DTYPE_CASES = [(c, dt) for c in ALL_CASES[1::9] for dt in (torch.float32,) + HALF]
-DTYPE_SUBSAMPLE = [(c, dt) for c in ALL_CASES[1::27] for dt in (torch.float32,) + HALF]
+DTYPE_CASES = [(c, dt) for c in ALL_CASES[1::9] + CASES_3D[2::9] for dt in (torch.float32,) + HALF]
+DTYPE_SUBSAMPLE = [(c, dt) for c in ALL_CASES[1::27] + CUBE_SUBSAMPLE[:2] for dt in (torch.float32,) + HALF]
 
 
 def _ulp_close(got, expected, dtype, scale, what, factor=1.0):
@@ -291,7 +295,11 @@ BAD = [
      r"must be square; got a 3x5"),
     (lambda d, b: pk.projected_penalty(torch.ones(4, 4, 3, 3, dtype=torch.int32, device=d), backend=b), TypeError,
      r"weight: expected a floating"),
-    (lambda d, b: pk.project(torch.randn(4, 4, 3, 3, 3, device=d), backend=b), ValueError, r"weight: expected shape"),
+    (lambda d, b: pk.project(torch.randn(4, 4, 3, 3, 3, 3, device=d), backend=b), ValueError, r"weight: expected shape"),
+    (lambda d, b: pk.project(torch.randn(4, 4, 3, 3, 3, device=d), backend=b), ValueError,
+     r"group: C4 acts on 1-D and 2-D kernels"),
+    (lambda d, b: pk.project(torch.randn(4, 4, 3, 3, device=d), "O", backend=b), ValueError,
+     r"group: O acts on 3-D kernels"),
     (lambda d, b: pk.multi_penalty([(torch.randn(4, 4, device=d), "C4", "regular", "regular"),
                                     (torch.randn(6, 4, device=d), "C4", "regular", "regular")], backend=b),
      ValueError, r"items\[1\].*dim 0"),
@@ -334,6 +342,11 @@ MULTI_SPECS = [
     ((4, 6, 3, 3), "C4", "trivial", "trivial"),
     ((3, 2, 5, 5), "D4", "trivial", "trivial"),
     ((3, 4, 5), "D2", "trivial", "trivial"),
+    # Conv3d layers under the cube groups, Oh's 48-channel regular fields among them.
+    ((48, 2, 3, 3, 3), "Oh", "trivial", "regular"),
+    ((48, 48, 2, 2, 2), "Oh", "regular", "regular"),
+    ((24, 24, 3, 3, 3), "O", "regular", "regular"),
+    ((2, 12, 3, 3, 3), "T", "regular", "trivial"),
 ]
 MULTI_DTYPES = {
     "float64": [torch.float64] * len(MULTI_SPECS),
@@ -341,7 +354,7 @@ MULTI_DTYPES = {
     "bfloat16": [torch.bfloat16] * len(MULTI_SPECS),
     "mixed": [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float16, torch.float32,
               torch.bfloat16, torch.float32, torch.float32, torch.float16, torch.float32, torch.float32,
-              torch.bfloat16, torch.float16],
+              torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float16, torch.float32],
 }
 
 

@@ -50,7 +50,9 @@ def test_attach_validates_at_attach_time():
         attach_symmetry(nn.Linear(4, 4), "C4", "regular", "irrep")
     with pytest.raises(ValueError, match="grouped"):
         attach_symmetry(nn.Conv2d(8, 8, 3, groups=2), "C4", "regular", "regular")
-    with pytest.raises(TypeError, match="nn.Linear, nn.Conv1d or nn.Conv2d"):
+    with pytest.raises(TypeError, match="nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d"):
+        attach_symmetry(nn.ConvTranspose3d(1, 4, 3), "C4")
+    with pytest.raises(ValueError, match="group: C4 acts on 1-D and 2-D kernels"):
         attach_symmetry(nn.Conv3d(1, 4, 3), "C4")
     # a rule's error names the layer
     seq = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 6))
@@ -84,8 +86,8 @@ def test_attach_errors_name_the_layer_by_module_path():
     with pytest.raises(ValueError, match=r"^layer \(Conv2d 6x1x3x3\): weight: "):
         attach_symmetry(conv, "C4", "trivial", "regular")
     assert get_symmetry(conv) is None  # a failed attach leaves nothing behind
-    with pytest.raises(TypeError, match=r"^layer 'x' \(Conv3d 4x1x3x3x3\): module: expected nn.Linear"):
-        attach_symmetry(nn.Conv3d(1, 4, 3), "C4", name="x")
+    with pytest.raises(TypeError, match=r"^layer 'x' \(ConvTranspose3d 1x4x3x3x3\): module: expected nn.Linear"):
+        attach_symmetry(nn.ConvTranspose3d(1, 4, 3), "C4", name="x")
 
 
 def test_attach_rejects_loose_group_names():

@@ -3,7 +3,8 @@
 Pi_g permutes the entries of W.  Applying Pi_g densely to the tensor of entry indices
 (tests/cases.py builds it from dense permutation matrices and the kernel action) gives s_g with
 Pi_g(W)[x] = W[s_g(x)], i.e. Pi_g moves the entry at x to g . x = s_{g^-1}(x).  Every table row must
-list g . e for g in element order, every row must be a true orbit, every entry must lie in exactly
+list g . e for g in element order (e in the identity's column: column 0 for C<N> and D<N>, column 3
+for the cube groups, whose element order is escnn's), every row must be a true orbit, every entry must lie in exactly
 one row, and 1/|Stab| must be the inverse of the number of elements fixing the entry.
 """
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import projkernels as pk
 
-from cases import ALL_CASES, Oracle, case_id, group_copies, seeded_weight, shape_for
+from cases import ALL_CASES, CASES_3D, Oracle, case_id, group_copies, seeded_weight, shape_for
 
 # Larger orders (kernel-free weights), up to the compiled kernels' bound of 64.
 EXTRA = [(g, shape_for(g, ir, orr, (), ci, co), ir, orr) for g, ir, orr, ci, co in
@@ -28,7 +29,7 @@ def _action(case):
     return G, group_copies(idx, group, ir, orr).reshape(G.order, n).round().long()
 
 
-@pytest.mark.parametrize("case", ALL_CASES + EXTRA, ids=case_id)
+@pytest.mark.parametrize("case", ALL_CASES + EXTRA + CASES_3D[::2], ids=case_id)
 def test_table_matches_brute_force_action(case):
     group, shape, ir, orr = case
     G, S = _action(case)
@@ -40,7 +41,7 @@ def test_table_matches_brute_force_action(case):
 
     table = pk.orbit_table(shape, group, ir, orr)
     rows = table.gather_index                        # [orbits, |G|]: row[g] = g . e
-    e = rows[:, 0]
+    e = rows[:, G.identity]                          # the identity's column: the orbit's own entry
     inv = torch.as_tensor(G.inverse)
     assert torch.equal(rows, S[inv][:, e].T), "rows must list g . e for g in element order"
 
@@ -63,7 +64,7 @@ def test_table_matches_brute_force_action(case):
         assert (torch.bincount(rows[r])[rows[r]] == stab[r]).all()
 
 
-@pytest.mark.parametrize("case", ALL_CASES[::17] + EXTRA[:2], ids=case_id)
+@pytest.mark.parametrize("case", ALL_CASES[::17] + EXTRA[:2] + CASES_3D[5::11], ids=case_id)
 def test_oracle_isotypic_projectors_resolve_the_identity(case):
     """The character projectors are orthogonal, add up to W, and the trivial one is P(W)."""
     group, shape, ir, orr = case
@@ -78,7 +79,7 @@ def test_oracle_isotypic_projectors_resolve_the_identity(case):
 
 
 @pytest.mark.parametrize("group", ["C1", "C2", "C3", "C4", "C5", "C8", "D1", "D2", "D3", "D4", "D6", "D8", "C16",
-                                   "D16"])
+                                   "D16", "O", "Oh", "T"])
 def test_characters_are_orthogonal(group):
     # <chi_j, chi_k> = 0 for j != k, and <chi, chi>/|G| is 1 (real type) or 2 (C_N's 2-D irreps).
     G = pk.get_group(group)
