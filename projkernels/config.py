@@ -94,6 +94,10 @@ def _build(key: tuple) -> Config:
 def _steerable_config(weight, group, in_rep, out_rep, backend):
     # A steerable configuration is "native" in the API's sense: the API calls its ops directly.
     cfg = steerable_config(weight, group, in_rep, out_rep, backend)
+    if torch.compiler.is_compiling():
+        # Traced calls skip the cache (as the finite-group route does): dynamo would otherwise trace
+        # the dict itself, whose keys may hold groups given as data that it cannot hash.
+        return cfg
     if len(CONFIGS) >= _MAX_CONFIGS:
         CONFIGS.clear()
     CONFIGS[(weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend)] = cfg
