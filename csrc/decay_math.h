@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "multi_math.h"
 #include "orbit_math.h"
 
 namespace projkernels {
@@ -44,36 +45,7 @@ struct Layer {
   int32_t dtype;            // a DType
 };
 
-// Orbits [first, last) of layer `layer`.
-struct Chunk {
-  int64_t first;
-  int64_t last;
-  int32_t layer;
-  int32_t pad;
-};
-
-// Sets every layer's chunk range and returns the number of chunks.
-inline int64_t assign_chunks(Layer* layers, int64_t n_layers, int64_t chunk_orbits) {
-  int64_t n = 0;
-  for (int64_t l = 0; l < n_layers; ++l) {
-    layers[l].chunk_begin = n;
-    n += (layers[l].n_orbits + chunk_orbits - 1) / chunk_orbits;
-    layers[l].chunk_end = n;
-  }
-  return n;
-}
-
-// Writes the chunk list of layers whose ranges assign_chunks set.
-inline void list_chunks(const Layer* layers, int64_t n_layers, int64_t chunk_orbits, Chunk* chunks) {
-  for (int64_t l = 0; l < n_layers; ++l) {
-    const Layer& d = layers[l];
-    for (int64_t c = d.chunk_begin; c < d.chunk_end; ++c) {
-      const int64_t first = (c - d.chunk_begin) * chunk_orbits;
-      const int64_t last = first + chunk_orbits < d.n_orbits ? first + chunk_orbits : d.n_orbits;
-      chunks[c] = Chunk{first, last, static_cast<int32_t>(l), 0};
-    }
-  }
-}
+// Chunks, assign_chunks and list_chunks: multi_math.h, shared with the penalty's multi-tensor ops.
 
 // The decay of one orbit.  Every value of the orbit (of W, and of the target when it is not W) is
 // read before anything is written: an entry that the orbit lists several times (a non-trivial

@@ -43,8 +43,10 @@ struct Chunk {
   int32_t unused;
 };
 
-// Sets every layer's chunk range and returns the number of chunks.
-inline int64_t assign_chunks(LayerDesc* layers, int64_t n_layers, int64_t chunk_orbits) {
+// Sets every layer's chunk range and returns the number of chunks.  Desc: any layer descriptor with
+// n_orbits, chunk_begin and chunk_end (LayerDesc here, the decay's Layer in decay_math.h).
+template <typename Desc>
+inline int64_t assign_chunks(Desc* layers, int64_t n_layers, int64_t chunk_orbits) {
   int64_t n = 0;
   for (int64_t l = 0; l < n_layers; ++l) {
     layers[l].chunk_begin = n;
@@ -74,9 +76,10 @@ PK_HOST_DEVICE inline int layer_of_chunk(const LayerDesc* layers, int n_layers, 
 }
 
 // Writes the chunk list of layers whose ranges assign_chunks set.
-inline void list_chunks(const LayerDesc* layers, int64_t n_layers, int64_t chunk_orbits, Chunk* chunks) {
+template <typename Desc>
+inline void list_chunks(const Desc* layers, int64_t n_layers, int64_t chunk_orbits, Chunk* chunks) {
   for (int64_t l = 0; l < n_layers; ++l) {
-    const LayerDesc& d = layers[l];
+    const Desc& d = layers[l];
     for (int64_t c = d.chunk_begin; c < d.chunk_end; ++c) {
       const int64_t first = (c - d.chunk_begin) * chunk_orbits;
       const int64_t last = first + chunk_orbits < d.n_orbits ? first + chunk_orbits : d.n_orbits;

@@ -98,14 +98,18 @@ def test_large_kernel_offset_table():
     torch.testing.assert_close(eq, o.energy, rtol=1e-12, atol=0)
 
 
-def test_torch_compile_training_step():
+# The compiled backends' training step under torch.compile (the CUDA one runs where a GPU is).
+@pytest.mark.parametrize("backend,device", [("cpp", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+def test_torch_compile_training_step(backend, device):
+    if backend not in pk.available_backends(device):
+        pytest.skip(f"the {backend} backend cannot serve {device} tensors here")
     torch.manual_seed(5)
-    x = torch.randn(2, 4, 8, 8)
-    w0 = torch.randn(8, 4, 3, 3)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    w0 = torch.randn(8, 4, 3, 3, device=device)
 
     def loss_fn(w):
         y = torch.nn.functional.conv2d(x, w, padding=1)
-        return y.square().mean() + 0.1 * pk.projected_penalty(w, "C4", "trivial", "regular", backend="cpp")
+        return y.square().mean() + 0.1 * pk.projected_penalty(w, "C4", "trivial", "regular", backend=backend)
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     w_eager, w_comp = w0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
