@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_kernels import _load_orbits
+
 __all__ = ["apply", "why_unavailable", "INTERPRET"]
 
 # triton.jit picks the interpreter when it decorates, so the mode is fixed at import.
@@ -30,23 +32,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _decay_kernel(t_ptr, w_ptr, offsets_ptr, n_orbits, opb, c_in, stride_out, stride_in,
                   dev_hi, dev_lo, mean_hi, mean_lo, G: tl.constexpr, GP: tl.constexpr, F64: tl.constexpr, IN_PLACE: tl.constexpr,
                   BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    ids = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = ids < n_orbits
-    b = ids // opb
-    o = ids - b * opb
-    fo = b // c_in
-    fi = b - fo * c_in
-    base = fo.to(tl.int64) * stride_out + fi.to(tl.int64) * stride_in
-    g = tl.arange(0, GP)
-    mask = valid[:, None] & (g < G)[None, :]
-    off = tl.load(offsets_ptr + o[:, None] * G + g[None, :], mask=mask, other=0)
-    addr = base[:, None] + off.to(tl.int64)
-    f = tl.load(w_ptr + addr, mask=mask, other=0.0)
-    if F64:
-        f = f.to(tl.float64)
-    else:
-        f = f.to(tl.float32)
+    # The orbit tile and its addresses, loaded as the penalty's kernels load them.
+    f, _, _, mask, addr = _load_orbits(w_ptr, offsets_ptr, tl.program_id(0), n_orbits, opb, c_in, stride_out,
+                                       stride_in, G, GP, F64, BLOCK)
     mean = tl.sum(f, axis=1) / G
     if IN_PLACE:
         old = f
