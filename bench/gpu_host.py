@@ -107,4 +107,11 @@ for large in (False, True):
     for b in ("cuda", "triton") if gpu else ("cpp",):
         row(f"multi_penalty fwd+bwd 20 layers large={large} {b}",
             lambda: torch.autograd.grad(pk.multi_penalty(items, backend=b)[0], ws), nat)
+# A whole training step (bench/common.py training_step: it synchronises at its end, so the time per
+# step is its wall time); the penalty's share is measured against the same step without it.
+for cfg in ({}, {"fields": (32, 32, 32, 32), "batch": 32, "size": 64}):
+    base = host_us(C.training_step("none", dev, **cfg), n=100)
+    pen = host_us(C.training_step("projection", dev, **cfg), n=100)
+    print(f"training step {cfg or 'default'}: none {base / 1e3:.3f} ms, with the projection penalty "
+          f"{pen / 1e3:.3f} ms (+{100 * (pen - base) / base:.1f}%)", flush=True)
 print("done")

@@ -44,7 +44,6 @@
 #include "block_reduce.cuh"
 #include "cuda_launch.cuh"
 #include "launch_plan.h"
-#include "layer_desc.h"
 #include "multi_math.h"
 #include "op_checks.h"
 #include "orbit_math.h"

@@ -124,6 +124,24 @@ struct MultiArgs {
   c10::Device device{at::kCPU};
 };
 
+// The kernels' parameter struct (LayerDesc, multi_math.h) for one validated weight, shared by the
+// single-weight and multi-tensor ops on both devices.  w: the contiguous weight the table describes;
+// grad: dW's storage (backward) or nullptr.
+inline LayerDesc describe(const OrbitArgs& t, const at::Tensor& w, void* grad) {
+  LayerDesc d{};
+  d.weight = w.const_data_ptr();
+  d.grad = grad;
+  d.offsets = t.offsets.const_data_ptr<int32_t>();
+  d.inv_stab = t.inv_stab.const_data_ptr<double>();
+  d.c_in = t.c_in;
+  d.stride_out = t.stride_out;
+  d.stride_in = t.stride_in;
+  d.orbits_per_block = t.orbits_per_block;
+  d.n_orbits = t.n_orbits();
+  d.G = static_cast<int32_t>(t.G);
+  return d;
+}
+
 // geometry lists (c_out, c_in, stride_out, stride_in) for every layer, flattened.
 inline MultiArgs check_multi(at::TensorList weights, at::TensorList offsets, at::TensorList inv_stab,
                              at::IntArrayRef geometry, const char* op) {
@@ -164,18 +182,7 @@ inline MultiArgs check_multi(at::TensorList weights, at::TensorList offsets, at:
     a.keep.push_back(w.contiguous());
     a.keep.push_back(t.offsets);
     a.keep.push_back(t.inv_stab);
-    LayerDesc d{};
-    d.weight = a.keep[3 * l].const_data_ptr();
-    d.grad = nullptr;
-    d.offsets = t.offsets.const_data_ptr<int32_t>();
-    d.inv_stab = t.inv_stab.const_data_ptr<double>();
-    d.c_in = t.c_in;
-    d.stride_out = t.stride_out;
-    d.stride_in = t.stride_in;
-    d.orbits_per_block = t.orbits_per_block;
-    d.n_orbits = t.n_orbits();
-    d.G = static_cast<int32_t>(t.G);
-    a.layers.push_back(d);
+    a.layers.push_back(describe(t, a.keep[3 * l], nullptr));
   }
   return a;
 }

@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "launch_plan.h"
-#include "layer_desc.h"
 #include "multi_math.h"
 #include "op_checks.h"
 #include "orbit_math.h"
