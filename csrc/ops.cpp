@@ -215,6 +215,18 @@ std::vector<Chunk> plan(MultiArgs& a) {
   return chunks;
 }
 
+// fn(scalar_tag, c, chunk, layer) for every chunk c, in parallel over chunks, in the weights' dtype
+// (scalar_tag: a value of that dtype, for its type).
+template <typename Fn>
+void for_each_chunk(const MultiArgs& a, const std::vector<Chunk>& chunks, Fn&& fn) {
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_cpu", [&] {
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) fn(scalar_t{}, c, chunks[c], a.layers[chunks[c].layer]);
+    });
+  });
+}
+
 std::vector<double> read_per_layer(const at::Tensor& g, int64_t L) {
   std::vector<double> out(L);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "read_per_layer", [&] {
@@ -232,20 +244,15 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at:
   const int64_t n_chunks = static_cast<int64_t>(chunks.size()), L = static_cast<int64_t>(a.layers.size());
   std::vector<double> partials(2 * n_chunks, 0.0);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_forward_cpu", [&] {
+  for_each_chunk(a, chunks, [&](auto tag, int64_t c, const Chunk& ch, const LayerDesc& d) {
+    using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const Chunk& ch = chunks[c];
-        const LayerDesc& d = a.layers[ch.layer];
-        double pen = 0, eq = 0;
-        GROUP_ORDER_SWITCH(d.G, K, [&] {
-          chunk_energies<K, false, scalar_t, acc_t, double>(d, d.offsets, ch.first, ch.last, 1, pen, eq);
-        });
-        partials[2 * c] = pen;
-        partials[2 * c + 1] = eq;
-      }
+    double pen = 0, eq = 0;
+    GROUP_ORDER_SWITCH(d.G, K, [&] {
+      chunk_energies<K, false, scalar_t, acc_t, double>(d, d.offsets, ch.first, ch.last, 1, pen, eq);
     });
+    partials[2 * c] = pen;
+    partials[2 * c + 1] = eq;
   });
 
   // Per-layer sums in double, written straight in the accumulation dtype (no conversion ops).
@@ -273,24 +280,19 @@ std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Ten
                                            at::IntArrayRef geometry) {
   MultiArgs a = check_multi_backward(weights, grad_penalty, grad_eq, offsets, inv_stab, geometry);
   const std::vector<Chunk> chunks = plan(a);
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size()), L = static_cast<int64_t>(a.layers.size());
+  const int64_t L = static_cast<int64_t>(a.layers.size());
   std::vector<at::Tensor> out = multi_grad_outputs(a);
   // Read in place, strides honoured (an expanded total gradient has stride 0): no conversion ops.
   const std::vector<double> gp = read_per_layer(grad_penalty, L), ge = read_per_layer(grad_eq, L);
   const double* gpp = gp.data();
   const double* gep = ge.data();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_backward_cpu", [&] {
+  for_each_chunk(a, chunks, [&](auto tag, int64_t, const Chunk& ch, const LayerDesc& d) {
+    using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const Chunk& ch = chunks[c];
-        const LayerDesc& d = a.layers[ch.layer];
-        // As fused_backward: 2 * grad in double, then rounded to acc_t.
-        const acc_t two_pen = static_cast<acc_t>(2 * gpp[ch.layer]), two_eq = static_cast<acc_t>(2 * gep[ch.layer]);
-        GROUP_ORDER_SWITCH(d.G, K, [&] { chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, ch.first, ch.last, 1, two_pen, two_eq); });
-      }
-    });
+    // As fused_backward: 2 * grad in double, then rounded to acc_t.
+    const acc_t two_pen = static_cast<acc_t>(2 * gpp[ch.layer]), two_eq = static_cast<acc_t>(2 * gep[ch.layer]);
+    GROUP_ORDER_SWITCH(d.G, K, [&] { chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, ch.first, ch.last, 1, two_pen, two_eq); });
   });
   return out;
 }
