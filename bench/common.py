@@ -235,22 +235,26 @@ def copy_bandwidth(device) -> float:
     return 2 * src.numel() * src.element_size() / t
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's guess where that is not readable)."""
+    name = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
 def device_info(device) -> Dict[str, str]:
     device = torch.device(device)
     info = {"device": str(device), "torch": torch.__version__, "threads": str(torch.get_num_threads())}
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or "unknown CPU"
-        try:
-            with open("/proc/cpuinfo") as fh:
-                for line in fh:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        info["name"] = name
+        info["name"] = cpu_name()
         info["cores"] = str(os.cpu_count())
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

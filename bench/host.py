@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -222,16 +221,8 @@ def breakdown_markdown(rows: List[tuple]) -> str:
 
 
 def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores visible, 1 thread used"
+    from common import cpu_name
+    return f"{cpu_name()}, {os.cpu_count()} cores visible, 1 thread used"
 
 
 def commit() -> str:

@@ -11,28 +11,11 @@
 #include "launch_plan.h"
 #include "multi_math.h"
 #include "orbit_math.h"
+#include "checks.h"
 #include "static_switch.h"
 
 namespace pk = projkernels;
 
-static int failures = 0;
-
-#define CHECK(cond)                                                  \
-  do {                                                               \
-    if (!(cond)) {                                                   \
-      std::printf("%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                    \
-    }                                                                \
-  } while (0)
-
-#define CHECK_CLOSE(actual, expected, tol)                                                      \
-  do {                                                                                          \
-    const double a_ = static_cast<double>(actual), e_ = static_cast<double>(expected);         \
-    if (!(std::fabs(a_ - e_) <= (tol) * (1.0 + std::fabs(e_)))) {                              \
-      std::printf("%s:%d: %s = %.17g, expected %.17g\n", __FILE__, __LINE__, #actual, a_, e_); \
-      ++failures;                                                                               \
-    }                                                                                           \
-  } while (0)
 
 // A deterministic pseudo-random value in [-1, 1).
 static double value(int64_t i) {

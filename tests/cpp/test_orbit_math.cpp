@@ -8,29 +8,10 @@
 #include <cstdlib>
 
 #include "orbit_math.h"
+#include "checks.h"
 
 namespace pk = projkernels;
 
-static int failures = 0;
-
-#define CHECK_CLOSE(actual, expected, tol)                                                              \
-  do {                                                                                                  \
-    const double a_ = static_cast<double>(actual), e_ = static_cast<double>(expected);                 \
-    if (!(std::fabs(a_ - e_) <= (tol) * (1.0 + std::fabs(e_)))) {                                      \
-      std::printf("%s:%d: %s = %.17g, expected %.17g\n", __FILE__, __LINE__, #actual, a_, e_);         \
-      ++failures;                                                                                       \
-    }                                                                                                   \
-  } while (0)
-
-#define CHECK_REL(actual, expected, rtol)                                                               \
-  do {                                                                                                  \
-    const double a_ = static_cast<double>(actual), e_ = static_cast<double>(expected);                 \
-    if (!(std::fabs(a_ - e_) <= (rtol) * std::fabs(e_))) {                                             \
-      std::printf("%s:%d: %s = %.17g, expected %.17g (rtol %g)\n", __FILE__, __LINE__, #actual, a_, e_, \
-                  static_cast<double>(rtol));                                                          \
-      ++failures;                                                                                       \
-    }                                                                                                   \
-  } while (0)
 
 // Rows: constant; frequency 1 (cos, sin); frequency 2.  Orthonormal.
 static const double kC4Basis[16] = {
