@@ -32,7 +32,6 @@ only: the coupled addition comes after it (unlike the penalty in the loss).
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 import warnings
@@ -51,7 +50,7 @@ from .orbits import OrbitTable, orbit_table
 from . import reference as R
 
 __all__ = ["equivariance_decay", "EquivarianceDecay", "DecayBackend", "register_decay_backend",
-           "decay_backends", "apply_decay_", "MODES", "demo_runs"]
+           "decay_backends", "apply_decay_", "MODES"]
 
 MODES = ("decoupled", "coupled")
 
@@ -91,17 +90,10 @@ def _reference_apply(targets, weights, tables, coef_dev, coef_mean) -> None:
 register_decay_backend(DecayBackend("reference", _reference_apply, lambda device: None))
 
 
-@functools.lru_cache(maxsize=64)
-def _op_args(tables: Tuple[OrbitTable, ...], device: str):
-    """(offsets[], geometry) of the multi_decay ops for these layers on ``device``, cached."""
-    offsets = [t.device_tables(device).offsets for t in tables]
-    geometry = [g for t in tables for g in (t.c_out, t.c_in, t.stride_out, t.stride_in)]
-    return offsets, geometry
-
-
 def _native_apply(targets, weights, tables, coef_dev, coef_mean) -> None:
     ops = torch.ops.projkernels_C
-    offsets, geometry = _op_args(tuple(tables), str(targets[0].device))
+    from .native import multi_op_args  # the penalty's multi ops take the same tables (cached per layer list)
+    offsets, _, geometry = multi_op_args(tuple(tables), str(targets[0].device))
     if weights is None:
         ops.multi_decay_(targets, offsets, geometry, coef_dev, coef_mean)
     else:
@@ -453,14 +445,3 @@ def equivariance_decay(optimizer: torch.optim.Optimizer, model: nn.Module, lambd
     model with no attached layer; or an attached parameter that is not in the optimizer.
     """
     return EquivarianceDecay(optimizer, model, lambda_perp, lambda_G, mode, bias=bias, backend=backend)
-
-
-# --- for the demo ------------------------------------------------------------------------------
-
-def demo_runs(lambdas: Sequence[float]) -> List[Tuple[str, float, str]]:
-    """Plan rows ``(method, lambda, label)`` for the demo: the decoupled decay at the penalty's lambdas.
-
-    The demo's training loop runs method "decay" as "none" plus, right after it creates the optimizer,
-    ``handle = equivariance_decay(opt, model, weight)``; the regulariser's time per step is the
-    handle's ``host_seconds`` (the decay runs inside ``opt.step()``)."""
-    return [("decay", float(lam), f"decay (decoupled) lambda={lam:g}") for lam in lambdas]

@@ -42,7 +42,7 @@ takes as "not built".
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -186,40 +186,6 @@ def spectrum(w, table):
     return OPS.spectrum.default(w, list(table.device_tables(w.device, w.dtype)), table.geometry)
 
 
-# --- multi-tensor kernels for the Python route (tests; mixed dtypes go through the native op) -----
-
-def _dtype_groups(weights) -> List[List[int]]:
-    groups: Dict[torch.dtype, List[int]] = {}
-    for i, w in enumerate(weights):
-        groups.setdefault(w.dtype, []).append(i)
-    return list(groups.values())
-
-
-def _multi_forward(weights, table):
-    groups = _dtype_groups(weights)
-    if len(groups) == 1:
-        return multi_forward(weights, table.tables)
-    acc = functools.reduce(torch.promote_types, (acc_dtype(w.dtype) for w in weights))
-    pen = torch.empty(len(weights), dtype=acc, device=weights[0].device)
-    eq = torch.empty_like(pen)
-    for idx in groups:
-        p, e = multi_forward([weights[i] for i in idx], [table.tables[i] for i in idx])
-        pen[idx] = p.to(acc)
-        eq[idx] = e.to(acc)
-    return pen, eq
-
-
-def _multi_backward(weights, table, grad_pen, grad_eq):
-    out: List[Optional[torch.Tensor]] = [None] * len(weights)
-    for idx in _dtype_groups(weights):
-        acc = acc_dtype(weights[idx[0]].dtype)
-        grads = multi_backward([weights[i] for i in idx], [table.tables[i] for i in idx],
-                               grad_pen[idx].to(acc), grad_eq[idx].to(acc))
-        for i, g in zip(idx, grads):
-            out[i] = g
-    return out
-
-
 def _cpp_why_unavailable(device: torch.device) -> Optional[str]:
     if device.type == "cpu":
         return None
@@ -238,7 +204,9 @@ def _cuda_why_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
-_MULTI = MultiKernels(_multi_forward, _multi_backward, concatenated=False, native=True)
+# native=True: whole models go through the public multi-tensor op (one call per dtype, autograd in
+# C++), never through Python multi-tensor kernels, so there are none to give.
+_MULTI = MultiKernels(forward=None, backward=None, concatenated=False, native=True)
 register_backend(Backend("cpp", forward, backward, project, spectrum, _cpp_why_unavailable, multi=_MULTI,
                          native=True))
 if WITH_CUDA:

@@ -33,8 +33,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
+
+from .orbits import acc_dtype  # the one accumulation-dtype rule
 
 __all__ = ["steerable", "SteerableSymmetry", "BlockType", "is_steerable", "STEERABLE_BACKENDS"]
 
@@ -362,10 +366,6 @@ def steerable(in_type, out_type, kernel_size: Optional[int] = None, **basis_opti
 
 # --- the reference route -----------------------------------------------------------------------
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _blocks(w3: torch.Tensor, mb: Member) -> torch.Tensor:
     """The [n_out, n_in, d_out, d_in, S] view of a type's blocks in ``w3`` ([C_out, C_in, S]): evenly
     spaced fields are windows of an unfold (plain views, so torch.compile traces them)."""
@@ -593,11 +593,12 @@ class MixedPlan:
             except (TypeError, ValueError) as e:
                 raise type(e)(f"items[{i}]: {e}") from None
         dtypes = [k[1] for k in key]
-        self.acc = torch.float64 if all(d == torch.float64 for d in dtypes) else torch.float32
+        # As for every multi-tensor call: float64 when any weight is float64.
+        self.acc = functools.reduce(torch.promote_types, (acc_dtype(d) for d in dtypes))
         self.finite_plan = finite_plan([key[i] for i in self.finite]) if self.finite else None
         order = self.steer + self.finite
-        self.inverse = torch.argsort(torch.tensor(order))
         self.device = torch.device(key[0][2])
+        self.inverse = torch.argsort(torch.tensor(order)).to(self.device)  # uploaded once, not per call
         for i, k in enumerate(key):
             if k[2] != key[0][2]:
                 raise ValueError(f"items[{i}]: weight is on {k[2]}, but items[0] is on {key[0][2]}; "
@@ -613,7 +614,6 @@ class MixedPlan:
             _, _, p, e = self.finite_plan.run([weights[i] for i in self.finite])
             pens.extend(p.to(self.acc).unbind(0))
             eqs.extend(e.to(self.acc).unbind(0))
-        inv = self.inverse.to(pens[0].device)
-        pen = torch.stack(pens).index_select(0, inv)
-        eq = torch.stack(eqs).index_select(0, inv)
+        pen = torch.stack(pens).index_select(0, self.inverse)
+        eq = torch.stack(eqs).index_select(0, self.inverse)
         return pen.sum(), eq.sum(), pen, eq

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import INTERPRET
-from .steerable import SteerableSymmetry, acc_dtype
+from .orbits import acc_dtype
+from .steerable import SteerableSymmetry
 
 __all__ = ["penalty_energy", "project", "why_unavailable", "launch_block"]
 
