@@ -196,6 +196,11 @@ def _field_means(fields: torch.Tensor) -> torch.Tensor:
     return fields.mean(dim=1, keepdim=True).expand_as(fields)
 
 
+def _field_deviation_sq(fields: torch.Tensor) -> torch.Tensor:
+    """||b - P(b)||^2 of a [fields, |G|] bias, from its deviations from the field means."""
+    return (fields - _field_means(fields)).square().sum()
+
+
 @torch.no_grad()
 def project_bias_(vector: Optional[torch.Tensor], sym: Symmetry) -> None:
     """In place: replace a layer's bias (or the bias's gradient) by its projection under ``sym``, the
@@ -315,7 +320,7 @@ def _bias_term(plan: _ModelPlan) -> Optional[torch.Tensor]:
     total = None
     for fields in by_size.values():
         b = torch.cat(fields) if len(fields) > 1 else fields[0]
-        t = (b - b.mean(dim=1, keepdim=True)).square().sum()
+        t = _field_deviation_sq(b)
         total = t if total is None else total + t.to(total.device)
     return total
 
@@ -391,7 +396,7 @@ def _sharded_penalty(layers, lambda_perp, lambda_G, bias) -> torch.Tensor:
             total = t if total is None else total + t.to(total.device)
         for b, size, s in biases[sharded]:
             b = (D.scale_grad(b, s) if per_tensor else b).reshape(-1, size)
-            t = lambda_perp * (b - b.mean(dim=1, keepdim=True)).square().sum().to(acc)
+            t = lambda_perp * _field_deviation_sq(b).to(acc)
             total = t if total is None else total + t.to(total.device)
         return total
 
@@ -427,7 +432,7 @@ def _compiled_model_penalty(model, lambda_perp, lambda_G, bias):
     if bias:
         fields = [b for b in (_bias_fields(m, s) for _, m, s in layers) if b is not None]
         for b in fields:
-            total = total + lambda_perp * (b - b.mean(dim=1, keepdim=True)).square().sum().to(total.dtype)
+            total = total + lambda_perp * _field_deviation_sq(b).to(total.dtype)
     return total
 
 
@@ -529,7 +534,7 @@ def _sharded_report(layers) -> List[dict]:
             if b is not None:
                 f = b.detach().double().reshape(-1, l.field_out)
                 out = local if bsh else full
-                out[at + 2] += (f - f.mean(dim=1, keepdim=True)).square().sum().to(device)
+                out[at + 2] += _field_deviation_sq(f).to(device)
                 out[at + 3] += f.square().sum().to(device)
     if dtensors:
         D.all_reduce(local, D.process_group(dtensors))
