@@ -97,7 +97,6 @@ CONV3D_CASES: List[Case] = [
 CASES = CASES + CONV3D_CASES
 
 # The series drawn in the plot (time vs weight size).
-SERIES = lambda c: c.group == "C4" and c.in_rep == "regular" and c.out_rep == "regular" and c.dtype == F32
 
 DENSE_MAX_NUMEL = 40_000  # a dense N x D basis beyond this does not fit a laptop-sized budget
 

@@ -109,7 +109,6 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
     }, number, rounds)
     row("projected_penalty fwd (C4 reg 8x8x3x3 f32)", t["ours fwd"], t["native fwd"], "(w*w).sum()", 2.0)
     row("projected_penalty fwd+bwd", t["ours fwd+bwd"], t["native fwd+bwd"], "grad((w*w).sum())", 1.5)
-    single_native = t["native fwd+bwd"]
 
     ops = torch.ops.projkernels_C
     small = [x.detach() for x in ws]
@@ -162,7 +161,6 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
         "grad(sum (p*p).sum()), the model's parameters")
     row("model_penalty, 20-layer bench model, fwd+bwd", t["ours"], t["raw kernels"],
         "the raw multi_forward + multi_backward kernels alone", None, "host overhead = ours - kernels")
-    del single_native
     return rows
 
 
