@@ -57,6 +57,8 @@ def main(rank: int, world: int) -> None:
     report = pk.equivariance_report(model)  # a collective too: every rank calls it
     if rank == 0:
         print(pk.format_report(report))
+    # Leave together: a rank tearing gloo down while its peer still uses the connection can abort.
+    dist.barrier()
     dist.destroy_process_group()
 
 
