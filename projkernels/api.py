@@ -1,11 +1,13 @@
 """The public single-weight functions.
 
 Each call looks its configuration up in the validate-once cache (projkernels/config.py); a hit is
-one dictionary lookup.  Native backends ("cpp", "cuda") then call one public ``projkernels_C`` op,
-whose autograd is C++ (csrc/autograd.cpp); the others go through the Python custom ops of
-projkernels/ops.py.  docs/design.md, "Layers from API to kernel", walks through the layers.
+one dictionary lookup, and the call is then ``cfg.ops.f(weight, *cfg.op_args)``: for a native
+backend ("cpp", "cuda") one public ``projkernels_C`` op, whose autograd is C++ (csrc/autograd.cpp);
+for the others one node of the eager Python route (projkernels/eager.py).  docs/design.md, "Layers
+from API to kernel", walks through the layers.
 
-Under torch.compile every backend goes through those Python custom ops (their fake kernels build
+Under torch.compile every backend goes through the Python custom ops of projkernels/ops.py (their
+fake kernels build
 the table from the weight's shape, so the first call compiles without an eager warm-up), and
 ``fullgraph=True`` holds.  With ``dynamic=True`` each weight shape still gets its own graph: the
 orbit table (which entries form an orbit) is a function of the shape, so the shape is specialised.
@@ -44,14 +46,10 @@ class _Compiled:
     opaque to the tracer, with fake kernels that build the table from the shape alone, and the
     native kernels behind them at run time.  (The host cost those ops add is what compilation and
     CUDA graphs remove.)"""
-    native = False
 
 
 _COMPILED = _Compiled()
 
-
-def _python_path(cfg, group):
-    return group_name_for_ops(group) if cfg is _COMPILED else cfg.group
 
 
 def penalty_and_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -61,17 +59,17 @@ def penalty_and_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", 
     and are returned in float32, so a small penalty is not rounded away).
     """
     cfg = _config(weight, group, in_rep, out_rep, backend)
-    if cfg.native:
-        return cfg.ops.penalty_energy(weight, cfg.tables, cfg.geometry)
-    return ops.penalty_energy(weight, _python_path(cfg, group), in_rep, out_rep, backend)
+    if cfg is not _COMPILED:
+        return cfg.ops.penalty_energy(weight, *cfg.op_args)
+    return ops.penalty_energy(weight, group_name_for_ops(group), in_rep, out_rep, backend)
 
 
 def projected_penalty(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
     """||W - P(W)||_F^2, the non-equivariance penalty (0-dim tensor; gradient 2 (W - P(W)))."""
     cfg = _config(weight, group, in_rep, out_rep, backend)
-    if cfg.native:
-        return cfg.ops.penalty_energy(weight, cfg.tables, cfg.geometry)[0]
-    return ops.penalty_energy(weight, _python_path(cfg, group), in_rep, out_rep, backend)[0]
+    if cfg is not _COMPILED:
+        return cfg.ops.penalty_energy(weight, *cfg.op_args)[0]
+    return ops.penalty_energy(weight, group_name_for_ops(group), in_rep, out_rep, backend)[0]
 
 
 def equivariant_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -82,9 +80,9 @@ def equivariant_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", 
 def project(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
     """P(W), the nearest exactly equivariant weight, shaped and typed like ``weight``."""
     cfg = _config(weight, group, in_rep, out_rep, backend)
-    if cfg.native:
-        return cfg.ops.project(weight, cfg.tables, cfg.geometry)
-    return ops.project(weight, _python_path(cfg, group), in_rep, out_rep, backend)
+    if cfg is not _COMPILED:
+        return cfg.ops.project(weight, *cfg.op_args)
+    return ops.project(weight, group_name_for_ops(group), in_rep, out_rep, backend)
 
 
 def spectrum(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -94,7 +92,7 @@ def spectrum(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend
     float64 weights, float32 otherwise.
     """
     cfg = _config(weight, group, in_rep, out_rep, backend)
-    if cfg.native:
-        return cfg.ops.spectrum(weight, cfg.tables, cfg.geometry)  # its autograd kernel records nothing
+    if cfg is not _COMPILED:
+        return cfg.ops.spectrum(weight, *cfg.op_args)  # records no autograd node
     with torch.no_grad():
-        return ops.spectrum(weight.detach(), _python_path(cfg, group), in_rep, out_rep, backend)
+        return ops.spectrum(weight.detach(), group_name_for_ops(group), in_rep, out_rep, backend)

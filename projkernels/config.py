@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import functools
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, NamedTuple
 
 import torch
 
+from . import eager
 from .backends import ON_CHANGE, Backend, check_backend_name, resolve
 from .groups import group_name_for_ops
 from .orbits import OrbitTable, check_weight, orbit_table
@@ -34,24 +35,28 @@ class Config:
     in_rep: str
     out_rep: str
     backend_name: str                # as the caller gave it ("auto" included)
-    native: bool                     # served by the public C++ ops
-    tables: Optional[List[torch.Tensor]]  # native: the table on the device, as the ops take it
-    geometry: List[int]
-    ops: Optional["NativeOps"]       # native: the public ops (their default overloads)
+    ops: "ConfigOps"                 # what the public functions call: ops.f(weight, *op_args)
+    op_args: tuple                   # native: (the table on the device, the geometry); else (table, backend)
 
 
-class NativeOps(NamedTuple):
+class ConfigOps(NamedTuple):
+    """The three calls behind the public functions, each ``f(weight, *op_args)``: the public C++
+    ops of a native backend (their default overloads), or the eager Python route
+    (projkernels/eager.py) of any other backend."""
     penalty_energy: object
     project: object
     spectrum: object
 
 
 @functools.lru_cache(maxsize=None)
-def _native_ops() -> NativeOps:
+def _native_ops() -> ConfigOps:
     # The overloads' C++ callables: calling them skips one Python frame per call (eager only; under
     # torch.compile the API does not read configurations).
     o = torch.ops.projkernels_C
-    return NativeOps(o.penalty_energy.default._op, o.project.default._op, o.spectrum.default._op)
+    return ConfigOps(o.penalty_energy.default._op, o.project.default._op, o.spectrum.default._op)
+
+
+_EAGER_OPS = ConfigOps(eager.penalty_energy, eager.project, eager.spectrum)
 
 
 CONFIGS: Dict[tuple, Config] = {}
@@ -79,9 +84,11 @@ def _build(key: tuple) -> Config:
             raise TypeError(f"{arg}: expected 'trivial' or 'regular' (str), got {type(rep).__name__}")
     table = orbit_table(tuple(int(s) for s in shape), name, in_rep, out_rep)
     impl = resolve(backend, device)
-    tables = list(table.device_tables(device, dtype)) if impl.native else None
-    cfg = Config(table, impl, name, in_rep, out_rep, backend, impl.native, tables, table.geometry,
-                 _native_ops() if impl.native else None)
+    if impl.native:
+        ops, op_args = _native_ops(), (list(table.device_tables(device, dtype)), table.geometry)
+    else:
+        ops, op_args = _EAGER_OPS, (table, impl)
+    cfg = Config(table, impl, name, in_rep, out_rep, backend, ops, op_args)
     try:
         if len(CONFIGS) >= _MAX_CONFIGS:
             CONFIGS.clear()

@@ -1,8 +1,9 @@
-"""The Python custom ops behind the public API for the backends that are not native ops
-("reference", "triton", and any registered Python backend), with fake kernels and autograd.
+"""The Python custom ops behind the public API under torch.compile, for every backend, with fake
+kernels and autograd.
 
-The native backends ("cpp", "cuda") do not come here: projkernels/api.py calls their C++ ops,
-whose autograd is C++.  Groups and representations travel as strings, so these ops are opaque to
+Eager calls do not come here: projkernels/api.py calls a native backend's C++ ops (autograd in
+C++) or a Python backend's eager route (projkernels/eager.py), which costs a third of these ops'
+host time.  Groups and representations travel as strings, so these ops are opaque to
 ``torch.compile``; the orbit table is looked up inside them (the API validated the arguments
 already), and the fake kernels build it from the shape alone.
 """

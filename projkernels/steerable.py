@@ -513,13 +513,12 @@ class SteerableOps(NamedTuple):
 
 
 class SteerableConfig:
-    """A configuration of the public API for a steerable symmetry: like a native configuration,
-    the API calls ``ops.penalty_energy(weight, tables, geometry)`` / ``ops.project(...)`` directly."""
-    native = True  # "call cfg.ops directly" (projkernels/api.py)
+    """A configuration of the public API for a steerable symmetry: like every configuration, the
+    API calls ``ops.penalty_energy(weight, *op_args)`` / ``ops.project(...)`` directly."""
 
     def __init__(self, sym: SteerableSymmetry, backend: str):
         self.symmetry, self.backend_name = sym, backend
-        self.tables, self.geometry = sym, None
+        self.op_args = (sym, None)
         if backend == "triton":
             from . import steerable_triton
             self.ops = SteerableOps(steerable_triton.penalty_energy, steerable_triton.project, _no_spectrum)
@@ -607,7 +606,7 @@ class MixedPlan:
     def run(self, weights):
         pens, eqs = [], []
         for i, cfg in zip(self.steer, self.cfgs):
-            p, e = cfg.ops.penalty_energy(weights[i], cfg.tables, cfg.geometry)
+            p, e = cfg.ops.penalty_energy(weights[i], *cfg.op_args)
             pens.append(p.to(self.acc))
             eqs.append(e.to(self.acc))
         if self.finite_plan is not None:
