@@ -7,9 +7,8 @@ for the others one node of the eager Python route (projkernels/eager.py).  docs/
 from API to kernel", walks through the layers.
 
 Under torch.compile every backend goes through the Python custom ops of projkernels/ops.py (their
-fake kernels build
-the table from the weight's shape, so the first call compiles without an eager warm-up), and
-``fullgraph=True`` holds.  With ``dynamic=True`` each weight shape still gets its own graph: the
+fake kernels build the table from the weight's shape, so the first call compiles without an eager
+warm-up), and ``fullgraph=True`` holds.  With ``dynamic=True`` each weight shape still gets its own graph: the
 orbit table (which entries form an orbit) is a function of the shape, so the shape is specialised.
 """
 from __future__ import annotations
