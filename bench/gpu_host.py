@@ -1,6 +1,10 @@
 """Host cost of the API on a GPU: host-queued time per call vs the GPU time of the same call.
 
     python bench/gpu_host.py .        (CHECK_DEVICE=cpu for a dry run)
+
+Ends with a torch.profiler table of one multi_penalty forward+backward over the 20-layer model
+(host-side self time per op, launches included), so that a host cost above the single-weight
+path's can be attributed op by op; PROFILE_ONLY=1 prints that table alone.
 """
 import os
 import sys
@@ -75,6 +79,32 @@ def n_syncs(fn):
     return sum("synchroniz" in str(w.message) for w in ws)
 
 
+def profile_multi(backend: str, n: int = 20):
+    """torch.profiler over n multi_penalty forward+backward calls: ops sorted by host self time."""
+    from torch.profiler import ProfilerActivity, profile
+    specs = C.model_specs(False)
+    ws = [w.requires_grad_(True) for w in C.model_weights(specs, dev)]
+    items = [(w, *s[1:]) for w, s in zip(ws, specs)]
+
+    def step():
+        return torch.autograd.grad(pk.multi_penalty(items, backend=backend)[0], ws)
+
+    for _ in range(5):
+        step()
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    print(f"profile: multi_penalty fwd+bwd, 20 layers, backend={backend}, {n} calls (times are totals over the calls)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+
+
+if os.environ.get("PROFILE_ONLY"):
+    profile_multi("cuda" if gpu else "cpp")
+    sys.exit(0)
+
 rows = []
 
 
@@ -114,4 +144,5 @@ for cfg in ({}, {"fields": (32, 32, 32, 32), "batch": 32, "size": 64}):
     pen = host_us(C.training_step("projection", dev, **cfg), n=100)
     print(f"training step {cfg or 'default'}: none {base / 1e3:.3f} ms, with the projection penalty "
           f"{pen / 1e3:.3f} ms (+{100 * (pen - base) / base:.1f}%)", flush=True)
+profile_multi("cuda" if gpu else "cpp")
 print("done")

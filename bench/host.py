@@ -9,7 +9,11 @@ machine slows both alike), and reports the ratio of the best times.  The cases:
   (target <= 2.5x), and vs the native ops over the same 20 weights;
 - model_penalty on the 20-layer bench model (bench/common.py ``model_specs``), forward+backward,
   vs the single native forward+backward (target <= 3x) and vs the native ops over the model's
-  weights; the raw kernels' own time on those weights is listed, so the host overhead is visible.
+  weights; the raw kernels' own time on those weights is listed, so the host overhead is visible;
+  and the same on the model's 20 layers with one field each, where the host cost is all there is;
+- floors: the cheapest native graphs that hand the same number of gradients to autograd
+  (``stack`` or ``cat``, then ``sum``), against the single-weight baseline: what the autograd
+  engine alone costs for 20 (or 40) gradients.
 
     python bench/run.py --host     (or python bench/host.py)
 
@@ -75,12 +79,15 @@ def interleaved(fns: Dict[str, Callable[[], object]], number: int, rounds: int =
     return out
 
 
-def bench_model(seed: int = 0):
-    """The 20-layer bench model (bench/common.py specs) as Conv2d layers with their symmetries."""
+def bench_model(seed: int = 0, tiny: bool = False):
+    """The 20-layer bench model (bench/common.py specs) as Conv2d layers with their symmetries;
+    ``tiny``: the same 20 layers with one field each (2,740 weights), where host cost dominates."""
+    import baselines as bl
     import common as C
     torch.manual_seed(seed)
     layers = []
-    for shape, group, in_rep, out_rep in C.model_specs(False):
+    specs = bl.gcnn_layer_specs([1] * len(C.MODEL_WIDTHS)) if tiny else C.model_specs(False)
+    for shape, group, in_rep, out_rep in specs:
         conv = nn.Conv2d(shape[1], shape[0], shape[2], bias=True)
         pk.attach_symmetry(conv, group, in_rep, out_rep)
         layers.append(conv)
@@ -125,6 +132,7 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
         "native 20": lambda: torch.autograd.grad(sum((x * x).sum() for x in ws), ws),
         "raw kernels": small_kernels,
         "native one node": lambda: torch.autograd.grad(torch.stack(ws).square().sum(), ws),
+        "engine floor": lambda: torch.autograd.grad(torch.stack(ws).sum(), ws),
     }, max(1, number // 10), rounds)
     row(f"multi_penalty {N_WEIGHTS} weights fwd+bwd", t["ours"], t["native single"], "grad((w*w).sum()), one weight",
         2.5)
@@ -134,6 +142,10 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
         f"grad(stack(ws).square().sum()), native ops taking the {N_WEIGHTS} weights as one input list")
     row(f"multi_penalty {N_WEIGHTS} weights fwd+bwd", t["ours"], t["raw kernels"],
         "the raw multi_forward + multi_backward kernels alone", None, "host overhead = ours - kernels")
+    # What any op pays to hand 20 gradients to autograd: the cheapest native graph with 20 inputs
+    # (one stack node, one sum node, no arithmetic to speak of) against the single-weight baseline.
+    row(f"floor: grad(stack(ws).sum()), {N_WEIGHTS} weights", t["engine floor"], t["native single"],
+        "grad((w*w).sum()), one weight", None, "the autograd engine's cost of 20 gradients")
 
     model = bench_model()
     # The penalised parameters: every weight, and the biases of regular output fields.
@@ -161,6 +173,25 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
         "grad(sum (p*p).sum()), the model's parameters")
     row("model_penalty, 20-layer bench model, fwd+bwd", t["ours"], t["raw kernels"],
         "the raw multi_forward + multi_backward kernels alone", None, "host overhead = ours - kernels")
+
+    # The same 20 layers with one field each: the host cost of model_penalty without its arithmetic.
+    tiny = bench_model(tiny=True)
+    tiny_params = [m.weight for m in tiny] + [m.bias for m in tiny if pk.get_symmetry(m).out_rep == "regular"]
+    t = interleaved({
+        "native single": lambda: torch.autograd.grad((w * w).sum(), one),
+        "ours": lambda: torch.autograd.grad(pk.model_penalty(tiny), tiny_params),
+        "native model": lambda: torch.autograd.grad(sum((p * p).sum() for p in tiny_params), tiny_params),
+        "engine floor": lambda: torch.autograd.grad(torch.cat([p.reshape(-1) for p in tiny_params]).sum(),
+                                                    tiny_params),
+    }, max(1, number // 10), rounds)
+    n_tiny = sum(p.numel() for p in tiny_params)
+    note = f"{len(tiny_params)} tensors, {n_tiny} parameters"
+    row("model_penalty, tiny 20-layer model, fwd+bwd", t["ours"], t["native single"],
+        "grad((w*w).sum()), one 8x8x3x3 weight", 3.0, note)
+    row("model_penalty, tiny 20-layer model, fwd+bwd", t["ours"], t["native model"],
+        "grad(sum (p*p).sum()), the model's parameters")
+    row("floor: grad(cat(params).sum()), tiny model", t["engine floor"], t["native single"],
+        "grad((w*w).sum()), one weight", None, f"the autograd engine's cost of {len(tiny_params)} gradients")
     return rows
 
 
