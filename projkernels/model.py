@@ -36,7 +36,8 @@ from .multi_inputs import collect
 from .groups import get_group, group_name_for_ops
 from .orbits import field_size, orbit_table
 from .steerable import SteerableSymmetry, check_module as steerable_check_module
-from .steerable_bias import bias_deviation_sq as steerable_bias_deviation_sq, project_bias as steerable_project_bias
+from .steerable_bias import (bias_deviation_sq as steerable_bias_deviation_sq, prepare as steerable_bias_prepare,
+                             project_bias as steerable_project_bias)
 
 __all__ = ["Symmetry", "attach_symmetry", "detach_symmetry", "get_symmetry", "attach_symmetries",
            "attach_regular_gcnn", "attached_layers", "model_penalty", "project_", "equivariance_report",
@@ -111,6 +112,8 @@ def attach_symmetry(module: nn.Module, group="C4", in_rep: str = "trivial", out_
     if isinstance(group, SteerableSymmetry):  # hook: steerable symmetries (Linear, Conv2d, Conv3d)
         try:
             steerable_check_module(module, group, backend)
+            if module.bias is not None:
+                steerable_bias_prepare(group, module.bias)
         except (TypeError, ValueError) as err:
             raise _name_layer(err, module, name) from None
         sym = Symmetry(group, "trivial", "trivial", backend)

@@ -94,7 +94,9 @@ class SteerableSymmetry:
     Attributes: ``in_type``, ``out_type``, ``kernel_size`` (None for Linear), ``weight_shape``,
     ``types`` (the ``BlockType`` list), ``dim`` (the dimension of the equivariant space, sum over
     types of n_blocks * r) and ``numel`` (the weight's size).  Built by ``steerable()``, which
-    caches it: the same arguments give the same object (and so hit the configuration caches).
+    caches it: the same arguments give the same object (and so hit the configuration caches), or
+    read off an escnn layer by ``projkernels.escnn_interop.steerable_from_layer`` (``basis_options``
+    is then None).
     """
 
     def __init__(self, in_type, out_type, kernel_size, basis_options: Optional[dict], layer=None):

@@ -26,7 +26,7 @@ import torch
 from .orbits import acc_dtype
 from .steerable import SteerableSymmetry, _orthonormal
 
-__all__ = ["trivial_bases", "bias_deviation_sq", "project_bias"]
+__all__ = ["trivial_bases", "prepare", "bias_deviation_sq", "project_bias"]
 
 
 class _RepBias(NamedTuple):
@@ -77,14 +77,25 @@ def _build_layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype
 
 
 def _layout(sym: SteerableSymmetry, device, acc: torch.dtype) -> Tuple[_RepBias, ...]:
-    per_sym = _LAYOUTS.setdefault(sym, {})
+    per_sym = _LAYOUTS.get(sym)
+    if per_sym is None:
+        per_sym = _LAYOUTS[sym] = {}
     key = (torch.device(device), acc)
     lay = per_sym.get(key)
     if lay is None:
-        # built eagerly under torch.compile (a graph break), so that the cached tensors are real
+        # Built eagerly under torch.compile (a graph break), so that the cached tensors are real;
+        # ``prepare`` builds it before, so that a compiled model_penalty stays one graph.
         build = torch.compiler.disable(_build_layout) if torch.compiler.is_compiling() else _build_layout
         lay = per_sym[key] = build(sym, key[0], acc)
     return lay
+
+
+def prepare(sym: SteerableSymmetry, bias: torch.Tensor) -> None:
+    """Build the device form for ``bias``'s device and dtype, and the CPU float32 / float64 ones
+    (``attach_symmetry`` calls it, as steerable symmetries build their CPU layouts up front)."""
+    for device, acc in {(torch.device("cpu"), torch.float32), (torch.device("cpu"), torch.float64),
+                        (bias.device, acc_dtype(bias.dtype))}:
+        _layout(sym, device, acc)
 
 
 def _check(bias: torch.Tensor, sym: SteerableSymmetry, argument: str) -> None:

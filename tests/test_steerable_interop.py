@@ -323,14 +323,14 @@ def test_steerable_bias_dtypes_compile_and_errors():
     hb = half.double()
     assert float(got) == pytest.approx(float((hb - P @ hb).square().sum()), rel=1e-5)
     assert project_bias(half, sym).dtype == torch.bfloat16
-    # model_penalty under torch.compile takes the bias term too
+    # model_penalty under torch.compile takes the bias term too, in one graph
     conv = torch.nn.Conv2d(1, sym.out_type.size, 3).double()
     pk.attach_symmetry(conv, sym)
     with torch.no_grad():
         conv.weight.copy_(pk.project(conv.weight, sym))
         conv.bias.copy_(b)
     model = torch.nn.Sequential(conv)
-    compiled = torch.compile(lambda: pk.model_penalty(model), backend="eager")()
+    compiled = torch.compile(lambda: pk.model_penalty(model), fullgraph=True, backend="eager")()
     assert float(compiled.detach()) == pytest.approx(want, rel=1e-9)
     with pytest.raises(ValueError, match=r"bias: shape \(3,\) does not match"):
         bias_deviation_sq(torch.zeros(3), sym)
