@@ -358,9 +358,10 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     """``sum over attached layers of lambda_perp ||W - P(W)||^2 + lambda_G ||P(W)||^2`` (differentiable).
 
     With ``bias=True`` the non-equivariant part of regular-field biases and of steerable layers'
-    biases joins the ``lambda_perp`` term (see the module docstring).  All weights go through ``multi_penalty`` in one call (one
-    pass per direction).  The model's layers, symmetries and tables are collected once and cached
-    with the model; a call on an unchanged model only gathers its weights.  Raises ValueError if
+    biases joins the ``lambda_perp`` term (see the module docstring).  All weights go through
+    ``multi_penalty`` in one call (one pass per direction).  The model's layers, symmetries and
+    tables are collected once and cached with the model; a call on an unchanged model only gathers
+    its weights.  Raises ValueError if
     no layer of ``model`` has a symmetry attached (almost always a forgotten attach).
 
     Distributed models: a ``DistributedDataParallel`` wrapper is looked through (its weights are
@@ -468,8 +469,8 @@ def _compiled_model_penalty(model, lambda_perp, lambda_G, bias):
 @torch.no_grad()
 def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
     """Replace every attached layer's weight by P(W) in place (and, with ``bias=True``, each
-    regular-field bias by its field means, each steerable layer's bias by its projection), making those
-    layers exactly equivariant.
+    regular-field bias by its field means, each steerable layer's bias by its projection), making
+    those layers exactly equivariant.
 
     DDP wrappers are looked through; FSDP2-sharded weights are projected shard by shard, each
     rank on its own (no collective: a shard of whole fields projects on its own), after FSDP2's
@@ -501,7 +502,8 @@ def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
 def equivariance_report(model: nn.Module) -> List[dict]:
     """One dict per attached layer: ``name``, ``type``, ``group``, ``in_rep``, ``out_rep``, ``shape``,
     ``weight_norm``, ``penalty``, ``relative`` (= ||W - P(W)|| / ||W||), ``bias_relative`` (the same
-    for a regular-field or steerable layer's bias, else None) and ``spectrum`` ({irrep name: energy}, summing to ||W||^2).
+    for a regular-field or steerable layer's bias, else None) and ``spectrum`` ({irrep name: energy},
+    summing to ||W||^2).
 
     DDP wrappers are looked through (names are those of the wrapped model).  For an FSDP2-sharded
     model every rank computes its shards' numbers and one all-reduce of one vector adds them: every
