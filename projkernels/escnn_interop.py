@@ -219,13 +219,13 @@ def steerable_from_layer(layer, name: str = "layer") -> SteerableSymmetry:
 
 
 def _basis_digest(expansion) -> str:
-    """A fingerprint of a BlocksBasisExpansion's sampled bases (float64 bytes, pair by pair)."""
+    """A fingerprint of a basis expansion's buffers (its sampled bases, one per pair of field
+    representations), by name, shape and float64 bytes: float32 and float64 copies of one basis agree."""
     h = hashlib.sha256()
-    for pair in expansion._representations_pairs:
-        block = getattr(expansion, f"block_expansion_{expansion._escape_pair(pair)}")
-        basis = block.sampled_basis.detach().to("cpu", torch.float64).contiguous()
-        h.update(repr((pair, tuple(basis.shape))).encode())
-        h.update(basis.numpy().tobytes())
+    for buf_name, buf in sorted(expansion.named_buffers(), key=lambda item: item[0]):
+        data = buf.detach().to("cpu", torch.float64).contiguous()
+        h.update(repr((buf_name, tuple(data.shape))).encode())
+        h.update(data.numpy().tobytes())
     return h.hexdigest()
 
 
