@@ -1,27 +1,44 @@
 """Read symmetries off escnn models, and attach them to escnn's exported plain-PyTorch models.
 
-escnn is optional: it is imported only when one of these functions runs.  The conventions of
-docs/design.md (Conventions) are escnn's for ``rot2dOnR2(N)``, ``flipRot2dOnR2(N)`` and
-``flip2dOnR2()`` with the default (vertical) reflection axis, and for ``octaOnR3()`` (group ``"O"``) and
-``fullOctaOnR3()`` (``"Oh"``), using ``regular_repr`` / ``trivial_repr`` fields, so an ``R2Conv``'s or
-``R3Conv``'s exported weight has penalty 0 under the symmetry read here.  Other reflection axes, or a
-3-D gspace whose elements act on R^3 by other matrices (an adjoint), relabel the group elements, so
-they are rejected rather than silently mismatched.
+escnn is optional: it is imported only when one of these functions runs.  Two kinds of symmetry
+come out (``kind``):
+
+- ``"group_average"``: a finite group's ``(group, in_rep, out_rep)``.  The conventions of
+  docs/design.md (Conventions) are escnn's for ``rot2dOnR2(N)``, ``flipRot2dOnR2(N)`` and
+  ``flip2dOnR2()`` with the default (vertical) reflection axis, and for ``octaOnR3()`` (group
+  ``"O"``) and ``fullOctaOnR3()`` (``"Oh"``), using ``regular_repr`` / ``trivial_repr`` fields, so an
+  ``R2Conv``'s or ``R3Conv``'s exported weight has penalty 0 under the symmetry read here.  Other
+  reflection axes, or a 3-D gspace whose elements act on R^3 by other matrices (an adjoint),
+  relabel the group elements, so this kind rejects them rather than silently mismatching.
+- ``"steerable"``: a ``SteerableSymmetry`` (projkernels/steerable.py) read off the layer's own basis
+  expansion: any gspace escnn builds the layer on (SO(2), O(2), SO(3), O(3), finite ones), any field
+  types, and escnn's ``Linear`` on ``no_base_space(G)``.  P is the projection onto the span of the
+  very basis the layer expands its filter from, so the layer's exported weight has penalty ~0.
+
+``kind="auto"`` (the default) keeps the group average wherever it applies (a finite group with
+all-regular or all-trivial fields that acts exactly on the kernel) and reads a steerable symmetry
+otherwise; escnn ``Linear`` layers always give a steerable one.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import numpy as np
+import torch
 from torch import nn
 
 from .groups import get_group
 from .model import Symmetry, attach_symmetry
 from .orbits import orbit_table
+from .steerable import SteerableSymmetry
 
-__all__ = ["symmetry_from_r2conv", "symmetry_from_r3conv", "symmetries_from_escnn", "from_escnn_export"]
+__all__ = ["symmetry_from_r2conv", "symmetry_from_r3conv", "symmetry_from_linear", "steerable_from_layer",
+           "symmetries_from_escnn", "from_escnn_export", "KINDS"]
+
+KINDS = ("auto", "group_average", "steerable")
 
 
 def _escnn():
@@ -89,13 +106,14 @@ def _rep_name(field_type, side: str, where: str) -> str:
     return kinds.pop()
 
 
-def symmetry_from_r2conv(conv, name: str = "R2Conv") -> Symmetry:
-    """The ``(group, in_rep, out_rep)`` of an escnn ``R2Conv``, checked against its filter shape."""
-    enn = _escnn().nn
-    if not isinstance(conv, enn.R2Conv):
-        raise TypeError(f"{name}: expected an escnn.nn.R2Conv, got {type(conv).__name__}")
-    group = _group_name(conv.in_type.gspace)
-    sym = Symmetry(group, _rep_name(conv.in_type, "in_type", name), _rep_name(conv.out_type, "out_type", name))
+def _check_kind(kind) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+
+
+def _group_average_r2(conv, name: str) -> Symmetry:
+    sym = Symmetry(_group_name(conv.in_type.gspace), _rep_name(conv.in_type, "in_type", name),
+                   _rep_name(conv.out_type, "out_type", name))
     k = conv.kernel_size
     shape = (conv.out_type.size, conv.in_type.size // conv.groups, k, k)
     try:
@@ -105,12 +123,7 @@ def symmetry_from_r2conv(conv, name: str = "R2Conv") -> Symmetry:
     return sym
 
 
-def symmetry_from_r3conv(conv, name: str = "R3Conv") -> Symmetry:
-    """The ``(group, in_rep, out_rep)`` of an escnn ``R3Conv`` on ``octaOnR3()`` (``"O"``) or
-    ``fullOctaOnR3()`` (``"Oh"``), checked against its filter shape (out, in, k, k, k)."""
-    enn = _escnn().nn
-    if not isinstance(conv, enn.R3Conv):
-        raise TypeError(f"{name}: expected an escnn.nn.R3Conv, got {type(conv).__name__}")
+def _group_average_r3(conv, name: str) -> Symmetry:
     try:
         group = _cube_group_name(conv.in_type.gspace)
     except ValueError as err:
@@ -125,15 +138,110 @@ def symmetry_from_r3conv(conv, name: str = "R3Conv") -> Symmetry:
     return sym
 
 
-def symmetries_from_escnn(model) -> Dict[str, Symmetry]:
-    """``{module name: Symmetry}`` for every ``R2Conv`` and ``R3Conv`` in ``model`` (module order)."""
+def _of_kind(layer, name: str, kind: str, group_average) -> Symmetry:
+    """The group average when ``kind`` asks for it (``"auto"``: where it applies), else the steerable
+    symmetry.  Every ValueError of the group-average route says why the layer is not a finite-group
+    ``(group, in_rep, out_rep)`` layer; ``"auto"`` then reads the layer's own basis instead."""
+    _check_kind(kind)
+    if kind != "steerable":
+        try:
+            return group_average(layer, name)
+        except ValueError:
+            if kind == "group_average":
+                raise
+    return Symmetry(steerable_from_layer(layer, name))
+
+
+def symmetry_from_r2conv(conv, name: str = "R2Conv", *, kind: str = "auto") -> Symmetry:
+    """The symmetry of an escnn ``R2Conv``, checked against its filter shape (out, in, k, k).
+
+    ``kind="group_average"``: the finite group's ``(group, in_rep, out_rep)`` (C_N / D_N with all-regular
+    or all-trivial fields on each side; ValueError otherwise); ``"steerable"``: the layer's own basis as
+    a ``SteerableSymmetry`` (any gspace and field types); ``"auto"``: the first where it applies, else
+    the second."""
     enn = _escnn().nn
+    if not isinstance(conv, enn.R2Conv):
+        raise TypeError(f"{name}: expected an escnn.nn.R2Conv, got {type(conv).__name__}")
+    return _of_kind(conv, name, kind, _group_average_r2)
+
+
+def symmetry_from_r3conv(conv, name: str = "R3Conv", *, kind: str = "auto") -> Symmetry:
+    """The symmetry of an escnn ``R3Conv``, checked against its filter shape (out, in, k, k, k):
+    ``kind`` as for ``symmetry_from_r2conv``; the group average serves ``octaOnR3()`` (``"O"``) and
+    ``fullOctaOnR3()`` (``"Oh"``) with all-regular or all-trivial fields."""
+    enn = _escnn().nn
+    if not isinstance(conv, enn.R3Conv):
+        raise TypeError(f"{name}: expected an escnn.nn.R3Conv, got {type(conv).__name__}")
+    return _of_kind(conv, name, kind, _group_average_r3)
+
+
+def symmetry_from_linear(linear, name: str = "Linear") -> Symmetry:
+    """The steerable symmetry of an escnn ``Linear`` (field types on ``no_base_space(G)``), for the
+    ``nn.Linear`` its ``export()`` gives."""
+    enn = _escnn().nn
+    if not isinstance(linear, enn.Linear):
+        raise TypeError(f"{name}: expected an escnn.nn.Linear, got {type(linear).__name__}")
+    return Symmetry(steerable_from_layer(linear, name))
+
+
+_FROM_LAYERS: Dict[tuple, SteerableSymmetry] = {}
+
+
+def steerable_from_layer(layer, name: str = "layer") -> SteerableSymmetry:
+    """The ``SteerableSymmetry`` of an escnn ``R2Conv``, ``R3Conv`` or ``Linear``, from the basis the
+    layer itself expands its weight from.
+
+    Why the layer's basis and not its options: escnn folds ``frequencies_cutoff``, ``maximum_offset``
+    and a custom ``basis_filter`` into one filter closure and keeps only the derived rings, sigmas
+    and maximum frequency, and the sampling grid also depends on ``dilation``; the layer's sampled
+    basis is the one thing that holds all of them, so P is built from it (float64, as for
+    ``steerable()``).  Layers with equal field types, kernel size and sampled basis share one symmetry
+    object (so they share the configuration caches); the layer itself is not kept.
+    """
+    enn = _escnn().nn
+    if isinstance(layer, (enn.R2Conv, enn.R3Conv)):
+        if layer.groups != 1:
+            raise ValueError(f"{name}: grouped convolutions (groups={layer.groups}) are not supported; use groups=1")
+        kernel_size = layer.kernel_size
+    elif isinstance(layer, enn.Linear):
+        kernel_size = None
+    else:
+        raise TypeError(f"{name}: expected an escnn.nn.R2Conv, R3Conv or Linear, got {type(layer).__name__}")
+    key = (type(layer).__name__, layer.in_type, layer.out_type, kernel_size, _basis_digest(layer.basisexpansion))
+    sym = _FROM_LAYERS.get(key)
+    if sym is None:
+        try:
+            sym = SteerableSymmetry(layer.in_type, layer.out_type, kernel_size, None, layer=layer)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {err}") from None
+        sym = _FROM_LAYERS.setdefault(key, sym)
+    return sym
+
+
+def _basis_digest(expansion) -> str:
+    """A fingerprint of a basis expansion's buffers (its sampled bases, one per pair of field
+    representations), by name, shape and float64 bytes: float32 and float64 copies of one basis agree."""
+    h = hashlib.sha256()
+    for buf_name, buf in sorted(expansion.named_buffers(), key=lambda item: item[0]):
+        data = buf.detach().to("cpu", torch.float64).contiguous()
+        h.update(repr((buf_name, tuple(data.shape))).encode())
+        h.update(data.numpy().tobytes())
+    return h.hexdigest()
+
+
+def symmetries_from_escnn(model, *, kind: str = "auto") -> Dict[str, Symmetry]:
+    """``{module name: Symmetry}`` for every ``R2Conv``, ``R3Conv`` and ``Linear`` in ``model`` (module
+    order); ``kind`` as for ``symmetry_from_r2conv`` (a ``Linear``'s symmetry is always steerable)."""
+    enn = _escnn().nn
+    _check_kind(kind)
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, enn.R2Conv):
-            out[name] = symmetry_from_r2conv(m, name or "model")
+            out[name] = symmetry_from_r2conv(m, name or "model", kind=kind)
         elif isinstance(m, enn.R3Conv):
-            out[name] = symmetry_from_r3conv(m, name or "model")
+            out[name] = symmetry_from_r3conv(m, name or "model", kind=kind)
+        elif isinstance(m, enn.Linear):
+            out[name] = symmetry_from_linear(m, name or "model")
     return out
 
 
@@ -174,27 +282,42 @@ def _exported_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def from_escnn_export(model) -> nn.Module:
-    """Export an escnn model to plain PyTorch and attach each ``R2Conv``'s (``R3Conv``'s) symmetry to its
-    Conv2d (Conv3d).
+def from_escnn_export(model, *, kind: str = "auto") -> nn.Module:
+    """Export an escnn model to plain PyTorch and attach each ``R2Conv``'s, ``R3Conv``'s and ``Linear``'s
+    symmetry (``kind`` as for ``symmetry_from_r2conv``) to its ``Conv2d``, ``Conv3d`` and ``nn.Linear``.
 
     ``model`` is an escnn module with ``export()`` (e.g. ``SequentialModule``, ``R2Conv``) or a plain
     ``nn.Module`` holding escnn modules (those are exported, the rest is copied).  ``model`` itself is
-    not changed.  Convs are matched by name where the export keeps names (``SequentialModule`` does),
-    else by module order.  The result is in eval mode where escnn's ``export()`` puts it there.
+    not changed.  Layers are matched by name where the export keeps names (``SequentialModule`` does),
+    else by module order within each layer type.  The result is in eval mode where escnn's
+    ``export()`` puts it there.  Biases are attached with the weights: ``model_penalty`` and
+    ``project_`` treat them as docs/steerable.md (Biases) and projkernels/model.py describe.
     """
-    syms = symmetries_from_escnn(model)
+    syms = symmetries_from_escnn(model, kind=kind)
+    enn = _escnn().nn
+    escnn_layers = dict(model.named_modules())
+    plain_type = {n: _PLAIN_TYPE[next(t for t in _PLAIN_TYPE if isinstance(escnn_layers[n], getattr(enn, t)))]
+                  for n in syms}
     exported = _exported_copy(model)  # leaves ``model`` (and its mode) untouched
-    convs: List[Tuple[str, nn.Module]] = [(n, m) for n, m in exported.named_modules()
-                                          if isinstance(m, (nn.Conv2d, nn.Conv3d))]
-    by_name = dict(convs)
-    if all(n in by_name for n in syms):
+    by_name = dict(exported.named_modules())
+    if all(isinstance(by_name.get(n), plain_type[n]) for n in syms):
         pairs = [(by_name[n], s, n) for n, s in syms.items()]
-    elif len(convs) == len(syms):
-        pairs = [(m, s, n) for (n, m), s in zip(convs, syms.values())]
     else:
-        raise ValueError(f"model: found {len(syms)} R2Conv / R3Conv layers but {len(convs)} Conv2d / Conv3d layers "
-                         "in the export and their names differ; attach the symmetries by hand with attach_symmetry")
-    for conv, sym, name in pairs:
-        attach_symmetry(conv, sym.group, sym.in_rep, sym.out_rep, name=name)  # errors name the layer
+        pairs = []
+        for escnn_type, layer_type in _PLAIN_TYPE.items():
+            names = [n for n in syms if plain_type[n] is layer_type]
+            if not names:
+                continue
+            layers = [m for m in exported.modules() if isinstance(m, layer_type)]
+            if len(names) != len(layers):
+                raise ValueError(f"model: found {len(names)} {escnn_type} layers but {len(layers)} "
+                                 f"{layer_type.__name__} layers in the export and their names differ; attach the "
+                                 "symmetries by hand with attach_symmetry")
+            pairs += [(m, syms[n], n) for n, m in zip(names, layers)]
+    for layer, sym, name in pairs:
+        attach_symmetry(layer, sym.group, sym.in_rep, sym.out_rep, name=name)  # errors name the layer
     return exported
+
+
+# the plain layer that each escnn layer's export() gives
+_PLAIN_TYPE = {"R2Conv": nn.Conv2d, "R3Conv": nn.Conv3d, "Linear": nn.Linear}

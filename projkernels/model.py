@@ -13,6 +13,11 @@ bias's projection is the mean over each regular field, and its non-equivariance 
 deviation from that mean.  ``model_penalty`` adds that deviation to the ``lambda_perp`` term and
 ``project_`` replaces the bias with its field means, both by default (``bias=False`` turns it off).
 ``lambda_G`` acts on weights only: like weight decay, it is rarely wanted on biases.
+
+For a layer with a steerable symmetry the equivariant biases are those that lie, on every output
+field, in the trivial-isotypic subspace of the field's representation (escnn's own biases live
+there); the projection and its residual come from projkernels/steerable_bias.py and join the same
+terms (a field with no trivial irrep has its whole bias penalised).
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ from .multi_inputs import collect
 from .groups import get_group, group_name_for_ops
 from .orbits import field_size, orbit_table
 from .steerable import SteerableSymmetry, check_module as steerable_check_module
+from .steerable_bias import (bias_deviation_sq as steerable_bias_deviation_sq, prepare as steerable_bias_prepare,
+                             project_bias as steerable_project_bias)
 
 __all__ = ["Symmetry", "attach_symmetry", "detach_symmetry", "get_symmetry", "attach_symmetries",
            "attach_regular_gcnn", "attached_layers", "model_penalty", "project_", "equivariance_report",
@@ -102,9 +109,11 @@ def attach_symmetry(module: nn.Module, group="C4", in_rep: str = "trivial", out_
     which ``attach_symmetries`` and ``attach_regular_gcnn`` pass), its type and weight shape.
     Returns the stored Symmetry.
     """
-    if isinstance(group, SteerableSymmetry):  # hook: steerable symmetries (Linear, Conv2d, Conv3d; no bias term)
+    if isinstance(group, SteerableSymmetry):  # hook: steerable symmetries (Linear, Conv2d, Conv3d)
         try:
             steerable_check_module(module, group, backend)
+            if module.bias is not None:
+                steerable_bias_prepare(group, module.bias)
         except (TypeError, ValueError) as err:
             raise _name_layer(err, module, name) from None
         sym = Symmetry(group, "trivial", "trivial", backend)
@@ -185,11 +194,6 @@ def _regular_fields(vector: Optional[torch.Tensor], sym: Symmetry) -> Optional[t
     return vector.view(-1, field_size("regular", get_group(sym.group)))
 
 
-def _bias_fields(module: nn.Module, sym: Symmetry) -> Optional[torch.Tensor]:
-    """The bias as [fields, |G|] when its output fields are regular; None otherwise."""
-    return _regular_fields(module.bias, sym)
-
-
 def _field_means(fields: torch.Tensor) -> torch.Tensor:
     """The projection of a [fields, |G|] bias: each regular field replaced by its mean (a bias is
     equivariant exactly when it is constant on every regular field)."""
@@ -201,11 +205,26 @@ def _field_deviation_sq(fields: torch.Tensor) -> torch.Tensor:
     return (fields - _field_means(fields)).square().sum()
 
 
+def _bias_deviation_sq(bias: Optional[torch.Tensor], sym: Symmetry, name: str = "bias") -> Optional[torch.Tensor]:
+    """||b - P(b)||^2 of one layer's bias under ``sym``; None when there is no bias or P is the identity
+    (trivial output fields of a finite group)."""
+    if bias is None:
+        return None
+    if isinstance(sym.group, SteerableSymmetry):  # hook: the trivial-isotypic part of each output field
+        return steerable_bias_deviation_sq(bias, sym.group, name)
+    fields = _regular_fields(bias, sym)
+    return None if fields is None else _field_deviation_sq(fields)
+
+
 @torch.no_grad()
 def project_bias_(vector: Optional[torch.Tensor], sym: Symmetry) -> None:
-    """In place: replace a layer's bias (or the bias's gradient) by its projection under ``sym``, the
-    mean over each regular output field.  Trivial output fields: nothing to do (every bias is
+    """In place: replace a layer's bias (or the bias's gradient) by its projection under ``sym``: the
+    mean over each regular output field, or for a steerable symmetry each output field's
+    trivial-isotypic part.  Trivial output fields of a finite group: nothing to do (every bias is
     equivariant)."""
+    if vector is not None and isinstance(sym.group, SteerableSymmetry):  # hook: steerable biases
+        vector.copy_(steerable_project_bias(vector, sym.group))
+        return
     fields = _regular_fields(vector, sym)
     if fields is not None:
         fields.copy_(_field_means(fields))
@@ -235,7 +254,7 @@ class _ModelPlan:
         # hook), and the multi-tensor plans of the local shards come from multi.plan_for's cache.
         self.sharded = D.sharded_layers(model, layers)
         if self.sharded is not None:
-            self.modules, self.weight_plans, self.bias_modules = [], [], []
+            self.modules, self.weight_plans, self.bias_modules, self.steerable_biases = [], [], [], []
             return
         self.modules = [m for _, m, _ in layers]
         weights = [m.weight for m in self.modules]
@@ -250,7 +269,11 @@ class _ModelPlan:
         # Regular-field biases, grouped by field size (one concatenation per size).
         self.bias_modules = [(m, field_size("regular", get_group(sym.group))) for _, m, sym in layers
                              if m.bias is not None and sym.out_rep == "regular"]
-        self.bias_signature = _signature([m.bias for m, _ in self.bias_modules])
+        # Biases of steerable layers, one term each (their projections differ layer by layer).
+        self.steerable_biases = [(m, name, sym) for name, m, sym in layers
+                                 if m.bias is not None and isinstance(sym.group, SteerableSymmetry)]
+        self.bias_signature = _signature([m.bias for m, _ in self.bias_modules] +
+                                         [m.bias for m, _, _ in self.steerable_biases])
 
     def current(self, model_generation: int):
         """The weights if this plan still describes the model, else None."""
@@ -265,7 +288,8 @@ class _ModelPlan:
         weights = [m.weight for m in self.modules]
         if _signature(weights) != self.signature:
             return None
-        if self.bias_modules and _signature([m.bias for m, _ in self.bias_modules]) != self.bias_signature:
+        if _signature([m.bias for m, _ in self.bias_modules] +
+                      [m.bias for m, _, _ in self.steerable_biases]) != self.bias_signature:
             return None
         return weights
 
@@ -313,7 +337,8 @@ def _weight_terms(plan: _ModelPlan, weights) -> Tuple[torch.Tensor, torch.Tensor
 
 
 def _bias_term(plan: _ModelPlan) -> Optional[torch.Tensor]:
-    """||b - P(b)||^2 summed over the regular-field biases, one concatenation per field size."""
+    """||b - P(b)||^2 summed over the regular-field biases, one concatenation per field size, and
+    over the biases of steerable layers."""
     by_size: Dict[int, list] = {}
     for m, size in plan.bias_modules:
         by_size.setdefault(size, []).append(m.bias.view(-1, size))
@@ -322,6 +347,9 @@ def _bias_term(plan: _ModelPlan) -> Optional[torch.Tensor]:
         b = torch.cat(fields) if len(fields) > 1 else fields[0]
         t = _field_deviation_sq(b)
         total = t if total is None else total + t.to(total.device)
+    for m, name, sym in plan.steerable_biases:
+        t = _bias_deviation_sq(m.bias, sym, f"layer {name or '(model)'!r} bias")
+        total = t if total is None else total + t.to(total.device)
     return total
 
 
@@ -329,10 +357,11 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
                   bias: bool = True) -> torch.Tensor:
     """``sum over attached layers of lambda_perp ||W - P(W)||^2 + lambda_G ||P(W)||^2`` (differentiable).
 
-    With ``bias=True`` the non-equivariant part of regular-field biases joins the ``lambda_perp``
-    term (see the module docstring).  All weights go through ``multi_penalty`` in one call (one
-    pass per direction).  The model's layers, symmetries and tables are collected once and cached
-    with the model; a call on an unchanged model only gathers its weights.  Raises ValueError if
+    With ``bias=True`` the non-equivariant part of regular-field biases and of steerable layers'
+    biases joins the ``lambda_perp`` term (see the module docstring).  All weights go through
+    ``multi_penalty`` in one call (one pass per direction).  The model's layers, symmetries and
+    tables are collected once and cached with the model; a call on an unchanged model only gathers
+    its weights.  Raises ValueError if
     no layer of ``model`` has a symmetry attached (almost always a forgotten attach).
 
     Distributed models: a ``DistributedDataParallel`` wrapper is looked through (its weights are
@@ -352,7 +381,7 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     total = lambda_perp * pen
     if lambda_G:
         total = total + lambda_G * eq
-    if bias and plan.bias_modules:
+    if bias and (plan.bias_modules or plan.steerable_biases):
         b = _bias_term(plan)
         total = total + lambda_perp * b.to(device=total.device, dtype=total.dtype)
     return total
@@ -430,16 +459,18 @@ def _compiled_model_penalty(model, lambda_perp, lambda_G, bias):
     if lambda_G:
         total = total + lambda_G * eq
     if bias:
-        fields = [b for b in (_bias_fields(m, s) for _, m, s in layers) if b is not None]
-        for b in fields:
-            total = total + lambda_perp * _field_deviation_sq(b).to(total.dtype)
+        for _, m, s in layers:
+            b = _bias_deviation_sq(m.bias, s)
+            if b is not None:
+                total = total + lambda_perp * b.to(total.dtype)
     return total
 
 
 @torch.no_grad()
 def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
     """Replace every attached layer's weight by P(W) in place (and, with ``bias=True``, each
-    regular-field bias by its field means), making those layers exactly equivariant.
+    regular-field bias by its field means, each steerable layer's bias by its projection), making
+    those layers exactly equivariant.
 
     DDP wrappers are looked through; FSDP2-sharded weights are projected shard by shard, each
     rank on its own (no collective: a shard of whole fields projects on its own), after FSDP2's
@@ -471,7 +502,8 @@ def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
 def equivariance_report(model: nn.Module) -> List[dict]:
     """One dict per attached layer: ``name``, ``type``, ``group``, ``in_rep``, ``out_rep``, ``shape``,
     ``weight_norm``, ``penalty``, ``relative`` (= ||W - P(W)|| / ||W||), ``bias_relative`` (the same
-    for a regular-field bias, else None) and ``spectrum`` ({irrep name: energy}, summing to ||W||^2).
+    for a regular-field or steerable layer's bias, else None) and ``spectrum`` ({irrep name: energy},
+    summing to ||W||^2).
 
     DDP wrappers are looked through (names are those of the wrapped model).  For an FSDP2-sharded
     model every rank computes its shards' numbers and one all-reduce of one vector adds them: every
@@ -491,11 +523,12 @@ def equivariance_report(model: nn.Module) -> List[dict]:
             names = get_group(sym.group).irrep_names
             spec = spectrum(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
         norm = float(w.double().norm())
-        b = _bias_fields(module, sym)
+        b = None if module.bias is None else module.bias.detach().double()
+        dev = _bias_deviation_sq(b, sym)  # float64, as the sharded report
         bias_rel = None
-        if b is not None:
-            bn = float(b.double().norm())
-            bias_rel = float((b - _field_means(b)).double().norm()) / bn if bn > 0 else 0.0
+        if dev is not None:
+            bn = float(b.norm())
+            bias_rel = float(dev) ** 0.5 / bn if bn > 0 else 0.0
         rows.append({
             "name": name or "(model)", "type": type(module).__name__, "group": sym.group,
             "in_rep": sym.in_rep, "out_rep": sym.out_rep, "shape": list(w.shape), "weight_norm": norm,

@@ -94,10 +94,15 @@ class SteerableSymmetry:
     Attributes: ``in_type``, ``out_type``, ``kernel_size`` (None for Linear), ``weight_shape``,
     ``types`` (the ``BlockType`` list), ``dim`` (the dimension of the equivariant space, sum over
     types of n_blocks * r) and ``numel`` (the weight's size).  Built by ``steerable()``, which
-    caches it: the same arguments give the same object (and so hit the configuration caches).
+    caches it: the same arguments give the same object (and so hit the configuration caches), or
+    read off an escnn layer by ``projkernels.escnn_interop.steerable_from_layer`` (``basis_options``
+    is then None).
     """
 
-    def __init__(self, in_type, out_type, kernel_size, basis_options: dict):
+    def __init__(self, in_type, out_type, kernel_size, basis_options: Optional[dict], layer=None):
+        # ``layer``: an escnn Linear / R2Conv / R3Conv between these types whose own basis expansion is
+        # read instead of building one from ``basis_options`` (then None): escnn folds a layer's basis
+        # options into a filter closure that it does not keep (projkernels/escnn_interop.py).
         _escnn()
         import escnn.nn as enn
         if in_type.gspace != out_type.gspace:
@@ -108,19 +113,23 @@ class SteerableSymmetry:
             if kernel_size is not None:
                 raise ValueError(f"kernel_size: must be None for field types on no_base_space (an nn.Linear "
                                  f"weight), got {kernel_size!r}")
-            module = enn.Linear(in_type, out_type, bias=False, initialize=False, **basis_options)
+            module = layer if layer is not None else enn.Linear(in_type, out_type, bias=False, initialize=False,
+                                                                  **basis_options)
             spatial: Tuple[int, ...] = ()
         elif d in (2, 3):
             if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1:
                 raise ValueError(f"kernel_size: a positive int is required for a {d}-D gspace ({gs}), "
                                  f"got {kernel_size!r}")
             conv = enn.R2Conv if d == 2 else enn.R3Conv
-            module = conv(in_type, out_type, kernel_size, bias=False, initialize=False, **basis_options)
+            if layer is not None:
+                module = layer
+            else:
+                module = conv(in_type, out_type, kernel_size, bias=False, initialize=False, **basis_options)
             spatial = (kernel_size,) * d
         else:
             raise ValueError(f"in_type: gspaces of dimension {d} are not supported (0, 2 or 3)")
         self.in_type, self.out_type, self.kernel_size = in_type, out_type, kernel_size
-        self.basis_options = dict(basis_options)
+        self.basis_options = None if basis_options is None else dict(basis_options)
         self.spatial_dims = d
         self.weight_shape = (out_type.size, in_type.size) + spatial
         self.numel = out_type.size * in_type.size * (kernel_size ** d if d else 1)

@@ -67,24 +67,32 @@ def test_plain_module_holding_escnn_parts_and_order_mapping():
 
 
 def test_rejections_name_the_problem():
+    # kind="group_average" insists on a finite (group, in_rep, out_rep); "auto" would read these
+    # layers' own bases instead (tests/test_steerable_interop.py)
     gs = gspaces.rot2dOnR2(4)
     mixed = enn.FieldType(gs, [gs.regular_repr, gs.trivial_repr])
     conv = enn.R2Conv(enn.FieldType(gs, [gs.trivial_repr]), mixed, 3)
     with pytest.raises(ValueError, match="field 1"):
-        symmetry_from_r2conv(conv)
+        symmetry_from_r2conv(conv, kind="group_average")
     irrep = enn.FieldType(gs, [gs.irrep(1)])
     with pytest.raises(ValueError, match="field 0 has representation"):
-        symmetry_from_r2conv(enn.R2Conv(irrep, irrep, 3))
+        symmetry_from_r2conv(enn.R2Conv(irrep, irrep, 3), kind="group_average")
     gs8 = gspaces.rot2dOnR2(8)
     t = enn.FieldType(gs8, [gs8.regular_repr])
     with pytest.raises(ValueError, match="does not act exactly"):
-        symmetry_from_r2conv(enn.R2Conv(t, t, 3))
+        symmetry_from_r2conv(enn.R2Conv(t, t, 3), kind="group_average")
     gsa = gspaces.flip2dOnR2(axis=0.0)
     ta = enn.FieldType(gsa, [gsa.regular_repr])
     with pytest.raises(ValueError, match="axis"):
-        symmetry_from_r2conv(enn.R2Conv(ta, ta, 3))
+        symmetry_from_r2conv(enn.R2Conv(ta, ta, 3), kind="group_average")
+    so2 = gspaces.rot2dOnR2(-1)
+    with pytest.raises(ValueError, match="continuous rotations"):
+        symmetry_from_r2conv(enn.R2Conv(enn.FieldType(so2, [so2.trivial_repr]),
+                                        enn.FieldType(so2, [so2.irrep(1)]), 3), kind="group_average")
     with pytest.raises(TypeError, match="R2Conv"):
         symmetry_from_r2conv(torch.nn.Conv2d(1, 1, 3))
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        symmetry_from_r2conv(conv, kind="average")
 
 
 # --- R3Conv on octaOnR3() / fullOctaOnR3() -------------------------------------------------------------
@@ -123,8 +131,9 @@ def test_r3conv_rejections_name_the_problem():
 
     gs = gspaces.octaOnR3()
     mixed = enn.FieldType(gs, [gs.regular_repr, gs.trivial_repr])
-    with pytest.raises(ValueError, match="field 1"):
-        symmetry_from_r3conv(enn.R3Conv(enn.FieldType(gs, [gs.trivial_repr]), mixed, 3), name="enc")
+    with pytest.raises(ValueError, match="enc: .*field 1"):
+        symmetry_from_r3conv(enn.R3Conv(enn.FieldType(gs, [gs.trivial_repr]), mixed, 3), name="enc",
+                             kind="group_average")
     with pytest.raises(TypeError, match="R3Conv"):
         symmetry_from_r3conv(torch.nn.Conv3d(1, 1, 3))
     with pytest.raises(TypeError, match="R2Conv"):
