@@ -100,7 +100,7 @@ def local_shard(t: torch.Tensor, field_sizes: Sequence[int], label: str) -> Opti
             f"{size} (rank {rank} holds [{start}, {stop})). The penalty's orbits stay inside a field, so every "
             f"shard must hold whole fields: make ceil({what} channels / world size) a multiple of {size}, for "
             f"example with a number of {what} fields that is a multiple of the world size"
-            + (f"; or, for a layer with regular input fields and no regular-field bias, shard its weight along "
+            + ("; or, for a layer with regular input fields and no regular-field bias, shard its weight along "
                "dim 1 instead (fully_shard(layer, shard_placement_fn=lambda p: Shard(1) if p is layer.weight "
                "else None)), which must then split into whole input fields" if dim == 0 else ""))
     return local if local.shape[dim] > 0 else None
