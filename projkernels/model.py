@@ -255,6 +255,7 @@ class _ModelPlan:
         self.sharded = D.sharded_layers(model, layers)
         if self.sharded is not None:
             self.modules, self.weight_plans, self.bias_modules, self.steerable_biases = [], [], [], []
+            self.with_biases = None
             return
         self.modules = [m for _, m, _ in layers]
         weights = [m.weight for m in self.modules]
@@ -267,13 +268,37 @@ class _ModelPlan:
             _, key = collect([(weights[i], layers[i][2].group, layers[i][2].in_rep, layers[i][2].out_rep) for i in idx])
             self.weight_plans.append((idx if len(by_backend) > 1 else None, plan_for(key, backend)))
         # Regular-field biases, grouped by field size (one concatenation per size).
-        self.bias_modules = [(m, field_size("regular", get_group(sym.group))) for _, m, sym in layers
-                             if m.bias is not None and sym.out_rep == "regular"]
+        regular = [(m, sym) for _, m, sym in layers if m.bias is not None and sym.out_rep == "regular"]
+        self.bias_modules = [(m, field_size("regular", get_group(sym.group))) for m, sym in regular]
+        self.with_biases = self._fused_plan(key, regular, by_backend) if len(by_backend) == 1 else None
         # Biases of steerable layers, one term each (their projections differ layer by layer).
         self.steerable_biases = [(m, name, sym) for name, m, sym in layers
                                  if m.bias is not None and isinstance(sym.group, SteerableSymmetry)]
         self.bias_signature = _signature([m.bias for m, _ in self.bias_modules] +
                                          [m.bias for m, _, _ in self.steerable_biases])
+
+    @staticmethod
+    def _fused_plan(weight_key: tuple, regular: list, by_backend: dict):
+        """One whole-model plan over the weights and the regular-field biases, where the weights'
+        plan is the native op and every such bias sits with the weights (device, floating dtype).
+
+        A bias of C channels in regular fields is a [C, 1] Linear weight with trivial input and
+        regular output fields: its projection is exactly the field means.  So the op that serves
+        the weights serves the biases too, passed as they are (1-D, C entries: the op reads the
+        table's geometry, not the shape), and the penalty's bias term costs no concatenation, no
+        per-size reduction and no autograd nodes of its own."""
+        backend = next(iter(by_backend))
+        weight_plan = plan_for(weight_key, backend)
+        if not regular or not getattr(weight_plan, "native", False):
+            return None
+        device = weight_key[0][2]
+        entries = []
+        for m, sym in regular:
+            b = m.bias
+            if b.device != device or not b.is_floating_point() or b.dim() != 1:
+                return None
+            entries.append((torch.Size((b.numel(), 1)), b.dtype, b.device, sym.group, "trivial", "regular"))
+        return plan_for(weight_key + tuple(entries), backend)
 
     def current(self, model_generation: int):
         """The weights if this plan still describes the model, else None."""
@@ -347,6 +372,16 @@ def _bias_term(plan: _ModelPlan) -> Optional[torch.Tensor]:
         b = torch.cat(fields) if len(fields) > 1 else fields[0]
         t = _field_deviation_sq(b)
         total = t if total is None else total + t.to(total.device)
+    if plan.steerable_biases:
+        t = _steerable_bias_term(plan)
+        total = t if total is None else total + t.to(total.device)
+    return total
+
+
+def _steerable_bias_term(plan: _ModelPlan) -> torch.Tensor:
+    """||b - P(b)||^2 summed over the biases of steerable layers (one term each: their projections
+    differ layer by layer)."""
+    total = None
     for m, name, sym in plan.steerable_biases:
         t = _bias_deviation_sq(m.bias, sym, f"layer {name or '(model)'!r} bias")
         total = t if total is None else total + t.to(total.device)
@@ -377,6 +412,15 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     plan, weights = _model_plan(model)
     if plan.sharded is not None:
         return _sharded_penalty(plan.sharded, lambda_perp, lambda_G, bias)
+    if bias and plan.with_biases is not None:
+        # Weights and regular-field biases in one op; lambda_G takes the weights' entries only.
+        pen, _, _, eq_per_item = plan.with_biases.run(weights + [m.bias for m, _ in plan.bias_modules])
+        total = lambda_perp * pen
+        if lambda_G:
+            total = total + lambda_G * eq_per_item[:len(weights)].sum()
+        if plan.steerable_biases:
+            total = total + lambda_perp * _steerable_bias_term(plan).to(device=total.device, dtype=total.dtype)
+        return total
     pen, eq = _weight_terms(plan, weights)
     total = lambda_perp * pen
     if lambda_G:

@@ -175,6 +175,42 @@ def test_report_and_table():
     assert all(r["relative"] < 1e-12 for r in equivariance_report(m))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_model_penalty_biases_in_the_weights_op(dtype):
+    # With a native whole-model op the regular-field biases ride in it as [C, 1] weights; the value,
+    # every gradient, and lambda_G acting on weights only must match a layer-by-layer computation
+    # with the reference backend and the biases' field means written out.
+    from projkernels.model import _model_plan
+    m = _model(bias=True, dtype=dtype)
+    if "cpp" not in pk.available_backends("cpu"):
+        pytest.skip("the compiled extension is not built")
+    assert _model_plan(m)[0].with_biases is not None  # the fused route is the one under test
+    lp, lg = 0.7, 0.3
+    total = model_penalty(m, lp, lg)
+    params = [m.lift.weight, m.mid.weight, m.head.weight, m.lift.bias, m.mid.bias]
+    grads = torch.autograd.grad(total, params)
+
+    expected = torch.zeros((), dtype=torch.float64)
+    for layer, grad in zip((m.lift, m.mid, m.head), grads[:3]):
+        sym = get_symmetry(layer)
+        w = layer.weight.detach().double()
+        pw = pk.project(w, sym.group, sym.in_rep, sym.out_rep, backend="reference")
+        expected += lp * (w - pw).square().sum() + lg * pw.square().sum()
+        torch.testing.assert_close(grad.double(), 2 * lp * (w - pw) + 2 * lg * pw,
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    for b, grad in zip((m.lift.bias, m.mid.bias), grads[3:]):
+        f = b.detach().double().view(-1, 4)
+        dev = f - f.mean(1, keepdim=True)
+        expected += lp * dev.square().sum()  # lambda_G never reaches a bias
+        torch.testing.assert_close(grad.double(), (2 * lp * dev).reshape(-1),
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    torch.testing.assert_close(total.double(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    assert total.dtype == dtype
+    # bias=False leaves the biases out of the graph entirely.
+    no_bias = model_penalty(m, lp, lg, bias=False)
+    assert torch.autograd.grad(no_bias, [m.lift.bias], allow_unused=True)[0] is None
+
+
 def test_project_bias_is_the_field_mean_and_ignores_trivial_outputs():
     from projkernels.model import project_bias_
     v = torch.arange(8.0)
