@@ -13,9 +13,11 @@ give exactly the update of the penalty in the loss; for other optimizers "couple
 the penalty in the loss, and "decoupled" shrinks the non-equivariant part by the factor
 ``1 - 2 lr lambda_perp`` whatever the optimizer's preconditioning.  Regular-field biases join the
 ``lambda_perp`` term as in ``model_penalty`` (their deviation from the per-field mean);
-``lambda_G`` acts on weights only.
+``lambda_G`` acts on weights only.  Layers with a steerable symmetry (projkernels/steerable.py)
+get the same update from their own projection (weights: the block projection, biases: each output
+field's trivial-isotypic part), one layer at a time, computed in the accumulation dtype.
 
-All attached tensors are updated by one fused in-place pass per step (``projkernels_C::multi_decay_``
+All attached finite-group tensors are updated by one fused in-place pass per step (``projkernels_C::multi_decay_``
 and ``multi_decay_grad_``: one CPU parallel loop, or one CUDA launch, for all layers and dtypes);
 the Triton route launches one kernel per tensor; the reference route is plain tensor code.  The
 math is float32 for half-precision tensors (float64 for float64) and the result is deterministic.
@@ -46,8 +48,9 @@ from . import distributed as D
 from .backends import BACKENDS, check_backend_name
 from .groups import get_group
 from .model import attached_layers
-from .orbits import OrbitTable, orbit_table
+from .orbits import OrbitTable, acc_dtype, orbit_table
 from . import reference as R
+from .steerable import SteerableSymmetry
 
 __all__ = ["equivariance_decay", "EquivarianceDecay", "DecayBackend", "register_decay_backend",
            "decay_backends", "apply_decay_", "MODES"]
@@ -202,10 +205,28 @@ def apply_decay_(targets: Sequence[torch.Tensor], weights: Optional[Sequence[tor
 @dataclass(frozen=True, eq=False)
 class _Entry:
     param: torch.Tensor
-    table: Optional[OrbitTable]  # None: a DTensor whose shard on this rank is empty
+    table: Optional[OrbitTable]  # None: a DTensor whose shard on this rank is empty, or a steerable entry
     is_bias: bool
     name: str
     sharded: bool = False        # a DTensor: the update acts on its local shard (and its grad's)
+    steerable: Optional[SteerableSymmetry] = None  # updated through this symmetry's projection
+
+    @property
+    def active(self) -> bool:
+        return self.table is not None or self.steerable is not None
+
+
+def _steerable_update_(target: torch.Tensor, weight: torch.Tensor, e: _Entry, coef_dev: float,
+                       coef_mean: float) -> None:
+    """``target += coef_dev (W - P W) + coef_mean P W`` for a steerable entry, in the accumulation
+    dtype (P W of a half weight is computed from its float32 copy, not rounded to half first)."""
+    from .api import project
+    from .steerable_bias import project_bias
+    acc = acc_dtype(weight.dtype)
+    w = weight.to(acc)
+    pw = project_bias(w, e.steerable, e.name) if e.is_bias else project(w, e.steerable)
+    old = w if target is weight else target.to(acc)
+    target.copy_(old + (coef_dev * (w - pw) + coef_mean * pw))  # rounded once, as the fused kernels do
 
 
 def _check_lambda(name: str, value) -> float:
@@ -277,6 +298,11 @@ class EquivarianceDecay:
                 entries.append(_Entry(l.bias(), table, True, f"{l.name}.bias", bsh))
         for name, module, sym in (layers if sharded is None else ()):
             label = name or "(model)"
+            if isinstance(sym.group, SteerableSymmetry):
+                entries.append(_Entry(module.weight, None, False, f"{label}.weight", steerable=sym.group))
+                if bias and module.bias is not None:
+                    entries.append(_Entry(module.bias, None, True, f"{label}.bias", steerable=sym.group))
+                continue
             entries.append(_Entry(module.weight, orbit_table(module.weight, sym.group, sym.in_rep, sym.out_rep),
                                   False, f"{label}.weight"))
             table = _bias_table(module, sym) if bias else None
@@ -288,7 +314,7 @@ class EquivarianceDecay:
                 raise ValueError(f"model: {e.name} is the same parameter as {seen[id(e.param)]} (tied weights); "
                                  "attach a symmetry to only one of the layers that share it")
             seen[id(e.param)] = e.name
-        for device in {(e.param.to_local() if e.sharded else e.param).device for e in entries}:
+        for device in {(e.param.to_local() if e.sharded else e.param).device for e in entries if e.steerable is None}:
             _resolve(self.backend, device)  # an unusable backend fails here, not at the first step
         self._entries: Tuple[_Entry, ...] = tuple(entries)
         self._lambda_G_of = [0.0 if e.is_bias else self.lambda_G for e in entries]
@@ -328,7 +354,8 @@ class EquivarianceDecay:
 
     @property
     def parameters(self) -> List[torch.Tensor]:
-        """The parameters the decay acts on (weights, then regular-field biases, layer by layer)."""
+        """The parameters the decay acts on (layer by layer: the weight, then a regular-field or
+        steerable layer's bias)."""
         return [e.param for e in self._entries]
 
     def remove(self) -> None:
@@ -378,24 +405,30 @@ class EquivarianceDecay:
         if isinstance(found_inf, torch.Tensor) and float(found_inf) != 0.0:
             return  # a fused optimizer skips this step itself (GradScaler found inf/NaN)
         lrs = [float(g["lr"]) for g in optimizer.param_groups]
-        targets, tables, c_dev, c_mean = [], [], [], []
+        targets, tables, c_dev, c_mean, steer = [], [], [], [], []
         for e, gi, lg in zip(self._entries, self._group_of, self._lambda_G_of):
             p = e.param
-            if not p.requires_grad or e.table is None:
+            if not p.requires_grad or not e.active:
                 continue  # a frozen parameter gets no gradient from the penalty in the loss either
             lr = lrs[gi]
+            if e.steerable is not None:
+                steer.append((e, -2.0 * lr * self.lambda_perp, -2.0 * lr * lg))
+                continue
             targets.append(p.to_local() if e.sharded else p)
             tables.append(e.table)
             c_dev.append(-2.0 * lr * self.lambda_perp)
             c_mean.append(-2.0 * lr * lg)
-        if not self._warned and any(c < -1.0 for c in c_dev + c_mean):
+        c_all = c_dev + c_mean + [c for _, a, b in steer for c in (a, b)]
+        if not self._warned and any(c < -1.0 for c in c_all):
             # 2 lr lambda > 1 overshoots P W (the part flips sign every step), > 2 diverges.
             self._warned = True
-            warnings.warn(f"equivariance_decay: 2 * lr * lambda = {-min(c_dev + c_mean):g} > 1 overshoots the "
+            warnings.warn(f"equivariance_decay: 2 * lr * lambda = {-min(c_all):g} > 1 overshoots the "
                           "projection (the decayed part changes sign every step); lower lambda_perp / lambda_G",
                           RuntimeWarning, stacklevel=4)
         if targets:
             apply_decay_(targets, None, tables, c_dev, c_mean, backend=self.backend)
+        for e, a, b in steer:
+            _steerable_update_(e.param, e.param, e, a, b)
 
     def _coupled(self, optimizer) -> None:
         scale = getattr(optimizer, "grad_scale", None)
@@ -404,7 +437,7 @@ class EquivarianceDecay:
         grads, weights, tables, c_dev, c_mean = [], [], [], [], []
         for e, lg in zip(self._entries, self._lambda_G_of):
             p = e.param
-            if not p.requires_grad or e.table is None:
+            if not p.requires_grad or not e.active:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -415,6 +448,9 @@ class EquivarianceDecay:
                 raise RuntimeError(f"equivariance_decay(mode='coupled'): the gradient of {e.name} is "
                                    f"{'sparse' if g.is_sparse else f'{g.dtype} {tuple(g.shape)}'}; expected a dense "
                                    f"{p.dtype} gradient of shape {tuple(p.shape)}")
+            if e.steerable is not None:
+                _steerable_update_(g, p, e, 2.0 * self.lambda_perp * s, 2.0 * lg * s)
+                continue
             grads.append(g)
             weights.append(p)
             tables.append(e.table)
