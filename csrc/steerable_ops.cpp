@@ -209,7 +209,7 @@ std::pair<std::vector<Tensor>, std::vector<int64_t>> load_layout(AutogradContext
   return {ctx->saved_data["table"].toTensorVector(), ctx->saved_data["geometry"].toIntVector()};
 }
 
-class BackwardFn : public torch::autograd::Function<BackwardFn> {
+class SteerBackwardFn : public torch::autograd::Function<SteerBackwardFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& gp, const Tensor& ge,
                                const Layout& l) {
@@ -237,7 +237,7 @@ class BackwardFn : public torch::autograd::Function<BackwardFn> {
   }
 };
 
-class PenaltyEnergyFn : public torch::autograd::Function<PenaltyEnergyFn> {
+class SteerPenaltyEnergyFn : public torch::autograd::Function<SteerPenaltyEnergyFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Layout& l) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -255,13 +255,13 @@ class PenaltyEnergyFn : public torch::autograd::Function<PenaltyEnergyFn> {
     const Tensor& zero = table[3];  // an unused output's gradient: the layout's cached zero
     const Tensor gp = grads[0].defined() ? grads[0] : zero;
     const Tensor ge = grads[1].defined() ? grads[1] : zero;
-    // Through the dispatcher with autograd: records BackwardFn under create_graph.
+    // Through the dispatcher with autograd: records SteerBackwardFn under create_graph.
     out[0] = call_backward(ctx->get_saved_variables()[0], gp, ge, table, geometry);
     return out;
   }
 };
 
-class ProjectFn : public torch::autograd::Function<ProjectFn> {
+class SteerProjectFn : public torch::autograd::Function<SteerProjectFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Layout& l) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -292,7 +292,7 @@ std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorL
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_penalty_energy(weight, table, geometry);
   }
-  auto r = PenaltyEnergyFn::apply(weight, Layout{table, geometry});
+  auto r = SteerPenaltyEnergyFn::apply(weight, Layout{table, geometry});
   return {r[0], r[1]};
 }
 
@@ -302,7 +302,7 @@ Tensor penalty_energy_backward_autograd(const Tensor& weight, const Tensor& gp, 
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_backward(weight, gp, ge, table, geometry);
   }
-  return BackwardFn::apply(weight, gp, ge, Layout{table, geometry})[0];
+  return SteerBackwardFn::apply(weight, gp, ge, Layout{table, geometry})[0];
 }
 
 Tensor project_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
@@ -310,7 +310,7 @@ Tensor project_autograd(const Tensor& weight, TensorList table, IntArrayRef geom
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_project(weight, table, geometry);
   }
-  return ProjectFn::apply(weight, Layout{table, geometry})[0];
+  return SteerProjectFn::apply(weight, Layout{table, geometry})[0];
 }
 
 }  // namespace
