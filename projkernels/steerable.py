@@ -23,10 +23,14 @@ Weight layout: ``nn.Linear`` ``[out_type.size, in_type.size]``, ``nn.Conv2d``
 ``[out_type.size, in_type.size, k, k]``, ``nn.Conv3d`` ``[out_type.size, in_type.size, k, k, k]``:
 the layout of escnn's expanded filter (fields occupy consecutive channels, in field-type order).
 
-Backends: "reference" (block types of equal size batched: one gather, two batched matmuls; the
-backward is one write pass from the forward's P W) and "triton" (one
-program per tile of blocks of one type, Q_t loaded once per program; projkernels/steerable_triton.py).
-"auto" picks Triton on CUDA when it is available and the reference route otherwise.
+Backends: "cpp" and "cuda" (the compiled ops ``projkernels_C::steerable_*``, csrc/steerable_ops.cpp
+and csrc/steerable_kernels.cu: one pass over tiles of blocks fixed by the layout, autograd in C++ with
+double backward; they take ``Layout.native``, resident on the device), "reference" (block types of
+equal size batched: one gather, two batched matmuls; the backward is one write pass from the forward's
+P W) and "triton" (one program per tile of blocks of one type, Q_t loaded once per program;
+projkernels/steerable_triton.py).  "auto" picks cuda on CUDA tensors when the extension has its CUDA
+kernels, else Triton, else the reference route; cpp on CPU tensors when the extension is built, else
+the reference route.
 """
 from __future__ import annotations
 
