@@ -3,11 +3,12 @@
 // descriptor rows read from `geometry` (host ints).  The layout's contents were built and checked
 // once by projkernels/steerable.py; device tensors are never read here (that would sync).
 //
-//   table    = [q, fields, desc, zero, half]
+//   table    = [q, fields, desc, zero, half, qt]
 //     q      1-D, the accumulation dtype: every Q_t ([m, r] row-major) concatenated
 //     fields 1-D int64: per type its out-field channel offsets, then its in-field ones
 //     desc   [T, kSteerDescWidth] int64: the descriptor rows (steerable_math.h), for the device
 //     zero, half  0-dim, the accumulation dtype: 0 and 1/2 (project = backward(0, 1/2))
+//     qt     like q, each Q_t transposed ([r, m] row-major, same offsets): the CPU kernels' P X
 //   geometry = [c_out, c_in, S, desc rows flattened]: the same rows, for the host
 #pragma once
 
@@ -23,13 +24,13 @@
 
 namespace projkernels {
 
-constexpr int64_t kSteerTableSize = 5;
+constexpr int64_t kSteerTableSize = 6;
 
 struct SteerArgs {
   std::vector<SteerType> types;
   int64_t c_out = 0, c_in = 0, S = 0;
   int64_t n_tiles = 0, max_m = 0, max_r = 0;
-  at::Tensor q, fields, desc;
+  at::Tensor q, fields, desc, qt;
   const int64_t* desc_host = nullptr;  // geometry's descriptor rows
 };
 
@@ -37,7 +38,7 @@ inline SteerArgs check_steerable(const at::Tensor& weight, at::TensorList table,
                                  const char* op) {
   check_weight(weight, op);
   TORCH_CHECK(static_cast<int64_t>(table.size()) == kSteerTableSize, op,
-              ": table must be [q, fields, desc, zero, half], got ", table.size(), " tensors");
+              ": table must be [q, fields, desc, zero, half, qt], got ", table.size(), " tensors");
   const int64_t g = static_cast<int64_t>(geometry.size());
   TORCH_CHECK(g > kSteerGeometryHead && (g - kSteerGeometryHead) % kSteerDescWidth == 0, op,
               ": geometry must be [c_out, c_in, S] followed by ", kSteerDescWidth, " ints per block type, got ", g,
@@ -54,9 +55,13 @@ inline SteerArgs check_steerable(const at::Tensor& weight, at::TensorList table,
   a.q = table[0];
   a.fields = table[1];
   a.desc = table[2];
+  a.qt = table[5];
   TORCH_CHECK(a.q.dim() == 1 && a.q.scalar_type() == acc && a.q.is_contiguous(), op,
               ": q must be a contiguous 1-D tensor of the accumulation dtype ", acc, ", got ", a.q.scalar_type(),
               " of shape ", a.q.sizes());
+  TORCH_CHECK(a.qt.dim() == 1 && a.qt.scalar_type() == acc && a.qt.is_contiguous() && a.qt.numel() == a.q.numel(), op,
+              ": qt must be a contiguous 1-D tensor of the accumulation dtype ", acc, " with q's ", a.q.numel(),
+              " entries, got ", a.qt.scalar_type(), " of shape ", a.qt.sizes());
   TORCH_CHECK(a.fields.dim() == 1 && a.fields.scalar_type() == at::kLong && a.fields.is_contiguous(), op,
               ": fields must be a contiguous 1-D int64 tensor, got ", a.fields.scalar_type(), " of shape ",
               a.fields.sizes());
@@ -66,7 +71,7 @@ inline SteerArgs check_steerable(const at::Tensor& weight, at::TensorList table,
               op, ": desc must be a contiguous int64 tensor [", T, ", ", kSteerDescWidth, "], got ",
               a.desc.scalar_type(), " of shape ", a.desc.sizes());
   for (int64_t i = 0; i < kSteerTableSize; ++i) {
-    static const char* names[] = {"q", "fields", "desc", "zero", "half"};
+    static const char* names[] = {"q", "fields", "desc", "zero", "half", "qt"};
     TORCH_CHECK(table[i].device() == weight.device(), op, ": ", names[i], " is on ", table[i].device(),
                 " but weight is on ", weight.device(), "; pass the symmetry's layout for the weight's device");
   }

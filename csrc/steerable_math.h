@@ -115,4 +115,17 @@ PK_HOST_DEVICE inline void steer_coefficients(const acc_t* x, const acc_t* q, in
   }
 }
 
+// P X = sum_j C_j Q_t[:, j] for one block, into px[0 .. m), from Q_t^T ([r, m] row-major): the inner
+// loop runs along a row of Q_t^T and vectorises, and each px[e] is summed over j in increasing order,
+// as steer_projected sums it.
+template <typename acc_t>
+PK_HOST_DEVICE inline void steer_projection(const acc_t* c, const acc_t* qt, int64_t m, int64_t r, acc_t* px) {
+  for (int64_t e = 0; e < m; ++e) px[e] = 0;
+  for (int64_t j = 0; j < r; ++j) {
+    const acc_t cj = c[j];
+    const acc_t* row = qt + j * m;
+    for (int64_t e = 0; e < m; ++e) px[e] += cj * row[e];
+  }
+}
+
 }  // namespace projkernels

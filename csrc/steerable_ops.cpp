@@ -60,19 +60,22 @@ void forward_cpu_kernel(const Tensor& w, const SteerArgs& a, std::vector<double>
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   const acc_t* q_all = a.q.const_data_ptr<acc_t>();
+  const acc_t* qt_all = a.qt.const_data_ptr<acc_t>();
   const int64_t* fields = a.fields.const_data_ptr<int64_t>();
   for_each_tile(a, [&](int64_t tile, const SteerType& t, int64_t b0, int64_t b1) {
     const int64_t m = t.m(a.S), r = t.rank;
     const acc_t* q = q_all + t.q_offset;
-    // Per-tile scratch: x (one block) and C.
-    std::vector<acc_t> x(m), c(std::max<int64_t>(r, 1));
+    const acc_t* qt = qt_all + t.q_offset;
+    // Per-tile scratch: x (one block), C and P x.
+    std::vector<acc_t> x(m), px(m), c(std::max<int64_t>(r, 1));
     double pen = 0, eq = 0;
     for (int64_t b = b0; b < b1; ++b) {
       steer_gather(wp, steer_block_base(t, fields, b, a.c_in, a.S), t.d_out, t.d_in, a.c_in, a.S, x.data());
       steer_coefficients(x.data(), q, m, r, c.data());
+      steer_projection(c.data(), qt, m, r, px.data());
       acc_t bp = 0, be = 0;
       for (int64_t e = 0; e < m; ++e) {
-        const acc_t d = x[e] - steer_projected(c.data(), q + e * r, r);  // the residual, never a difference of energies
+        const acc_t d = x[e] - px[e];  // the residual, never a difference of energies
         bp += d * d;
       }
       for (int64_t j = 0; j < r; ++j) be += c[j] * c[j];
@@ -90,24 +93,26 @@ void write_cpu_kernel(const Tensor& w, const SteerArgs& a, double two_pen_d, dou
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const acc_t* q_all = a.q.const_data_ptr<acc_t>();
+  const acc_t* qt_all = a.qt.const_data_ptr<acc_t>();
   const int64_t* fields = a.fields.const_data_ptr<int64_t>();
   const acc_t two_pen = static_cast<acc_t>(two_pen_d), two_eq = static_cast<acc_t>(two_eq_d);
   for_each_tile(a, [&](int64_t, const SteerType& t, int64_t b0, int64_t b1) {
     const int64_t m = t.m(a.S), r = t.rank;
     const acc_t* q = q_all + t.q_offset;
-    std::vector<acc_t> x(m), c(std::max<int64_t>(r, 1));
+    const acc_t* qt = qt_all + t.q_offset;
+    std::vector<acc_t> x(m), px(m), c(std::max<int64_t>(r, 1));
     const int64_t run = t.d_in * a.S;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t base = steer_block_base(t, fields, b, a.c_in, a.S);
       steer_gather(wp, base, t.d_out, t.d_in, a.c_in, a.S, x.data());
       steer_coefficients(x.data(), q, m, r, c.data());
+      steer_projection(c.data(), qt, m, r, px.data());
       // Every element of W lies in exactly one block: each output element is written once.
       for (int64_t p = 0; p < t.d_out; ++p) {
         scalar_t* dst = op + base + p * a.c_in * a.S;
         for (int64_t k = 0; k < run; ++k) {
           const int64_t e = p * run + k;
-          const acc_t px = steer_projected(c.data(), q + e * r, r);
-          dst[k] = static_cast<scalar_t>(steer_write_value(x[e], px, two_pen, two_eq));
+          dst[k] = static_cast<scalar_t>(steer_write_value(x[e], px[e], two_pen, two_eq));
         }
       }
     }
@@ -317,7 +322,7 @@ Tensor project_autograd(const Tensor& weight, TensorList table, IntArrayRef geom
 }  // namespace projkernels
 
 TORCH_LIBRARY_FRAGMENT(projkernels_C, m) {
-  // table = [q, fields, desc, zero, half], geometry = [c_out, c_in, S, descriptor rows]
+  // table = [q, fields, desc, zero, half, qt], geometry = [c_out, c_in, S, descriptor rows]
   // (csrc/steerable_checks.h); built once per device and dtype by projkernels/steerable.py.
   m.def("steerable_penalty_energy(Tensor weight, Tensor[] table, int[] geometry) -> (Tensor, Tensor)");
   m.def(

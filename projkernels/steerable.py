@@ -281,7 +281,7 @@ class GroupLayout(NamedTuple):
 
 class NativeLayout(NamedTuple):
     """The arguments of the compiled ops (csrc/steerable_checks.h describes them): ``table`` =
-    [q, fields, desc, zero, half] on the device, ``geometry`` = [c_out, c_in, S, descriptor rows]."""
+    [q, fields, desc, zero, half, qt] on the device, ``geometry`` = [c_out, c_in, S, descriptor rows]."""
     table: List[torch.Tensor]
     geometry: List[int]
 
@@ -352,17 +352,19 @@ def _layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> L
 
 
 def _native_layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> NativeLayout:
-    """Every Q_t concatenated, the fields' channel offsets and one descriptor row per type
+    """Every Q_t concatenated (and every Q_t^T, for the CPU kernels' P X), the fields' channel
+    offsets and one descriptor row per type
     (d_out, d_in, r, n_out, n_in, q offset, fields offset, blocks per tile, first tile), as
     csrc/steerable_math.h reads them."""
     c_out, c_in = sym.weight_shape[:2]
     s = sym.numel // (c_out * c_in)
-    qs, fields, rows = [], [], []
+    qs, qts, fields, rows = [], [], [], []
     q_off = f_off = tile = 0
     for t in sym.types:
         per_tile = max(1, _TILE_ELEMS // t.m)
         rows.append([t.d_out, t.d_in, t.rank, len(t.out_fields), len(t.in_fields), q_off, f_off, per_tile, tile])
         qs.append(t.q.reshape(-1))
+        qts.append(t.q.T.reshape(-1))
         fields.extend(t.out_fields + t.in_fields)
         q_off += t.q.numel()
         f_off += len(t.out_fields) + len(t.in_fields)
@@ -371,7 +373,8 @@ def _native_layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtyp
              torch.tensor(fields, dtype=torch.long, device=device),
              torch.tensor(rows, dtype=torch.long, device=device),
              torch.zeros((), dtype=acc, device=device),
-             torch.full((), 0.5, dtype=acc, device=device)]
+             torch.full((), 0.5, dtype=acc, device=device),
+             torch.cat(qts).to(device=device, dtype=acc)]
     return NativeLayout(table, [c_out, c_in, s] + [v for row in rows for v in row])
 
 

@@ -234,7 +234,7 @@ def test_the_ops_check_their_arguments():
     sym, _ = case("so2_conv2d")
     w = _random(sym)
     table, geometry = _native(sym, w)
-    with pytest.raises(RuntimeError, match=r"table must be \[q, fields, desc, zero, half\]"):
+    with pytest.raises(RuntimeError, match=r"table must be \[q, fields, desc, zero, half, qt\]"):
         OPS.steerable_penalty_energy(w, table[:3], geometry)
     with pytest.raises(RuntimeError, match="geometry must be"):
         OPS.steerable_project(w, table, geometry[:-1])
