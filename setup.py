@@ -28,9 +28,10 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "projkernels._C"
-# The raw kernels' schemas and CPU kernels, the public ops over them, and their autograd.
-CPP_SOURCES = ["ops.cpp", "public_ops.cpp", "autograd.cpp", "decay_ops.cpp"]
-CUDA_SOURCES = ["kernels.cu", "multi_kernels.cu", "decay_kernels.cu"]
+# The raw kernels' schemas and CPU kernels, the public ops over them, and their autograd; the decay
+# ops; the steerable ops (schemas, CPU kernels and autograd in one file).
+CPP_SOURCES = ["ops.cpp", "public_ops.cpp", "autograd.cpp", "decay_ops.cpp", "steerable_ops.cpp"]
+CUDA_SOURCES = ["kernels.cu", "multi_kernels.cu", "decay_kernels.cu", "steerable_kernels.cu"]
 
 
 def _env(name: str) -> str:

@@ -3,12 +3,14 @@
     python bench/steerable_bench.py                 # CPU, 1 thread, default sizes
     python bench/steerable_bench.py --device cuda   # GPU (adds the Triton route)
     python bench/steerable_bench.py --small         # tiny sizes (a smoke run)
+    python bench/steerable_bench.py --backend cpp   # the block route through another backend
 
 For each layer (escnn field types on SO(3) / O(3) conv3d, SO(2) conv2d, the band-limited C4
 regular conv2d, an SO(2) Linear) it times forward + backward of the penalty, float32:
 
-- block (ours): ``penalty_and_energy(w, steerable(...))``, the reference route on CPU (batched
-  matmuls per block type), and the Triton route on CUDA;
+- block (ours): ``penalty_and_energy(w, steerable(...))``, by default the reference route on CPU
+  (batched matmuls per block type) and the Triton route on CUDA; ``--backend`` names another
+  (``cpp`` / ``cuda``: the compiled ops);
 - dense Q: one N x D orthonormal basis of the whole equivariant space, resident on the device
   (which favours it), with the cheap formula ``||w||^2 - ||Q^T w||^2`` (one matrix-vector product
   forward, one backward);
@@ -131,6 +133,8 @@ def main(argv=None) -> List[Dict]:
     ap.add_argument("--max-dense-mb", type=float, default=512.0, help="skip the dense route above this size (MB)")
     ap.add_argument("--max-loop-blocks", type=int, default=1 << 30,
                     help="skip the eager block loop for layers with more blocks than this")
+    ap.add_argument("--backend", default=None,
+                    help="backend of the block route (default: triton on CUDA, reference on CPU)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -145,7 +149,8 @@ def main(argv=None) -> List[Dict]:
         dense_bytes = sym.numel * sym.dim * 4
         row = {"layer": name, "shape": "x".join(map(str, sym.weight_shape)), "N": sym.numel, "D": sym.dim,
                "setup_s": setup, "qt_bytes": qt_bytes, "dense_bytes": dense_bytes}
-        backend = "triton" if device.type == "cuda" else "reference"
+        backend = args.backend or ("triton" if device.type == "cuda" else "reference")
+        row["backend"] = backend
         row["ours_s"] = C.time_call(_ours_fn(w, sym, backend), device)
         blocks = sum(t.n_blocks for t in sym.types)
         row["loop_s"] = (C.time_call(_loop_fn(w, sym), device, max_reps=5, min_reps=2)
@@ -166,7 +171,7 @@ def main(argv=None) -> List[Dict]:
     info = C.device_info(device)
     print(f"Machine: {info['name']}, {info.get('cores', '?')} cores visible, {info['threads']} thread(s) used; "
           f"torch {info['torch']}; date {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; commit {info['commit']}; "
-          f"device {device}")
+          f"device {device}; block route: backend {rows[0]['backend'] if rows else '-'}")
     print()
     print("| layer | weight | N | D | Q dense (MB) | Q_t (KB) | memory ratio | ours fwd+bwd (ms) | dense Q (ms) | "
           "dense / ours | block loop (ms) | loop / ours | C4 group average, same size (ms) | ours / C4 |")

@@ -212,3 +212,5 @@ register_backend(Backend("cpp", forward, backward, project, spectrum, _cpp_why_u
 if WITH_CUDA:
     register_backend(Backend("cuda", forward, backward, project, spectrum, _cuda_why_unavailable, multi=_MULTI,
                              native=True))
+
+from . import steerable_native  # noqa: E402,F401  (fake kernels of the steerable ops)

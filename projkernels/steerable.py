@@ -23,10 +23,14 @@ Weight layout: ``nn.Linear`` ``[out_type.size, in_type.size]``, ``nn.Conv2d``
 ``[out_type.size, in_type.size, k, k]``, ``nn.Conv3d`` ``[out_type.size, in_type.size, k, k, k]``:
 the layout of escnn's expanded filter (fields occupy consecutive channels, in field-type order).
 
-Backends: "reference" (block types of equal size batched: one gather, two batched matmuls; the
-backward is one write pass from the forward's P W) and "triton" (one
-program per tile of blocks of one type, Q_t loaded once per program; projkernels/steerable_triton.py).
-"auto" picks Triton on CUDA when it is available and the reference route otherwise.
+Backends: "cpp" and "cuda" (the compiled ops ``projkernels_C::steerable_*``, csrc/steerable_ops.cpp
+and csrc/steerable_kernels.cu: one pass over tiles of blocks fixed by the layout, autograd in C++ with
+double backward; they take ``Layout.native``, resident on the device), "reference" (block types of
+equal size batched: one gather, two batched matmuls; the backward is one write pass from the forward's
+P W) and "triton" (one program per tile of blocks of one type, Q_t loaded once per program;
+projkernels/steerable_triton.py).  "auto" picks cuda on CUDA tensors when the extension has its CUDA
+kernels, else Triton, else the reference route; cpp on CPU tensors when the extension is built, else
+the reference route.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from .orbits import acc_dtype  # the one accumulation-dtype rule
 
 __all__ = ["steerable", "SteerableSymmetry", "BlockType", "is_steerable", "STEERABLE_BACKENDS"]
 
-STEERABLE_BACKENDS = ("auto", "reference", "triton")
+STEERABLE_BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 _RANK_RTOL = 1e-6  # singular values below this fraction of the largest are sampling noise, not basis
 
 
@@ -284,15 +288,28 @@ class GroupLayout(NamedTuple):
                                         # points there): one gather for a small group of many types
 
 
+class NativeLayout(NamedTuple):
+    """The arguments of the compiled ops (csrc/steerable_checks.h describes them): ``table`` =
+    [q, fields, desc, zero, half, qt] on the device, ``geometry`` = [c_out, c_in, S, descriptor rows]."""
+    table: List[torch.Tensor]
+    geometry: List[int]
+
+
 class Layout(NamedTuple):
     shape3: Tuple[int, int, int]        # the weight as [C_out, C_in, S]
     numel: int
     types: Tuple[TypeLayout, ...]
     groups: Tuple[GroupLayout, ...]
     flat: bool                          # some group gathers through an index
+    native: NativeLayout                # the compiled ops' view
 
 
 _SMALL_GROUP = 1 << 16  # elements: below this a group is gathered with one index op
+# Elements of work per tile of the compiled ops (one CUDA block, one CPU task): a function of the
+# block size alone, so the partition of every sum (and so its bits) is the same on any machine.
+# It also bounds a tile's coefficients (blocks_per_tile * r <= blocks_per_tile * m) to this many
+# numbers when m is below it, well within a CUDA block's shared memory.
+_TILE_ELEMS = 2048
 
 
 def _spacing(offsets: Tuple[int, ...]) -> Optional[int]:
@@ -340,7 +357,34 @@ def _layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> L
         groups.append(GroupLayout(tuple(mb for _, mb in members), nb, m, padded, qs.to(device=device, dtype=acc),
                                   index))
     return Layout((c_out, c_in, s), sym.numel, tuple(types), tuple(groups),
-                  any(g.index is not None for g in groups))
+                  any(g.index is not None for g in groups), _native_layout(sym, device, acc))
+
+
+def _native_layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> NativeLayout:
+    """Every Q_t concatenated (and every Q_t^T, for the CPU kernels' P X), the fields' channel
+    offsets and one descriptor row per type
+    (d_out, d_in, r, n_out, n_in, q offset, fields offset, blocks per tile, first tile), as
+    csrc/steerable_math.h reads them."""
+    c_out, c_in = sym.weight_shape[:2]
+    s = sym.numel // (c_out * c_in)
+    qs, qts, fields, rows = [], [], [], []
+    q_off = f_off = tile = 0
+    for t in sym.types:
+        per_tile = max(1, _TILE_ELEMS // t.m)
+        rows.append([t.d_out, t.d_in, t.rank, len(t.out_fields), len(t.in_fields), q_off, f_off, per_tile, tile])
+        qs.append(t.q.reshape(-1))
+        qts.append(t.q.T.reshape(-1))
+        fields.extend(t.out_fields + t.in_fields)
+        q_off += t.q.numel()
+        f_off += len(t.out_fields) + len(t.in_fields)
+        tile += -(-t.n_blocks // per_tile)
+    table = [torch.cat(qs).to(device=device, dtype=acc),
+             torch.tensor(fields, dtype=torch.long, device=device),
+             torch.tensor(rows, dtype=torch.long, device=device),
+             torch.zeros((), dtype=acc, device=device),
+             torch.full((), 0.5, dtype=acc, device=device),
+             torch.cat(qts).to(device=device, dtype=acc)]
+    return NativeLayout(table, [c_out, c_in, s] + [v for row in rows for v in row])
 
 
 _SYMMETRIES: Dict[tuple, SteerableSymmetry] = {}
@@ -504,14 +548,27 @@ def _triton_ready(device: torch.device) -> Optional[str]:
     return steerable_triton.why_unavailable(device)
 
 
+def _native_ready(backend: str, device: torch.device) -> Optional[str]:
+    """None when the compiled backend ``backend`` ("cpp" or "cuda") can serve ``device``, else why not."""
+    from .backends import why_unavailable
+    why = why_unavailable(backend, device)
+    if why is None and not hasattr(torch.ops.projkernels_C, "steerable_penalty_energy"):
+        why = "projkernels._C was built without the steerable ops (rebuild the extension)"
+    return why
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     check_backend(backend)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_ready(device) is None else "reference"
-    if backend == "triton":
-        why = _triton_ready(device)
-        if why is not None:
-            raise RuntimeError(f"backend='triton' cannot serve this steerable symmetry on {device}: {why}")
+        if device.type == "cuda":
+            if _native_ready("cuda", device) is None:
+                return "cuda"
+            return "triton" if _triton_ready(device) is None else "reference"
+        return "cpp" if device.type == "cpu" and _native_ready("cpp", device) is None else "reference"
+    why = {"triton": _triton_ready, "cpp": functools.partial(_native_ready, "cpp"),
+           "cuda": functools.partial(_native_ready, "cuda")}.get(backend, lambda d: None)(device)
+    if why is not None:
+        raise RuntimeError(f"backend={backend!r} cannot serve this steerable symmetry on {device}: {why}")
     return backend
 
 
@@ -523,12 +580,20 @@ class SteerableOps(NamedTuple):
 
 class SteerableConfig:
     """A configuration of the public API for a steerable symmetry: like every configuration, the
-    API calls ``ops.penalty_energy(weight, *op_args)`` / ``ops.project(...)`` directly."""
+    API calls ``ops.penalty_energy(weight, *op_args)`` / ``ops.project(...)`` directly.  For the
+    compiled backends these are the ``projkernels_C::steerable_*`` ops themselves, with the layout
+    resident on the device (``Layout.native``: its table and geometry) as ``op_args``."""
 
-    def __init__(self, sym: SteerableSymmetry, backend: str):
+    def __init__(self, sym: SteerableSymmetry, backend: str, device=None, dtype=None):
         self.symmetry, self.backend_name = sym, backend
         self.op_args = (sym, None)
-        if backend == "triton":
+        if backend in ("cpp", "cuda"):
+            from . import steerable_native  # noqa: F401  (the ops' fake kernels, for torch.compile)
+            native = sym.layout(device, acc_dtype(dtype)).native
+            self.op_args = (native.table, native.geometry)
+            o = torch.ops.projkernels_C
+            self.ops = SteerableOps(o.steerable_penalty_energy.default, o.steerable_project.default, _no_spectrum)
+        elif backend == "triton":
             from . import steerable_triton
             self.ops = SteerableOps(steerable_triton.penalty_energy, steerable_triton.project, _no_spectrum)
         else:
@@ -561,9 +626,8 @@ def _config_on(shape, dtype, device, sym, in_rep, out_rep, backend) -> Steerable
                          f"'trivial', got {in_rep!r}, {out_rep!r}")
     sym.check_weight(torch.empty(shape, dtype=dtype, device="meta"))
     device = torch.device(device)
-    cfg = SteerableConfig(sym, resolve_backend(backend, device))
     sym.layout(device, acc_dtype(dtype))  # on the device now, not inside the first op
-    return cfg
+    return SteerableConfig(sym, resolve_backend(backend, device), device, dtype)
 
 
 # --- whole models ---------------------------------------------------------------------------------

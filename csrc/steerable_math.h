@@ -1,0 +1,131 @@
+// Per-block math of the steerable ops (steerable_ops.cpp on the CPU, steerable_kernels.cu on the
+// GPU), as __host__ __device__ functions, so the CPU tests run the addressing and the formulas that
+// the CUDA kernels use.
+//
+// A steerable symmetry (projkernels/steerable.py) splits the weight [C_out, C_in, S] into blocks
+// W[out field, in field]: d_out x d_in x S numbers, flattened to m in (out channel, in channel,
+// kernel position) order.  Every block of one type t is projected by the same Q_t (m x r_t,
+// orthonormal columns): C = Q_t^T W_b, P W_b = Q_t C.  The penalty is the squared norm of the
+// residual W_b - Q_t C, summed element by element (never ||W_b||^2 - ||C||^2).
+//
+// The layout arrives as one descriptor row of kSteerDescWidth int64 per type (built once per
+// device and dtype by projkernels/steerable.py, `_native_tables`): its blocks are numbered
+// b = (out field index) * n_in + (in field index), cut into tiles of blocks_per_tile consecutive
+// blocks, and tile_begin is the global number of the type's first tile.  A tile is the unit of work
+// (one CUDA block, one CPU task) and of the fixed-order reduction: partial sums per tile, added in
+// tile order, whatever the number of threads.
+#pragma once
+
+#include <cstdint>
+
+#include "orbit_math.h"  // PK_HOST_DEVICE
+
+namespace projkernels {
+
+constexpr int kSteerDescWidth = 9;
+// geometry = [c_out, c_in, S, descriptor rows...]
+constexpr int kSteerGeometryHead = 3;
+
+struct SteerType {
+  int64_t d_out, d_in, rank;        // field sizes, r_t
+  int64_t n_out, n_in;              // fields of each side
+  int64_t q_offset;                 // Q_t's first entry in the concatenated Q ([m, r] row-major)
+  int64_t fields_offset;            // out-field channel offsets, then in-field ones, in `fields`
+  int64_t blocks_per_tile, tile_begin;
+
+  PK_HOST_DEVICE static SteerType from(const int64_t* row) {
+    return {row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8]};
+  }
+  PK_HOST_DEVICE int64_t n_blocks() const { return n_out * n_in; }
+  PK_HOST_DEVICE int64_t m(int64_t S) const { return d_out * d_in * S; }
+  PK_HOST_DEVICE int64_t n_tiles() const { return (n_blocks() + blocks_per_tile - 1) / blocks_per_tile; }
+};
+
+// The type that owns global tile `tile`: the last one whose tile_begin is <= tile (types are few,
+// a handful to a few dozen, so a linear scan).
+PK_HOST_DEVICE inline int steer_type_of_tile(const int64_t* desc, int n_types, int64_t tile) {
+  int t = 0;
+  while (t + 1 < n_types && desc[(t + 1) * kSteerDescWidth + 8] <= tile) ++t;
+  return t;
+}
+
+// Blocks [first, last) of a type that tile `tile` covers.
+struct SteerTile {
+  int64_t first, last;
+};
+
+PK_HOST_DEVICE inline SteerTile steer_tile_blocks(const SteerType& t, int64_t tile) {
+  const int64_t first = (tile - t.tile_begin) * t.blocks_per_tile;
+  const int64_t end = first + t.blocks_per_tile;
+  return {first, end < t.n_blocks() ? end : t.n_blocks()};
+}
+
+// Offset in W ([C_out, C_in, S], row-major) of the first element of block b of type t.
+PK_HOST_DEVICE inline int64_t steer_block_base(const SteerType& t, const int64_t* fields, int64_t b, int64_t c_in,
+                                               int64_t S) {
+  const int64_t o = fields[t.fields_offset + b / t.n_in];
+  const int64_t i = fields[t.fields_offset + t.n_out + b % t.n_in];
+  return (o * c_in + i) * S;
+}
+
+// Offset of element e of a block (e in (out channel, in channel, kernel position) order) from the
+// block's first element.
+PK_HOST_DEVICE inline int64_t steer_elem_offset(int64_t e, int64_t d_in, int64_t c_in, int64_t S) {
+  const int64_t k = e % S, pq = e / S;
+  return ((pq / d_in) * c_in + pq % d_in) * S + k;
+}
+
+// (P X)_e = sum_j C_j Q_t[e, j], j in increasing order.
+template <typename acc_t>
+PK_HOST_DEVICE inline acc_t steer_projected(const acc_t* c, const acc_t* q_row, int64_t r) {
+  acc_t px = 0;
+  for (int64_t j = 0; j < r; ++j) px += c[j] * q_row[j];
+  return px;
+}
+
+// The write ops' value at one element: 2 g_pen (x - P x) + 2 g_eq P x, with two_pen = 2 g_pen and
+// two_eq = 2 g_eq (the gradient of g_pen ||W - P W||^2 + g_eq ||P W||^2; P W itself is
+// two_pen = 0, two_eq = 1).
+template <typename acc_t>
+PK_HOST_DEVICE inline acc_t steer_write_value(acc_t x, acc_t px, acc_t two_pen, acc_t two_eq) {
+  return two_pen * (x - px) + two_eq * px;
+}
+
+// One block gathered into x[0 .. m) (converted to acc_t), walking its d_out rows of d_in * S
+// contiguous elements without divisions.  For one thread per block (the CPU kernels).
+template <typename scalar_t, typename acc_t>
+PK_HOST_DEVICE inline void steer_gather(const scalar_t* w, int64_t base, int64_t d_out, int64_t d_in, int64_t c_in,
+                                        int64_t S, acc_t* x) {
+  const int64_t run = d_in * S;  // one out channel's in channels are consecutive in W
+  for (int64_t p = 0; p < d_out; ++p) {
+    const scalar_t* src = w + base + p * c_in * S;
+    for (int64_t e = 0; e < run; ++e) x[p * run + e] = static_cast<acc_t>(src[e]);
+  }
+}
+
+// C = Q_t^T x for one gathered block: e outermost (the inner loop over j runs along a row of Q_t
+// and vectorises), so each C_j is summed over e in increasing order.
+template <typename acc_t>
+PK_HOST_DEVICE inline void steer_coefficients(const acc_t* x, const acc_t* q, int64_t m, int64_t r, acc_t* c) {
+  for (int64_t j = 0; j < r; ++j) c[j] = 0;
+  for (int64_t e = 0; e < m; ++e) {
+    const acc_t xe = x[e];
+    const acc_t* qe = q + e * r;
+    for (int64_t j = 0; j < r; ++j) c[j] += xe * qe[j];
+  }
+}
+
+// P X = sum_j C_j Q_t[:, j] for one block, into px[0 .. m), from Q_t^T ([r, m] row-major): the inner
+// loop runs along a row of Q_t^T and vectorises, and each px[e] is summed over j in increasing order,
+// as steer_projected sums it.
+template <typename acc_t>
+PK_HOST_DEVICE inline void steer_projection(const acc_t* c, const acc_t* qt, int64_t m, int64_t r, acc_t* px) {
+  for (int64_t e = 0; e < m; ++e) px[e] = 0;
+  for (int64_t j = 0; j < r; ++j) {
+    const acc_t cj = c[j];
+    const acc_t* row = qt + j * m;
+    for (int64_t e = 0; e < m; ++e) px[e] += cj * row[e];
+  }
+}
+
+}  // namespace projkernels

@@ -1,0 +1,344 @@
+// The steerable ops of projkernels_C: schemas, CPU kernels and C++ autograd.  The per-block math
+// is steerable_math.h (shared with the CUDA kernels of steerable_kernels.cu), the argument layout
+// steerable_checks.h.
+//
+//   steerable_penalty_energy(weight, table[], geometry[]) -> (penalty, eq_energy)
+//   steerable_penalty_energy_backward(weight, grad_penalty, grad_eq, table[], geometry[])
+//       -> 2 grad_penalty (W - P W) + 2 grad_eq P W        (the weight's dtype)
+//   steerable_project(weight, table[], geometry[]) -> P W  (the weight's dtype)
+//
+// penalty and eq_energy are 0-dim in the accumulation dtype (float64 for float64 weights, float32
+// otherwise).  The CPU kernels run the tiles of the layout in parallel (at::parallel_for), each
+// tile's sums in double, and add the tiles' partials in tile order: the result does not depend on
+// the number of threads.
+//
+// Autograd (registered for the Autograd key, so double backward works):
+//   penalty_energy:          dW = backward(W, g_pen, g_eq)
+//   penalty_energy_backward: linear in W with the self-adjoint map 2 g_pen (I - P) + 2 g_eq P, so
+//                            its VJP on G is the same map of G; in (g_pen, g_eq) its VJP is
+//                            (2 <G, W - P W>, 2 <G, P W>)
+//   project:                 P is self-adjoint: the VJP is P G
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "steerable_checks.h"
+#include "steerable_math.h"
+
+namespace projkernels {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+using at::TensorList;
+
+// fn(tile, type, first block, last block) for every tile, tiles in parallel (grain 1: a tile is
+// already a few thousand elements of work).
+template <typename Fn>
+void for_each_tile(const SteerArgs& a, Fn&& fn) {
+  const int n_types = static_cast<int>(a.types.size());
+  at::parallel_for(0, a.n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    int ti = steer_type_of_tile(a.desc_host, n_types, t0);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      while (ti + 1 < n_types && a.types[ti + 1].tile_begin <= tile) ++ti;
+      const SteerTile bl = steer_tile_blocks(a.types[ti], tile);
+      fn(tile, a.types[ti], bl.first, bl.last);
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_cpu_kernel(const Tensor& w, const SteerArgs& a, std::vector<double>& partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  const acc_t* q_all = a.q.const_data_ptr<acc_t>();
+  const acc_t* qt_all = a.qt.const_data_ptr<acc_t>();
+  const int64_t* fields = a.fields.const_data_ptr<int64_t>();
+  for_each_tile(a, [&](int64_t tile, const SteerType& t, int64_t b0, int64_t b1) {
+    const int64_t m = t.m(a.S), r = t.rank;
+    const acc_t* q = q_all + t.q_offset;
+    const acc_t* qt = qt_all + t.q_offset;
+    // Per-tile scratch: x (one block), C and P x.
+    std::vector<acc_t> x(m), px(m), c(std::max<int64_t>(r, 1));
+    double pen = 0, eq = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      steer_gather(wp, steer_block_base(t, fields, b, a.c_in, a.S), t.d_out, t.d_in, a.c_in, a.S, x.data());
+      steer_coefficients(x.data(), q, m, r, c.data());
+      steer_projection(c.data(), qt, m, r, px.data());
+      acc_t bp = 0, be = 0;
+      for (int64_t e = 0; e < m; ++e) {
+        const acc_t d = x[e] - px[e];  // the residual, never a difference of energies
+        bp += d * d;
+      }
+      for (int64_t j = 0; j < r; ++j) be += c[j] * c[j];
+      pen += static_cast<double>(bp);
+      eq += static_cast<double>(be);
+    }
+    partials[2 * tile] = pen;
+    partials[2 * tile + 1] = eq;
+  });
+}
+
+template <typename scalar_t>
+void write_cpu_kernel(const Tensor& w, const SteerArgs& a, double two_pen_d, double two_eq_d, Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const acc_t* q_all = a.q.const_data_ptr<acc_t>();
+  const acc_t* qt_all = a.qt.const_data_ptr<acc_t>();
+  const int64_t* fields = a.fields.const_data_ptr<int64_t>();
+  const acc_t two_pen = static_cast<acc_t>(two_pen_d), two_eq = static_cast<acc_t>(two_eq_d);
+  for_each_tile(a, [&](int64_t, const SteerType& t, int64_t b0, int64_t b1) {
+    const int64_t m = t.m(a.S), r = t.rank;
+    const acc_t* q = q_all + t.q_offset;
+    const acc_t* qt = qt_all + t.q_offset;
+    std::vector<acc_t> x(m), px(m), c(std::max<int64_t>(r, 1));
+    const int64_t run = t.d_in * a.S;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t base = steer_block_base(t, fields, b, a.c_in, a.S);
+      steer_gather(wp, base, t.d_out, t.d_in, a.c_in, a.S, x.data());
+      steer_coefficients(x.data(), q, m, r, c.data());
+      steer_projection(c.data(), qt, m, r, px.data());
+      // Every element of W lies in exactly one block: each output element is written once.
+      for (int64_t p = 0; p < t.d_out; ++p) {
+        scalar_t* dst = op + base + p * a.c_in * a.S;
+        for (int64_t k = 0; k < run; ++k) {
+          const int64_t e = p * run + k;
+          dst[k] = static_cast<scalar_t>(steer_write_value(x[e], px[e], two_pen, two_eq));
+        }
+      }
+    }
+  });
+}
+
+double read_scalar(const Tensor& g) {
+  double v = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "steerable_read_scalar",
+                                  [&] { v = static_cast<double>(*g.const_data_ptr<scalar_t>()); });
+  return v;
+}
+
+std::tuple<Tensor, Tensor> penalty_energy_cpu(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  const SteerArgs a = check_steerable(weight, table, geometry, "projkernels_C::steerable_penalty_energy");
+  const Tensor w = weight.contiguous();
+  std::vector<double> partials(2 * a.n_tiles, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "steerable_penalty_energy_cpu",
+                                  [&] { forward_cpu_kernel<scalar_t>(w, a, partials); });
+  double pen = 0, eq = 0;
+  for (int64_t t = 0; t < a.n_tiles; ++t) {  // tile order: independent of the thread count
+    pen += partials[2 * t];
+    eq += partials[2 * t + 1];
+  }
+  const auto opts = weight.options().dtype(acc_type_of(weight.scalar_type()));
+  Tensor p = at::empty({}, opts), e = at::empty({}, opts);
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "steerable_penalty_energy_results", [&] {
+    *p.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(pen);
+    *e.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(eq);
+  });
+  return {p, e};
+}
+
+Tensor write_cpu(const Tensor& weight, const SteerArgs& a, double two_pen, double two_eq) {
+  const Tensor w = weight.contiguous();
+  Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "steerable_write_cpu",
+                                  [&] { write_cpu_kernel<scalar_t>(w, a, two_pen, two_eq, out); });
+  return out;
+}
+
+Tensor penalty_energy_backward_cpu(const Tensor& weight, const Tensor& grad_penalty, const Tensor& grad_eq,
+                                   TensorList table, IntArrayRef geometry) {
+  const SteerArgs a = check_steerable_backward(weight, grad_penalty, grad_eq, table, geometry,
+                                               "projkernels_C::steerable_penalty_energy_backward");
+  // As the finite-group backward: 2 * grad in double, rounded to the accumulation dtype in the kernel.
+  return write_cpu(weight, a, 2 * read_scalar(grad_penalty), 2 * read_scalar(grad_eq));
+}
+
+Tensor project_cpu(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  const SteerArgs a = check_steerable(weight, table, geometry, "projkernels_C::steerable_project");
+  return write_cpu(weight, a, 0.0, 1.0);
+}
+
+// --- dispatcher calls (the Autograd key first when grad mode records) ----------------------------
+
+using PESig = std::tuple<Tensor, Tensor>(const Tensor&, TensorList, IntArrayRef);
+using BackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, TensorList, IntArrayRef);
+using ProjectSig = Tensor(const Tensor&, TensorList, IntArrayRef);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+std::tuple<Tensor, Tensor> call_penalty_energy(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  static const auto h = handle<PESig>("projkernels_C::steerable_penalty_energy");
+  return h.call(weight, table, geometry);
+}
+
+Tensor call_backward(const Tensor& weight, const Tensor& gp, const Tensor& ge, TensorList table, IntArrayRef geometry) {
+  static const auto h = handle<BackwardSig>("projkernels_C::steerable_penalty_energy_backward");
+  return h.call(weight, gp, ge, table, geometry);
+}
+
+Tensor call_project(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  static const auto h = handle<ProjectSig>("projkernels_C::steerable_project");
+  return h.call(weight, table, geometry);
+}
+
+// --- autograd ------------------------------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The layout travels to Function::apply wrapped in this struct, so that autograd does not take its
+// tensors for inputs (constants: no edges, no gradient slots).
+struct Layout {
+  TensorList table;
+  IntArrayRef geometry;
+};
+
+void save_layout(AutogradContext* ctx, const Layout& l) {
+  ctx->saved_data["table"] = l.table.vec();
+  ctx->saved_data["geometry"] = l.geometry.vec();
+}
+
+std::pair<std::vector<Tensor>, std::vector<int64_t>> load_layout(AutogradContext* ctx) {
+  return {ctx->saved_data["table"].toTensorVector(), ctx->saved_data["geometry"].toIntVector()};
+}
+
+class SteerBackwardFn : public torch::autograd::Function<SteerBackwardFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& gp, const Tensor& ge,
+                               const Layout& l) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({weight, gp, ge});
+    save_layout(ctx, l);
+    return {call_backward(weight, gp, ge, l.table, l.geometry)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &weight = saved[0], &gp = saved[1], &ge = saved[2];
+    const auto [table, geometry] = load_layout(ctx);
+    variable_list out(4);
+    const Tensor& G = grads[0];
+    if (!G.defined()) return out;
+    if (ctx->needs_input_grad(0)) out[0] = call_backward(G, gp, ge, table, geometry);
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      const auto acc = acc_type_of(weight.scalar_type());
+      const Tensor g = G.to(acc), w = weight.to(acc), pw = call_project(weight, table, geometry).to(acc);
+      out[1] = (2 * (g * (w - pw)).sum()).to(gp.scalar_type()).reshape(gp.sizes());
+      out[2] = (2 * (g * pw).sum()).to(ge.scalar_type()).reshape(ge.sizes());
+    }
+    return out;
+  }
+};
+
+class SteerPenaltyEnergyFn : public torch::autograd::Function<SteerPenaltyEnergyFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Layout& l) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({weight});
+    save_layout(ctx, l);
+    auto [pen, eq] = call_penalty_energy(weight, l.table, l.geometry);
+    return {pen, eq};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(2);
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const auto [table, geometry] = load_layout(ctx);
+    const Tensor& zero = table[3];  // an unused output's gradient: the layout's cached zero
+    const Tensor gp = grads[0].defined() ? grads[0] : zero;
+    const Tensor ge = grads[1].defined() ? grads[1] : zero;
+    // Through the dispatcher with autograd: records SteerBackwardFn under create_graph.
+    out[0] = call_backward(ctx->get_saved_variables()[0], gp, ge, table, geometry);
+    return out;
+  }
+};
+
+class SteerProjectFn : public torch::autograd::Function<SteerProjectFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Layout& l) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save_layout(ctx, l);
+    return {call_project(weight, l.table, l.geometry)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(2);
+    if (grads[0].defined()) {
+      const auto [table, geometry] = load_layout(ctx);
+      out[0] = call_project(grads[0], table, geometry);
+    }
+    return out;
+  }
+};
+
+// True when this call must record a node: grad mode on and some input requiring grad.
+bool records(std::initializer_list<const Tensor*> tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : tensors)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  if (!records({&weight})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_penalty_energy(weight, table, geometry);
+  }
+  auto r = SteerPenaltyEnergyFn::apply(weight, Layout{table, geometry});
+  return {r[0], r[1]};
+}
+
+Tensor penalty_energy_backward_autograd(const Tensor& weight, const Tensor& gp, const Tensor& ge, TensorList table,
+                                        IntArrayRef geometry) {
+  if (!records({&weight, &gp, &ge})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_backward(weight, gp, ge, table, geometry);
+  }
+  return SteerBackwardFn::apply(weight, gp, ge, Layout{table, geometry})[0];
+}
+
+Tensor project_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  if (!records({&weight})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_project(weight, table, geometry);
+  }
+  return SteerProjectFn::apply(weight, Layout{table, geometry})[0];
+}
+
+}  // namespace
+}  // namespace projkernels
+
+TORCH_LIBRARY_FRAGMENT(projkernels_C, m) {
+  // table = [q, fields, desc, zero, half, qt], geometry = [c_out, c_in, S, descriptor rows]
+  // (csrc/steerable_checks.h); built once per device and dtype by projkernels/steerable.py.
+  m.def("steerable_penalty_energy(Tensor weight, Tensor[] table, int[] geometry) -> (Tensor, Tensor)");
+  m.def(
+      "steerable_penalty_energy_backward(Tensor weight, Tensor grad_penalty, Tensor grad_eq, Tensor[] table, "
+      "int[] geometry) -> Tensor");
+  m.def("steerable_project(Tensor weight, Tensor[] table, int[] geometry) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(projkernels_C, CPU, m) {
+  m.impl("steerable_penalty_energy", &projkernels::penalty_energy_cpu);
+  m.impl("steerable_penalty_energy_backward", &projkernels::penalty_energy_backward_cpu);
+  m.impl("steerable_project", &projkernels::project_cpu);
+}
+
+TORCH_LIBRARY_IMPL(projkernels_C, Autograd, m) {
+  m.impl("steerable_penalty_energy", &projkernels::penalty_energy_autograd);
+  m.impl("steerable_penalty_energy_backward", &projkernels::penalty_energy_backward_autograd);
+  m.impl("steerable_project", &projkernels::project_autograd);
+}
