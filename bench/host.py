@@ -117,6 +117,23 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
     row("projected_penalty fwd (C4 reg 8x8x3x3 f32)", t["ours fwd"], t["native fwd"], "(w*w).sum()", 2.0)
     row("projected_penalty fwd+bwd", t["ours fwd+bwd"], t["native fwd+bwd"], "grad((w*w).sum())", 1.5)
 
+    # The Python backends' route (projkernels/eager.py), measured on the reference backend: its
+    # host cost over the backend's own kernels is what the Triton backend pays on a GPU too.
+    from projkernels.config import config_for
+    cfg = config_for(w, *SPEC, "reference")
+    zero = torch.zeros(())
+
+    def reference_kernels():
+        cfg.backend.forward(w.detach(), cfg.table)
+        cfg.backend.backward(w.detach(), cfg.table, zero, zero)
+
+    t = interleaved({
+        "ours": lambda: torch.autograd.grad(pk.projected_penalty(w, *SPEC, backend="reference"), one),
+        "kernels": reference_kernels,
+    }, max(1, number // 4), rounds)
+    row("projected_penalty fwd+bwd, backend=reference", t["ours"], t["kernels"],
+        "the reference backend's forward + backward alone", None, "host overhead of the Python route")
+
     ops = torch.ops.projkernels_C
     small = [x.detach() for x in ws]
     sa = pk.multi.plan_for(pk.multi_inputs.collect(items)[1], "auto").groups[0][1]
