@@ -98,14 +98,14 @@ multi_finalize_kernel(const __grid_constant__ LaunchLayers p, const double* __re
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 8 ? 3 : 4)
 multi_backward_kernel(const __grid_constant__ LaunchLayers p, const at::opmath_type<scalar_t>* __restrict__ grad_pen,
-                      const at::opmath_type<scalar_t>* __restrict__ grad_eq) {
+                      int64_t pen_stride, const at::opmath_type<scalar_t>* __restrict__ grad_eq, int64_t eq_stride) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = p.chunk_base + blockIdx.x;
   const int j = layer_of_chunk(p.layers, p.n_layers, c);
   const LayerDesc d = p.layers[j];
   const ChunkRange r = chunk_range(d, c, kChunkOrbits);
   const int64_t l = p.first_layer + j;
-  const acc_t two_pen = acc_t(2) * grad_pen[l], two_eq = acc_t(2) * grad_eq[l];
+  const acc_t two_pen = acc_t(2) * grad_pen[l * pen_stride], two_eq = acc_t(2) * grad_eq[l * eq_stride];
   GROUP_ORDER_SWITCH(d.G, K, [&] {
     chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, r.first + threadIdx.x, r.last, blockDim.x, two_pen, two_eq);
   });
@@ -164,14 +164,15 @@ std::vector<at::Tensor> multi_backward_cuda(at::TensorList weights, const at::Te
   assign_chunks(a.layers.data(), static_cast<int64_t>(a.layers.size()), kChunkOrbits);
   std::vector<at::Tensor> out = multi_grad_outputs(a);
   const auto acc = acc_type_of(a.dtype);
-  // Already the accumulation dtype in the usual call, so no conversion kernels run.
-  const at::Tensor gp = grad_penalty.to(acc).contiguous(), ge = grad_eq.to(acc).contiguous();
+  // Already the accumulation dtype in the usual call, so no conversion kernels run; read with their
+  // strides, so a total's gradient expanded over the layers (stride 0) is not copied either.
+  const at::Tensor gp = grad_penalty.to(acc), ge = grad_eq.to(acc);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for_each_launch(a, op, [&](const LaunchLayers& p, unsigned n_chunks) {
-      multi_backward_kernel<scalar_t><<<n_chunks, kThreads, 0, call.stream>>>(p, gp.const_data_ptr<acc_t>(),
-                                                                               ge.const_data_ptr<acc_t>());
+      multi_backward_kernel<scalar_t><<<n_chunks, kThreads, 0, call.stream>>>(
+          p, gp.const_data_ptr<acc_t>(), gp.stride(0), ge.const_data_ptr<acc_t>(), ge.stride(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
