@@ -313,30 +313,46 @@ def plan_tiles(table, elem_bytes: int) -> Optional[TilePlan]:
 
 
 class TileTables(NamedTuple):
-    offsets: torch.Tensor      # [opb * |G|] int32: a * PITCH_P + rest for each offset a * row_len + rest
-    entry_orbit: torch.Tensor  # [so * stride_in] int32: the block-local orbit of entry a * stride_in + rest
+    """Where things sit in a tile, the same for every tile of a plan (a narrower last tile masks the
+    blocks it lacks), so the kernels read them with contiguous loads and do no index arithmetic."""
+    gather_index: torch.Tensor  # [ORB_P * GP] int32: the tile lane of element g of local orbit l, at l * GP + g
+    lane_orbit: torch.Tensor    # [SO_P * PITCH_P] int32: the local orbit of each tile lane
 
 
-# Per orbit table, per (device, PITCH_P): built once, dropped with the table.
+# Per orbit table, per (device, plan): built once, dropped with the table.
 _TILE_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def tile_tables(table, plan: TilePlan, device) -> TileTables:
-    """The orbit table in the tile's coordinates, on ``device`` (cached)."""
-    key = (str(torch.device(device)), plan.pitch_p)
+    """The orbit table in the coordinates of ``plan``'s tiles, on ``device`` (cached).
+
+    Local orbit l = j * opb + o is orbit o of the tile's block j; its block-local offset a * row_len +
+    rest is tile lane a * PITCH_P + j * stride_in + rest.  Padding lanes and orbits get index 0 (a
+    valid lane; the kernels mask what they read there).
+    """
+    key = (str(torch.device(device)), plan)
     cache = _TILE_TABLES.setdefault(table, {})
     if key not in cache:
         offsets = table.offsets.numpy()
+        opb, G = offsets.shape
+        gp = triton.next_power_of_2(G)
         a, rest = np.divmod(offsets, plan.row_len)
         if a.max() >= plan.so or rest.max() >= plan.stride_in:
             raise AssertionError(f"orbit table of shape {table.shape}: an offset leaves its block")
-        entry_orbit = np.full(plan.so * plan.stride_in, -1, dtype=np.int64)
-        entry_orbit[(a * plan.stride_in + rest).reshape(-1)] = np.repeat(np.arange(offsets.shape[0]), offsets.shape[1])
-        if entry_orbit.min() < 0:
+        width, si = plan.blocks_per_tile, plan.stride_in
+        lane = a * plan.pitch_p + rest                                     # [opb, G], block 0
+        gather_index = np.zeros((plan.orbits_p, gp), dtype=np.int64)
+        gather_index[:width * opb, :G] = (np.arange(width)[:, None, None] * si + lane[None]).reshape(-1, G)
+        block_orbit = np.full((plan.so, si), -1, dtype=np.int64)          # orbit of block entry (a, rest)
+        block_orbit[a.reshape(-1), rest.reshape(-1)] = np.repeat(np.arange(opb), G)
+        if block_orbit.min() < 0:
             raise AssertionError(f"orbit table of shape {table.shape}: an entry of a block lies on no orbit")
+        lane_orbit = np.zeros((plan.so_p, plan.pitch_p), dtype=np.int64)
+        lane_orbit[:plan.so, :width * si] = (np.arange(width)[None, :, None] * opb
+                                             + block_orbit[:, None, :]).reshape(plan.so, width * si)
         cache[key] = TileTables(
-            offsets=torch.as_tensor(a * plan.pitch_p + rest, dtype=torch.int32).reshape(-1).to(device),
-            entry_orbit=torch.as_tensor(entry_orbit, dtype=torch.int32).to(device))
+            gather_index=torch.as_tensor(gather_index.reshape(-1), dtype=torch.int32).to(device),
+            lane_orbit=torch.as_tensor(lane_orbit.reshape(-1), dtype=torch.int32).to(device))
     return cache[key]
 
 
@@ -346,8 +362,9 @@ def _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v, row_l
     """Tile t as a [SO_P * PITCH_P] tensor in the weight's dtype, with its addresses, mask and width.
 
     Addresses are formed in units of VEC entries and scaled by the constexpr VEC, and the mask
-    compares whole VEC-groups, so the compiler sees runs of PITCH_P contiguous entries starting on
-    multiples of VEC, with a mask constant over each VEC-group: vector loads and stores.
+    compares against a multiple of VEC, so the compiler sees runs of PITCH_P contiguous entries that
+    start on multiples of VEC under a mask constant over each VEC-group: 16-byte loads and stores
+    (checked in the PTX for sm_90).
     """
     fo = t // tiles_per_row
     k = t - fo * tiles_per_row
@@ -359,24 +376,17 @@ def _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v, row_l
     # 64-bit addresses: a large weight can pass 2**31 entries; a tile cannot.
     base_v = fo.to(tl.int64) * stride_out_v + k.to(tl.int64) * tile_step_v
     addr = (base_v + a.to(tl.int64) * row_len_v) * VEC + c
-    inside = (a < so) & (c // VEC < pitch_v)
+    inside = (a < so) & (c < pitch_v * VEC)
     x = tl.load(w_ptr + addr, mask=inside, other=0.0)
-    return x, addr, inside, a, c, width
+    return x, addr, inside, p, width
 
 
 @triton.jit
-def _tile_orbits(x, width, offsets_ptr, opb, stride_in,
+def _tile_orbits(x, width, gather_index_ptr, opb,
                  G: tl.constexpr, GP: tl.constexpr, F64: tl.constexpr, ORB_P: tl.constexpr):
     """The tile's orbits gathered from the register tile x: [ORB_P, GP] values in the accumulation
     dtype (zero where masked), their block-local orbit ids, validity and mask."""
-    q = tl.arange(0, ORB_P * GP)
-    lq = q // GP
-    gq = q % GP
-    jq = lq // opb
-    ok = (lq < width * opb) & (gq < G)
-    # Local orbit l is orbit l % opb of the tile's block l // opb, which starts at (l // opb) * stride_in.
-    idx = tl.load(offsets_ptr + (lq - jq * opb) * G + gq, mask=ok, other=0) + jq * stride_in
-    idx = tl.where(ok, idx, 0)
+    idx = tl.load(gather_index_ptr + tl.arange(0, ORB_P * GP))
     f = tl.reshape(tl.gather(x, idx, 0), [ORB_P, GP])
     if F64:
         f = f.to(tl.float64)
@@ -390,15 +400,15 @@ def _tile_orbits(x, width, offsets_ptr, opb, stride_in,
 
 
 @triton.jit
-def _reduce_tiles_kernel(w_ptr, offsets_ptr, inv_stab_ptr, basis_ptr, row_irrep_ptr, part_ptr,
+def _reduce_tiles_kernel(w_ptr, gather_index_ptr, inv_stab_ptr, basis_ptr, row_irrep_ptr, part_ptr,
                          tiles_per_row, c_in, stride_in, so, opb, stride_out_v, row_len_v, tile_step_v,
                          G: tl.constexpr, GP: tl.constexpr, N_COLS: tl.constexpr, COLS_P: tl.constexpr,
                          SPECTRUM: tl.constexpr, F64: tl.constexpr, SO_P: tl.constexpr, PITCH_P: tl.constexpr,
                          ORB_P: tl.constexpr, VEC: tl.constexpr, BPT: tl.constexpr):
     t = tl.program_id(0)
-    x, addr, inside, a, c, width = _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v,
-                                              row_len_v, tile_step_v, SO_P, PITCH_P, VEC, BPT)
-    f, o, valid, mask = _tile_orbits(x, width, offsets_ptr, opb, stride_in, G, GP, F64, ORB_P)
+    x, addr, inside, p, width = _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v,
+                                           row_len_v, tile_step_v, SO_P, PITCH_P, VEC, BPT)
+    f, o, valid, mask = _tile_orbits(x, width, gather_index_ptr, opb, G, GP, F64, ORB_P)
     inv = tl.load(inv_stab_ptr + o, mask=valid, other=0.0).to(f.dtype)
     row = _orbit_partials(f, inv, mask, basis_ptr, row_irrep_ptr, G, GP, COLS_P, SPECTRUM)
     cols = tl.arange(0, COLS_P)
@@ -406,20 +416,18 @@ def _reduce_tiles_kernel(w_ptr, offsets_ptr, inv_stab_ptr, basis_ptr, row_irrep_
 
 
 @triton.jit
-def _apply_tiles_kernel(w_ptr, out_ptr, offsets_ptr, entry_orbit_ptr, gp_ptr, ge_ptr,
+def _apply_tiles_kernel(w_ptr, out_ptr, gather_index_ptr, lane_orbit_ptr, gp_ptr, ge_ptr,
                         tiles_per_row, c_in, stride_in, so, opb, stride_out_v, row_len_v, tile_step_v,
                         G: tl.constexpr, GP: tl.constexpr, PROJECT: tl.constexpr, F64: tl.constexpr,
                         SO_P: tl.constexpr, PITCH_P: tl.constexpr, ORB_P: tl.constexpr, VEC: tl.constexpr,
                         BPT: tl.constexpr):
     t = tl.program_id(0)
-    x, addr, inside, a, c, width = _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v,
-                                              row_len_v, tile_step_v, SO_P, PITCH_P, VEC, BPT)
-    f, o, valid, mask = _tile_orbits(x, width, offsets_ptr, opb, stride_in, G, GP, F64, ORB_P)
+    x, addr, inside, p, width = _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v,
+                                           row_len_v, tile_step_v, SO_P, PITCH_P, VEC, BPT)
+    f, o, valid, mask = _tile_orbits(x, width, gather_index_ptr, opb, G, GP, F64, ORB_P)
     mean = tl.sum(f, axis=1) / G
-    # Each tile entry's orbit: block c // stride_in of the tile, then the block-local orbit.
-    j = c // stride_in
-    eo = tl.load(entry_orbit_ptr + a * stride_in + (c - j * stride_in), mask=inside, other=0)
-    m = tl.gather(mean, tl.where(inside, j * opb + eo, 0), 0)
+    # Every entry of a block lies on exactly one orbit: each lane takes its orbit's mean.
+    m = tl.gather(mean, tl.load(lane_orbit_ptr + p), 0)
     if PROJECT:
         val = m
     else:
@@ -447,7 +455,7 @@ def reduce_tiles(w: torch.Tensor, table, plan: TilePlan, spectrum: bool):
     n_cols, cols_p = _columns(table, spectrum)
     part = torch.empty((plan.n_tiles, n_cols), dtype=_acc(w), device=w.device)
     with _device_ctx(w):
-        _reduce_tiles_kernel[(plan.n_tiles,)](w, tt.offsets, t["inv_stab"], t["basis"], t["row_irrep"], part,
+        _reduce_tiles_kernel[(plan.n_tiles,)](w, tt.gather_index, t["inv_stab"], t["basis"], t["row_irrep"], part,
                                               N_COLS=n_cols, COLS_P=cols_p, SPECTRUM=spectrum,
                                               **_tile_args(w, table, plan))
         return _finish(part, spectrum)
@@ -462,6 +470,6 @@ def apply_tiles(w: torch.Tensor, table, plan: TilePlan, grad_pen=None, grad_eq=N
     if project:
         grad_pen = grad_eq = out  # unread placeholders
     with _device_ctx(w):
-        _apply_tiles_kernel[(plan.n_tiles,)](w, out, tt.offsets, tt.entry_orbit, grad_pen, grad_eq,
+        _apply_tiles_kernel[(plan.n_tiles,)](w, out, tt.gather_index, tt.lane_orbit, grad_pen, grad_eq,
                                              PROJECT=project, **_tile_args(w, table, plan))
     return out

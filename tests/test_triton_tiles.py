@@ -323,6 +323,72 @@ def test_environment_switch_is_read_at_import(value, expected):
     assert r.stdout.split() == [str(expected), str(expected)]
 
 
+# Compiles the tiled kernels for sm_90 ahead of time, without a GPU (Triton's own compiler, outside the
+# interpreter), from the arguments the launch wrappers pass, and prints the PTX's global accesses.
+_AOT_SCRIPT = """
+import re, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from projkernels import triton_kernels as K
+from projkernels.orbits import orbit_table
+
+dtype = getattr(torch, sys.argv[1])
+w = torch.zeros(4 * 64, 4 * 64, 3, 3, dtype=dtype)
+table = orbit_table(w, "C4", "regular", "regular")
+plan = K.plan_tiles(table, w.element_size())
+tt = K.tile_tables(table, plan, "cpu")
+t = table.device_tables("cpu")
+acc = torch.float64 if dtype == torch.float64 else torch.float32
+TY = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+      torch.int32: "i32", torch.int64: "i64"}
+
+def compile(kernel, tensors, options):
+    consts = {k: v for k, v in options.items() if k != "num_warps"}
+    names = kernel.arg_names
+    sig, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in tensors:
+            sig[name] = "*" + TY[tensors[name].dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in consts and name.isupper():
+            sig[name] = "constexpr"
+        else:
+            v = consts.pop(name)
+            sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, sig, {k: v for k, v in consts.items()}, attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=options["num_warps"])).asm["ptx"]
+    return sorted(set(re.findall(r"(?:ld|st)[.]global[.]v[0-9][.]b[0-9]+", ptx)))
+
+part = torch.zeros(plan.n_tiles, 2, dtype=acc)
+out = torch.zeros_like(w)
+g = torch.zeros((), dtype=acc)
+args = K._tile_args(w, table, plan)
+print(" ".join(compile(K._reduce_tiles_kernel, dict(w_ptr=w, gather_index_ptr=tt.gather_index, inv_stab_ptr=t.inv_stab,
+               basis_ptr=t.basis, row_irrep_ptr=t.row_irrep, part_ptr=part),
+               dict(args, N_COLS=2, COLS_P=2, SPECTRUM=False))))
+print(" ".join(compile(K._apply_tiles_kernel, dict(w_ptr=w, out_ptr=out, gather_index_ptr=tt.gather_index,
+               lane_orbit_ptr=tt.lane_orbit, gp_ptr=g, ge_ptr=g), dict(args, PROJECT=False))))
+"""
+
+
+@pytest.mark.parametrize("dtype,vector", [("float32", "v4.b32"), ("bfloat16", "v4.b32"), ("float64", "v2.b64")])
+def test_compiles_for_sm90_with_16_byte_accesses(dtype, vector):
+    # The GPU's compiler, not the interpreter: tl.gather and the tile's contiguous accesses must lower, and
+    # the tile must move in 16-byte vectors (loads in both kernels, stores in the write pass).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, dtype], env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and ("ptxas" in r.stderr or "No module named 'triton.backends.nvidia'" in r.stderr):
+        pytest.skip(f"Triton cannot compile for NVIDIA GPUs here: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr
+    reduce_line, apply_line = r.stdout.strip().splitlines()
+    assert f"ld.global.{vector}" in reduce_line.split()
+    assert f"ld.global.{vector}" in apply_line.split() and f"st.global.{vector}" in apply_line.split()
+
+
 # --- GPU ---------------------------------------------------------------------------------------------
 
 LARGE = [("C4", (4 * 96, 4 * 80, 3, 3), "regular", "regular"),
