@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # GPU check of the kernels: build, the GPU tests of the kernel files, and per-kernel timings.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh        (run from anywhere; under 7 minutes on an H200: the step timeouts add up to 420 s,
+#   OUT=/some/dir bash bench/gpu_check.sh        (run from anywhere; under 10 minutes on an H200: the step timeouts add up to 570 s,
 #   the expected total is about 4 minutes)
 #
-# Logs go to $OUT (build.log, tests.log, timings*.log, timings*.json).  Each step has its own
+# Logs go to $OUT (build.log, tests*.log, timings*.log, timings*.json).  Each step has its own
 # timeout and a failed step does not stop the next one; the exit status is non-zero if any failed.
 # Timings: each kernel alone (the op that launches it, no autograd), CUDA events around one call,
 # L2 flushed (a 256 MiB write) before each call, median of 20 calls after 3 warm-ups.  "% copy" is
 # bytes moved / time / the copy bandwidth measured here (a 1 GiB device-to-device copy, read +
-# write): a forward reads W once, a backward reads W and writes dW.
+# write): a forward reads W once, a backward reads W and writes dW.  The Triton kernels are timed chunked
+# and tiled in the first process (the tiled ones called directly, whatever PROJKERNELS_TILED says); the
+# second process, with PROJKERNELS_TILED=1, times the CUDA tiled kernels.
 set -x
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$ROOT/gpu-check-out}"
@@ -32,6 +34,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then  # SKIP_TESTS=1: timings only
 timeout 170 python3 -m pytest -m gpu -x -q --durations=10 tests/test_kernels_tiles.py tests/test_cuda_backend.py \
   tests/test_triton_backend.py tests/test_multi_fused.py > "$OUT/tests.log" 2>&1 || status=1
 tail -5 "$OUT/tests.log"
+# The Triton tiled kernels on their own clock: their first GPU compiles (tl.gather) must not starve the others.
+timeout 120 python3 -m pytest -m gpu -x -q --durations=5 tests/test_triton_tiles.py > "$OUT/tests-tiles.log" 2>&1 || status=1
+tail -5 "$OUT/tests-tiles.log"
 fi
 
 cat > "$OUT/timings.py" <<'PY'
@@ -66,7 +71,7 @@ dst = torch.empty_like(src)
 copy_gbs = 2 * src.numel() / (time_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
 del src, dst
 import os
-second_run = os.environ.get("PROJKERNELS_TILED") == "1"  # tiled run: the Triton numbers come from the first run
+second_run = os.environ.get("PROJKERNELS_TILED") == "1"  # CUDA tiled run: the Triton numbers come from the first run
 print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbs:.0f} GB/s; "
       f"PROJKERNELS_TILED={os.environ.get('PROJKERNELS_TILED', '0 (default: chunked)')}")
 
@@ -82,28 +87,38 @@ for name, shape, group, rep, dtype in cases:
     acc = torch.float32
     gp = torch.tensor(0.5, dtype=acc, device=dev)
     ge = torch.tensor(0.25, dtype=acc, device=dev)
+    plan = K.plan_tiles(table, w.element_size())  # None: no block fits a tile (the backend runs chunked)
     kernels = {
         "cuda fwd": (lambda: C.fused_forward(w, table, with_spectrum=False), nbytes),
         "cuda bwd": (lambda: C.fused_backward(w, table, gp, ge), 2 * nbytes),
         "triton fwd": (lambda: K.reduce_orbits(w, table, spectrum=False), nbytes),
         "triton bwd": (lambda: K.apply_orbits(w, table, gp, ge, out_dtype=w.dtype), 2 * nbytes),
+        "triton tiled fwd": (lambda: K.reduce_tiles(w, table, plan, spectrum=False), nbytes),
+        "triton tiled bwd": (lambda: K.apply_tiles(w, table, plan, gp, ge, out_dtype=w.dtype), 2 * nbytes),
     }
+    if plan is not None and not second_run:
+        print(f"{name:30s} triton tiles: {plan.blocks_per_tile} blocks, {plan.n_tiles} tiles, "
+              f"[{plan.so_p} x {plan.pitch_p}] register tile, {plan.vec}-entry vectors")
     for kname, (fn, moved) in kernels.items():
         if second_run and kname.startswith("triton"):
+            continue
+        if "tiled" in kname and plan is None:
+            print(f"{name:30s} {kname:16s} not tiled (a block does not fit a tile)")
             continue
         try:
             ms = time_ms(fn)
             pct = 100 * moved / (ms * 1e-3) / (copy_gbs * 1e9)
             rows.append(dict(case=name, kernel=kname, ms=ms, pct_copy=pct, mb=nbytes / 1e6))
-            print(f"{name:30s} {kname:11s} {ms * 1e3:9.1f} us  {pct:5.1f}% copy")
+            print(f"{name:30s} {kname:16s} {ms * 1e3:9.1f} us  {pct:5.1f}% copy")
         except Exception as exc:  # one failing kernel must not hide the others' numbers
-            print(f"{name:30s} {kname:11s} FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+            print(f"{name:30s} {kname:16s} FAILED: {type(exc).__name__}: {str(exc)[:200]}")
     del w
     torch.cuda.empty_cache()
 json.dump(dict(device=torch.cuda.get_device_name(), copy_gbs=copy_gbs, rows=rows), open(sys.argv[1], "w"), indent=1)
 PY
-# The chunked kernels (the default), then the tiled ones (PROJKERNELS_TILED=1) for comparison.
-timeout 60 python3 "$OUT/timings.py" "$OUT/timings.json" > "$OUT/timings.log" 2>&1 || status=1
+# The chunked kernels (the default) and the Triton tiled ones, then the CUDA tiled ones
+# (PROJKERNELS_TILED=1) for comparison.
+timeout 90 python3 "$OUT/timings.py" "$OUT/timings.json" > "$OUT/timings.log" 2>&1 || status=1
 cat "$OUT/timings.log"
 PROJKERNELS_TILED=1 timeout 40 python3 "$OUT/timings.py" "$OUT/timings-tiled.json" > "$OUT/timings-tiled.log" 2>&1 || status=1
 cat "$OUT/timings-tiled.log"

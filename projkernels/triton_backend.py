@@ -3,9 +3,16 @@
 Serves CUDA tensors, and CPU tensors when the process was started with ``TRITON_INTERPRET=1``
 (Triton's interpreter: slow, meant for tests).  Importing this module without Triton installed
 raises ImportError, which ``load_optional_backends`` takes as "not installed".
+
+``PROJKERNELS_TILED=1`` in the environment (read once, when this module is imported; the same
+switch as the CUDA backend's tiles) sends every weight whose field blocks fit a program's tile to
+the tiled kernels (``triton_kernels.plan_tiles``: contiguous loads and stores of whole field blocks,
+orbits resolved on chip); any other weight, and every weight without the switch, takes the chunked
+kernels.  ``uses_tiles`` says which kernels serve a weight.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -14,7 +21,10 @@ from . import triton_kernels as K  # raises ImportError without triton
 from .backends import Backend, register_backend
 from .orbits import OrbitTable
 
-__all__ = ["forward", "backward", "project", "spectrum", "unavailable"]
+__all__ = ["forward", "backward", "project", "spectrum", "unavailable", "uses_tiles", "TILED"]
+
+# Off by default: the tiles are for measuring against the chunked kernels (bench/gpu_check.sh).
+TILED = os.environ.get("PROJKERNELS_TILED") == "1"
 
 
 def unavailable(device) -> Optional[str]:
@@ -34,12 +44,37 @@ def unavailable(device) -> Optional[str]:
     return f"Triton kernels run on CUDA tensors only, not on {device.type!r} tensors"
 
 
+def _tile_plan(w: torch.Tensor, table: OrbitTable) -> Optional[K.TilePlan]:
+    return K.plan_tiles(table, w.element_size()) if TILED else None
+
+
+def uses_tiles(w: torch.Tensor, table: OrbitTable) -> bool:
+    """Whether the tiled kernels serve this weight (PROJKERNELS_TILED=1 and its blocks fit a tile)."""
+    return _tile_plan(w, table) is not None
+
+
+def _reduce(w: torch.Tensor, table: OrbitTable, spectrum: bool):
+    w = w.contiguous()
+    plan = _tile_plan(w, table)
+    if plan is not None:
+        return K.reduce_tiles(w, table, plan, spectrum)
+    return K.reduce_orbits(w, table, spectrum)
+
+
+def _apply(w: torch.Tensor, table: OrbitTable, grad_pen, grad_eq, out_dtype):
+    w = w.contiguous()
+    plan = _tile_plan(w, table)
+    if plan is not None:
+        return K.apply_tiles(w, table, plan, grad_pen, grad_eq, out_dtype=out_dtype)
+    return K.apply_orbits(w, table, grad_pen, grad_eq, out_dtype=out_dtype)
+
+
 def forward(w: torch.Tensor, table: OrbitTable):
-    return K.reduce_orbits(w.contiguous(), table, spectrum=False)
+    return _reduce(w, table, spectrum=False)
 
 
 def spectrum(w: torch.Tensor, table: OrbitTable) -> torch.Tensor:
-    return K.reduce_orbits(w.contiguous(), table, spectrum=True)
+    return _reduce(w, table, spectrum=True)
 
 
 def backward(w: torch.Tensor, table: OrbitTable, grad_pen: torch.Tensor, grad_eq: torch.Tensor) -> torch.Tensor:
@@ -48,12 +83,12 @@ def backward(w: torch.Tensor, table: OrbitTable, grad_pen: torch.Tensor, grad_eq
     device = w.device
     grad_pen = torch.as_tensor(grad_pen, device=device).reshape(())
     grad_eq = torch.as_tensor(grad_eq, device=device).reshape(())
-    return K.apply_orbits(w.contiguous(), table, grad_pen, grad_eq, out_dtype=w.dtype)
+    return _apply(w, table, grad_pen, grad_eq, out_dtype=w.dtype)
 
 
 def project(w: torch.Tensor, table: OrbitTable) -> torch.Tensor:
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-    return K.apply_orbits(w.contiguous(), table, out_dtype=acc)
+    return _apply(w, table, None, None, out_dtype=acc)
 
 
 register_backend(Backend(name="triton", forward=forward, backward=backward, project=project,

@@ -14,18 +14,31 @@ and every GPU of one architecture reduces in the same order and gets the same bi
 pass, whose orbit means are reductions too, writes the same bits as well.  Any group order works:
 the tile shrinks to 16 orbits as ``GP`` grows.
 
+Tiled kernels (``reduce_tiles`` / ``apply_tiles``, ``plan_tiles``; the backend takes them when
+``PROJKERNELS_TILED=1``, projkernels/triton_backend.py): a program owns a tile of whole
+(out-field, in-field) blocks of one out-field row, a contiguous slab of the weight, loads it with
+contiguous (vectorisable) loads, resolves its orbits with a gather from the register tile, and the
+write pass stores the tile back contiguously.  One row of partial sums per tile, the same second
+stage; the plan is a function of the problem alone, so these sums are reproducible too (their bits
+differ from the chunked kernels', whose partition differs).  The section "tiles" below explains it.
+
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import weakref
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "launch_config", "reduce_orbits", "apply_orbits"]
+__all__ = ["INTERPRET", "launch_config", "reduce_orbits", "apply_orbits", "TilePlan", "plan_tiles", "reduce_tiles",
+           "apply_tiles"]
 
 # triton.jit picks the interpreter when it decorates, so the mode is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -69,16 +82,12 @@ def _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out, strid
 
 
 @triton.jit
-def _reduce_kernel(w_ptr, offsets_ptr, inv_stab_ptr, basis_ptr, row_irrep_ptr, part_ptr,
-                   n_orbits, opb, c_in, stride_out, stride_in,
-                   G: tl.constexpr, GP: tl.constexpr, N_COLS: tl.constexpr, COLS_P: tl.constexpr,
-                   SPECTRUM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    f, o, valid, mask, addr = _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out,
-                                           stride_in, G, GP, F64, BLOCK)
+def _orbit_partials(f, inv, mask, basis_ptr, row_irrep_ptr,
+                    G: tl.constexpr, GP: tl.constexpr, COLS_P: tl.constexpr, SPECTRUM: tl.constexpr):
+    """One program's row of partial sums from its [orbits, GP] tile ``f`` (zero where ``mask`` is
+    off) and the orbits' 1/|Stab| ``inv``: (penalty, eq_energy), or the energies per irrep."""
     mean = tl.sum(f, axis=1) / G
     dev = tl.where(mask, f - mean[:, None], 0.0)
-    inv = tl.load(inv_stab_ptr + o, mask=valid, other=0.0).to(f.dtype)
     eq = tl.sum(inv * mean * mean, axis=0) * G
     cols = tl.arange(0, COLS_P)
     if SPECTRUM:
@@ -94,6 +103,20 @@ def _reduce_kernel(w_ptr, offsets_ptr, inv_stab_ptr, basis_ptr, row_irrep_ptr, p
     else:
         pen = tl.sum(inv * tl.sum(dev * dev, axis=1), axis=0)
         row = tl.where(cols == 0, pen, tl.where(cols == 1, eq, 0.0))
+    return row
+
+
+@triton.jit
+def _reduce_kernel(w_ptr, offsets_ptr, inv_stab_ptr, basis_ptr, row_irrep_ptr, part_ptr,
+                   n_orbits, opb, c_in, stride_out, stride_in,
+                   G: tl.constexpr, GP: tl.constexpr, N_COLS: tl.constexpr, COLS_P: tl.constexpr,
+                   SPECTRUM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    f, o, valid, mask, addr = _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out,
+                                           stride_in, G, GP, F64, BLOCK)
+    inv = tl.load(inv_stab_ptr + o, mask=valid, other=0.0).to(f.dtype)
+    row = _orbit_partials(f, inv, mask, basis_ptr, row_irrep_ptr, G, GP, COLS_P, SPECTRUM)
+    cols = tl.arange(0, COLS_P)
     tl.store(part_ptr + pid * N_COLS + cols, row, mask=cols < N_COLS)
 
 
@@ -157,27 +180,40 @@ def reduce_orbits(w: torch.Tensor, table, spectrum: bool):
     """(penalty, eq_energy) as two 0-dim tensors, or the [n_irreps] spectrum, in the accumulation dtype."""
     t = table.device_tables(w.device)._asdict()
     geo = _geometry(w, table)
-    acc = torch.float64 if geo["F64"] else torch.float32
-    n_cols = len(table.group.irrep_names) if spectrum else 2
-    cols_p = triton.next_power_of_2(n_cols)
-    n = geo["n_orbits"]
+    n_cols, cols_p = _columns(table, spectrum)
     block, warps = launch_config(geo["G"])
-    rows = triton.cdiv(n, block)
-    part = torch.empty((rows, n_cols), dtype=acc, device=w.device)
-
+    rows = triton.cdiv(geo["n_orbits"], block)
+    part = torch.empty((rows, n_cols), dtype=_acc(w), device=w.device)
     with _device_ctx(w):
         _reduce_kernel[(rows,)](w, t["offsets"], t["inv_stab"], t["basis"], t["row_irrep"], part,
                                 N_COLS=n_cols, COLS_P=cols_p, SPECTRUM=spectrum, BLOCK=block, num_warps=warps,
                                 **geo)
-        if spectrum:
-            out = torch.empty((n_cols,), dtype=acc, device=w.device)
-            _finish_kernel[(1,)](part, rows, out, out, N_COLS=n_cols, COLS_P=cols_p,
-                                 SPLIT=False, ROWS=_FINISH_ROWS)
-            return out
-        pen = torch.empty((), dtype=acc, device=w.device)
-        eq = torch.empty((), dtype=acc, device=w.device)
-        _finish_kernel[(1,)](part, rows, pen, eq, N_COLS=n_cols, COLS_P=cols_p,
-                             SPLIT=True, ROWS=_FINISH_ROWS)
+        return _finish(part, spectrum)
+
+
+def _acc(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def _columns(table, spectrum: bool):
+    """(columns of a partial-sums row, that rounded up to a power of two)."""
+    n_cols = len(table.group.irrep_names) if spectrum else 2
+    return n_cols, triton.next_power_of_2(n_cols)
+
+
+def _finish(part: torch.Tensor, spectrum: bool):
+    """The second stage: adds the rows of ``part`` in a fixed order (inside the device context)."""
+    rows, n_cols = part.shape
+    cols_p = triton.next_power_of_2(n_cols)
+    if spectrum:
+        out = torch.empty((n_cols,), dtype=part.dtype, device=part.device)
+        _finish_kernel[(1,)](part, rows, out, out, N_COLS=n_cols, COLS_P=cols_p,
+                             SPLIT=False, ROWS=_FINISH_ROWS)
+        return out
+    pen = torch.empty((), dtype=part.dtype, device=part.device)
+    eq = torch.empty((), dtype=part.dtype, device=part.device)
+    _finish_kernel[(1,)](part, rows, pen, eq, N_COLS=n_cols, COLS_P=cols_p,
+                         SPLIT=True, ROWS=_FINISH_ROWS)
     return pen, eq
 
 
@@ -199,4 +235,241 @@ def apply_orbits(w: torch.Tensor, table, grad_pen=None, grad_eq=None, out_dtype=
     with _device_ctx(w):
         _apply_kernel[(triton.cdiv(n, block),)](
             w, out, t["offsets"], grad_pen, grad_eq, PROJECT=project, BLOCK=block, num_warps=warps, **geo)
+    return out
+
+
+# --- tiles: contiguous runs of whole (out-field, in-field) blocks -------------------------------
+#
+# In a contiguous weight the blocks fi0 .. fi0 + width - 1 of out-field row fo are ``so`` segments
+# of ``pitch = width * stride_in`` contiguous entries, segment a at fo * stride_out + a * row_len +
+# fi0 * stride_in (row_len = c_in * stride_in, so = the out-field size), the geometry of the CUDA
+# tiles (csrc/launch_plan.h).  A tiled program loads its tile as one [SO_P * PITCH_P] register tensor,
+# segment a at a * PITCH_P (SO_P, PITCH_P: so and the widest pitch rounded up to powers of two), with
+# contiguous loads, then resolves the orbits inside the tile.
+#
+# The orbits are resolved with tl.gather from the register tile (Triton >= 3.2; the same rules, a
+# 1-D source and a 1-D index of any length, in 3.6 and 3.8, and in the interpreter).  Re-loading the
+# orbit entries from global memory after a contiguous load, hoping they hit L1, is not something a
+# Triton program can express: the forward never uses the contiguous values, so the compiler drops
+# that load, and nothing keeps the slab in L1 between the two.  The gather keeps the tile on chip by
+# construction: the compiler stages it through shared memory (or shuffles within a warp) as the CUDA
+# tiled kernels do by hand.  The backward gathers the other way too: every entry of a block lies on
+# exactly one orbit, so each tile entry takes its orbit's mean from the [orbits] vector of means and
+# the tile is written back with contiguous stores, never a scattered one.
+#
+# The plan, like the chunked launch configuration, is a function of the problem alone (shape, reps,
+# group, element size), so the partition of every sum is too.
+
+# The register tile holds at most this many entries (padding included), and the [orbits, GP] tile
+# gathered from it at most _GATHER_ENTRIES values (larger than the tile: orbits with stabilisers
+# list entries several times); at 4 warps, 16 and 32 values a thread.
+_TILE_ENTRIES = 2048
+_GATHER_ENTRIES = 4096
+# Small weights get narrower tiles, down to one block a tile, until there are this many programs.
+_MIN_TILES = 1024
+
+
+class TilePlan(NamedTuple):
+    so: int               # out-field size: segments per tile
+    stride_in: int        # entries of one segment of one block
+    row_len: int          # c_in * stride_in
+    blocks_per_tile: int  # the width of every tile but the last of a row
+    tiles_per_row: int
+    n_tiles: int
+    so_p: int             # so, rounded up to a power of two
+    pitch_p: int          # blocks_per_tile * stride_in, rounded up to a power of two
+    orbits_p: int         # blocks_per_tile * orbits_per_block, rounded up to a power of two
+    vec: int              # entries every segment start is a multiple of (16 bytes at most)
+
+
+def plan_tiles(table, elem_bytes: int) -> Optional[TilePlan]:
+    """How the tiled kernels cut a contiguous weight of ``table``'s shape, or None when one block
+    does not fit a program's tile (the chunked kernels then serve it).  A function of the problem."""
+    so, stride_in, c_in, c_out = table.field_out, table.stride_in, table.c_in, table.c_out
+    opb, gp = table.orbits_per_block, triton.next_power_of_2(table.group.order)
+    so_p = triton.next_power_of_2(so)
+    width = min(c_in, (_TILE_ENTRIES // so_p) // stride_in, (_GATHER_ENTRIES // gp) // opb)
+    if width < 1:
+        return None
+    while width > 1 and c_out * triton.cdiv(c_in, width) < _MIN_TILES:
+        width = (width + 1) // 2
+    # Segment starts that are multiples of `vec` entries (16 bytes where the shape allows) let the
+    # compiler prove aligned contiguous runs and issue vector loads and stores.  A width that is a
+    # multiple of `q` blocks keeps every tile start, the narrower last tile's included, aligned.
+    row_len = c_in * stride_in
+    vec = max(1, 16 // elem_bytes)
+    while vec > 1 and row_len % vec:
+        vec //= 2
+    q = vec // math.gcd(vec, stride_in)
+    if width >= q:
+        width -= width % q
+    while vec > 1 and (width * stride_in) % vec:
+        vec //= 2
+    tiles_per_row = triton.cdiv(c_in, width)
+    return TilePlan(so=so, stride_in=stride_in, row_len=row_len, blocks_per_tile=width,
+                    tiles_per_row=tiles_per_row, n_tiles=c_out * tiles_per_row, so_p=so_p,
+                    pitch_p=triton.next_power_of_2(width * stride_in),
+                    orbits_p=triton.next_power_of_2(width * opb), vec=vec)
+
+
+class TileTables(NamedTuple):
+    """Where things sit in a tile, the same for every tile of a plan (a narrower last tile masks the
+    blocks it lacks), so the kernels read them with contiguous loads and do no index arithmetic."""
+    gather_index: torch.Tensor  # [ORB_P * GP] int32: the tile lane of element g of local orbit l, at l * GP + g
+    lane_orbit: torch.Tensor    # [SO_P * PITCH_P] int32: the local orbit of each tile lane
+
+
+# Per orbit table, per (device, plan): built once, dropped with the table.
+_TILE_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def tile_tables(table, plan: TilePlan, device) -> TileTables:
+    """The orbit table in the coordinates of ``plan``'s tiles, on ``device`` (cached).
+
+    Local orbit l = j * opb + o is orbit o of the tile's block j; its block-local offset a * row_len +
+    rest is tile lane a * PITCH_P + j * stride_in + rest.  Padding lanes and orbits get index 0 (a
+    valid lane; the kernels mask what they read there).
+    """
+    key = (str(torch.device(device)), plan)
+    cache = _TILE_TABLES.setdefault(table, {})
+    if key not in cache:
+        offsets = table.offsets.numpy()
+        opb, G = offsets.shape
+        gp = triton.next_power_of_2(G)
+        a, rest = np.divmod(offsets, plan.row_len)
+        if a.max() >= plan.so or rest.max() >= plan.stride_in:
+            raise AssertionError(f"orbit table of shape {table.shape}: an offset leaves its block")
+        width, si = plan.blocks_per_tile, plan.stride_in
+        lane = a * plan.pitch_p + rest                                     # [opb, G], block 0
+        gather_index = np.zeros((plan.orbits_p, gp), dtype=np.int64)
+        gather_index[:width * opb, :G] = (np.arange(width)[:, None, None] * si + lane[None]).reshape(-1, G)
+        block_orbit = np.full((plan.so, si), -1, dtype=np.int64)          # orbit of block entry (a, rest)
+        block_orbit[a.reshape(-1), rest.reshape(-1)] = np.repeat(np.arange(opb), G)
+        if block_orbit.min() < 0:
+            raise AssertionError(f"orbit table of shape {table.shape}: an entry of a block lies on no orbit")
+        lane_orbit = np.zeros((plan.so_p, plan.pitch_p), dtype=np.int64)
+        lane_orbit[:plan.so, :width * si] = (np.arange(width)[None, :, None] * opb
+                                             + block_orbit[:, None, :]).reshape(plan.so, width * si)
+        cache[key] = TileTables(
+            gather_index=torch.as_tensor(gather_index.reshape(-1), dtype=torch.int32).to(device),
+            lane_orbit=torch.as_tensor(lane_orbit.reshape(-1), dtype=torch.int32).to(device))
+    return cache[key]
+
+
+@triton.jit
+def _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v, row_len_v, tile_step_v,
+               SO_P: tl.constexpr, PITCH_P: tl.constexpr, VEC: tl.constexpr, BPT: tl.constexpr):
+    """Tile t as a [SO_P * PITCH_P] tensor in the weight's dtype, with its addresses, mask and width.
+
+    Addresses are formed in units of VEC entries and scaled by the constexpr VEC, and the mask
+    compares against a multiple of VEC, so the compiler sees runs of PITCH_P contiguous entries that
+    start on multiples of VEC under a mask constant over each VEC-group: 16-byte loads and stores
+    (checked in the PTX for sm_90).
+    """
+    fo = t // tiles_per_row
+    k = t - fo * tiles_per_row
+    width = tl.minimum(c_in - k * BPT, BPT)
+    pitch_v = width * stride_in // VEC  # exact: the plan keeps every pitch a multiple of VEC
+    p = tl.arange(0, SO_P * PITCH_P)
+    a = p // PITCH_P
+    c = p % PITCH_P
+    # 64-bit addresses: a large weight can pass 2**31 entries; a tile cannot.
+    base_v = fo.to(tl.int64) * stride_out_v + k.to(tl.int64) * tile_step_v
+    addr = (base_v + a.to(tl.int64) * row_len_v) * VEC + c
+    inside = (a < so) & (c < pitch_v * VEC)
+    x = tl.load(w_ptr + addr, mask=inside, other=0.0)
+    return x, addr, inside, p, width
+
+
+@triton.jit
+def _tile_orbits(x, width, gather_index_ptr, opb,
+                 G: tl.constexpr, GP: tl.constexpr, F64: tl.constexpr, ORB_P: tl.constexpr):
+    """The tile's orbits gathered from the register tile x: [ORB_P, GP] values in the accumulation
+    dtype (zero where masked), their block-local orbit ids, validity and mask."""
+    idx = tl.load(gather_index_ptr + tl.arange(0, ORB_P * GP))
+    f = tl.reshape(tl.gather(x, idx, 0), [ORB_P, GP])
+    if F64:
+        f = f.to(tl.float64)
+    else:
+        f = f.to(tl.float32)
+    l = tl.arange(0, ORB_P)
+    valid = l < width * opb
+    mask = valid[:, None] & (tl.arange(0, GP) < G)[None, :]
+    f = tl.where(mask, f, 0.0)
+    return f, l % opb, valid, mask
+
+
+@triton.jit
+def _reduce_tiles_kernel(w_ptr, gather_index_ptr, inv_stab_ptr, basis_ptr, row_irrep_ptr, part_ptr,
+                         tiles_per_row, c_in, stride_in, so, opb, stride_out_v, row_len_v, tile_step_v,
+                         G: tl.constexpr, GP: tl.constexpr, N_COLS: tl.constexpr, COLS_P: tl.constexpr,
+                         SPECTRUM: tl.constexpr, F64: tl.constexpr, SO_P: tl.constexpr, PITCH_P: tl.constexpr,
+                         ORB_P: tl.constexpr, VEC: tl.constexpr, BPT: tl.constexpr):
+    t = tl.program_id(0)
+    x, addr, inside, p, width = _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v,
+                                           row_len_v, tile_step_v, SO_P, PITCH_P, VEC, BPT)
+    f, o, valid, mask = _tile_orbits(x, width, gather_index_ptr, opb, G, GP, F64, ORB_P)
+    inv = tl.load(inv_stab_ptr + o, mask=valid, other=0.0).to(f.dtype)
+    row = _orbit_partials(f, inv, mask, basis_ptr, row_irrep_ptr, G, GP, COLS_P, SPECTRUM)
+    cols = tl.arange(0, COLS_P)
+    tl.store(part_ptr + t * N_COLS + cols, row, mask=cols < N_COLS)
+
+
+@triton.jit
+def _apply_tiles_kernel(w_ptr, out_ptr, gather_index_ptr, lane_orbit_ptr, gp_ptr, ge_ptr,
+                        tiles_per_row, c_in, stride_in, so, opb, stride_out_v, row_len_v, tile_step_v,
+                        G: tl.constexpr, GP: tl.constexpr, PROJECT: tl.constexpr, F64: tl.constexpr,
+                        SO_P: tl.constexpr, PITCH_P: tl.constexpr, ORB_P: tl.constexpr, VEC: tl.constexpr,
+                        BPT: tl.constexpr):
+    t = tl.program_id(0)
+    x, addr, inside, p, width = _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v,
+                                           row_len_v, tile_step_v, SO_P, PITCH_P, VEC, BPT)
+    f, o, valid, mask = _tile_orbits(x, width, gather_index_ptr, opb, G, GP, F64, ORB_P)
+    mean = tl.sum(f, axis=1) / G
+    # Every entry of a block lies on exactly one orbit: each lane takes its orbit's mean.
+    m = tl.gather(mean, tl.load(lane_orbit_ptr + p), 0)
+    if PROJECT:
+        val = m
+    else:
+        two_gp = 2 * tl.load(gp_ptr).to(f.dtype)
+        two_ge = 2 * tl.load(ge_ptr).to(f.dtype)
+        val = two_gp * (x.to(f.dtype) - m) + two_ge * m
+    tl.store(out_ptr + addr, val.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _tile_args(w: torch.Tensor, table, plan: TilePlan):
+    G = table.group.order
+    v = plan.vec
+    return dict(tiles_per_row=plan.tiles_per_row, c_in=table.c_in, stride_in=plan.stride_in, so=plan.so,
+                opb=table.orbits_per_block, stride_out_v=table.stride_out // v, row_len_v=plan.row_len // v,
+                tile_step_v=plan.blocks_per_tile * plan.stride_in // v,
+                G=G, GP=triton.next_power_of_2(G), F64=w.dtype == torch.float64, SO_P=plan.so_p,
+                PITCH_P=plan.pitch_p, ORB_P=plan.orbits_p, VEC=v, BPT=plan.blocks_per_tile, num_warps=_NUM_WARPS)
+
+
+def reduce_tiles(w: torch.Tensor, table, plan: TilePlan, spectrum: bool):
+    """``reduce_orbits`` by tiles (``plan = plan_tiles(table, w.element_size())``; w contiguous):
+    one row of partial sums per tile, added in a fixed order."""
+    t = table.device_tables(w.device)._asdict()
+    tt = tile_tables(table, plan, w.device)
+    n_cols, cols_p = _columns(table, spectrum)
+    part = torch.empty((plan.n_tiles, n_cols), dtype=_acc(w), device=w.device)
+    with _device_ctx(w):
+        _reduce_tiles_kernel[(plan.n_tiles,)](w, tt.gather_index, t["inv_stab"], t["basis"], t["row_irrep"], part,
+                                              N_COLS=n_cols, COLS_P=cols_p, SPECTRUM=spectrum,
+                                              **_tile_args(w, table, plan))
+        return _finish(part, spectrum)
+
+
+def apply_tiles(w: torch.Tensor, table, plan: TilePlan, grad_pen=None, grad_eq=None, out_dtype=None):
+    """``apply_orbits`` by tiles (``plan = plan_tiles(table, w.element_size())``; w contiguous):
+    every tile is read and written with contiguous accesses."""
+    tt = tile_tables(table, plan, w.device)
+    project = grad_pen is None
+    out = torch.empty(w.shape, dtype=out_dtype or w.dtype, device=w.device)
+    if project:
+        grad_pen = grad_eq = out  # unread placeholders
+    with _device_ctx(w):
+        _apply_tiles_kernel[(plan.n_tiles,)](w, out, tt.gather_index, tt.lane_orbit, grad_pen, grad_eq,
+                                             PROJECT=project, **_tile_args(w, table, plan))
     return out
