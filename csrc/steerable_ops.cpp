@@ -155,30 +155,34 @@ __attribute__((always_inline)) inline T residual_square_sum_lanes(const T* x, co
   return s + tail;
 }
 
-// The hot loops as function multiversions (GCC picks one when the library loads, from what the CPU
-// supports): the extension is built for baseline x86-64 (SSE2), and these loops are where wider
-// vectors and FMA pay.  V is one register's worth of lanes on each target.
-#define PK_STEER_CPU_VERSIONS(TARGET, VF, VD)                                                               \
-  __attribute__((target(TARGET))) void tile_product(const float* a, int64_t lda, const float* mat,          \
-                                                    int64_t ldm, int64_t K, int64_t N, int64_t nb,          \
-                                                    float* out, int64_t ldo) {                              \
-    tile_product_lanes<float, VF>(a, lda, mat, ldm, K, N, nb, out, ldo);                                    \
-  }                                                                                                         \
-  __attribute__((target(TARGET))) void tile_product(const double* a, int64_t lda, const double* mat,        \
-                                                    int64_t ldm, int64_t K, int64_t N, int64_t nb,          \
-                                                    double* out, int64_t ldo) {                             \
-    tile_product_lanes<double, VD>(a, lda, mat, ldm, K, N, nb, out, ldo);                                   \
-  }                                                                                                         \
-  __attribute__((target(TARGET))) float residual_square_sum(const float* x, const float* px, int64_t m) {  \
-    return residual_square_sum_lanes<float, VF>(x, px, m);                                                  \
-  }                                                                                                         \
-  __attribute__((target(TARGET))) double residual_square_sum(const double* x, const double* px, int64_t m) { \
-    return residual_square_sum_lanes<double, VD>(x, px, m);                                                 \
+// The hot loops as function multiversions where GCC builds for x86-64 Linux: the extension is
+// compiled for baseline x86-64 (SSE2), and these loops are where wider vectors and FMA pay, so each
+// is compiled once per target below and the dynamic loader binds the best one the CPU supports
+// (an ifunc).  V is one register's worth of lanes on each target.  Elsewhere: one version, for the
+// build's own target.
+#define PK_STEER_CPU_VERSIONS(ATTR, VF, VD)                                                                   \
+  ATTR void tile_product(const float* a, int64_t lda, const float* mat, int64_t ldm, int64_t K, int64_t N,    \
+                         int64_t nb, float* out, int64_t ldo) {                                               \
+    tile_product_lanes<float, VF>(a, lda, mat, ldm, K, N, nb, out, ldo);                                      \
+  }                                                                                                           \
+  ATTR void tile_product(const double* a, int64_t lda, const double* mat, int64_t ldm, int64_t K, int64_t N,  \
+                         int64_t nb, double* out, int64_t ldo) {                                              \
+    tile_product_lanes<double, VD>(a, lda, mat, ldm, K, N, nb, out, ldo);                                     \
+  }                                                                                                           \
+  ATTR float residual_square_sum(const float* x, const float* px, int64_t m) {                                \
+    return residual_square_sum_lanes<float, VF>(x, px, m);                                                    \
+  }                                                                                                           \
+  ATTR double residual_square_sum(const double* x, const double* px, int64_t m) {                             \
+    return residual_square_sum_lanes<double, VD>(x, px, m);                                                   \
   }
 
-PK_STEER_CPU_VERSIONS("default", 4, 2)
-PK_STEER_CPU_VERSIONS("avx2,fma", 8, 4)
-PK_STEER_CPU_VERSIONS("avx512f,avx512vl,fma", 16, 8)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+PK_STEER_CPU_VERSIONS(__attribute__((target("default"))), 4, 2)
+PK_STEER_CPU_VERSIONS(__attribute__((target("avx2,fma"))), 8, 4)
+PK_STEER_CPU_VERSIONS(__attribute__((target("avx512f,avx512vl,fma"))), 16, 8)
+#else
+PK_STEER_CPU_VERSIONS(, 4, 2)
+#endif
 #undef PK_STEER_CPU_VERSIONS
 
 // Scratch of one tile: X and PX [nb, m], C [nb, r].
