@@ -90,43 +90,66 @@ __attribute__((always_inline)) inline void load_lanes(Vec& v, const T* p) {
   std::memcpy(&v, p, sizeof v);
 }
 
-// out[b, n0 .. n0 + V) for NB consecutive rows b of a: the accumulators stay in registers over the
-// whole sum over k, and each row segment of mat is loaded once for the NB rows.
-template <typename T, int V, int NB>
+// out[b, n0 .. n0 + P V) for NB consecutive rows b of a: the NB x P accumulators stay in registers
+// over the whole sum over k, and each row segment of mat is loaded once for the NB rows.
+template <typename T, int V, int P, int NB>
 __attribute__((always_inline)) inline void product_panel(const T* a, int64_t lda, const T* mat, int64_t ldm,
                                                          int64_t K, T* out, int64_t ldo) {
   using Vec = typename Lanes<T, V>::type;
-  Vec acc[NB];
-  for (int b = 0; b < NB; ++b) acc[b] = Vec{};
+  Vec acc[NB][P];
+  for (int b = 0; b < NB; ++b)
+    for (int p = 0; p < P; ++p) acc[b][p] = Vec{};
   for (int64_t k = 0; k < K; ++k) {
-    Vec row;
-    load_lanes(row, mat + k * ldm);
-    for (int b = 0; b < NB; ++b) acc[b] += a[b * lda + k] * row;
+    Vec row[P];
+    for (int p = 0; p < P; ++p) load_lanes(row[p], mat + k * ldm + p * V);
+    for (int b = 0; b < NB; ++b) {
+      const T abk = a[b * lda + k];
+      for (int p = 0; p < P; ++p) acc[b][p] += abk * row[p];
+    }
   }
-  for (int b = 0; b < NB; ++b) std::memcpy(out + b * ldo, &acc[b], sizeof(Vec));
+  for (int b = 0; b < NB; ++b)
+    for (int p = 0; p < P; ++p) std::memcpy(out + b * ldo + p * V, &acc[b][p], sizeof(Vec));
 }
 
-// out[b, n] = sum_k a[b, k] mat[k, n] for b < nb, n < N (row-major, leading dimensions lda, ldm,
-// ldo): columns in panels of V lanes (then V/2, ..., 1 for the last N mod V), each panel over all
-// rows in groups of 8 (then 4, 2, 1) while its rows of mat stay in L1.
-template <typename T, int V>
-__attribute__((always_inline)) inline void tile_product_lanes(const T* a, int64_t lda, const T* mat, int64_t ldm,
-                                                              int64_t K, int64_t N, int64_t nb, T* out, int64_t ldo,
-                                                              int64_t n0 = 0) {
-  for (; n0 + V <= N; n0 += V) {
+// Columns [n0, n0 + P V), [n0 + P V, ...) while they fit in N, each panel over all nb rows in groups
+// of G (then 4, 2, 1) while its rows of mat stay in L1; n0 ends at the first column left.
+template <typename T, int V, int P, int G>
+__attribute__((always_inline)) inline void product_columns(const T* a, int64_t lda, const T* mat, int64_t ldm,
+                                                           int64_t K, int64_t N, int64_t nb, T* out, int64_t ldo,
+                                                           int64_t& n0) {
+  for (; n0 + P * V <= N; n0 += P * V) {
     int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) product_panel<T, V, 8>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
+    for (; b + G <= nb; b += G) product_panel<T, V, P, G>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
     if (nb - b >= 4) {
-      product_panel<T, V, 4>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
+      product_panel<T, V, P, 4>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
       b += 4;
     }
     if (nb - b >= 2) {
-      product_panel<T, V, 2>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
+      product_panel<T, V, P, 2>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
       b += 2;
     }
-    if (nb - b >= 1) product_panel<T, V, 1>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
+    if (nb - b >= 1) product_panel<T, V, P, 1>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
   }
-  if constexpr (V > 1) tile_product_lanes<T, V / 2>(a, lda, mat, ldm, K, N, nb, out, ldo, n0);
+}
+
+// Columns [n0, N) one vector of V lanes wide, then V/2, ..., 1 for the last N mod V.
+template <typename T, int V>
+__attribute__((always_inline)) inline void product_narrow_columns(const T* a, int64_t lda, const T* mat, int64_t ldm,
+                                                                  int64_t K, int64_t N, int64_t nb, T* out,
+                                                                  int64_t ldo, int64_t n0) {
+  product_columns<T, V, 1, 8>(a, lda, mat, ldm, K, N, nb, out, ldo, n0);
+  if constexpr (V > 1) product_narrow_columns<T, V / 2>(a, lda, mat, ldm, K, N, nb, out, ldo, n0);
+}
+
+// out[b, n] = sum_k a[b, k] mat[k, n] for b < nb, n < N (row-major, leading dimensions lda, ldm,
+// ldo): panels two vectors wide over G rows at a time (2 G accumulators, as many as the target's
+// registers hold next to the loads), then one vector wide over 8 rows, then narrower.
+template <typename T, int V, int G>
+__attribute__((always_inline)) inline void tile_product_lanes(const T* a, int64_t lda, const T* mat, int64_t ldm,
+                                                              int64_t K, int64_t N, int64_t nb, T* out, int64_t ldo) {
+  int64_t n0 = 0;
+  product_columns<T, V, 2, G>(a, lda, mat, ldm, K, N, nb, out, ldo, n0);
+  product_narrow_columns<T, V>(a, lda, mat, ldm, K, N, nb, out, ldo, n0);
 }
 
 // sum_e (x_e - px_e)^2 over one block: V partial sums (element e into lane e mod V, the last m mod
@@ -160,14 +183,14 @@ __attribute__((always_inline)) inline T residual_square_sum_lanes(const T* x, co
 // is compiled once per target below and the dynamic loader binds the best one the CPU supports
 // (an ifunc).  V is one register's worth of lanes on each target.  Elsewhere: one version, for the
 // build's own target.
-#define PK_STEER_CPU_VERSIONS(ATTR, VF, VD)                                                                   \
+#define PK_STEER_CPU_VERSIONS(ATTR, VF, VD, G)                                                                 \
   ATTR void tile_product(const float* a, int64_t lda, const float* mat, int64_t ldm, int64_t K, int64_t N,    \
                          int64_t nb, float* out, int64_t ldo) {                                               \
-    tile_product_lanes<float, VF>(a, lda, mat, ldm, K, N, nb, out, ldo);                                      \
+    tile_product_lanes<float, VF, G>(a, lda, mat, ldm, K, N, nb, out, ldo);                                      \
   }                                                                                                           \
   ATTR void tile_product(const double* a, int64_t lda, const double* mat, int64_t ldm, int64_t K, int64_t N,  \
                          int64_t nb, double* out, int64_t ldo) {                                              \
-    tile_product_lanes<double, VD>(a, lda, mat, ldm, K, N, nb, out, ldo);                                     \
+    tile_product_lanes<double, VD, G>(a, lda, mat, ldm, K, N, nb, out, ldo);                                     \
   }                                                                                                           \
   ATTR float residual_square_sum(const float* x, const float* px, int64_t m) {                                \
     return residual_square_sum_lanes<float, VF>(x, px, m);                                                    \
@@ -177,11 +200,11 @@ __attribute__((always_inline)) inline T residual_square_sum_lanes(const T* x, co
   }
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-PK_STEER_CPU_VERSIONS(__attribute__((target("default"))), 4, 2)
-PK_STEER_CPU_VERSIONS(__attribute__((target("avx2,fma"))), 8, 4)
-PK_STEER_CPU_VERSIONS(__attribute__((target("avx512f,avx512vl,fma"))), 16, 8)
+PK_STEER_CPU_VERSIONS(__attribute__((target("default"))), 4, 2, 6)
+PK_STEER_CPU_VERSIONS(__attribute__((target("avx2,fma"))), 8, 4, 6)
+PK_STEER_CPU_VERSIONS(__attribute__((target("avx512f,avx512vl,fma"))), 16, 8, 12)
 #else
-PK_STEER_CPU_VERSIONS(, 4, 2)
+PK_STEER_CPU_VERSIONS(, 4, 2, 6)
 #endif
 #undef PK_STEER_CPU_VERSIONS
 
