@@ -181,8 +181,9 @@ __attribute__((always_inline)) inline T residual_square_sum_lanes(const T* x, co
 // The hot loops as function multiversions where GCC builds for x86-64 Linux: the extension is
 // compiled for baseline x86-64 (SSE2), and these loops are where wider vectors and FMA pay, so each
 // is compiled once per target below and the dynamic loader binds the best one the CPU supports
-// (an ifunc).  V is one register's worth of lanes on each target.  Elsewhere: one version, for the
-// build's own target.
+// (an ifunc).  V is one register's worth of lanes on each target, G rows fill its registers.  The
+// versions differ in the last bits (a fused multiply-add rounds once; the residual sums have V
+// lanes); one machine always binds the same one.  Elsewhere: one version, for the build's own target.
 #define PK_STEER_CPU_VERSIONS(ATTR, VF, VD, G)                                                                 \
   ATTR void tile_product(const float* a, int64_t lda, const float* mat, int64_t ldm, int64_t K, int64_t N,    \
                          int64_t nb, float* out, int64_t ldo) {                                               \

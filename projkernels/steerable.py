@@ -306,13 +306,13 @@ class Layout(NamedTuple):
 
 _SMALL_GROUP = 1 << 16  # elements: below this a group is gathered with one index op
 # Elements of work per tile of the compiled ops (one CUDA block, one CPU task): a function of the
-# block size and the device type alone, so the partition of every sum (and so its bits) is the same
-# on any machine of that type.  On a GPU it also bounds a tile's coefficients (blocks_per_tile * r <=
-# blocks_per_tile * m) to this many numbers when m is below it, well within a CUDA block's shared
-# memory.  A CPU task computes its tile as two small matrix products in which every row of Q_t read
-# from cache serves all the tile's blocks (8 at a time in registers): larger tiles reuse it more
-# (m = 400: 20 blocks instead of 5, about twice as fast) and still leave one task per 8192 weights
-# to split among the threads.
+# block size and the device type alone, so the partition of every sum is the same on any machine of
+# that type (and so are the bits, up to the CPU kernels' instruction set: csrc/steerable_ops.cpp).
+# On a GPU it also bounds a tile's coefficients (blocks_per_tile * r <= blocks_per_tile * m) to this
+# many numbers when m is below it, well within a CUDA block's shared memory.  A CPU task computes its
+# tile as two small matrix products in which every row of Q_t read from cache serves all the tile's
+# blocks (up to 12 at a time in registers): larger tiles reuse it more (m = 400: 20 blocks instead of
+# 5, about twice as fast) and still leave one task per 8192 weights to split among the threads.
 _TILE_ELEMS = 2048
 _CPU_TILE_ELEMS = 8192
 
