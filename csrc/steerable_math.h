@@ -9,7 +9,7 @@
 // residual W_b - Q_t C, summed element by element (never ||W_b||^2 - ||C||^2).
 //
 // The layout arrives as one descriptor row of kSteerDescWidth int64 per type (built once per
-// device and dtype by projkernels/steerable.py, `_native_tables`): its blocks are numbered
+// device and dtype by projkernels/steerable.py, `_native_layout`): its blocks are numbered
 // b = (out field index) * n_in + (in field index), cut into tiles of blocks_per_tile consecutive
 // blocks, and tile_begin is the global number of the type's first tile.  A tile is the unit of work
 // (one CUDA block, one CPU task) and of the fixed-order reduction: partial sums per tile, added in
@@ -92,7 +92,9 @@ PK_HOST_DEVICE inline acc_t steer_write_value(acc_t x, acc_t px, acc_t two_pen, 
 }
 
 // One block gathered into x[0 .. m) (converted to acc_t), walking its d_out rows of d_in * S
-// contiguous elements without divisions.  For one thread per block (the CPU kernels).
+// contiguous elements without divisions.  For one thread per block (the CPU kernels, which then
+// form C and P X for all of a tile's blocks at once: steerable_ops.cpp, with the same sums in the
+// same order as steer_projected).
 template <typename scalar_t, typename acc_t>
 PK_HOST_DEVICE inline void steer_gather(const scalar_t* w, int64_t base, int64_t d_out, int64_t d_in, int64_t c_in,
                                         int64_t S, acc_t* x) {
@@ -100,31 +102,6 @@ PK_HOST_DEVICE inline void steer_gather(const scalar_t* w, int64_t base, int64_t
   for (int64_t p = 0; p < d_out; ++p) {
     const scalar_t* src = w + base + p * c_in * S;
     for (int64_t e = 0; e < run; ++e) x[p * run + e] = static_cast<acc_t>(src[e]);
-  }
-}
-
-// C = Q_t^T x for one gathered block: e outermost (the inner loop over j runs along a row of Q_t
-// and vectorises), so each C_j is summed over e in increasing order.
-template <typename acc_t>
-PK_HOST_DEVICE inline void steer_coefficients(const acc_t* x, const acc_t* q, int64_t m, int64_t r, acc_t* c) {
-  for (int64_t j = 0; j < r; ++j) c[j] = 0;
-  for (int64_t e = 0; e < m; ++e) {
-    const acc_t xe = x[e];
-    const acc_t* qe = q + e * r;
-    for (int64_t j = 0; j < r; ++j) c[j] += xe * qe[j];
-  }
-}
-
-// P X = sum_j C_j Q_t[:, j] for one block, into px[0 .. m), from Q_t^T ([r, m] row-major): the inner
-// loop runs along a row of Q_t^T and vectorises, and each px[e] is summed over j in increasing order,
-// as steer_projected sums it.
-template <typename acc_t>
-PK_HOST_DEVICE inline void steer_projection(const acc_t* c, const acc_t* qt, int64_t m, int64_t r, acc_t* px) {
-  for (int64_t e = 0; e < m; ++e) px[e] = 0;
-  for (int64_t j = 0; j < r; ++j) {
-    const acc_t cj = c[j];
-    const acc_t* row = qt + j * m;
-    for (int64_t e = 0; e < m; ++e) px[e] += cj * row[e];
   }
 }
 
