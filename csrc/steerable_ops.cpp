@@ -112,7 +112,7 @@ __attribute__((always_inline)) inline void product_panel(const T* a, int64_t lda
 }
 
 // Columns [n0, n0 + P V), [n0 + P V, ...) while they fit in N, each panel over all nb rows in groups
-// of G (then 4, 2, 1) while its rows of mat stay in L1; n0 ends at the first column left.
+// of G (then of 4, then 2, then 1) while its rows of mat stay in L1; n0 ends at the first column left.
 template <typename T, int V, int P, int G>
 __attribute__((always_inline)) inline void product_columns(const T* a, int64_t lda, const T* mat, int64_t ldm,
                                                            int64_t K, int64_t N, int64_t nb, T* out, int64_t ldo,
@@ -120,10 +120,8 @@ __attribute__((always_inline)) inline void product_columns(const T* a, int64_t l
   for (; n0 + P * V <= N; n0 += P * V) {
     int64_t b = 0;
     for (; b + G <= nb; b += G) product_panel<T, V, P, G>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
-    if (nb - b >= 4) {
-      product_panel<T, V, P, 4>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
-      b += 4;
-    }
+    // The G - 1 rows left at most: fours while they last (G can exceed 8), then two, then one.
+    for (; b + 4 <= nb; b += 4) product_panel<T, V, P, 4>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
     if (nb - b >= 2) {
       product_panel<T, V, P, 2>(a + b * lda, lda, mat + n0, ldm, K, out + b * ldo + n0, ldo);
       b += 2;

@@ -192,6 +192,27 @@ def test_many_blocks_agree_with_the_reference_and_do_not_depend_on_threads(make)
         assert torch.equal(p, results[0][0]) and torch.equal(e, results[0][1]) and torch.equal(dw, results[0][2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_number_of_blocks_in_a_tile(dtype):
+    # The CPU kernels compute a tile's blocks in row groups (as many as the target's registers hold,
+    # then 4, 2, 1): every count of blocks in a tile, 1 to 30, and ranks of 1 to 2 columns (m = 3
+    # or 18 entries, narrower and wider than a vector), so that no group size leaves a block out.
+    gs = gspaces.rot2dOnR2(-1)
+    for n_out in range(1, 31):
+        out_type = enn.FieldType(gs, [gs.irrep(1)] * n_out)
+        in_type = enn.FieldType(gs, [gs.irrep(0), gs.irrep(1)])
+        for k in (1, 3):
+            sym = pk.steerable(in_type, out_type, k)
+            w = torch.randn(sym.weight_shape, dtype=dtype, generator=torch.Generator().manual_seed(n_out))
+            ref = pk.project(w.double(), sym, backend="reference")
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(pk.project(w, sym, backend="cpp").double(), ref, rtol=tol, atol=tol,
+                                       msg=f"{n_out} output fields, k={k}")
+            p_ref = pk.projected_penalty(w.double(), sym, backend="reference")
+            torch.testing.assert_close(pk.projected_penalty(w, sym, backend="cpp").double(), p_ref, rtol=10 * tol,
+                                       atol=tol, msg=f"{n_out} output fields, k={k}")
+
+
 def test_a_different_tiling_gives_the_same_values():
     """The layout's tiles (blocks per tile) change only how sums are grouped: one block per tile
     gives the same values up to rounding and the same element-wise outputs bit for bit."""
