@@ -17,6 +17,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "op_common.h"  // records, coefficient_grads
 #include "op_checks.h"  // acc_type_of: the one accumulation rule on the C++ side
 #include "public_ops.h"
 
@@ -51,12 +52,6 @@ std::pair<std::vector<Tensor>, std::vector<int64_t>> load_table(AutogradContext*
   return {ctx->saved_data["table"].toTensorVector(), ctx->saved_data["geometry"].toIntVector()};
 }
 
-// The gradients of penalty_energy_backward with respect to (g_pen, g_eq), given the incoming G.
-std::pair<Tensor, Tensor> scalar_grads(const Tensor& G, const Tensor& weight, const Tensor& pw) {
-  const auto acc = acc_type_of(weight.scalar_type());
-  const Tensor g = G.to(acc), w = weight.to(acc), p = pw.to(acc);
-  return {2 * (g * (w - p)).sum(), 2 * (g * p).sum()};
-}
 
 class PenaltyEnergyBackwardFn : public torch::autograd::Function<PenaltyEnergyBackwardFn> {
  public:
@@ -77,7 +72,7 @@ class PenaltyEnergyBackwardFn : public torch::autograd::Function<PenaltyEnergyBa
     if (!G.defined()) return out;
     if (ctx->needs_input_grad(0)) out[0] = public_ops::penalty_energy_backward(G, gp, ge, table, geometry);
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
-      auto [dgp, dge] = scalar_grads(G, weight, public_ops::project(weight, table, geometry));
+      auto [dgp, dge] = coefficient_grads(G, weight, public_ops::project(weight, table, geometry));
       out[1] = dgp.to(gp.scalar_type()).reshape(gp.sizes());
       out[2] = dge.to(ge.scalar_type()).reshape(ge.sizes());
     }
@@ -186,7 +181,7 @@ class MultiPenaltyBackwardFn : public torch::autograd::Function<MultiPenaltyBack
       auto pw = public_ops::multi_penalty_backward(weights, m.consts[0], m.consts[1], m.offsets, m.inv_stab, m.consts,
                                                    m.geometry);
       std::vector<Tensor> dgp(L), dge(L);
-      for (size_t l = 0; l < L; ++l) std::tie(dgp[l], dge[l]) = scalar_grads(G[l], weights[l], pw[l]);
+      for (size_t l = 0; l < L; ++l) std::tie(dgp[l], dge[l]) = coefficient_grads(G[l], weights[l], pw[l]);
       out[L] = at::stack(dgp).to(gp.scalar_type());
       out[L + 1] = at::stack(dge).to(ge.scalar_type());
     }
@@ -227,17 +222,6 @@ class MultiPenaltyFn : public torch::autograd::Function<MultiPenaltyFn> {
 
 // --- Autograd-key kernels -----------------------------------------------------------------------
 
-// True when this call must record a node: grad mode on and some input requiring grad.  Otherwise
-// (inference, and every call made by a backward that does not build a graph) the op runs below
-// autograd directly, without a context to fill.
-bool records(std::initializer_list<const Tensor*> tensors, TensorList lists = {}) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const Tensor* t : tensors)
-    if (t->defined() && t->requires_grad()) return true;
-  for (const Tensor& t : lists)
-    if (t.requires_grad()) return true;
-  return false;
-}
 
 std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   if (!records({&weight})) {

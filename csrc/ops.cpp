@@ -17,6 +17,7 @@
 
 #include "launch_plan.h"
 #include "multi_math.h"
+#include "op_common.h"  // read_scalar
 #include "op_checks.h"
 #include "orbit_math.h"
 #include "static_switch.h"
@@ -118,12 +119,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   return {pen, eq, spectrum};
 }
 
-double read_scalar(const at::Tensor& g) {
-  double v = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "read_scalar",
-                                  [&] { v = static_cast<double>(*g.const_data_ptr<scalar_t>()); });
-  return v;
-}
 
 // The backward over tiles of whole field blocks (launch_plan.h), as the CUDA tiled kernel does it:
 // copy the tile's segments into a buffer, write dW over it in place orbit by orbit, copy it back.

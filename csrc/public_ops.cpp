@@ -8,6 +8,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "op_common.h"  // op_handle
 #include "public_ops.h"
 
 namespace projkernels {
@@ -29,25 +30,21 @@ using MultiForwardSig = std::tuple<Tensor, Tensor>(TensorList, TensorList, Tenso
 using MultiBackwardSig = std::vector<Tensor>(TensorList, const Tensor&, const Tensor&, TensorList, TensorList,
                                              IntArrayRef);
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 const c10::TypedOperatorHandle<FusedForwardSig>& fused_forward_op() {
-  static const auto h = handle<FusedForwardSig>("projkernels_C::fused_forward");
+  static const auto h = op_handle<FusedForwardSig>("projkernels_C::fused_forward");
   return h;
 }
 const c10::TypedOperatorHandle<FusedBackwardSig>& fused_backward_op() {
-  static const auto h = handle<FusedBackwardSig>("projkernels_C::fused_backward");
+  static const auto h = op_handle<FusedBackwardSig>("projkernels_C::fused_backward");
   return h;
 }
 const c10::TypedOperatorHandle<MultiForwardSig>& multi_forward_op() {
-  static const auto h = handle<MultiForwardSig>("projkernels_C::multi_forward");
+  static const auto h = op_handle<MultiForwardSig>("projkernels_C::multi_forward");
   return h;
 }
 const c10::TypedOperatorHandle<MultiBackwardSig>& multi_backward_op() {
-  static const auto h = handle<MultiBackwardSig>("projkernels_C::multi_backward");
+  static const auto h = op_handle<MultiBackwardSig>("projkernels_C::multi_backward");
   return h;
 }
 
@@ -132,31 +129,31 @@ using MultiPenaltyBackwardSig = std::vector<Tensor>(TensorList, const Tensor&, c
 }  // namespace
 
 std::tuple<Tensor, Tensor> penalty_energy(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  static const auto h = handle<PESig>("projkernels_C::penalty_energy");
+  static const auto h = op_handle<PESig>("projkernels_C::penalty_energy");
   return h.call(weight, table, geometry);
 }
 
 Tensor penalty_energy_backward(const Tensor& weight, const Tensor& grad_penalty, const Tensor& grad_eq,
                                TensorList table, IntArrayRef geometry) {
-  static const auto h = handle<PEBackwardSig>("projkernels_C::penalty_energy_backward");
+  static const auto h = op_handle<PEBackwardSig>("projkernels_C::penalty_energy_backward");
   return h.call(weight, grad_penalty, grad_eq, table, geometry);
 }
 
 Tensor project(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  static const auto h = handle<ProjectSig>("projkernels_C::project");
+  static const auto h = op_handle<ProjectSig>("projkernels_C::project");
   return h.call(weight, table, geometry);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> multi_penalty(TensorList weights, TensorList offsets, TensorList inv_stab,
                                                          const Tensor& consts, IntArrayRef geometry) {
-  static const auto h = handle<MultiPenaltySig>("projkernels_C::multi_penalty");
+  static const auto h = op_handle<MultiPenaltySig>("projkernels_C::multi_penalty");
   return h.call(weights, offsets, inv_stab, consts, geometry);
 }
 
 std::vector<Tensor> multi_penalty_backward(TensorList weights, const Tensor& grad_penalty, const Tensor& grad_eq,
                                            TensorList offsets, TensorList inv_stab, const Tensor& consts,
                                            IntArrayRef geometry) {
-  static const auto h = handle<MultiPenaltyBackwardSig>("projkernels_C::multi_penalty_backward");
+  static const auto h = op_handle<MultiPenaltyBackwardSig>("projkernels_C::multi_penalty_backward");
   return h.call(weights, grad_penalty, grad_eq, offsets, inv_stab, consts, geometry);
 }
 

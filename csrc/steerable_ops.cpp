@@ -31,6 +31,7 @@
 #include <cstring>
 #include <vector>
 
+#include "op_common.h"  // read_scalar, op_handle, records, coefficient_grads
 #include "steerable_checks.h"
 #include "steerable_math.h"
 
@@ -276,12 +277,6 @@ void write_cpu_kernel(const Tensor& w, const SteerArgs& a, double two_pen_d, dou
   });
 }
 
-double read_scalar(const Tensor& g) {
-  double v = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "steerable_read_scalar",
-                                  [&] { v = static_cast<double>(*g.const_data_ptr<scalar_t>()); });
-  return v;
-}
 
 std::tuple<Tensor, Tensor> penalty_energy_cpu(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   const SteerArgs a = check_steerable(weight, table, geometry, "projkernels_C::steerable_penalty_energy");
@@ -330,23 +325,19 @@ using PESig = std::tuple<Tensor, Tensor>(const Tensor&, TensorList, IntArrayRef)
 using BackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, TensorList, IntArrayRef);
 using ProjectSig = Tensor(const Tensor&, TensorList, IntArrayRef);
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 std::tuple<Tensor, Tensor> call_penalty_energy(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  static const auto h = handle<PESig>("projkernels_C::steerable_penalty_energy");
+  static const auto h = op_handle<PESig>("projkernels_C::steerable_penalty_energy");
   return h.call(weight, table, geometry);
 }
 
 Tensor call_backward(const Tensor& weight, const Tensor& gp, const Tensor& ge, TensorList table, IntArrayRef geometry) {
-  static const auto h = handle<BackwardSig>("projkernels_C::steerable_penalty_energy_backward");
+  static const auto h = op_handle<BackwardSig>("projkernels_C::steerable_penalty_energy_backward");
   return h.call(weight, gp, ge, table, geometry);
 }
 
 Tensor call_project(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  static const auto h = handle<ProjectSig>("projkernels_C::steerable_project");
+  static const auto h = op_handle<ProjectSig>("projkernels_C::steerable_project");
   return h.call(weight, table, geometry);
 }
 
@@ -390,10 +381,9 @@ class SteerBackwardFn : public torch::autograd::Function<SteerBackwardFn> {
     if (!G.defined()) return out;
     if (ctx->needs_input_grad(0)) out[0] = call_backward(G, gp, ge, table, geometry);
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
-      const auto acc = acc_type_of(weight.scalar_type());
-      const Tensor g = G.to(acc), w = weight.to(acc), pw = call_project(weight, table, geometry).to(acc);
-      out[1] = (2 * (g * (w - pw)).sum()).to(gp.scalar_type()).reshape(gp.sizes());
-      out[2] = (2 * (g * pw).sum()).to(ge.scalar_type()).reshape(ge.sizes());
+      const auto [dgp, dge] = coefficient_grads(G, weight, call_project(weight, table, geometry));
+      out[1] = dgp.to(gp.scalar_type()).reshape(gp.sizes());
+      out[2] = dge.to(ge.scalar_type()).reshape(ge.sizes());
     }
     return out;
   }
@@ -442,12 +432,6 @@ class SteerProjectFn : public torch::autograd::Function<SteerProjectFn> {
 };
 
 // True when this call must record a node: grad mode on and some input requiring grad.
-bool records(std::initializer_list<const Tensor*> tensors) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const Tensor* t : tensors)
-    if (t->defined() && t->requires_grad()) return true;
-  return false;
-}
 
 std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   if (!records({&weight})) {

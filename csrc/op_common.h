@@ -1,0 +1,54 @@
+// Small helpers shared by the translation units of the projkernels_C ops: the finite-group ops
+// (ops.cpp, public_ops.cpp, autograd.cpp) and the steerable ones (steerable_ops.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+
+#include <initializer_list>
+#include <utility>
+
+#include "op_checks.h"  // acc_type_of
+
+namespace projkernels {
+
+// A one-value tensor's value, read in place (the CPU kernels' gradient coefficients): no .item(),
+// which would dispatch an op.
+inline double read_scalar(const at::Tensor& g) {
+  double v = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "read_scalar",
+                                  [&] { v = static_cast<double>(*g.const_data_ptr<scalar_t>()); });
+  return v;
+}
+
+// The typed handle of an op of the library, for calls through the dispatcher (looked up once by
+// the callers, which keep it in a function-local static).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// True when an op's Autograd kernel must record a node: grad mode on and some input requiring
+// grad.  Otherwise (inference, and every call made by a backward that does not build a graph) the
+// op runs below autograd directly, without a context to fill.
+inline bool records(std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : tensors)
+    if (t->defined() && t->requires_grad()) return true;
+  for (const at::Tensor& t : lists)
+    if (t.requires_grad()) return true;
+  return false;
+}
+
+// The gradients of a write op "2 g_pen (W - P W) + 2 g_eq P W" with respect to (g_pen, g_eq),
+// given the incoming G and P W: 2 <G, W - P W> and 2 <G, P W>, in the accumulation dtype.
+inline std::pair<at::Tensor, at::Tensor> coefficient_grads(const at::Tensor& G, const at::Tensor& weight,
+                                                           const at::Tensor& pw) {
+  const auto acc = acc_type_of(weight.scalar_type());
+  const at::Tensor g = G.to(acc), w = weight.to(acc), p = pw.to(acc);
+  return {2 * (g * (w - p)).sum(), 2 * (g * p).sum()};
+}
+
+}  // namespace projkernels
