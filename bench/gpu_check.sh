@@ -32,7 +32,7 @@ python3 -c "import projkernels as pk, projkernels.native as c; print(pk.__file__
 
 if [ -z "${SKIP_TESTS:-}" ]; then  # SKIP_TESTS=1: timings only
 timeout 170 python3 -m pytest -m gpu -x -q --durations=10 tests/test_kernels_tiles.py tests/test_cuda_backend.py \
-  tests/test_triton_backend.py tests/test_multi_fused.py > "$OUT/tests.log" 2>&1 || status=1
+  tests/test_triton_backend.py tests/test_multi_fused.py tests/test_steerable_ops_synthetic.py > "$OUT/tests.log" 2>&1 || status=1
 tail -5 "$OUT/tests.log"
 # The Triton tiled kernels on their own clock: their first GPU compiles (tl.gather) must not starve the others.
 timeout 120 python3 -m pytest -m gpu -x -q --durations=5 tests/test_triton_tiles.py > "$OUT/tests-tiles.log" 2>&1 || status=1
