@@ -52,7 +52,6 @@ std::pair<std::vector<Tensor>, std::vector<int64_t>> load_table(AutogradContext*
   return {ctx->saved_data["table"].toTensorVector(), ctx->saved_data["geometry"].toIntVector()};
 }
 
-
 class PenaltyEnergyBackwardFn : public torch::autograd::Function<PenaltyEnergyBackwardFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& grad_penalty,
@@ -221,7 +220,6 @@ class MultiPenaltyFn : public torch::autograd::Function<MultiPenaltyFn> {
 };
 
 // --- Autograd-key kernels -----------------------------------------------------------------------
-
 
 std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   if (!records({&weight})) {

@@ -119,7 +119,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   return {pen, eq, spectrum};
 }
 
-
 // The backward over tiles of whole field blocks (launch_plan.h), as the CUDA tiled kernel does it:
 // copy the tile's segments into a buffer, write dW over it in place orbit by orbit, copy it back.
 // Bits equal the orbit-by-orbit path (same arithmetic per orbit); running it here puts the tile

@@ -30,7 +30,6 @@ using MultiForwardSig = std::tuple<Tensor, Tensor>(TensorList, TensorList, Tenso
 using MultiBackwardSig = std::vector<Tensor>(TensorList, const Tensor&, const Tensor&, TensorList, TensorList,
                                              IntArrayRef);
 
-
 const c10::TypedOperatorHandle<FusedForwardSig>& fused_forward_op() {
   static const auto h = op_handle<FusedForwardSig>("projkernels_C::fused_forward");
   return h;

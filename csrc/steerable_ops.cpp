@@ -277,7 +277,6 @@ void write_cpu_kernel(const Tensor& w, const SteerArgs& a, double two_pen_d, dou
   });
 }
 
-
 std::tuple<Tensor, Tensor> penalty_energy_cpu(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   const SteerArgs a = check_steerable(weight, table, geometry, "projkernels_C::steerable_penalty_energy");
   const Tensor w = weight.contiguous();
@@ -324,7 +323,6 @@ Tensor project_cpu(const Tensor& weight, TensorList table, IntArrayRef geometry)
 using PESig = std::tuple<Tensor, Tensor>(const Tensor&, TensorList, IntArrayRef);
 using BackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, TensorList, IntArrayRef);
 using ProjectSig = Tensor(const Tensor&, TensorList, IntArrayRef);
-
 
 std::tuple<Tensor, Tensor> call_penalty_energy(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   static const auto h = op_handle<PESig>("projkernels_C::steerable_penalty_energy");
@@ -430,8 +428,6 @@ class SteerProjectFn : public torch::autograd::Function<SteerProjectFn> {
     return out;
   }
 };
-
-// True when this call must record a node: grad mode on and some input requiring grad.
 
 std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   if (!records({&weight})) {

@@ -50,7 +50,7 @@ from .groups import get_group
 from .model import attached_layers
 from .orbits import OrbitTable, acc_dtype, orbit_table
 from . import reference as R
-from .steerable import SteerableSymmetry
+from .steerable import SteerableSymmetry, config as steerable_config
 
 __all__ = ["equivariance_decay", "EquivarianceDecay", "DecayBackend", "register_decay_backend",
            "decay_backends", "apply_decay_", "MODES"]
@@ -210,6 +210,7 @@ class _Entry:
     name: str
     sharded: bool = False        # a DTensor: the update acts on its local shard (and its grad's)
     steerable: Optional[SteerableSymmetry] = None  # updated through this symmetry's projection
+    steerable_backend: str = "auto"                  # ... computed by this backend
 
     @property
     def active(self) -> bool:
@@ -224,7 +225,7 @@ def _steerable_update_(target: torch.Tensor, weight: torch.Tensor, e: _Entry, co
     from .steerable_bias import project_bias
     acc = acc_dtype(weight.dtype)
     w = weight.to(acc)
-    pw = project_bias(w, e.steerable, e.name) if e.is_bias else project(w, e.steerable)
+    pw = project_bias(w, e.steerable, e.name) if e.is_bias else project(w, e.steerable, backend=e.steerable_backend)
     old = w if target is weight else target.to(acc)
     target.copy_(old + (coef_dev * (w - pw) + coef_mean * pw))  # rounded once, as the fused kernels do
 
@@ -299,7 +300,10 @@ class EquivarianceDecay:
         for name, module, sym in (layers if sharded is None else ()):
             label = name or "(model)"
             if isinstance(sym.group, SteerableSymmetry):
-                entries.append(_Entry(module.weight, None, False, f"{label}.weight", steerable=sym.group))
+                # The decay's backend when one is named, else the one attached with the layer.
+                b = self.backend if self.backend != "auto" else sym.backend
+                entries.append(_Entry(module.weight, None, False, f"{label}.weight", steerable=sym.group,
+                                      steerable_backend=b))
                 if bias and module.bias is not None:
                     entries.append(_Entry(module.bias, None, True, f"{label}.bias", steerable=sym.group))
                 continue
@@ -316,6 +320,9 @@ class EquivarianceDecay:
             seen[id(e.param)] = e.name
         for device in {(e.param.to_local() if e.sharded else e.param).device for e in entries if e.steerable is None}:
             _resolve(self.backend, device)  # an unusable backend fails here, not at the first step
+        for e in entries:
+            if e.steerable is not None and not e.is_bias:
+                steerable_config(e.param, e.steerable, "trivial", "trivial", e.steerable_backend)  # likewise
         self._entries: Tuple[_Entry, ...] = tuple(entries)
         self._lambda_G_of = [0.0 if e.is_bias else self.lambda_G for e in entries]
         self._group_of: List[int] = []

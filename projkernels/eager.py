@@ -18,7 +18,7 @@ import torch
 
 from .orbits import acc_dtype
 
-__all__ = ["penalty_energy", "project", "spectrum"]
+__all__ = ["penalty_energy", "project", "spectrum", "coefficient_grads"]
 
 
 class _PenaltyEnergy(torch.autograd.Function):
@@ -34,6 +34,14 @@ class _PenaltyEnergy(torch.autograd.Function):
     def backward(ctx, grad_penalty, grad_eq):
         (weight,) = ctx.saved_tensors
         return _Gradient.apply(weight, grad_penalty, grad_eq, ctx.table, ctx.impl), None, None
+
+
+def coefficient_grads(grad, weight, pw, pen_dtype, eq_dtype):
+    """The gradients of dW = 2 g_pen (W - P W) + 2 g_eq P W with respect to (g_pen, g_eq), given the
+    incoming ``grad`` and P W: 2 <grad, W - P W> and 2 <grad, P W>, formed in the accumulation dtype."""
+    acc = acc_dtype(weight.dtype)
+    g, w, p = grad.to(acc), weight.to(acc), pw.to(acc)
+    return (2 * g * (w - p)).sum().to(pen_dtype), (2 * g * p).sum().to(eq_dtype)
 
 
 class _Gradient(torch.autograd.Function):
@@ -54,11 +62,8 @@ class _Gradient(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_w = _Gradient.apply(grad, grad_penalty, grad_eq, table, impl)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            acc = acc_dtype(weight.dtype)
-            g, w = grad.to(acc), weight.to(acc)
-            p = _Project.apply(weight, table, impl).to(acc)
-            grad_gp = (2 * g * (w - p)).sum().to(grad_penalty.dtype)
-            grad_ge = (2 * g * p).sum().to(grad_eq.dtype)
+            grad_gp, grad_ge = coefficient_grads(grad, weight, _Project.apply(weight, table, impl), grad_penalty.dtype,
+                                                 grad_eq.dtype)
         return grad_w, grad_gp, grad_ge, None, None
 
 

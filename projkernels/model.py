@@ -372,16 +372,7 @@ def _bias_term(plan: _ModelPlan) -> Optional[torch.Tensor]:
         b = torch.cat(fields) if len(fields) > 1 else fields[0]
         t = _field_deviation_sq(b)
         total = t if total is None else total + t.to(total.device)
-    if plan.steerable_biases:
-        t = _steerable_bias_term(plan)
-        total = t if total is None else total + t.to(total.device)
-    return total
-
-
-def _steerable_bias_term(plan: _ModelPlan) -> torch.Tensor:
-    """||b - P(b)||^2 summed over the biases of steerable layers (one term each: their projections
-    differ layer by layer)."""
-    total = None
+    # Biases of steerable layers: one term each (their projections differ layer by layer).
     for m, name, sym in plan.steerable_biases:
         t = _bias_deviation_sq(m.bias, sym, f"layer {name or '(model)'!r} bias")
         total = t if total is None else total + t.to(total.device)
@@ -418,9 +409,7 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
         total = lambda_perp * pen
         if lambda_G:
             total = total + lambda_G * eq_per_item[:len(weights)].sum()
-        if plan.steerable_biases:
-            total = total + lambda_perp * _steerable_bias_term(plan).to(device=total.device, dtype=total.dtype)
-        return total
+        return total  # (no steerable biases here: a plan with steerable layers is not native)
     pen, eq = _weight_terms(plan, weights)
     total = lambda_perp * pen
     if lambda_G:

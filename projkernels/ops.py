@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve
+from .eager import coefficient_grads
 from .groups import get_group
 from .orbits import orbit_table
 from .orbits import acc_dtype
@@ -89,11 +90,7 @@ def _pe_double_backward(ctx, grad):
     # linear in (g_pen, g_eq) with coefficients 2 (W - P W) and 2 P W.
     weight, grad_penalty, grad_eq = ctx.saved_tensors
     grad_w = penalty_energy_backward(grad, grad_penalty, grad_eq, *ctx.config)
-    pw = project(weight, *ctx.config)
-    acc = acc_dtype(weight.dtype)
-    g, w, p = grad.to(acc), weight.to(acc), pw.to(acc)
-    grad_gp = (2 * g * (w - p)).sum().to(grad_penalty.dtype)
-    grad_ge = (2 * g * p).sum().to(grad_eq.dtype)
+    grad_gp, grad_ge = coefficient_grads(grad, weight, project(weight, *ctx.config), grad_penalty.dtype, grad_eq.dtype)
     return grad_w, grad_gp, grad_ge, None, None, None, None
 
 

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .orbits import acc_dtype
+
 __all__ = ["INTERPRET", "launch_config", "reduce_orbits", "apply_orbits", "TilePlan", "plan_tiles", "reduce_tiles",
            "apply_tiles"]
 
@@ -183,16 +185,12 @@ def reduce_orbits(w: torch.Tensor, table, spectrum: bool):
     n_cols, cols_p = _columns(table, spectrum)
     block, warps = launch_config(geo["G"])
     rows = triton.cdiv(geo["n_orbits"], block)
-    part = torch.empty((rows, n_cols), dtype=_acc(w), device=w.device)
+    part = torch.empty((rows, n_cols), dtype=acc_dtype(w.dtype), device=w.device)
     with _device_ctx(w):
         _reduce_kernel[(rows,)](w, t["offsets"], t["inv_stab"], t["basis"], t["row_irrep"], part,
                                 N_COLS=n_cols, COLS_P=cols_p, SPECTRUM=spectrum, BLOCK=block, num_warps=warps,
                                 **geo)
         return _finish(part, spectrum)
-
-
-def _acc(w: torch.Tensor) -> torch.dtype:
-    return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
 def _columns(table, spectrum: bool):
@@ -453,7 +451,7 @@ def reduce_tiles(w: torch.Tensor, table, plan: TilePlan, spectrum: bool):
     t = table.device_tables(w.device)._asdict()
     tt = tile_tables(table, plan, w.device)
     n_cols, cols_p = _columns(table, spectrum)
-    part = torch.empty((plan.n_tiles, n_cols), dtype=_acc(w), device=w.device)
+    part = torch.empty((plan.n_tiles, n_cols), dtype=acc_dtype(w.dtype), device=w.device)
     with _device_ctx(w):
         _reduce_tiles_kernel[(plan.n_tiles,)](w, tt.gather_index, t["inv_stab"], t["basis"], t["row_irrep"], part,
                                               N_COLS=n_cols, COLS_P=cols_p, SPECTRUM=spectrum,

@@ -82,14 +82,35 @@ def test_coupled_decay_equals_the_penalty_in_the_loss():
 
 
 def test_decay_of_a_half_steerable_weight_is_computed_in_float32():
+    # The update is formed in float32 from the bfloat16 weight and rounded once: equal, bit for bit,
+    # to that computation written out (rounding P W or the step to bfloat16 first differs).
     conv, sym, _ = _layer(torch.bfloat16)
+    conv.weight.data = (torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(3)) * 3).to(torch.bfloat16)
     w0 = conv.weight.detach().clone()
     opt = torch.optim.SGD(conv.parameters(), lr=0.1)
     pk.equivariance_decay(opt, conv, 1.0, bias=False)
     conv.weight.grad = torch.zeros_like(conv.weight)
     conv.bias.grad = torch.zeros_like(conv.bias)
     opt.step()
-    pw = _weight_projection(w0.double(), sym)
-    expected = (w0.double() - 0.2 * (w0.double() - pw)).to(torch.bfloat16)
-    # One rounding to bfloat16 at the end: within one unit in the last place of the exact update.
-    assert ((conv.weight.detach().double() - expected.double()).abs() <= expected.double().abs() * 2 ** -7 + 1e-30).all()
+    w32 = w0.float()
+    pw32 = pk.project(w32, sym)
+    assert torch.equal(conv.weight.detach(), (w32 - 0.2 * (w32 - pw32)).to(torch.bfloat16))
+    twice = w0 + (-0.2 * (w32 - pw32)).to(torch.bfloat16)  # the step rounded, then the sum
+    assert not torch.equal(conv.weight.detach(), twice)  # the check above can tell the two apart
+    # And the exact update, rounded once, is never more than one unit in the last place away.
+    exact = w0.double() - 0.2 * (w0.double() - _weight_projection(w0.double(), sym))
+    assert ((conv.weight.detach().double() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-30).all()
+
+
+def test_the_decay_backend_serves_steerable_layers_and_is_checked_up_front():
+    conv, sym, _ = _layer()
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot serve"):
+        pk.equivariance_decay(opt, conv, 1.0, backend="cuda")  # CPU tensors: refused before any step
+    w0 = conv.weight.detach().clone()
+    pk.equivariance_decay(opt, conv, 1.0, backend="reference", bias=False)
+    conv.weight.grad = torch.zeros_like(conv.weight)
+    conv.bias.grad = torch.zeros_like(conv.bias)
+    opt.step()
+    pw = _weight_projection(w0, sym)
+    torch.testing.assert_close(conv.weight.detach(), w0 - 0.2 * (w0 - pw), rtol=1e-12, atol=1e-12)

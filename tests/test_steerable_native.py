@@ -113,6 +113,12 @@ def test_auto_picks_cpp_on_cpu_and_the_nodes_are_the_cpp_ones():
         assert pk.projected_penalty(w, sym).grad_fn is None
 
 
+def test_auto_keeps_to_the_routes_that_have_run_on_a_gpu():
+    # backend="cuda" is opt-in until its kernels' GPU tests have passed: "auto" never picks it.
+    from projkernels.steerable import resolve_backend
+    assert resolve_backend("auto", torch.device("cuda")) in ("triton", "reference")
+
+
 # --- gradients ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["o2_conv2d", "so2_linear", "so3_conv3d"])
