@@ -13,6 +13,7 @@ kernels.  ``uses_tiles`` says which kernels serve a weight.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -44,8 +45,18 @@ def unavailable(device) -> Optional[str]:
     return f"Triton kernels run on CUDA tensors only, not on {device.type!r} tensors"
 
 
+_TILE_PLANS: "weakref.WeakKeyDictionary[OrbitTable, dict]" = weakref.WeakKeyDictionary()
+
+
 def _tile_plan(w: torch.Tensor, table: OrbitTable) -> Optional[K.TilePlan]:
-    return K.plan_tiles(table, w.element_size()) if TILED else None
+    # Planned once per table and element size: a call then pays one lookup, not the planning loop.
+    if not TILED:
+        return None
+    plans = _TILE_PLANS.setdefault(table, {})
+    size = w.element_size()
+    if size not in plans:
+        plans[size] = K.plan_tiles(table, size)
+    return plans[size]
 
 
 def uses_tiles(w: torch.Tensor, table: OrbitTable) -> bool:
