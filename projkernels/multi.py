@@ -83,7 +83,8 @@ class MultiPlan:
         self.groups: List[Tuple[List[int], object]] = []
         self.inverse: Optional[torch.Tensor] = None
         if self.native:
-            _OP = _OP or torch.ops.projkernels_C.multi_penalty.default
+            # The overload's C++ callable: one Python frame less per call (eager only).
+            _OP = _OP or torch.ops.projkernels_C.multi_penalty.default._op
             by_dtype: Dict[torch.dtype, List[int]] = {}
             for i, d in enumerate(dtypes):
                 by_dtype.setdefault(d, []).append(i)
