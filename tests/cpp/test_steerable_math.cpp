@@ -130,7 +130,8 @@ static void tiles_cover_w_once() {
     const int m = static_cast<int>(t.m(S)), run = static_cast<int>(t.d_in * S);
     for (int i = 0; i < nb * m; ++i) {
       const int b = i / m, e = i - b * m;
-      const int64_t addr = pk::steer_block_base(t, fields.data(), first + b, c_in, S) + pk::steer_elem_offset(e, run, c_in * S);
+      const int64_t addr =
+          pk::steer_block_base(t, fields.data(), first + b, c_in, S) + pk::steer_elem_offset(e, run, c_in * S);
       CHECK(addr >= 0 && addr < c_out * c_in * S);
       if (addr >= 0 && addr < c_out * c_in * S) ++hits[addr];
     }
