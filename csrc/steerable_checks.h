@@ -4,11 +4,12 @@
 // once by projkernels/steerable.py; device tensors are never read here (that would sync).
 //
 //   table    = [q, fields, desc, zero, half, qt]
-//     q      1-D, the accumulation dtype: every Q_t ([m, r] row-major) concatenated
+//     q      1-D, the accumulation dtype: every Q_t ([m, r] row-major) concatenated: the CPU kernels' C
 //     fields 1-D int64: per type its out-field channel offsets, then its in-field ones
 //     desc   [T, kSteerDescWidth] int64: the descriptor rows (steerable_math.h), for the device
 //     zero, half  0-dim, the accumulation dtype: 0 and 1/2 (project = backward(0, 1/2))
-//     qt     like q, each Q_t transposed ([r, m] row-major, same offsets): the CPU kernels' P X
+//     qt     like q, each Q_t transposed ([r, m] row-major, same offsets): the CPU kernels' P X and
+//            both phases of the CUDA kernels (threads on consecutive e read consecutive addresses)
 //   geometry = [c_out, c_in, S, desc rows flattened]: the same rows, for the host
 #pragma once
 

@@ -38,6 +38,8 @@ struct SteerType {
   }
   PK_HOST_DEVICE int64_t n_blocks() const { return n_out * n_in; }
   PK_HOST_DEVICE int64_t m(int64_t S) const { return d_out * d_in * S; }
+  // Blocks in the type's largest tile (fewer than blocks_per_tile when the type has fewer blocks).
+  PK_HOST_DEVICE int64_t tile_blocks() const { return blocks_per_tile < n_blocks() ? blocks_per_tile : n_blocks(); }
   PK_HOST_DEVICE int64_t n_tiles() const { return (n_blocks() + blocks_per_tile - 1) / blocks_per_tile; }
 };
 
@@ -60,26 +62,34 @@ PK_HOST_DEVICE inline SteerTile steer_tile_blocks(const SteerType& t, int64_t ti
   return {first, end < t.n_blocks() ? end : t.n_blocks()};
 }
 
-// Offset in W ([C_out, C_in, S], row-major) of the first element of block b of type t.
-PK_HOST_DEVICE inline int64_t steer_block_base(const SteerType& t, const int64_t* fields, int64_t b, int64_t c_in,
+// Offset in W ([C_out, C_in, S], row-major) of the first element of block b of type t.  I is the
+// block index type: int64_t on the CPU, int in the CUDA kernels (32-bit division; the launch checks
+// that a type's blocks number below 2^31).
+template <typename I>
+PK_HOST_DEVICE inline int64_t steer_block_base(const SteerType& t, const int64_t* fields, I b, int64_t c_in,
                                                int64_t S) {
-  const int64_t o = fields[t.fields_offset + b / t.n_in];
-  const int64_t i = fields[t.fields_offset + t.n_out + b % t.n_in];
+  const I n_in = static_cast<I>(t.n_in), bo = b / n_in;
+  const int64_t o = fields[t.fields_offset + bo];
+  const int64_t i = fields[t.fields_offset + t.n_out + (b - bo * n_in)];
   return (o * c_in + i) * S;
 }
 
 // Offset of element e of a block (e in (out channel, in channel, kernel position) order) from the
-// block's first element.
-PK_HOST_DEVICE inline int64_t steer_elem_offset(int64_t e, int64_t d_in, int64_t c_in, int64_t S) {
-  const int64_t k = e % S, pq = e / S;
-  return ((pq / d_in) * c_in + pq % d_in) * S + k;
+// block's first element.  A block is d_out rows of run = d_in * S elements that are consecutive in
+// W, one row per out channel, rows row_stride = c_in * S apart: one 32-bit division per element
+// (e < m < 2^31, checked at launch) where the (p, q, k) form takes four 64-bit ones.
+PK_HOST_DEVICE inline int64_t steer_elem_offset(int e, int run, int64_t row_stride) {
+  const int p = e / run;
+  return p * row_stride + (e - p * run);
 }
 
-// (P X)_e = sum_j C_j Q_t[e, j], j in increasing order.
+// (P X)_e = sum_j C_j Q_t[e, j], j in increasing order, read from Q_t^T ([r, m] row-major): qt_e
+// points at its column e, entry j at qt_e[j * m], so that threads on consecutive e read consecutive
+// addresses (coalesced in global memory, distinct banks in shared memory, whatever r).
 template <typename acc_t>
-PK_HOST_DEVICE inline acc_t steer_projected(const acc_t* c, const acc_t* q_row, int64_t r) {
+PK_HOST_DEVICE inline acc_t steer_projected(const acc_t* c, const acc_t* qt_e, int m, int r) {
   acc_t px = 0;
-  for (int64_t j = 0; j < r; ++j) px += c[j] * q_row[j];
+  for (int j = 0; j < r; ++j) px += c[j] * qt_e[static_cast<int64_t>(j) * m];
   return px;
 }
 
@@ -103,6 +113,44 @@ PK_HOST_DEVICE inline void steer_gather(const scalar_t* w, int64_t base, int64_t
     const scalar_t* src = w + base + p * c_in * S;
     for (int64_t e = 0; e < run; ++e) x[p * run + e] = static_cast<acc_t>(src[e]);
   }
+}
+
+// Where the CUDA kernels (steerable_kernels.cu) keep a tile's operands.  The dynamic shared memory
+// of a block, shared_elems numbers of the accumulation dtype, is handed out in this order:
+//   c  the coefficients C [tile_blocks, r]: read by every element of the tile;
+//   q  Q_t^T [r, m]: read r times per element, once in each phase;
+//   x  the tile's blocks X [tile_blocks, m] in acc_t: read r times per element by the
+//      coefficient phase, which then gathers from W only once.
+// Each goes to shared memory when it fits next to the ones before it.  Q_t^T and X otherwise come
+// from global memory (Q_t^T coalesced, and one copy per type that L1/L2 serve to all its tiles);
+// coefficients that do not fit (a single block of rank above the budget) go to a global scratch
+// buffer that the op allocates (steer_scratch_offset).  The host sizes the launch and the buffer
+// with these functions and every CUDA block applies them to its own type, so both agree.
+struct SteerStaging {
+  bool c_shared;
+  int64_t c, q, x;  // numbers of each in shared memory, 0 where global (C, Q_t^T, X in that order)
+  PK_HOST_DEVICE int64_t elems() const { return c + q + x; }
+};
+
+PK_HOST_DEVICE inline SteerStaging steer_staging(const SteerType& t, int64_t S, int64_t shared_elems) {
+  const int64_t nb = t.tile_blocks(), m = t.m(S), c = nb * t.rank, q = m * t.rank, x = nb * m;
+  SteerStaging s{c <= shared_elems, 0, 0, 0};
+  if (s.c_shared) s.c = c;
+  if (s.c + q <= shared_elems) s.q = q;
+  if (s.c + s.q + x <= shared_elems) s.x = x;
+  return s;
+}
+
+// The global scratch index of the first coefficient of type `type` (n_blocks * rank numbers per type
+// whose coefficients are not in shared memory, in type order); with type = the number of types, the
+// scratch buffer's size.
+PK_HOST_DEVICE inline int64_t steer_scratch_offset(const int64_t* desc, int type, int64_t S, int64_t shared_elems) {
+  int64_t off = 0;
+  for (int u = 0; u < type; ++u) {
+    const SteerType t = SteerType::from(desc + static_cast<int64_t>(u) * kSteerDescWidth);
+    if (!steer_staging(t, S, shared_elems).c_shared) off += t.n_blocks() * t.rank;
+  }
+  return off;
 }
 
 }  // namespace projkernels

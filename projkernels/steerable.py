@@ -370,8 +370,8 @@ def _layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> L
 
 
 def _native_layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtype) -> NativeLayout:
-    """Every Q_t concatenated (and every Q_t^T, for the CPU kernels' P X), the fields' channel
-    offsets and one descriptor row per type
+    """Every Q_t concatenated (and every Q_t^T, for the CPU kernels' P X and the CUDA kernels), the
+    fields' channel offsets and one descriptor row per type
     (d_out, d_in, r, n_out, n_in, q offset, fields offset, blocks per tile, first tile), as
     csrc/steerable_math.h reads them."""
     c_out, c_in = sym.weight_shape[:2]

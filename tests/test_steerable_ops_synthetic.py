@@ -27,9 +27,19 @@ def _orthonormal(m: int, r: int, g: torch.Generator) -> torch.Tensor:
     return q
 
 
-def synthetic(c_out_fields, c_in_fields, spatial, ranks, seed=0):
+def householder(m: int, r: int, seed: int, device="cpu") -> torch.Tensor:
+    """[m, r] float64 with orthonormal columns, dense: the first r columns of the reflection
+    I - 2 v v^T / v^T v.  No QR, so ranks in the thousands cost O(m r) (on the GPU for those)."""
+    v = torch.randn(m, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(device)
+    q = torch.outer(v, v[:r]) * (-2.0 / float(v.dot(v)))
+    q.diagonal().add_(1.0)
+    return q
+
+
+def synthetic(c_out_fields, c_in_fields, spatial, ranks, seed=0, make_q=None):
     """A symmetry stand-in: output fields of sizes ``c_out_fields`` and input fields of sizes
-    ``c_in_fields``, one block type per (output size, input size) pair, of rank ranks[(d_out, d_in)]."""
+    ``c_in_fields``, one block type per (output size, input size) pair, of rank ranks[(d_out, d_in)].
+    Q_t from QR of a random matrix, or ``make_q(m, r, seed)`` where given."""
     g = torch.Generator().manual_seed(seed)
     s = 1
     for k in spatial:
@@ -46,7 +56,8 @@ def synthetic(c_out_fields, c_in_fields, spatial, ranks, seed=0):
             ins = tuple(in_off[i] for i, d in enumerate(c_in_fields) if d == d_in)
             m = d_out * d_in * s
             r = min(ranks.get((d_out, d_in), 1), m)
-            types.append(BlockType(f"o{d_out}", f"i{d_in}", d_out, d_in, outs, ins, _orthonormal(m, r, g)))
+            q = _orthonormal(m, r, g) if make_q is None else make_q(m, r, seed + len(types))
+            types.append(BlockType(f"o{d_out}", f"i{d_in}", d_out, d_in, outs, ins, q))
     shape = (out_off[-1], in_off[-1]) + tuple(spatial)
     return SimpleNamespace(types=types, weight_shape=shape, numel=shape[0] * shape[1] * s)
 
@@ -98,9 +109,27 @@ def _expected(sym, w):
     return pen, eq, px.reshape(w.shape), dw.reshape(w.shape)
 
 
-def _check(sym, w, tol):
+def _blockwise_expected(sym, w):
+    """The same results block by block, P x_b = Q_t (Q_t^T x_b) in float64 from each type's Q_t and
+    fields (not the layout's table), on w's device: for layouts too large for the dense projector."""
+    c_out, c_in = sym.weight_shape[:2]
+    x = w.detach().double().reshape(c_out, c_in, -1)
+    px = torch.zeros_like(x)
+    for t in sym.types:
+        q = t.q.to(device=x.device, dtype=torch.float64)
+        for o in t.out_fields:
+            for i in t.in_fields:
+                xb = x[o:o + t.d_out, i:i + t.d_in].reshape(-1)
+                px[o:o + t.d_out, i:i + t.d_in] = (q @ (q.T @ xb)).reshape(t.d_out, t.d_in, -1)
+    pen = (x - px).square().sum()
+    eq = px.square().sum()
+    dw = 2 * 0.7 * (x - px) + 2 * -0.3 * px
+    return pen.cpu(), eq.cpu(), px.reshape(w.shape).cpu(), dw.reshape(w.shape).cpu()
+
+
+def _check(sym, w, tol, expected=_expected):
     pen, eq, pw, dw = _run(sym, w)
-    e_pen, e_eq, e_pw, e_dw = _expected(sym, w)
+    e_pen, e_eq, e_pw, e_dw = expected(sym, w)
     scale = float(w.double().square().sum())
     assert abs(float(pen) - float(e_pen)) <= tol * scale, (float(pen), float(e_pen))
     assert abs(float(eq) - float(e_eq)) <= tol * scale, (float(eq), float(e_eq))
@@ -155,3 +184,77 @@ def test_cuda_ops_match_the_dense_projection_and_the_cpu(name, dtype):
     a, b = _run(sym, w.cuda()), _run(sym, w.cuda())
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+# --- the CUDA kernels' shared-memory fallbacks ------------------------------------------------------
+#
+# A CUDA block puts its tile's coefficients, then Q_t^T, then the tile's blocks in shared memory where
+# each fits next to the ones before (steer_staging in csrc/steerable_math.h), within a budget of B
+# numbers of the accumulation dtype, and reads the rest from global memory; coefficients beyond B go
+# to a global scratch buffer.  These layouts are sized from B so that each fallback is taken.
+
+_STATIC_SHARED_RESERVE = 1024  # bytes the kernels leave for static shared memory (csrc/cuda_launch.cuh)
+FALLBACKS = ["coefficients", "blocks_q_shared", "blocks_global"]
+
+
+def fallback_layout(kind, budget, make_q):
+    """A synthetic layout on which the CUDA kernels take one fallback at a budget of ``budget`` numbers:
+      "coefficients": two types of two one-block tiles each, rank budget + 1: every tile's coefficients
+                      in the global scratch (the second type's after the first's);
+      "blocks_q_shared": 60 blocks of m = 128 in tiles of 16 (the GPU layout's tiles of ~2048
+                      elements), the rank such that C and Q_t^T fit and the tile's blocks do not next
+                      to them, so X is gathered from W on each use;
+      "blocks_global": two blocks of m = budget + 40, rank 5: neither Q_t^T nor X fits."""
+    if kind == "coefficients":
+        r = budget + 1
+        return synthetic([1, 1], [1, 2], (budget + 8,), {(1, 1): r, (1, 2): r}, make_q=make_q)
+    if kind == "blocks_q_shared":
+        m, per_tile = 128, 2048 // 128
+        r = min(m, budget // (per_tile + m))
+        assert 1 <= r and per_tile * r + m * r <= budget < per_tile * r + m * r + per_tile * m
+        return synthetic([1] * 3, [1] * 20, (m,), {(1, 1): r}, make_q=make_q)
+    if kind == "blocks_global":
+        return synthetic([1, 1], [1], (budget + 40,), {(1, 1): 5}, make_q=make_q)
+    raise ValueError(kind)
+
+
+def test_the_blockwise_oracle_matches_the_dense_one_and_householder_is_orthonormal():
+    # Guards the helpers of the fallback tests.
+    q = householder(50, 30, seed=3)
+    torch.testing.assert_close(q.T @ q, torch.eye(30, dtype=torch.float64), rtol=0, atol=1e-14)
+    assert bool((q != 0).all())
+    sym = synthetic(*CASES["mixed"][0], CASES["mixed"][1])
+    w = torch.randn(sym.weight_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for got, ref in zip(_blockwise_expected(sym, w), _expected(sym, w)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", FALLBACKS)
+def test_cpu_ops_on_the_fallback_layouts_at_a_small_budget(kind, dtype):
+    # The GPU tests' layouts at a budget of 300 numbers, through the CPU kernels.
+    sym = fallback_layout(kind, 300, householder)
+    w = torch.randn(sym.weight_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    _check(sym, w, TOL[dtype], expected=_blockwise_expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("kind", FALLBACKS)
+def test_cuda_fallbacks_match_the_blockwise_projection(kind, dtype):
+    if not _cuda_ready():
+        pytest.skip("needs a CUDA device and the extension built with CUDA")
+    if kind == "coefficients" and dtype in (torch.float16, torch.bfloat16):
+        pytest.skip("half weights stage float32 numbers: the float32 case covers them (its Q_t take GBs)")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    budget = (props.shared_memory_per_block - _STATIC_SHARED_RESERVE) // acc.itemsize
+    sym = fallback_layout(kind, budget, lambda m, r, seed: householder(m, r, seed, device="cuda"))
+    w = torch.randn(sym.weight_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    _check(sym, w.cuda(), TOL[dtype], expected=_blockwise_expected)
+    a, b = _run(sym, w.cuda()), _run(sym, w.cuda())
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    if kind != "coefficients":  # and against the CPU kernels (not for GBs of Q_t)
+        for got, ref in zip(a, _run(sym, w)):
+            torch.testing.assert_close(got.double().cpu(), ref.double(), rtol=TOL[dtype], atol=TOL[dtype] * 10)
