@@ -3,7 +3,8 @@
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (run from anywhere; the step timeouts add up to 720 s, the
 #   expected total on an H200 is about 5 minutes; where one command may run 600 s at most, split it in two
-#   calls: SKIP_TESTS=1 for the build and timings, then SKIP_BUILD=1 SKIP_TIMINGS=1 for the tests)
+#   calls: SKIP_TESTS=1 for the build and timings, then SKIP_BUILD=1 SKIP_TIMINGS=1 for the tests;
+#   SANITIZE=1 adds compute-sanitizer runs of the steerable CUDA kernels, best in a call of their own)
 #
 # Logs go to $OUT (build.log, tests*.log, timings*.log, timings*.json).  Each step has its own
 # timeout and a failed step does not stop the next one; the exit status is non-zero if any failed.
@@ -122,6 +123,19 @@ for name, shape, group, rep, dtype in cases:
     torch.cuda.empty_cache()
 json.dump(dict(device=torch.cuda.get_device_name(), copy_gbs=copy_gbs, rows=rows), open(sys.argv[1], "w"), indent=1)
 PY
+# SANITIZE=1: the steerable CUDA kernels' small synthetic cases (float32) under compute-sanitizer:
+# out-of-bounds and misaligned accesses (memcheck), shared-memory races (racecheck), barriers
+# (synccheck).  Slow (every CUDA call of the process is instrumented), so opt-in.
+if [ -n "${SANITIZE:-}" ]; then
+CS="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+for tool in memcheck racecheck synccheck; do
+  timeout 150 "$CS" --tool "$tool" --error-exitcode 1 python3 -m pytest -m gpu -q -x \
+    tests/test_steerable_ops_synthetic.py -k "float32 and (blocks_q_shared or blocks_global or coefficients or many or mixed)" \
+    > "$OUT/sanitizer-$tool.log" 2>&1 || status=1
+  tail -4 "$OUT/sanitizer-$tool.log"
+done
+fi
+
 # The chunked kernels (the default) and the Triton tiled ones, then the CUDA tiled ones
 # (PROJKERNELS_TILED=1) for comparison.
 if [ -z "${SKIP_TIMINGS:-}" ]; then  # SKIP_TIMINGS=1: build and tests only

@@ -482,7 +482,9 @@ def equivariance_decay(optimizer: torch.optim.Optimizer, model: nn.Module, lambd
 
     Parameters with ``requires_grad=False`` are left alone.  The layers are those attached when the
     handle is made.  Returns an ``EquivarianceDecay``; ``handle.remove()`` detaches it.  ``backend``:
-    "auto" (the fused C++/CUDA op where built), "reference", "cpp", "cuda" or "triton".
+    "auto" (the fused C++/CUDA op where built), "reference", "cpp", "cuda" or "triton"; a named
+    backend also computes the projections of steerable layers (with "auto" they use the backend
+    attached with the layer).
 
     Raises TypeError / ValueError naming the argument for a bad optimizer, model, lambda or mode; a
     model with no attached layer; or an attached parameter that is not in the optimizer.

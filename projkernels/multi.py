@@ -84,7 +84,8 @@ class MultiPlan:
         self.inverse: Optional[torch.Tensor] = None
         if self.native:
             # The overload's C++ callable: one Python frame less per call (eager only).
-            _OP = _OP or torch.ops.projkernels_C.multi_penalty.default._op
+            overload = torch.ops.projkernels_C.multi_penalty.default
+            _OP = _OP or getattr(overload, "_op", overload)
             by_dtype: Dict[torch.dtype, List[int]] = {}
             for i, d in enumerate(dtypes):
                 by_dtype.setdefault(d, []).append(i)

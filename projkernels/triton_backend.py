@@ -53,10 +53,10 @@ def _tile_plan(w: torch.Tensor, table: OrbitTable) -> Optional[K.TilePlan]:
     if not TILED:
         return None
     plans = _TILE_PLANS.setdefault(table, {})
-    size = w.element_size()
-    if size not in plans:
-        plans[size] = K.plan_tiles(table, size)
-    return plans[size]
+    key = (w.element_size(), K._TILE_ENTRIES, K._GATHER_ENTRIES, K._MIN_TILES)  # the plan's every input
+    if key not in plans:
+        plans[key] = K.plan_tiles(table, key[0])
+    return plans[key]
 
 
 def uses_tiles(w: torch.Tensor, table: OrbitTable) -> bool:

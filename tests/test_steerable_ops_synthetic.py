@@ -199,15 +199,17 @@ FALLBACKS = ["coefficients", "blocks_q_shared", "blocks_global"]
 
 def fallback_layout(kind, budget, make_q):
     """A synthetic layout on which the CUDA kernels take one fallback at a budget of ``budget`` numbers:
-      "coefficients": two types of two one-block tiles each, rank budget + 1: every tile's coefficients
-                      in the global scratch (the second type's after the first's);
+      "coefficients": three types of two one-block tiles each: the first of rank 5 (coefficients in
+                      shared memory), the next two of rank budget + 1 (every tile's coefficients in
+                      the global scratch, the third type's after the second's; a tile's place in
+                      the scratch is then not its global tile number);
       "blocks_q_shared": 60 blocks of m = 128 in tiles of 16 (the GPU layout's tiles of ~2048
                       elements), the rank such that C and Q_t^T fit and the tile's blocks do not next
                       to them, so X is gathered from W on each use;
       "blocks_global": two blocks of m = budget + 40, rank 5: neither Q_t^T nor X fits."""
     if kind == "coefficients":
         r = budget + 1
-        return synthetic([1, 1], [1, 2], (budget + 8,), {(1, 1): r, (1, 2): r}, make_q=make_q)
+        return synthetic([1, 1], [1, 2, 3], (budget + 8,), {(1, 1): 5, (1, 2): r, (1, 3): r}, make_q=make_q)
     if kind == "blocks_q_shared":
         m, per_tile = 128, 2048 // 128
         r = min(m, budget // (per_tile + m))
@@ -231,8 +233,9 @@ def test_the_blockwise_oracle_matches_the_dense_one_and_householder_is_orthonorm
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", FALLBACKS)
-def test_cpu_ops_on_the_fallback_layouts_at_a_small_budget(kind, dtype):
-    # The GPU tests' layouts at a budget of 300 numbers, through the CPU kernels.
+def test_cpu_ops_on_the_gpu_fallback_layouts_shapes(kind, dtype):
+    # The shapes of the GPU tests' layouts (at a budget of 300 numbers) through the CPU kernels, which
+    # stage nothing: this checks the layouts and the oracle, not the GPU's staging.
     sym = fallback_layout(kind, 300, householder)
     w = torch.randn(sym.weight_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     _check(sym, w, TOL[dtype], expected=_blockwise_expected)

@@ -85,7 +85,7 @@ static void staging() {
   CHECK(s.c_shared && s.c == 0 && s.q == 0 && s.x == 40);
 }
 
-// Three types: the first and third keep their coefficients in shared memory, the second and fourth
+// Four types: the first and third keep their coefficients in shared memory, the second and fourth
 // (one block per tile, rank 7 above a budget of 6) do not: the scratch holds theirs back to back.
 static void scratch_offsets() {
   const int64_t S = 2;
