@@ -11,6 +11,7 @@ mislabelled spectrum row cannot agree with it by construction.
 """
 import functools
 import itertools
+import os
 import zlib
 
 import torch
@@ -18,6 +19,13 @@ import torch
 from projkernels.groups import get_group
 
 REP_PAIRS = list(itertools.product(("trivial", "regular"), repeat=2))  # (in_rep, out_rep)
+
+# Where the Triton kernels run in this process: on CPU tensors under Triton's interpreter
+# (TRITON_INTERPRET=1, fixed when triton is imported), else on a GPU, else nowhere (None).
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_DEVICE = "cpu" if TRITON_INTERPRET else ("cuda" if torch.cuda.is_available() else None)
+TRITON_SKIP_REASON = ("the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 in the environment to run on "
+                      "the CPU")
 
 
 def field_size(rep, G):

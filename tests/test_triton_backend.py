@@ -11,8 +11,6 @@ starts with TRITON_INTERPRET=1 (that is how CI runs this file):
 Without either, only the availability test runs and the rest skips, saying why
 (PROJKERNELS_REQUIRE_TRITON=1, see tests/conftest.py, turns such skips into failures).
 """
-import os
-
 import pytest
 import torch
 
@@ -23,19 +21,10 @@ from projkernels import reference  # noqa: E402
 from projkernels.backends import BACKENDS, resolve  # noqa: E402
 from projkernels.orbits import orbit_table  # noqa: E402
 
-from cases import case_id  # noqa: E402
+from cases import TRITON_DEVICE, TRITON_INTERPRET, TRITON_SKIP_REASON, case_id  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None
-
-needs_kernels = pytest.mark.skipif(
-    DEVICE is None,
-    reason="the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 in the environment to run on the CPU")
+INTERPRET, DEVICE = TRITON_INTERPRET, TRITON_DEVICE
+needs_kernels = pytest.mark.skipif(DEVICE is None, reason=TRITON_SKIP_REASON)
 
 
 def gpu(fn):

@@ -27,19 +27,11 @@ from projkernels import triton_backend as TB  # noqa: E402
 from projkernels import triton_kernels as K  # noqa: E402
 from projkernels.orbits import orbit_table  # noqa: E402
 
-from cases import Oracle, case_id, seeded_weight, shape_for  # noqa: E402
+from cases import (TRITON_DEVICE, TRITON_INTERPRET, TRITON_SKIP_REASON, Oracle, case_id, seeded_weight,  # noqa: E402
+                   shape_for)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None
-
-pytestmark = pytest.mark.skipif(
-    DEVICE is None,
-    reason="the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 in the environment to run on the CPU")
+INTERPRET, DEVICE = TRITON_INTERPRET, TRITON_DEVICE
+pytestmark = pytest.mark.skipif(DEVICE is None, reason=TRITON_SKIP_REASON)
 
 
 class _CountedKernel:
