@@ -14,6 +14,14 @@ Public ops (csrc/public_ops.cpp, autograd in csrc/autograd.cpp), what the API ca
     multi_penalty_backward(weights[], grad_penalty [L], grad_eq [L], offsets[], inv_stab[], consts,
                            geometry[]) -> dW[]
 
+The steerable ops (csrc/steerable_ops.cpp, CUDA kernels in csrc/steerable_kernels.cu) take the
+same arguments, with ``table`` and ``geometry`` the layout of ``SteerableSymmetry.layout(device,
+dtype).native``, and return the same shapes (so they share the fake kernels below):
+
+    steerable_penalty_energy(weight, table[], geometry[]) -> (penalty, eq_energy)
+    steerable_penalty_energy_backward(weight, grad_penalty, grad_eq, table[], geometry[]) -> dW
+    steerable_project(weight, table[], geometry[]) -> P(W)
+
 ``table`` is ``OrbitTable.device_tables(device, dtype)`` as a list and ``geometry`` is
 ``OrbitTable.geometry``; the multi-tensor arguments come from ``multi_table.NativeMultiArgs``.
 Their autograd is registered in C++ for the Autograd key (double backward included), and the
@@ -110,6 +118,12 @@ def _penalty_energy_backward_fake(weight, grad_penalty, grad_eq, table, geometry
 @torch.library.register_fake("projkernels_C::project")
 def _project_fake(weight, table, geometry):
     return _like(weight)
+
+
+if hasattr(OPS, "steerable_penalty_energy"):  # an extension built with the steerable ops
+    torch.library.register_fake("projkernels_C::steerable_penalty_energy")(_penalty_energy_fake)
+    torch.library.register_fake("projkernels_C::steerable_penalty_energy_backward")(_penalty_energy_backward_fake)
+    torch.library.register_fake("projkernels_C::steerable_project")(_project_fake)
 
 
 @torch.library.register_fake("projkernels_C::spectrum")
@@ -212,5 +226,3 @@ register_backend(Backend("cpp", forward, backward, project, spectrum, _cpp_why_u
 if WITH_CUDA:
     register_backend(Backend("cuda", forward, backward, project, spectrum, _cuda_why_unavailable, multi=_MULTI,
                              native=True))
-
-from . import steerable_native  # noqa: E402,F401  (fake kernels of the steerable ops)

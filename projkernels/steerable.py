@@ -598,9 +598,9 @@ class SteerableConfig:
         self.symmetry, self.backend_name = sym, backend
         self.op_args = (sym, None)
         if backend in ("cpp", "cuda"):
-            from . import steerable_native  # noqa: F401  (the ops' fake kernels, for torch.compile)
-            native = sym.layout(device, acc_dtype(dtype)).native
-            self.op_args = (native.table, native.geometry)
+            from . import native  # noqa: F401  (the ops' fake kernels, for torch.compile)
+            compiled = sym.layout(device, acc_dtype(dtype)).native
+            self.op_args = (compiled.table, compiled.geometry)
             o = torch.ops.projkernels_C
             self.ops = SteerableOps(o.steerable_penalty_energy.default, o.steerable_project.default, _no_spectrum)
         elif backend == "triton":
