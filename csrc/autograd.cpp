@@ -17,7 +17,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include "op_common.h"  // records, coefficient_grads
+#include "op_common.h"  // records, coefficient_grads, SingleTable
 #include "op_checks.h"  // acc_type_of: the one accumulation rule on the C++ side
 #include "public_ops.h"
 
@@ -30,27 +30,13 @@ using at::TensorList;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The tables travel to Function::apply wrapped in these structs, so that autograd does not take
-// them for inputs (they are constants: no edges, no input metadata, no gradient slots).
-struct SingleTable {
-  TensorList table;
-  IntArrayRef geometry;
-};
-
+// The multi-tensor tables travel to Function::apply wrapped in this struct, as a single weight's do
+// in SingleTable (op_common.h), so that autograd does not take them for inputs.
 struct MultiTableArgs {
   TensorList offsets, inv_stab;
   const Tensor& consts;
   IntArrayRef geometry;
 };
-
-void save_table(AutogradContext* ctx, const SingleTable& t) {
-  ctx->saved_data["table"] = t.table.vec();
-  ctx->saved_data["geometry"] = t.geometry.vec();
-}
-
-std::pair<std::vector<Tensor>, std::vector<int64_t>> load_table(AutogradContext* ctx) {
-  return {ctx->saved_data["table"].toTensorVector(), ctx->saved_data["geometry"].toIntVector()};
-}
 
 class PenaltyEnergyBackwardFn : public torch::autograd::Function<PenaltyEnergyBackwardFn> {
  public:

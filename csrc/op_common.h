@@ -6,9 +6,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <initializer_list>
 #include <utility>
+#include <vector>
 
 #include "op_checks.h"  // acc_type_of
 
@@ -49,6 +51,23 @@ inline std::pair<at::Tensor, at::Tensor> coefficient_grads(const at::Tensor& G, 
   const auto acc = acc_type_of(weight.scalar_type());
   const at::Tensor g = G.to(acc), w = weight.to(acc), p = pw.to(acc);
   return {2 * (g * (w - p)).sum(), 2 * (g * p).sum()};
+}
+
+// A single-weight op's table and geometry as they travel to Function::apply: wrapped in a struct, so
+// that autograd does not take the tables for inputs (they are constants: no edges, no input
+// metadata, no gradient slots); kept in the context for the backward.
+struct SingleTable {
+  at::TensorList table;
+  at::IntArrayRef geometry;
+};
+
+inline void save_table(torch::autograd::AutogradContext* ctx, const SingleTable& t) {
+  ctx->saved_data["table"] = t.table.vec();
+  ctx->saved_data["geometry"] = t.geometry.vec();
+}
+
+inline std::pair<std::vector<at::Tensor>, std::vector<int64_t>> load_table(torch::autograd::AutogradContext* ctx) {
+  return {ctx->saved_data["table"].toTensorVector(), ctx->saved_data["geometry"].toIntVector()};
 }
 
 }  // namespace projkernels

@@ -31,7 +31,7 @@
 #include <cstring>
 #include <vector>
 
-#include "op_common.h"  // read_scalar, op_handle, records, coefficient_grads
+#include "op_common.h"  // read_scalar, op_handle, records, coefficient_grads, SingleTable
 #include "steerable_checks.h"
 #include "steerable_math.h"
 
@@ -344,36 +344,20 @@ Tensor call_project(const Tensor& weight, TensorList table, IntArrayRef geometry
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The layout travels to Function::apply wrapped in this struct, so that autograd does not take its
-// tensors for inputs (constants: no edges, no gradient slots).
-struct Layout {
-  TensorList table;
-  IntArrayRef geometry;
-};
-
-void save_layout(AutogradContext* ctx, const Layout& l) {
-  ctx->saved_data["table"] = l.table.vec();
-  ctx->saved_data["geometry"] = l.geometry.vec();
-}
-
-std::pair<std::vector<Tensor>, std::vector<int64_t>> load_layout(AutogradContext* ctx) {
-  return {ctx->saved_data["table"].toTensorVector(), ctx->saved_data["geometry"].toIntVector()};
-}
-
 class SteerBackwardFn : public torch::autograd::Function<SteerBackwardFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& gp, const Tensor& ge,
-                               const Layout& l) {
+                               const SingleTable& l) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({weight, gp, ge});
-    save_layout(ctx, l);
+    save_table(ctx, l);
     return {call_backward(weight, gp, ge, l.table, l.geometry)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &weight = saved[0], &gp = saved[1], &ge = saved[2];
-    const auto [table, geometry] = load_layout(ctx);
+    const auto [table, geometry] = load_table(ctx);
     variable_list out(4);
     const Tensor& G = grads[0];
     if (!G.defined()) return out;
@@ -389,11 +373,11 @@ class SteerBackwardFn : public torch::autograd::Function<SteerBackwardFn> {
 
 class SteerPenaltyEnergyFn : public torch::autograd::Function<SteerPenaltyEnergyFn> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Layout& l) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& l) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({weight});
-    save_layout(ctx, l);
+    save_table(ctx, l);
     auto [pen, eq] = call_penalty_energy(weight, l.table, l.geometry);
     return {pen, eq};
   }
@@ -401,7 +385,7 @@ class SteerPenaltyEnergyFn : public torch::autograd::Function<SteerPenaltyEnergy
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(2);
     if (!grads[0].defined() && !grads[1].defined()) return out;
-    const auto [table, geometry] = load_layout(ctx);
+    const auto [table, geometry] = load_table(ctx);
     const Tensor& zero = table[3];  // an unused output's gradient: the layout's cached zero
     const Tensor gp = grads[0].defined() ? grads[0] : zero;
     const Tensor ge = grads[1].defined() ? grads[1] : zero;
@@ -413,16 +397,16 @@ class SteerPenaltyEnergyFn : public torch::autograd::Function<SteerPenaltyEnergy
 
 class SteerProjectFn : public torch::autograd::Function<SteerProjectFn> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Layout& l) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& l) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    save_layout(ctx, l);
+    save_table(ctx, l);
     return {call_project(weight, l.table, l.geometry)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(2);
     if (grads[0].defined()) {
-      const auto [table, geometry] = load_layout(ctx);
+      const auto [table, geometry] = load_table(ctx);
       out[0] = call_project(grads[0], table, geometry);
     }
     return out;
@@ -434,7 +418,7 @@ std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorL
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_penalty_energy(weight, table, geometry);
   }
-  auto r = SteerPenaltyEnergyFn::apply(weight, Layout{table, geometry});
+  auto r = SteerPenaltyEnergyFn::apply(weight, SingleTable{table, geometry});
   return {r[0], r[1]};
 }
 
@@ -444,7 +428,7 @@ Tensor penalty_energy_backward_autograd(const Tensor& weight, const Tensor& gp, 
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_backward(weight, gp, ge, table, geometry);
   }
-  return SteerBackwardFn::apply(weight, gp, ge, Layout{table, geometry})[0];
+  return SteerBackwardFn::apply(weight, gp, ge, SingleTable{table, geometry})[0];
 }
 
 Tensor project_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
@@ -452,7 +436,7 @@ Tensor project_autograd(const Tensor& weight, TensorList table, IntArrayRef geom
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_project(weight, table, geometry);
   }
-  return SteerProjectFn::apply(weight, Layout{table, geometry})[0];
+  return SteerProjectFn::apply(weight, SingleTable{table, geometry})[0];
 }
 
 }  // namespace
