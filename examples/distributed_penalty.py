@@ -67,6 +67,11 @@ def _spawned(rank: int, world: int, port: int) -> None:
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks are on this machine
     main(rank, world)
+    # The work is done and the process group is gone: leave without the interpreter's teardown, in
+    # which a communication library's background thread can still be alive and abort the process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,11 @@ def _worker(rank, port, out):
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+    # Results are saved: leave without the interpreter's teardown, in which a communication
+    # library's background thread can still be alive and abort the process (as in the example).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
