@@ -29,8 +29,9 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "projkernels._C"
 # The raw kernels' schemas and CPU kernels, the public ops over them, and their autograd; the decay
-# ops; the steerable ops (schemas, CPU kernels and autograd in one file).
-CPP_SOURCES = ["ops.cpp", "public_ops.cpp", "autograd.cpp", "decay_ops.cpp", "steerable_ops.cpp"]
+# ops; the steerable ops (schemas, CPU kernels and autograd in one file); the Python module with the
+# eager API's bound calls.
+CPP_SOURCES = ["ops.cpp", "public_ops.cpp", "autograd.cpp", "decay_ops.cpp", "steerable_ops.cpp", "python_calls.cpp"]
 CUDA_SOURCES = ["kernels.cu", "multi_kernels.cu", "decay_kernels.cu", "steerable_kernels.cu"]
 
 
@@ -100,7 +101,7 @@ def _extensions():
         raise RuntimeError(f"PROJKERNELS_CUDA=1 but the CUDA extension cannot be built: {cuda_reason}")
 
     csrc = os.path.join("csrc")
-    macros = [("PROJKERNELS_PYTHON_MODULE", None)]
+    macros = []
     cxx_flags = ["-O3"]
     def cpu_extension():
         return cpp_extension.CppExtension(

@@ -108,18 +108,25 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
         rows.append({"case": name, "ours_us": ours, "baseline": ratio_name, "baseline_us": base,
                      "ratio": ours / base, "target": target, "note": note})
 
+    # The same public op called through torch.ops with its table and geometry as Python arguments
+    # (the route before bound calls, csrc/python_calls.cpp): what the argument conversion costs.
+    from projkernels.config import config_for
+    bound = config_for(w, *SPEC, "auto").ops.penalty_energy.__self__
+    boxed, table, geometry = torch.ops.projkernels_C.penalty_energy.default, bound.table, bound.geometry
     t = interleaved({
         "native fwd": lambda: (w * w).sum(),
         "ours fwd": lambda: pk.projected_penalty(w, *SPEC),
+        "torch.ops fwd": lambda: boxed(w, table, geometry)[0],
         "native fwd+bwd": lambda: torch.autograd.grad((w * w).sum(), one),
         "ours fwd+bwd": lambda: torch.autograd.grad(pk.projected_penalty(w, *SPEC), one),
     }, number, rounds)
     row("projected_penalty fwd (C4 reg 8x8x3x3 f32)", t["ours fwd"], t["native fwd"], "(w*w).sum()", 2.0)
     row("projected_penalty fwd+bwd", t["ours fwd+bwd"], t["native fwd+bwd"], "grad((w*w).sum())", 1.5)
+    row("its public op called through torch.ops, fwd (table converted per call)", t["torch.ops fwd"],
+        t["native fwd"], "(w*w).sum()")
 
     # The Python backends' route (projkernels/eager.py), measured on the reference backend: its
     # host cost over the backend's own kernels is what the Triton backend pays on a GPU too.
-    from projkernels.config import config_for
     cfg = config_for(w, *SPEC, "reference")
     zero = torch.zeros(())
 
@@ -231,11 +238,13 @@ def breakdown(number: int = 200, rounds: int = 7) -> List[tuple]:
         "multi_penalty fwd+bwd, total": lambda: torch.autograd.grad(pk.multi_penalty(items)[0], ws),
         "Python: collect(items), the cache key": lambda: pk.multi_inputs.collect(items),
         "Python: plan_for(key), a cache hit": lambda: pk.multi.plan_for(key, "auto"),
-        "public op forward, no autograd node (weights detached)":
+        "public op forward through torch.ops, no autograd node (weights detached)":
             lambda: op(small, a.offsets, a.inv_stab, a.consts, a.geometry),
-        "public op forward, 1 weight, no autograd node":
+        "public op forward, bound call, no autograd node (weights detached)": lambda: a(small),
+        "public op forward through torch.ops, 1 weight, no autograd node":
             lambda: op(small[:1], a.offsets[:1], a.inv_stab[:1], a.consts[:, :1], a.geometry[:4]),
-        "public op forward with its autograd node": lambda: op(ws, a.offsets, a.inv_stab, a.consts, a.geometry),
+        "public op forward through torch.ops with its autograd node": lambda: op(ws, a.offsets, a.inv_stab, a.consts, a.geometry),
+        "public op forward with its autograd node, bound call (what multi_penalty calls)": lambda: a(ws),
         "backward alone: torch.autograd.grad through the node (engine, node, kernel)":
             lambda: torch.autograd.grad(kept[0], ws, retain_graph=True),
         "native backward alone through stack(ws).square().sum() (one 20-output node)":

@@ -22,15 +22,6 @@
 #include "orbit_math.h"
 #include "static_switch.h"
 
-#ifdef PROJKERNELS_PYTHON_MODULE
-#include <Python.h>
-// `import projkernels._C` only has to load this library, whose static initialisers register the ops.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-#endif
-
 namespace projkernels {
 namespace {
 

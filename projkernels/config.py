@@ -13,7 +13,6 @@ table from the shape.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import functools
 from typing import Dict, NamedTuple
 
 import torch
@@ -36,24 +35,24 @@ class Config:
     out_rep: str
     backend_name: str                # as the caller gave it ("auto" included)
     ops: "ConfigOps"                 # what the public functions call: ops.f(weight, *op_args)
-    op_args: tuple                   # native: (the table on the device, the geometry); else (table, backend)
+    op_args: tuple                   # native: () (the ops hold the table); else (table, backend)
 
 
 class ConfigOps(NamedTuple):
     """The three calls behind the public functions, each ``f(weight, *op_args)``: the public C++
-    ops of a native backend (their default overloads), or the eager Python route
-    (projkernels/eager.py) of any other backend."""
+    ops of a native backend bound to the configuration's device tables (``projkernels._C.SingleCall``),
+    or the eager Python route (projkernels/eager.py) of any other backend."""
     penalty_energy: object
     project: object
     spectrum: object
 
 
-@functools.lru_cache(maxsize=None)
-def _native_ops() -> ConfigOps:
-    # The overloads' C++ callables: calling them skips one Python frame per call (eager only; under
-    # torch.compile the API does not read configurations).
-    o = torch.ops.projkernels_C
-    return ConfigOps(o.penalty_energy.default._op, o.project.default._op, o.spectrum.default._op)
+def _native_ops(table_args: list, geometry: list) -> ConfigOps:
+    # The public C++ ops bound to this configuration's device tables (csrc/python_calls.cpp): a call
+    # converts only the weight from Python, not the table, so the host cost is close to a native op's.
+    from ._C import SingleCall
+    bound = SingleCall("penalty_energy", "project", "spectrum", table_args, geometry)
+    return ConfigOps(bound.penalty_energy, bound.project, bound.spectrum)
 
 
 _EAGER_OPS = ConfigOps(eager.penalty_energy, eager.project, eager.spectrum)
@@ -85,7 +84,7 @@ def _build(key: tuple) -> Config:
     table = orbit_table(tuple(int(s) for s in shape), name, in_rep, out_rep)
     impl = resolve(backend, device)
     if impl.native:
-        ops, op_args = _native_ops(), (list(table.device_tables(device, dtype)), table.geometry)
+        ops, op_args = _native_ops(list(table.device_tables(device, dtype)), table.geometry), ()
     else:
         ops, op_args = _EAGER_OPS, (table, impl)
     cfg = Config(table, impl, name, in_rep, out_rep, backend, ops, op_args)

@@ -37,9 +37,6 @@ from .steerable import MixedPlan, SteerableSymmetry
 __all__ = ["multi_penalty", "MultiTable", "multi_table", "MultiBackend", "register_multi_backend", "MultiPlan",
            "plan_for"]
 
-_OP = None  # projkernels_C::multi_penalty, looked up when the first native plan is built
-
-
 @dataclass(frozen=True)
 class MultiBackend:
     """A multi-tensor backend for ``register_multi_backend``: ``forward(x, table) -> (penalty [L],
@@ -75,24 +72,24 @@ class MultiPlan:
     """A validated configuration of layers and what a call on it runs (built once, then cached)."""
 
     def __init__(self, table: MultiTable, device: torch.device, dtypes: List[torch.dtype], kernels: MultiKernels):
-        global _OP
         self.table, self.kernels = table, kernels
         self.buf_dtype = functools.reduce(torch.promote_types, dtypes)
         self.acc = functools.reduce(torch.promote_types, (acc_dtype(d) for d in dtypes))
         self.native = kernels.native
-        self.groups: List[Tuple[List[int], object]] = []
+        self.groups: List[Tuple[List[int], object]] = []  # (layer indices, the op bound to their tables)
         self.inverse: Optional[torch.Tensor] = None
         if self.native:
-            # The overload's C++ callable: one Python frame less per call (eager only).
-            overload = torch.ops.projkernels_C.multi_penalty.default
-            _OP = _OP or getattr(overload, "_op", overload)
+            # projkernels_C::multi_penalty bound to the layers' device tables (csrc/python_calls.cpp):
+            # a call converts the weights from Python, not the 2 L table tensors.
+            from ._C import MultiCall
             by_dtype: Dict[torch.dtype, List[int]] = {}
             for i, d in enumerate(dtypes):
                 by_dtype.setdefault(d, []).append(i)
             for d, idx in by_dtype.items():
                 sub = table if len(by_dtype) == 1 else multi_table(
                     [(t.shape, t.group.name, *_reps(t)) for t in (table.tables[i] for i in idx)])
-                self.groups.append((idx, sub.native_args(device, d)))
+                a = sub.native_args(device, d)
+                self.groups.append((idx, MultiCall(a.offsets, a.inv_stab, a.consts, a.geometry)))
             if len(by_dtype) > 1:
                 order = [i for idx, _ in self.groups for i in idx]
                 self.inverse = torch.argsort(torch.tensor(order)).to(device)
@@ -101,10 +98,9 @@ class MultiPlan:
         if not self.native:
             return MultiPenaltyFunction.apply(self.table, self.kernels, self.buf_dtype, *weights)
         if self.inverse is None:
-            a = self.groups[0][1]
-            return _OP(weights, a.offsets, a.inv_stab, a.consts, a.geometry)
+            return self.groups[0][1](weights)
         # One op per dtype; the per-layer results are put back into the caller's order.
-        outs = [_OP([weights[i] for i in idx], a.offsets, a.inv_stab, a.consts, a.geometry) for idx, a in self.groups]
+        outs = [call([weights[i] for i in idx]) for idx, call in self.groups]
         acc = self.acc
         total_pen = functools.reduce(torch.add, (o[0].to(acc) for o in outs))
         total_eq = functools.reduce(torch.add, (o[1].to(acc) for o in outs))

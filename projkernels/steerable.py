@@ -591,8 +591,10 @@ class SteerableOps(NamedTuple):
 class SteerableConfig:
     """A configuration of the public API for a steerable symmetry: like every configuration, the
     API calls ``ops.penalty_energy(weight, *op_args)`` / ``ops.project(...)`` directly.  For the
-    compiled backends these are the ``projkernels_C::steerable_*`` ops themselves, with the layout
-    resident on the device (``Layout.native``: its table and geometry) as ``op_args``."""
+    compiled backends these are the ``projkernels_C::steerable_*`` ops bound to the layout resident on
+    the device (``Layout.native``: its table and geometry; ``projkernels._C.SingleCall``), and
+    ``op_args`` is empty; under torch.compile, the ops themselves with the table and geometry as
+    ``op_args``."""
 
     def __init__(self, sym: SteerableSymmetry, backend: str, device=None, dtype=None):
         self.symmetry, self.backend_name = sym, backend
@@ -600,9 +602,18 @@ class SteerableConfig:
         if backend in ("cpp", "cuda"):
             from . import native  # noqa: F401  (the ops' fake kernels, for torch.compile)
             compiled = sym.layout(device, acc_dtype(dtype)).native
-            self.op_args = (compiled.table, compiled.geometry)
-            o = torch.ops.projkernels_C
-            self.ops = SteerableOps(o.steerable_penalty_energy.default, o.steerable_project.default, _no_spectrum)
+            if torch.compiler.is_compiling():
+                # Traced: the ops themselves (the tracer cannot enter a bound call).
+                o = torch.ops.projkernels_C
+                self.op_args = (compiled.table, compiled.geometry)
+                self.ops = SteerableOps(o.steerable_penalty_energy.default, o.steerable_project.default,
+                                        _no_spectrum)
+            else:
+                from ._C import SingleCall
+                bound = SingleCall("steerable_penalty_energy", "steerable_project", "", list(compiled.table),
+                                   list(compiled.geometry))
+                self.op_args = ()
+                self.ops = SteerableOps(bound.penalty_energy, bound.project, _no_spectrum)
         elif backend == "triton":
             from . import steerable_triton
             self.ops = SteerableOps(steerable_triton.penalty_energy, steerable_triton.project, _no_spectrum)
@@ -618,7 +629,7 @@ def _ref_project(weight, sym, _geometry):
     return reference_project(weight, sym)
 
 
-def _no_spectrum(weight, sym, _geometry):
+def _no_spectrum(weight, *_args):
     raise NotImplementedError("spectrum: isotypic energies are defined for the finite groups only; for a "
                               "steerable symmetry use penalty_and_energy")
 

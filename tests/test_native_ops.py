@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch import nn
 
@@ -15,6 +16,7 @@ from projkernels import config, model as model_mod
 from projkernels.orbits import orbit_table
 
 C = pytest.importorskip("projkernels.native", reason="projkernels._C is not built")
+from projkernels import _C  # noqa: E402  (built, since projkernels.native imported)
 OPS = torch.ops.projkernels_C
 
 SPECS = [((8, 4, 3, 3), "D4", "trivial", "regular"), ((8, 8, 3, 3), "C4", "regular", "regular"),
@@ -103,6 +105,98 @@ def test_public_op_checks_its_argument_counts():
         OPS.project(w, table, geometry[1:])
     with pytest.raises(RuntimeError, match="weight has 288 entries"):
         OPS.penalty_energy(w[:4], table, geometry)
+
+
+# --- bound calls (csrc/python_calls.cpp): what the eager API calls --------------------------------
+
+def _log_ops(log):
+    class Log(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            log.append(func)
+            return func(*args, **(kwargs or {}))
+    return Log()
+
+
+class _Traced(torch.Tensor):
+    """A subclass whose __torch_function__ override records what reaches it."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_bound_calls_equal_the_ops_they_bind(spec):
+    w = nn.Parameter(_weight(spec[0], torch.float32))
+    table, geometry = _single_args(w, *spec[1:])
+    bound = _C.SingleCall("penalty_energy", "project", "spectrum", table, geometry)
+    pen, eq = bound.penalty_energy(w)
+    rp, re_ = OPS.penalty_energy(w, table, geometry)
+    assert torch.equal(pen, rp) and torch.equal(eq, re_) and "PenaltyEnergyFn" in pen.grad_fn.name()
+    (g,) = torch.autograd.grad(pen + 0.5 * eq, [w])
+    (rg,) = torch.autograd.grad(rp + 0.5 * re_, [w])
+    assert torch.equal(g, rg)
+    assert torch.equal(bound.project(w), OPS.project(w, table, geometry))
+    assert torch.equal(bound.spectrum(w.detach()), OPS.spectrum(w.detach(), table, geometry))
+    assert bound.geometry == list(geometry) and len(bound.table) == len(table)
+
+
+def test_bound_multi_call_equals_the_op_it_binds():
+    ws = [nn.Parameter(_weight(s[0], torch.float32, seed=i)) for i, s in enumerate(SPECS)]
+    offsets, inv_stab, consts, geometry = _multi_args(ws, SPECS)
+    bound = _C.MultiCall(offsets, inv_stab, consts, geometry)
+    out, ref = bound(ws), OPS.multi_penalty(ws, offsets, inv_stab, consts, geometry)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref)) and "MultiPenaltyFn" in out[0].grad_fn.name()
+    grads = torch.autograd.grad(out[0] + out[1], ws)
+    ref_grads = torch.autograd.grad(ref[0] + ref[1], ws)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert bound(tuple(ws))[0].item() == out[0].item()  # any sequence of weights
+
+
+def test_api_calls_honour_torch_function_overrides():
+    # The bound calls skip torch.ops' argument handling; a weight subclass with its own
+    # __torch_function__, or an active TorchFunctionMode, must still see the op, as with any torch op.
+    w = _weight((8, 8, 3, 3), torch.float32)
+    plain = pk.projected_penalty(w, "C4", "regular", "regular")
+    log = []
+    with _log_ops(log):
+        under_mode = pk.projected_penalty(w, "C4", "regular", "regular")
+        pk.project(w, "C4", "regular", "regular")
+        pk.multi_penalty([(w, "C4", "regular", "regular"), (w, "C4", "regular", "regular")])
+    assert OPS.penalty_energy.default in log and OPS.project.default in log and OPS.multi_penalty.default in log
+    assert torch.equal(under_mode, plain)
+    _Traced.seen.clear()
+    sub = pk.projected_penalty(w.as_subclass(_Traced), "C4", "regular", "regular")
+    assert OPS.penalty_energy.default in _Traced.seen and type(sub) is _Traced and torch.equal(sub, plain)
+    _Traced.seen.clear()
+    pk.multi_penalty([(w, "C4", "regular", "regular"), (w.as_subclass(_Traced), "C4", "regular", "regular")])
+    assert OPS.multi_penalty.default in _Traced.seen
+    # A plain tensor or nn.Parameter takes the bound call: the mode above sees nothing here.
+    log.clear()
+    pk.projected_penalty(nn.Parameter(w), "C4", "regular", "regular")
+    assert log == []
+
+
+def test_bound_calls_from_several_threads():
+    # A bound call releases the GIL while its op runs (as torch's own bindings do): threads calling
+    # at once get the results of serial calls.
+    import threading
+    ws = [_weight((32, 32, 3, 3), torch.float32, seed=i, requires_grad=True) for i in range(4)]
+    serial = [torch.autograd.grad(pk.projected_penalty(w, "D4", "regular", "regular"), [w])[0] for w in ws]
+    results = [None] * len(ws)
+
+    def work(i):
+        for _ in range(20):
+            pen = pk.projected_penalty(ws[i], "D4", "regular", "regular")
+            results[i] = torch.autograd.grad(pen, [ws[i]])[0]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(ws))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, b) for a, b in zip(results, serial))
 
 
 # --- C++ autograd ---------------------------------------------------------------------------------
