@@ -144,11 +144,12 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
     ops = torch.ops.projkernels_C
     small = [x.detach() for x in ws]
     sa = pk.multi.plan_for(pk.multi_inputs.collect(items)[1], "auto").groups[0][1]
+    s_offsets, s_inv_stab, s_geometry = sa.offsets, sa.inv_stab, sa.geometry  # read once (properties build lists)
     ones20, zeros20 = torch.ones(N_WEIGHTS), torch.zeros(N_WEIGHTS)
 
     def small_kernels():
-        ops.multi_forward(small, sa.offsets, sa.inv_stab, sa.geometry)
-        ops.multi_backward(small, ones20, zeros20, sa.offsets, sa.inv_stab, sa.geometry)
+        ops.multi_forward(small, s_offsets, s_inv_stab, s_geometry)
+        ops.multi_backward(small, ones20, zeros20, s_offsets, s_inv_stab, s_geometry)
 
     t = interleaved({
         "native single": lambda: torch.autograd.grad((w * w).sum(), one),
@@ -177,11 +178,12 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
     weights = [m.weight.detach() for m in model]
     plan = pk.model._model_plan(model)[0].weight_plans[0][1]
     a = plan.groups[0][1]
+    m_offsets, m_inv_stab, m_geometry = a.offsets, a.inv_stab, a.geometry  # read once (properties build lists)
     gp, ge = torch.ones(len(weights)), torch.zeros(len(weights))  # what model_penalty passes (lambda_G = 0)
 
     def raw_kernels():
-        ops.multi_forward(weights, a.offsets, a.inv_stab, a.geometry)
-        ops.multi_backward(weights, gp, ge, a.offsets, a.inv_stab, a.geometry)
+        ops.multi_forward(weights, m_offsets, m_inv_stab, m_geometry)
+        ops.multi_backward(weights, gp, ge, m_offsets, m_inv_stab, m_geometry)
 
     n_model = max(1, number // 100)
     t = interleaved({
@@ -231,35 +233,38 @@ def breakdown(number: int = 200, rounds: int = 7) -> List[tuple]:
     op = ops.multi_penalty.default
     weights, key = pk.multi_inputs.collect(items)
     a = pk.multi.plan_for(key, "auto").groups[0][1]
+    # The bound call's tables as Python objects, read once (each property read builds a new list).
+    offsets, inv_stab, consts, geometry = a.offsets, a.inv_stab, a.consts, a.geometry
     ones, zeros = torch.ones(N_WEIGHTS), torch.zeros(N_WEIGHTS)
-    kept = op(ws, a.offsets, a.inv_stab, a.consts, a.geometry)
+    kept = op(ws, offsets, inv_stab, consts, geometry)
     stacked = torch.stack(ws).square().sum()
     parts = {
         "multi_penalty fwd+bwd, total": lambda: torch.autograd.grad(pk.multi_penalty(items)[0], ws),
         "Python: collect(items), the cache key": lambda: pk.multi_inputs.collect(items),
         "Python: plan_for(key), a cache hit": lambda: pk.multi.plan_for(key, "auto"),
         "public op forward through torch.ops, no autograd node (weights detached)":
-            lambda: op(small, a.offsets, a.inv_stab, a.consts, a.geometry),
+            lambda: op(small, offsets, inv_stab, consts, geometry),
         "public op forward, bound call, no autograd node (weights detached)": lambda: a(small),
         "public op forward through torch.ops, 1 weight, no autograd node":
-            lambda: op(small[:1], a.offsets[:1], a.inv_stab[:1], a.consts[:, :1], a.geometry[:4]),
-        "public op forward through torch.ops with its autograd node": lambda: op(ws, a.offsets, a.inv_stab, a.consts, a.geometry),
+            lambda: op(small[:1], offsets[:1], inv_stab[:1], consts[:, :1], geometry[:4]),
+        "public op forward through torch.ops with its autograd node": lambda: op(ws, offsets, inv_stab, consts, geometry),
         "public op forward with its autograd node, bound call (what multi_penalty calls)": lambda: a(ws),
         "backward alone: torch.autograd.grad through the node (engine, node, kernel)":
             lambda: torch.autograd.grad(kept[0], ws, retain_graph=True),
         "native backward alone through stack(ws).square().sum() (one 20-output node)":
             lambda: torch.autograd.grad(stacked, ws, retain_graph=True),
-        "raw multi_forward called from Python": lambda: ops.multi_forward(small, a.offsets, a.inv_stab, a.geometry),
+        "raw multi_forward called from Python": lambda: ops.multi_forward(small, offsets, inv_stab, geometry),
         "raw multi_backward called from Python":
-            lambda: ops.multi_backward(small, ones, zeros, a.offsets, a.inv_stab, a.geometry),
+            lambda: ops.multi_backward(small, ones, zeros, offsets, inv_stab, geometry),
     }
     t = interleaved(parts, number, rounds)
     # The kernels' own rate, on one large weight of the same kind (per-call costs amortised away).
     big = torch.randn(256, 256, 3, 3, generator=g)
     b = pk.multi.plan_for(pk.multi_inputs.collect([(big, *SPEC)])[1], "auto").groups[0][1]
+    b_offsets, b_inv_stab, b_geometry = b.offsets, b.inv_stab, b.geometry
     k = interleaved({
-        "fwd": lambda: ops.multi_forward([big], b.offsets, b.inv_stab, b.geometry),
-        "bwd": lambda: ops.multi_backward([big], ones[:1], zeros[:1], b.offsets, b.inv_stab, b.geometry),
+        "fwd": lambda: ops.multi_forward([big], b_offsets, b_inv_stab, b_geometry),
+        "bwd": lambda: ops.multi_backward([big], ones[:1], zeros[:1], b_offsets, b_inv_stab, b_geometry),
     }, 3, 3)
     scale = N_WEIGHTS * ws[0].numel() / big.numel()
     rows = [(name, us) for name, us in t.items()]

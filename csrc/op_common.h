@@ -35,13 +35,24 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 // True when an op's Autograd kernel must record a node: grad mode on and some input requiring
 // grad.  Otherwise (inference, and every call made by a backward that does not build a graph) the
 // op runs below autograd directly, without a context to fill.
+//
+// The ops implement reverse mode only: an input carrying a forward-mode tangent (a dual tensor of
+// torch.autograd.forward_ad) is refused here, where the tangent would otherwise be dropped silently.
 inline bool records(std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const at::Tensor* t : tensors)
-    if (t->defined() && t->requires_grad()) return true;
-  for (const at::Tensor& t : lists)
-    if (t.requires_grad()) return true;
-  return false;
+  constexpr const char* no_forward_ad =
+      "projkernels: an input carries a forward-mode tangent (torch.autograd.forward_ad); the penalty ops "
+      "support reverse mode only (backward, torch.autograd.grad)";
+  bool any = false;
+  for (const at::Tensor* t : tensors) {
+    if (!t->defined()) continue;
+    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), no_forward_ad);
+    any = any || t->requires_grad();
+  }
+  for (const at::Tensor& t : lists) {
+    TORCH_CHECK(!t._fw_grad(/*level=*/0).defined(), no_forward_ad);
+    any = any || t.requires_grad();
+  }
+  return any && at::GradMode::is_enabled();
 }
 
 // The gradients of a write op "2 g_pen (W - P W) + 2 g_eq P W" with respect to (g_pen, g_eq),

@@ -12,8 +12,11 @@
 //
 // Weights whose type overrides __torch_function__ (and any call made inside an active
 // TorchFunctionMode) go through the boxed op of torch.ops instead, which honours the override, as
-// every torch op does.  Like torch's own bindings, a call releases the GIL while the op runs.
+// every torch op does.  Like torch's own bindings, a call releases the GIL while the op runs, turns
+// C++ warnings into Python warnings and C++ errors into the matching Python exceptions.  The
+// objects are immutable: a copy (copy.copy, copy.deepcopy) is the object itself.
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -63,6 +66,7 @@ class SingleCall {
   }
 
   py::object penalty_energy(py::handle weight) const {
+    HANDLE_TH_ERRORS
     if (!plain_tensor(weight.ptr())) return boxed(pe_name_, weight);
     const Tensor& w = THPVariable_Unpack(weight.ptr());
     std::tuple<Tensor, Tensor> out;
@@ -71,6 +75,7 @@ class SingleCall {
       out = pe_.call(w, table_, geometry_);
     }
     return py::make_tuple(std::move(std::get<0>(out)), std::move(std::get<1>(out)));
+    END_HANDLE_TH_ERRORS_PYBIND
   }
 
   py::object project(py::handle weight) const { return weight_out(project_, project_name_, weight); }
@@ -87,6 +92,7 @@ class SingleCall {
  private:
   py::object weight_out(const c10::TypedOperatorHandle<WeightOutSig>& op, const std::string& name,
                         py::handle weight) const {
+    HANDLE_TH_ERRORS
     if (!plain_tensor(weight.ptr())) return boxed(name, weight);
     const Tensor& w = THPVariable_Unpack(weight.ptr());
     Tensor out;
@@ -95,6 +101,7 @@ class SingleCall {
       out = op.call(w, table_, geometry_);
     }
     return py::cast(std::move(out));
+    END_HANDLE_TH_ERRORS_PYBIND
   }
 
   py::object boxed(const std::string& name, py::handle weight) const {
@@ -124,6 +131,7 @@ class MultiCall {
         op_(op_handle<MultiPenaltySig>("projkernels_C::multi_penalty")) {}
 
   py::object call(const py::sequence& weights) const {
+    HANDLE_TH_ERRORS
     const size_t n = py::len(weights);
     std::vector<Tensor> ws;
     ws.reserve(n);
@@ -141,6 +149,7 @@ class MultiCall {
     }
     auto& [pen, eq, per_pen, per_eq] = out;
     return py::make_tuple(std::move(pen), std::move(eq), std::move(per_pen), std::move(per_eq));
+    END_HANDLE_TH_ERRORS_PYBIND
   }
 
   const std::vector<Tensor>& offsets() const { return offsets_; }
@@ -171,12 +180,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("penalty_energy", &SingleCall::penalty_energy, py::arg("weight"))
       .def("project", &SingleCall::project, py::arg("weight"))
       .def("spectrum", &SingleCall::spectrum, py::arg("weight"))
+      .def("__copy__", [](py::object self) { return self; })
+      .def("__deepcopy__", [](py::object self, py::object /*memo*/) { return self; })
       .def_property_readonly("table", &SingleCall::table)
       .def_property_readonly("geometry", &SingleCall::geometry);
   py::class_<MultiCall>(m, "MultiCall", "projkernels_C::multi_penalty bound to one list of layers' tables")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, std::vector<int64_t>>(),
            py::arg("offsets"), py::arg("inv_stab"), py::arg("consts"), py::arg("geometry"))
       .def("__call__", &MultiCall::call, py::arg("weights"))
+      .def("__copy__", [](py::object self) { return self; })
+      .def("__deepcopy__", [](py::object self, py::object /*memo*/) { return self; })
       .def_property_readonly("offsets", &MultiCall::offsets)
       .def_property_readonly("inv_stab", &MultiCall::inv_stab)
       .def_property_readonly("consts", &MultiCall::consts)

@@ -179,6 +179,31 @@ def test_api_calls_honour_torch_function_overrides():
     assert log == []
 
 
+def test_bound_calls_are_their_own_copies():
+    # Immutable: copying a configuration or a plan shares them (pybind objects cannot be pickled).
+    import copy
+    w = _weight((8, 8, 3, 3), torch.float32)
+    cfg = config.config_for(w, "C4", "regular", "regular", "cpp")
+    assert copy.deepcopy(cfg).ops.penalty_energy.__self__ is cfg.ops.penalty_energy.__self__
+    plan = pk.multi.plan_for(pk.multi_inputs.collect([(w, "C4", "regular", "regular")])[1], "cpp")
+    call = plan.groups[0][1]
+    assert copy.copy(call) is call and copy.deepcopy(plan).groups[0][1] is call
+
+
+def test_forward_mode_ad_is_refused_not_dropped():
+    # The ops implement reverse mode only; a dual weight used to come back without its tangent.
+    import torch.autograd.forward_ad as fwAD
+    w = _weight((8, 8, 3, 3), torch.float64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(w, torch.ones_like(w))
+        with pytest.raises(RuntimeError, match="forward-mode tangent"):
+            pk.projected_penalty(dual, "C4", "regular", "regular")
+        with pytest.raises(RuntimeError, match="forward-mode tangent"):
+            pk.project(dual, "C4", "regular", "regular")
+        with pytest.raises(RuntimeError, match="forward-mode tangent"):
+            pk.multi_penalty([(w, "C4", "regular", "regular"), (dual, "C4", "regular", "regular")])
+
+
 def test_bound_calls_from_several_threads():
     # A bound call releases the GIL while its op runs (as torch's own bindings do): threads calling
     # at once get the results of serial calls.
