@@ -294,9 +294,12 @@ bool tiles_enabled() {
 #endif
 }
 
-TilePlan tile_plan(const LayerDesc& d, int64_t c_out, int64_t elem_bytes, const char* op) {
+// A tile lives whole in shared memory: where the device's budget cannot hold one (no current GPU:
+// tiles take at most 32 KiB, every GPU since Kepler gives a block 48 KiB), the weight runs chunked.
+TilePlan tile_plan(const LayerDesc& d, int64_t c_out, int64_t elem_bytes, int64_t shared_budget, const char* op) {
   if (!tiles_enabled()) return TilePlan{};
   const TilePlan tp = plan_tiles(c_out, d.c_in, d.stride_out, d.stride_in, d.orbits_per_block, d.G, elem_bytes);
+  if (tp.ok && tp.shared_bytes() > shared_budget) return TilePlan{};
   TORCH_CHECK(!tp.ok || tp.n_tiles <= std::numeric_limits<int32_t>::max(), op, ": too many tiles for one launch (",
               tp.n_tiles, ")");
   return tp;
@@ -332,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
   const LayerDesc d = describe(t, w, nullptr);
   const Chunks chunks(d, w.element_size(), op);
   // Tiled or not regardless of with_spectrum: the penalty comes out the same bits either way.
-  const TilePlan tp = tile_plan(d, t.c_out, w.element_size(), op);
+  const TilePlan tp = tile_plan(d, t.c_out, w.element_size(), call.shared_budget, op);
   const int G = d.G;
   const int64_t cols = with_spectrum ? G + 1 : 2;
   const int64_t parts = tp.ok ? tp.n_tiles : chunks.count;  // one partial sum per tile or chunk
@@ -410,7 +413,8 @@ at::Tensor fused_backward_cuda(const at::Tensor& weight, const at::Tensor& grad_
   const LayerDesc d = describe(t, w, out.mutable_data_ptr());
   const Chunks chunks(d, w.element_size(), op);
   // The streamed class is never tiled in the backward (it would read entries it already wrote).
-  const TilePlan tp = group_order_class(d.G) != 0 ? tile_plan(d, t.c_out, w.element_size(), op) : TilePlan{};
+  const TilePlan tp =
+      group_order_class(d.G) != 0 ? tile_plan(d, t.c_out, w.element_size(), call.shared_budget, op) : TilePlan{};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

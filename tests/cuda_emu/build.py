@@ -1,0 +1,118 @@
+"""Builds a CUDA source of csrc/ as a CPU torch extension over the emulated device (cuda_emu.h).
+
+``load("steerable_kernels.cu")`` rewrites the file (the launches ``k<<<grid, block, shared,
+stream>>>(args)`` into ``cuda_emu::launch`` calls that evaluate the arguments once, dynamic shared
+memory into the emulated block's buffer, static ``__shared__`` variables into statics, which is
+right because blocks run one at a time) and registers its host functions, unchanged, as the ops of
+a library of its own, ``projkernels_emu_<name>`` with the schemas inferred from their C++ types,
+so the CPU tests can call the CUDA code path on CPU tensors next to the real CPU kernels.  The
+emulated device's headers (tests/cuda_emu/shim) stand in for the CUDA runtime's.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parents[1] / "csrc"
+
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w:, ]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]*?\w)\s+(\w+)\[\]\s*;")
+_REGISTRATION = "TORCH_LIBRARY_IMPL(projkernels_C, CUDA, m)"
+# Ops of every emulated library that set and read the emulated device.
+_CONTROLS = """
+  m.def("emu_set_shared_limit", [](int64_t bytes) { ::cuda_emu::set_shared_limit(bytes); });
+  m.def("emu_launch_count", []() -> int64_t { return ::cuda_emu::launch_count(); });
+"""
+
+
+def _close(src: str, i: int, open_c: str, close_c: str) -> int:
+    """Index of the bracket that closes the one at src[i]."""
+    depth = 0
+    for j in range(i, len(src)):
+        if src[j] == open_c:
+            depth += 1
+        elif src[j] == close_c:
+            depth -= 1
+            if depth == 0:
+                return j
+    raise ValueError(f"unbalanced {open_c!r} at offset {i}")
+
+
+def _split_top(s: str):
+    """Comma-separated parts of s, not splitting inside (), <> or {}."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        if ch in "(<{":
+            depth += 1
+        elif ch in ")>}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    return parts
+
+
+def _launches(src: str) -> str:
+    out, pos = [], 0
+    while (m := _LAUNCH.search(src, pos)) is not None:
+        paren = m.end() - 1
+        end = _close(src, paren, "(", ")")
+        name = m.group(1)
+        config = _split_top(" ".join(m.group(2).split()))
+        config += ["0", "nullptr"][len(config) - 2:]
+        args = " ".join(src[paren + 1:end].split())
+        out.append(src[pos:m.start()])
+        out.append(f'::cuda_emu::launch("{name}", {", ".join(config)}, '
+                   f'[&, projkernels_emu_args = std::make_tuple({args})] {{ '
+                   f'std::apply([&](const auto&... projkernels_emu_a) {{ {name}(projkernels_emu_a...); }}, projkernels_emu_args); }})')
+        pos = end + 1
+    out.append(src[pos:])
+    return "".join(out)
+
+
+def rewrite(src: str, library: str) -> str:
+    """The emulated form of a .cu file's text (see the module docstring)."""
+    src = _launches(src)
+    src = _EXTERN_SHARED.sub(r"\1* const \2 = reinterpret_cast<\1*>(::cuda_emu::dynamic_shared());", src)
+    src = re.sub(r"\b__shared__\b", "static", src)
+    at = src.index(_REGISTRATION)
+    brace = src.index("{", at)
+    end = _close(src, brace, "{", "}")
+    body = src[brace:end].replace("m.impl(", "m.def(") + _CONTROLS + "}"
+    src = src[:at] + f"TORCH_LIBRARY({library}, m) " + body + src[end + 1:]
+    return '#include "cuda_emu.h"\n#include <tuple>\n' + src
+
+
+def load(cu_file: str, variant: str = "", substitutions: Optional[Dict[str, str]] = None, verbose: bool = False):
+    """Compile ``cu_file`` (a file of csrc/, or a path) for the emulated device and return its ops,
+    ``torch.ops.projkernels_emu_<stem>[_<variant>]``.  ``substitutions`` replace text of the source
+    before the rewrite (a variant's switch); the build is cached by torch's extension builder, in
+    build/cuda_emu/ of the repository (or $PROJKERNELS_EMU_BUILD)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    path = Path(cu_file) if os.sep in cu_file else CSRC / cu_file
+    stem = path.stem + (f"_{variant}" if variant else "")
+    library = f"projkernels_emu_{stem}"
+    build = Path(os.environ.get("PROJKERNELS_EMU_BUILD", HERE.parents[1] / "build" / "cuda_emu")) / stem
+    build.mkdir(parents=True, exist_ok=True)
+    text = path.read_text()
+    for old, new in (substitutions or {}).items():
+        if old not in text:
+            raise ValueError(f"{path.name}: {old!r} not found (the substitution would change nothing)")
+        text = text.replace(old, new)
+    text = rewrite(text, library)
+    source = build / f"{stem}_emu.cpp"
+    if not source.exists() or source.read_text() != text:
+        source.write_text(text)
+    cpp_extension.load(name=library, sources=[str(source)],
+                       extra_include_paths=[str(HERE / "shim"), str(HERE), str(CSRC)],
+                       extra_cflags=["-O1", "-Wno-unknown-pragmas"], build_directory=str(build),
+                       is_python_module=False, verbose=verbose)
+    return getattr(torch.ops, library)

@@ -1,0 +1,279 @@
+"""The CUDA kernels of csrc/*.cu, run on the CPU over an emulated device (tests/cuda_emu).
+
+Each .cu file is compiled as it is, with its launches rewritten to run every block and every thread
+of the grid on the CPU (threads as fibers that switch at the barriers and shuffles), and its host
+functions, also unchanged, registered as the ops of a library of their own
+(``torch.ops.projkernels_emu_<file>``).  So the host code that sizes a launch and plans shared
+memory, and the device code, run in CI on CPU tensors, against the CPU kernels and the oracles.
+The emulated device reports a hang (a barrier or shuffle some threads never reach), a write past
+the dynamic shared memory, and a launch above its shared-memory limit; shared memory starts as NaN,
+so a read of what no thread wrote shows in the results.  Lowering that limit drives the kernels
+into their fallbacks (tables and operands read from global memory instead of shared memory).
+
+What this cannot show: speed, memory-ordering races between threads of a block (the fibers see each
+other's writes at once), and anything of the real compiler and hardware.  The GPU tests (marked gpu)
+remain the word on those.
+"""
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from projkernels import reference as R
+from projkernels.orbits import orbit_table
+
+C = pytest.importorskip("projkernels.native", reason="projkernels._C is not built")
+OPS = torch.ops.projkernels_C
+S = importlib.import_module("projkernels.steerable")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "cuda_emu"))
+import build as emu  # noqa: E402
+
+from test_steerable_ops_synthetic import (CASES, FALLBACKS, TOL, _blockwise_expected, _expected,  # noqa: E402
+                                          fallback_layout, householder, synthetic)
+
+_SHARED_DEFAULT = 48 * 1024
+_STATIC_RESERVE = 1024  # csrc/cuda_launch.cuh kStaticSharedReserve
+
+
+@pytest.fixture(scope="module")
+def selftest():
+    return emu.load(str(HERE / "cuda_emu" / "selftest.cu"))
+
+
+@pytest.fixture(scope="module")
+def steer():
+    ops = emu.load("steerable_kernels.cu")
+    yield ops
+    ops.emu_set_shared_limit(_SHARED_DEFAULT)
+
+
+@pytest.fixture(scope="module", params=["chunked", "tiled"])
+def finite(request):
+    if request.param == "tiled":  # the opt-in path, on for this library whatever the environment says
+        ops = emu.load("kernels.cu", variant="tiled", substitutions={'std::getenv("PROJKERNELS_TILED")': '"1"'})
+    else:
+        ops = emu.load("kernels.cu", variant="chunked", substitutions={'std::getenv("PROJKERNELS_TILED")': 'nullptr'})
+    yield ops
+    ops.emu_set_shared_limit(_SHARED_DEFAULT)
+
+
+@pytest.fixture(scope="module")
+def multi():
+    return emu.load("multi_kernels.cu")
+
+
+@pytest.fixture
+def shared_limit():
+    """Set the emulated device's shared-memory limit for one test (every emulated library shares it)."""
+    libs = []
+
+    def set_limit(ops, nbytes):
+        libs.append(ops)
+        ops.emu_set_shared_limit(nbytes)
+    yield set_limit
+    for ops in libs:
+        ops.emu_set_shared_limit(_SHARED_DEFAULT)
+
+
+# --- the emulated device itself ---------------------------------------------------------------------
+
+def test_the_emulated_block_reduction_is_the_sum(selftest):
+    x = torch.randn(5 * 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(selftest.block_sums(x), x.view(5, 256).sum(1), rtol=1e-14, atol=1e-14)
+
+
+def test_the_emulated_device_reports_what_a_gpu_would_hang_or_fault_on(selftest, shared_limit):
+    x = torch.zeros(1)
+    before = selftest.emu_launch_count()
+    selftest.overrun(0)  # every thread in its own slot
+    assert selftest.emu_launch_count() == before + 1
+    with pytest.raises(RuntimeError, match="wrote past its 1024 bytes of dynamic shared memory"):
+        selftest.overrun(1)
+    with pytest.raises(RuntimeError, match="half_warp_kernel: the block hangs"):
+        selftest.half_warp(x)
+    assert bool(selftest.unwritten(x, 1024).isnan().all())
+    # Through shared memory across warps: right after a barrier; without it, a warp runs ahead of
+    # the warp it reads from (each block in its own direction), and reads what was never written.
+    expected = ((torch.arange(256) + 32) % 256).float().repeat(2)
+    assert torch.equal(selftest.neighbour(x, 1), expected)
+    racy = selftest.neighbour(x, 0).view(2, 8, 32)
+    assert bool(racy[0, 0].isnan().all()) and bool(racy[1, 7].isnan().all())  # first warp to run, each block
+    shared_limit(selftest, 512)
+    with pytest.raises(RuntimeError, match="1024 bytes of dynamic shared memory exceed the device's 512"):
+        selftest.unwritten(x, 1024)
+
+
+def test_the_rewrite_keeps_every_launch_and_no_cuda_syntax():
+    for name in ("kernels.cu", "multi_kernels.cu", "steerable_kernels.cu"):
+        src = (emu.CSRC / name).read_text()
+        out = emu.rewrite(src, "lib")
+        assert "<<<" not in out and "extern __shared__" not in out and "__shared__" not in out
+        assert out.count("::cuda_emu::launch(") == src.count("<<<") > 0
+        assert "TORCH_LIBRARY(lib, m)" in out and "projkernels_C, CUDA" not in out
+
+
+# --- steerable kernels (csrc/steerable_kernels.cu) ---------------------------------------------------
+
+def _gpu_layout(sym, dtype, monkeypatch):
+    # The GPU's tiles (2048 elements of work), built for CPU tensors.
+    monkeypatch.setattr(S, "_CPU_TILE_ELEMS", S._TILE_ELEMS)
+    return S._native_layout(sym, torch.device("cpu"), torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def _steer_run(ops, lay, w):
+    pen, eq = ops.steerable_penalty_energy(w, lay.table, lay.geometry)
+    pw = ops.steerable_project(w, lay.table, lay.geometry)
+    gp, ge = torch.tensor(0.7, dtype=pen.dtype), torch.tensor(-0.3, dtype=pen.dtype)
+    dw = ops.steerable_penalty_energy_backward(w, gp, ge, lay.table, lay.geometry)
+    return pen, eq, pw, dw
+
+
+def _steer_check(got, want, w, tol):
+    pen, eq, pw, dw = got
+    e_pen, e_eq, e_pw, e_dw = want
+    scale = float(w.double().square().sum())
+    assert abs(float(pen) - float(e_pen)) <= tol * scale, (float(pen), float(e_pen))
+    assert abs(float(eq) - float(e_eq)) <= tol * scale, (float(eq), float(e_eq))
+    amax = float(w.double().abs().max())
+    torch.testing.assert_close(pw.double(), e_pw, rtol=0, atol=tol * 10 * amax)
+    torch.testing.assert_close(dw.double(), e_dw, rtol=0, atol=tol * 10 * amax)
+    assert pw.dtype == w.dtype and dw.dtype == w.dtype and pw.shape == w.shape
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("name", list(CASES))
+def test_steerable_cuda_kernels_match_the_dense_projection_and_the_cpu(steer, name, dtype, monkeypatch):
+    args, ranks = CASES[name]
+    sym = synthetic(*args, ranks)
+    w = torch.randn(sym.weight_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    lay = _gpu_layout(sym, dtype, monkeypatch)
+    got = _steer_run(steer, lay, w)
+    _steer_check(got, _expected(sym, w), w, TOL[dtype])
+    for a, b in zip(got, _steer_run(OPS, lay, w)):  # the CPU kernels on the same layout
+        torch.testing.assert_close(a.double(), b.double(), rtol=TOL[dtype], atol=TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", FALLBACKS)
+def test_steerable_cuda_fallbacks_below_the_shared_memory_budget(steer, kind, dtype, shared_limit, monkeypatch):
+    # The layouts of the GPU fallback tests at a budget of 300 numbers: coefficients in the global
+    # scratch, the tile's blocks gathered from W, Q_t^T read from global memory.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    budget = 300
+    shared_limit(steer, budget * acc.itemsize + _STATIC_RESERVE)
+    sym = fallback_layout(kind, budget, householder)
+    w = torch.randn(sym.weight_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    lay = _gpu_layout(sym, dtype, monkeypatch)
+    _steer_check(_steer_run(steer, lay, w), _blockwise_expected(sym, w), w, TOL[dtype])
+
+
+def test_a_steerable_kernel_without_its_staging_barrier_fails_here(monkeypatch):
+    # The emulation is worth its name only if it catches what a GPU would get wrong: the real
+    # kernels with the barrier after the staging of the tile removed give NaN.
+    src = (emu.CSRC / "steerable_kernels.cu").read_text()
+    barrier = "    s.x = xs;\n  }\n  __syncthreads();\n  return s;"
+    assert src.count(barrier) == 1
+    mutant = emu.load("steerable_kernels.cu", variant="no_staging_barrier",
+                      substitutions={barrier: "    s.x = xs;\n  }\n  return s;"})
+    sym = synthetic(*CASES["many"][0], CASES["many"][1])
+    w = torch.randn(sym.weight_shape, dtype=torch.float64)
+    lay = _gpu_layout(sym, torch.float64, monkeypatch)
+    pen, eq = mutant.steerable_penalty_energy(w, lay.table, lay.geometry)
+    assert not (bool(pen.isfinite()) and bool(eq.isfinite()))
+
+
+def test_steerable_launch_counts(steer, monkeypatch):
+    sym = synthetic(*CASES["mixed"][0], CASES["mixed"][1])
+    w = torch.randn(sym.weight_shape, dtype=torch.float64)
+    lay = _gpu_layout(sym, torch.float64, monkeypatch)
+    n = steer.emu_launch_count()
+    steer.steerable_penalty_energy(w, lay.table, lay.geometry)
+    assert steer.emu_launch_count() == n + 2  # the tiles, then the fixed-order sum of their partials
+    steer.steerable_project(w, lay.table, lay.geometry)
+    assert steer.emu_launch_count() == n + 3
+
+
+# --- finite-group kernels (csrc/kernels.cu), chunked and tiled ----------------------------------------
+
+FINITE = [((16, 16, 3, 3), "C4", "regular", "regular"), ((8, 32, 5, 5), "D4", "trivial", "regular"),
+          ((24, 8, 3, 3), "D4", "regular", "trivial"), ((128, 64), "C64", "regular", "regular"),
+          ((64, 64), "D32", "regular", "trivial"), ((48, 48, 3, 3, 3), "Oh", "regular", "regular"),
+          ((200, 3), "C100", "trivial", "regular"), ((6, 3, 7), "C2", "trivial", "trivial")]
+FINITE_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _finite_run(ops, w, t):
+    d = t.device_tables(w.device, w.dtype)
+    pen, eq, spec = ops.fused_forward(w, d.offsets, d.inv_stab, d.basis, d.row_irrep, *t.geometry, True)
+    pen2, eq2, zeros = ops.fused_forward(w, d.offsets, d.inv_stab, d.basis, d.row_irrep, *t.geometry, False)
+    assert torch.equal(pen2, pen) and torch.equal(eq2, eq) and not bool(zeros.any())
+    gp, ge = torch.tensor(0.7, dtype=pen.dtype), torch.tensor(-1.3, dtype=pen.dtype)
+    dw = ops.fused_backward(w, gp, ge, d.offsets, d.inv_stab, *t.geometry[1:])
+    return pen, eq, spec, dw
+
+
+def _finite_check(ops, shape, group, ir, orr, dtype):
+    t = orbit_table(shape, group, ir, orr)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    w64 = w.double()
+    pen, eq, spec, dw = _finite_run(ops, w, t)
+    tol, norm2 = FINITE_TOL[dtype], float(w64.square().sum())
+    ref_pen, ref_eq = R.forward(w64, t)
+    torch.testing.assert_close(pen.double(), ref_pen, rtol=tol, atol=tol * norm2)
+    torch.testing.assert_close(eq.double(), ref_eq, rtol=tol, atol=tol * norm2)
+    # The FFT oracle for cyclic and dihedral groups, the isotypic-basis route for the cube groups.
+    oracle = R.spectral_spectrum if t.group.rotation_order * (2 if t.group.has_reflections else 1) == t.group.order \
+        else R.basis_spectrum
+    torch.testing.assert_close(spec.double(), oracle(w64, t), rtol=tol, atol=tol * norm2)
+    assert dw.dtype == w.dtype and dw.shape == w.shape
+    ref_dw = R.backward(w64, t, 0.7, -1.3)
+    torch.testing.assert_close(dw.double(), ref_dw, rtol=tol, atol=tol * 4 * float(w64.abs().max()))
+    # The CPU kernels on the same weight: the same per-orbit arithmetic, other summation trees.
+    cpu = _finite_run(OPS, w, t)
+    for a, b in zip((pen, eq, spec, dw), cpu):
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * norm2 if a.dim() == 0 else tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", FINITE, ids=lambda c: f"{c[1]}-{c[2]}-{c[3]}-{'x'.join(map(str, c[0]))}")
+def test_finite_cuda_kernels_match_the_reference(finite, case, dtype):
+    _finite_check(finite, *case, dtype)
+
+
+@pytest.mark.parametrize("case", [FINITE[0], FINITE[3], FINITE[5]], ids=["C4", "C64", "Oh"])
+def test_finite_cuda_kernels_with_little_shared_memory(finite, case, shared_limit):
+    # 2 KiB of shared memory: the offset tables and the spectrum basis are read from global memory,
+    # and tiles that do not fit are not used.
+    shared_limit(finite, 2048 + _STATIC_RESERVE)
+    _finite_check(finite, *case, torch.float32)
+
+
+# --- the multi-tensor kernels (csrc/multi_kernels.cu) --------------------------------------------------
+
+def test_multi_cuda_kernels_over_several_launches(multi):
+    # 40 layers: two launches of up to 32 layers each, layers of several groups and orders.
+    specs = [FINITE[i % 5] for i in range(40)]
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(s[0], generator=g, dtype=torch.float64).float() for s in specs]
+    tables = [orbit_table(*s) for s in specs]
+    offsets = [t.device_tables("cpu").offsets for t in tables]
+    inv_stab = [t.device_tables("cpu").inv_stab for t in tables]
+    geometry = [v for t in tables for v in t.geometry[1:]]
+    n = multi.emu_launch_count()
+    pen, eq = multi.multi_forward(ws, offsets, inv_stab, geometry)
+    assert multi.emu_launch_count() == n + 4  # (chunks, per-layer sums) per group of 32 layers
+    rpen, req = OPS.multi_forward(ws, offsets, inv_stab, geometry)
+    torch.testing.assert_close(pen, rpen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eq, req, rtol=1e-5, atol=1e-5)
+    gp, ge = torch.linspace(0.5, 1.5, 40), torch.linspace(-1, 1, 40)
+    dws = multi.multi_backward(ws, gp, ge, offsets, inv_stab, geometry)
+    for dw, ref in zip(dws, OPS.multi_backward(ws, gp, ge, offsets, inv_stab, geometry)):
+        torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-5)
+    # A total's gradient expanded over the layers (stride 0) is read in place.
+    one = torch.ones(()).expand(40)
+    for dw, ref in zip(multi.multi_backward(ws, one, one * 0, offsets, inv_stab, geometry),
+                       OPS.multi_backward(ws, torch.ones(40), torch.zeros(40), offsets, inv_stab, geometry)):
+        torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-5)
