@@ -44,18 +44,25 @@ static void group_order_classes() {
 }
 
 // The walk with a step larger than one (a CUDA thread's grid-stride walk: step = blockDim, or
-// more than an orbits-per-block) lands on the same (block, orbit, base) as direct division.
+// more than an orbits-per-block) lands on the same (block, orbit, base) as direct division: steps
+// within a block, across one block, across a row of blocks (one and several rows at once).
 static void orbit_walk_steps() {
-  const int64_t opb = 7, c_in = 3, stride_out = 1000, stride_in = 50;
+  const int64_t stride_out = 1000, stride_in = 50;
+  const int64_t opbs[] = {1, 7, 36};
+  const int64_t c_ins[] = {1, 2, 3, 100};
   const int64_t steps[] = {1, 2, 6, 7, 8, 20, 21, 256};
-  for (int64_t start = 0; start < 30; start += 5) {
-    for (int64_t step : steps) {
-      pk::OrbitWalk it(start, opb, c_in, stride_out, stride_in);
-      for (int64_t id = start; id < 400; id += step, it.advance(step)) {
-        const int64_t b = id / opb;
-        CHECK(it.block == b);
-        CHECK(it.orbit == id % opb);
-        CHECK(it.base == (b / c_in) * stride_out + (b % c_in) * stride_in);
+  for (int64_t opb : opbs) {
+    for (int64_t c_in : c_ins) {
+      for (int64_t start = 0; start < 30; start += 5) {
+        for (int64_t step : steps) {
+          pk::OrbitWalk it(start, opb, c_in, stride_out, stride_in);
+          for (int64_t id = start; id < 4000; id += step, it.advance(step)) {
+            const int64_t b = id / opb;
+            CHECK(it.block == b);
+            CHECK(it.orbit == id % opb);
+            CHECK(it.base == (b / c_in) * stride_out + (b % c_in) * stride_in);
+          }
+        }
       }
     }
   }
