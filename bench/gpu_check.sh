@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the kernels: build, the GPU tests of the kernel files, and per-kernel timings.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh        (run from anywhere; the step timeouts add up to 720 s, the
+#   OUT=/some/dir bash bench/gpu_check.sh        (run from anywhere; the step timeouts add up to 760 s, the
 #   expected total on an H200 is about 5 minutes; where one command may run 600 s at most, split it in two
 #   calls: SKIP_TESTS=1 for the build and timings, then SKIP_BUILD=1 SKIP_TIMINGS=1 for the tests;
 #   SANITIZE=1 adds compute-sanitizer runs of the steerable CUDA kernels, best in a call of their own)
@@ -13,7 +13,8 @@
 # bytes moved / time / the copy bandwidth measured here (a 1 GiB device-to-device copy, read +
 # write): a forward reads W once, a backward reads W and writes dW.  The Triton kernels are timed chunked
 # and tiled in the first process (the tiled ones called directly, whatever PROJKERNELS_TILED says); the
-# second process, with PROJKERNELS_TILED=1, times the CUDA tiled kernels.
+# second process, with PROJKERNELS_TILED=1, times the CUDA tiled kernels, and a third, with
+# PROJKERNELS_ORBIT_BATCH=1, the chunked CUDA kernels with batched orbit loads.
 set -x
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$ROOT/gpu-check-out}"
@@ -78,9 +79,11 @@ dst = torch.empty_like(src)
 copy_gbs = 2 * src.numel() / (time_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
 del src, dst
 import os
-second_run = os.environ.get("PROJKERNELS_TILED") == "1"  # CUDA tiled run: the Triton numbers come from the first run
+# The CUDA tiled run and the batched run time the CUDA kernels only: the Triton numbers come from the first run.
+second_run = os.environ.get("PROJKERNELS_TILED") == "1" or os.environ.get("PROJKERNELS_ORBIT_BATCH") == "1"
 print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbs:.0f} GB/s; "
-      f"PROJKERNELS_TILED={os.environ.get('PROJKERNELS_TILED', '0 (default: chunked)')}")
+      f"PROJKERNELS_TILED={os.environ.get('PROJKERNELS_TILED', '0 (default: chunked)')}; "
+      f"PROJKERNELS_ORBIT_BATCH={os.environ.get('PROJKERNELS_ORBIT_BATCH', '0 (default: one orbit at a time)')}")
 
 cases = [("C4 reg 2048x2048x3x3 fp32", (2048, 2048, 3, 3), "C4", "regular", torch.float32),
          ("C4 reg 2048x2048x3x3 bf16", (2048, 2048, 3, 3), "C4", "regular", torch.bfloat16),
@@ -143,5 +146,10 @@ timeout 90 python3 "$OUT/timings.py" "$OUT/timings.json" > "$OUT/timings.log" 2>
 cat "$OUT/timings.log"
 PROJKERNELS_TILED=1 timeout 40 python3 "$OUT/timings.py" "$OUT/timings-tiled.json" > "$OUT/timings-tiled.log" 2>&1 || status=1
 cat "$OUT/timings-tiled.log"
+# The chunked CUDA kernels with batched orbit loads (PROJKERNELS_ORBIT_BATCH=1, opt-in until timed):
+# compare their rows with the same rows of timings.log, same machine, same minute.
+PROJKERNELS_ORBIT_BATCH=1 PROJKERNELS_TILED=0 timeout 40 python3 "$OUT/timings.py" "$OUT/timings-batched.json" \
+  > "$OUT/timings-batched.log" 2>&1 || status=1
+cat "$OUT/timings-batched.log"
 fi
 exit $status

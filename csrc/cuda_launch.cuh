@@ -7,8 +7,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include "orbit_math.h"  // batch_orbits
+
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace projkernels {
 
@@ -40,5 +44,23 @@ struct CudaCall {
     return bytes;
   }
 };
+
+namespace {
+// PROJKERNELS_ORBIT_BATCH=1 in the environment (read once per process): the chunked kernels of the
+// exact group orders issue the loads of a batch of orbits before using any (orbit_math.h,
+// batch_orbits).  Off by default until it has been timed against the one-orbit walk on a GPU
+// (bench/gpu_check.sh times both).  Internal linkage: each CUDA file reads the switch itself.
+bool orbit_batching() {
+  static const bool on = [] {
+    const char* v = std::getenv("PROJKERNELS_ORBIT_BATCH");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+}  // namespace
+
+// The forward's and the backward's batch for group-order class K (1: one orbit at a time).
+constexpr int forward_batch(int K) { return batch_orbits(K, 16); }
+constexpr int backward_batch(int K) { return batch_orbits(K, 8); }
 
 }  // namespace projkernels

@@ -75,7 +75,7 @@ __device__ __forceinline__ int64_t chunk_last(int64_t chunk_orbits, int64_t n_or
 // Sums over the orbits first, first + blockDim, ... < last of this thread (threadIdx.x added by the
 // caller), reduced over the block by the fixed tree into column j of one partial: col[j * n_parts]
 // for j = 0 (penalty), 1 (eq energy) and, with SPECTRUM, 1 + r (row r).
-template <typename scalar_t, int K, bool SPECTRUM>
+template <typename scalar_t, int K, bool SPECTRUM, int B = 1>
 __device__ __forceinline__ void reduce_orbits(const LayerDesc& d, const int32_t* __restrict__ offs,
                                               const at::opmath_type<scalar_t>* __restrict__ bas, int64_t first,
                                               int64_t last, double* __restrict__ col, int64_t n_parts,
@@ -89,7 +89,7 @@ __device__ __forceinline__ void reduce_orbits(const LayerDesc& d, const int32_t*
   acc_t rows[kRowCount];
 #pragma unroll
   for (int r = 0; r < kRowCount; ++r) rows[r] = 0;
-  chunk_energies<K, kRows, scalar_t, acc_t, acc_t>(d, offs, first, last, blockDim.x, pen, eq, bas, rows);
+  chunk_energies<K, kRows, scalar_t, acc_t, acc_t, acc_t, B>(d, offs, first, last, blockDim.x, pen, eq, bas, rows);
 
   double v = block_sum(static_cast<double>(pen), scratch);
   if (threadIdx.x == 0) col[0] = v;
@@ -112,7 +112,7 @@ __device__ __forceinline__ void reduce_orbits(const LayerDesc& d, const int32_t*
   }
 }
 
-template <typename scalar_t, int K, bool SPECTRUM>
+template <typename scalar_t, int K, bool SPECTRUM, int B = 1>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(const LayerDesc d, const at::opmath_type<scalar_t>* __restrict__ basis, int64_t chunk_orbits,
                int64_t n_chunks, SharedPlan plan, double* __restrict__ partials) {
@@ -124,7 +124,7 @@ forward_kernel(const LayerDesc d, const at::opmath_type<scalar_t>* __restrict__ 
   const int32_t* offs =
       plan.stage_offsets() ? stage(smem + plan.basis_bytes, d.offsets, d.orbits_per_block * G) : d.offsets;
   __syncthreads();
-  reduce_orbits<scalar_t, K, SPECTRUM>(d, offs, bas, chunk_first(chunk_orbits) + threadIdx.x,
+  reduce_orbits<scalar_t, K, SPECTRUM, B>(d, offs, bas, chunk_first(chunk_orbits) + threadIdx.x,
                                        chunk_last(chunk_orbits, d.n_orbits), partials + blockIdx.x, n_chunks, scratch);
 }
 
@@ -165,7 +165,7 @@ spectrum_kernel(const double* __restrict__ totals, int G, const int64_t* __restr
   }
 }
 
-template <typename scalar_t, int K>
+template <typename scalar_t, int K, int B = 1>
 __global__ void __launch_bounds__(kThreads)
 backward_kernel(const LayerDesc d, int64_t chunk_orbits, SharedPlan plan,
                 const at::opmath_type<scalar_t>* __restrict__ grad_pen,
@@ -176,8 +176,8 @@ backward_kernel(const LayerDesc d, int64_t chunk_orbits, SharedPlan plan,
   const int32_t* offs = plan.stage_offsets() ? stage(smem, d.offsets, d.orbits_per_block * G) : d.offsets;
   __syncthreads();
   const acc_t two_pen = acc_t(2) * *grad_pen, two_eq = acc_t(2) * *grad_eq;
-  chunk_gradient<K, scalar_t, acc_t>(d, offs, chunk_first(chunk_orbits) + threadIdx.x,
-                                     chunk_last(chunk_orbits, d.n_orbits), blockDim.x, two_pen, two_eq);
+  chunk_gradient<K, scalar_t, acc_t, B>(d, offs, chunk_first(chunk_orbits) + threadIdx.x,
+                                        chunk_last(chunk_orbits, d.n_orbits), blockDim.x, two_pen, two_eq);
 }
 
 // --- tiled kernels --------------------------------------------------------------------------
@@ -358,6 +358,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
             d, tp, basis_ptr, partials.mutable_data_ptr<double>());
       } else {
         auto kernel = with_spectrum ? forward_kernel<scalar_t, K, true> : forward_kernel<scalar_t, K, false>;
+        if constexpr (forward_batch(K) > 1) {
+          if (!with_spectrum && orbit_batching()) kernel = forward_kernel<scalar_t, K, false, forward_batch(K)>;
+        }
         kernel<<<static_cast<unsigned>(chunks.count), kThreads, static_cast<size_t>(plan.total()), call.stream>>>(
             d, basis_ptr, chunks.orbits, chunks.count, plan, partials.mutable_data_ptr<double>());
       }
@@ -392,9 +395,12 @@ void launch_backward(const LayerDesc& d, const TilePlan& tp, const Chunks& chunk
       return;
     }
   }
-  backward_kernel<scalar_t, K>
-      <<<static_cast<unsigned>(chunks.count), kThreads, static_cast<size_t>(plan.total()), call.stream>>>(
-          d, chunks.orbits, plan, gp, ge);
+  auto kernel = backward_kernel<scalar_t, K>;
+  if constexpr (backward_batch(K) > 1) {
+    if (orbit_batching()) kernel = backward_kernel<scalar_t, K, backward_batch(K)>;
+  }
+  kernel<<<static_cast<unsigned>(chunks.count), kThreads, static_cast<size_t>(plan.total()), call.stream>>>(
+      d, chunks.orbits, plan, gp, ge);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -52,7 +52,7 @@ struct LaunchLayers {
 };
 static_assert(sizeof(LaunchLayers) + 64 <= 4096, "kernel arguments must fit in 4 KiB");
 
-template <typename scalar_t>
+template <typename scalar_t, bool BATCHED>
 __global__ void __launch_bounds__(kThreads)
 multi_forward_kernel(const __grid_constant__ LaunchLayers p, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -63,7 +63,8 @@ multi_forward_kernel(const __grid_constant__ LaunchLayers p, double* __restrict_
   acc_t pen = 0, eq = 0;
   // G is uniform across the block (a chunk never spans two layers), so the switch never diverges.
   GROUP_ORDER_SWITCH(d.G, K, [&] {
-    chunk_energies<K, false, scalar_t, acc_t, acc_t>(d, d.offsets, r.first + threadIdx.x, r.last, blockDim.x, pen, eq);
+    chunk_energies<K, false, scalar_t, acc_t, acc_t, acc_t, BATCHED ? forward_batch(K) : 1>(
+        d, d.offsets, r.first + threadIdx.x, r.last, blockDim.x, pen, eq);
   });
   double v = block_sum(static_cast<double>(pen), scratch);
   if (threadIdx.x == 0) partials[2 * c] = v;
@@ -95,7 +96,7 @@ multi_finalize_kernel(const __grid_constant__ LaunchLayers p, const double* __re
 // The descriptor read from the kernel argument takes registers that the chunk-list version did not
 // need; the bound keeps the occupancy that version had (4 blocks an SM, 3 for float64) without
 // spilling.
-template <typename scalar_t>
+template <typename scalar_t, bool BATCHED>
 __global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 8 ? 3 : 4)
 multi_backward_kernel(const __grid_constant__ LaunchLayers p, const at::opmath_type<scalar_t>* __restrict__ grad_pen,
                       int64_t pen_stride, const at::opmath_type<scalar_t>* __restrict__ grad_eq, int64_t eq_stride) {
@@ -107,7 +108,8 @@ multi_backward_kernel(const __grid_constant__ LaunchLayers p, const at::opmath_t
   const int64_t l = p.first_layer + j;
   const acc_t two_pen = acc_t(2) * grad_pen[l * pen_stride], two_eq = acc_t(2) * grad_eq[l * eq_stride];
   GROUP_ORDER_SWITCH(d.G, K, [&] {
-    chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, r.first + threadIdx.x, r.last, blockDim.x, two_pen, two_eq);
+    chunk_gradient<K, scalar_t, acc_t, BATCHED ? backward_batch(K) : 1>(d, d.offsets, r.first + threadIdx.x, r.last,
+                                                                        blockDim.x, two_pen, two_eq);
   });
 }
 
@@ -145,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(at::TensorList weights, at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for_each_launch(a, op, [&](const LaunchLayers& p, unsigned n_chunks) {
-      multi_forward_kernel<scalar_t><<<n_chunks, kThreads, 0, call.stream>>>(p, partials.mutable_data_ptr<double>());
+      auto kernel = orbit_batching() ? multi_forward_kernel<scalar_t, true> : multi_forward_kernel<scalar_t, false>;
+      kernel<<<n_chunks, kThreads, 0, call.stream>>>(p, partials.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       multi_finalize_kernel<acc_t><<<static_cast<unsigned>(p.n_layers), kThreads, 0, call.stream>>>(
           p, partials.const_data_ptr<double>(), pen.mutable_data_ptr<acc_t>(), eq.mutable_data_ptr<acc_t>());
@@ -171,8 +174,9 @@ std::vector<at::Tensor> multi_backward_cuda(at::TensorList weights, const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for_each_launch(a, op, [&](const LaunchLayers& p, unsigned n_chunks) {
-      multi_backward_kernel<scalar_t><<<n_chunks, kThreads, 0, call.stream>>>(
-          p, gp.const_data_ptr<acc_t>(), gp.stride(0), ge.const_data_ptr<acc_t>(), ge.stride(0));
+      auto kernel = orbit_batching() ? multi_backward_kernel<scalar_t, true> : multi_backward_kernel<scalar_t, false>;
+      kernel<<<n_chunks, kThreads, 0, call.stream>>>(p, gp.const_data_ptr<acc_t>(), gp.stride(0),
+                                                    ge.const_data_ptr<acc_t>(), ge.stride(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -92,8 +92,10 @@ inline void list_chunks(const Desc* layers, int64_t n_layers, int64_t chunk_orbi
 // layer (and, with ROWS, row_energy[r] += its row energies).  A CPU task walks a whole chunk
 // (step 1); a CUDA thread walks every blockDim-th orbit of its block's chunk.  offsets (and basis)
 // may point at a copy of the table (for example in shared memory).  K is the group-order class of
-// d.G (static_switch.h).
-template <int K, bool ROWS, typename scalar_t, typename acc_t, typename sum_t, typename basis_t = acc_t>
+// d.G (static_switch.h).  B > 1 (the exact classes, no rows): the walk goes in batches of B orbits
+// whose loads are all issued before any is used (orbit_math.h, batch_orbits); the sums are the
+// same, added in the same order.
+template <int K, bool ROWS, typename scalar_t, typename acc_t, typename sum_t, typename basis_t = acc_t, int B = 1>
 PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
                                           int64_t last, int64_t step, sum_t& pen, sum_t& eq,
                                           const basis_t* basis = nullptr, acc_t* row_energy = nullptr) {
@@ -101,7 +103,29 @@ PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __r
   const int G = order_of(K, d.G);
   if (first >= last) return;
   OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
-  for (int64_t id = first; id < last; id += step, it.advance(step)) {
+  int64_t id = first;
+  if constexpr (B > 1) {
+    // Whole batches of B orbits: every load of the batch first, then the orbits' sums in walk
+    // order; the orbits left over go one by one below.
+    static_assert(K > 0 && !ROWS, "batches are for the exact classes' training sums");
+    for (; id + (B - 1) * step < last; id += B * step) {
+      acc_t f[B][K];
+      acc_t inv_stab[B];
+      PK_UNROLL_BATCH
+      for (int b = 0; b < B; ++b) {
+        load_orbit<K>(w, it.base, offsets + it.orbit * G, G, f[b]);
+        inv_stab[b] = static_cast<acc_t>(d.inv_stab[it.orbit]);
+        it.advance(step);
+      }
+      PK_UNROLL_BATCH
+      for (int b = 0; b < B; ++b) {
+        const OrbitEnergy<acc_t> e = loaded_orbit_energy<K, false>(f[b], G, inv_stab[b]);
+        pen += static_cast<sum_t>(e.pen);
+        eq += static_cast<sum_t>(e.eq);
+      }
+    }
+  }
+  for (; id < last; id += step, it.advance(step)) {
     const OrbitEnergy<acc_t> e = orbit_energy<K, ROWS, scalar_t, acc_t, basis_t>(
         w, it.base, offsets + it.orbit * G, G, static_cast<acc_t>(d.inv_stab[it.orbit]), basis, row_energy);
     pen += static_cast<sum_t>(e.pen);
@@ -126,7 +150,7 @@ PK_HOST_DEVICE inline acc_t chunk_row_energy(const LayerDesc& d, const int32_t* 
 
 // dW = 2 grad_pen (W - P W) + 2 grad_eq P W on the orbits first, first + step, ... < last.
 // Orbits are disjoint and a repeated entry gets the same value each time, so writers never race.
-template <int K, typename scalar_t, typename acc_t>
+template <int K, typename scalar_t, typename acc_t, int B = 1>
 PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
                                           int64_t last, int64_t step, acc_t two_pen, acc_t two_eq) {
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
@@ -134,7 +158,28 @@ PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __r
   const int G = order_of(K, d.G);
   if (first >= last) return;
   OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
-  for (int64_t id = first; id < last; id += step, it.advance(step))
+  int64_t id = first;
+  if constexpr (B > 1) {
+    // Whole batches of B orbits, as in chunk_energies: every load of the batch, then every store.
+    static_assert(K > 0, "batches are for the exact classes");
+    // The store pass walks the batch again with its own copy of the walk (fewer registers than
+    // keeping every orbit's base and table row).
+    for (; id + (B - 1) * step < last; id += B * step) {
+      acc_t f[B][K];
+      OrbitWalk st = it;
+      PK_UNROLL_BATCH
+      for (int b = 0; b < B; ++b) {
+        load_orbit<K>(w, it.base, offsets + it.orbit * G, G, f[b]);
+        it.advance(step);
+      }
+      PK_UNROLL_BATCH
+      for (int b = 0; b < B; ++b) {
+        store_orbit_gradient<K>(f[b], out, st.base, offsets + st.orbit * G, G, two_pen, two_eq);
+        st.advance(step);
+      }
+    }
+  }
+  for (; id < last; id += step, it.advance(step))
     write_orbit_gradient<K>(w, out, it.base, offsets + it.orbit * G, G, two_pen, two_eq);
 }
 

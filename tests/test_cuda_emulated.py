@@ -50,19 +50,25 @@ def steer():
     ops.emu_set_shared_limit(_SHARED_DEFAULT)
 
 
-@pytest.fixture(scope="module", params=["chunked", "tiled"])
+# The opt-in switches, on or off for one emulated library whatever the environment says.
+_TILED = 'std::getenv("PROJKERNELS_TILED")'
+_BATCHED = {"cuda_launch.cuh": {'std::getenv("PROJKERNELS_ORBIT_BATCH")': '"1"'}}
+_ONE_ORBIT = {"cuda_launch.cuh": {'std::getenv("PROJKERNELS_ORBIT_BATCH")': "nullptr"}}
+
+
+@pytest.fixture(scope="module", params=["chunked", "batched", "tiled"])
 def finite(request):
-    if request.param == "tiled":  # the opt-in path, on for this library whatever the environment says
-        ops = emu.load("kernels.cu", variant="tiled", substitutions={'std::getenv("PROJKERNELS_TILED")': '"1"'})
-    else:
-        ops = emu.load("kernels.cu", variant="chunked", substitutions={'std::getenv("PROJKERNELS_TILED")': 'nullptr'})
+    tiled = {_TILED: '"1"' if request.param == "tiled" else "nullptr"}
+    batch = _BATCHED if request.param == "batched" else _ONE_ORBIT
+    ops = emu.load("kernels.cu", variant=request.param, substitutions=tiled, header_substitutions=batch)
     yield ops
     ops.emu_set_shared_limit(_SHARED_DEFAULT)
 
 
-@pytest.fixture(scope="module")
-def multi():
-    return emu.load("multi_kernels.cu")
+@pytest.fixture(scope="module", params=["one_orbit", "batched"])
+def multi(request):
+    return emu.load("multi_kernels.cu", variant=request.param,
+                    header_substitutions=_BATCHED if request.param == "batched" else _ONE_ORBIT)
 
 
 @pytest.fixture
@@ -252,6 +258,44 @@ def test_finite_cuda_kernels_with_little_shared_memory(finite, case, shared_limi
 
 
 # --- the multi-tensor kernels (csrc/multi_kernels.cu) --------------------------------------------------
+
+# A weight on which every thread of the single-weight kernels walks 4 orbits (C4, float32; 64 bytes
+# a thread, launch_plan.h): one batch of 4 in the forward and two of 2 in the backward when batching
+# is on.  Smaller weights get fewer orbits a thread, so that they still spread over the GPU, and
+# below a batch's worth they never batch.
+_BATCHING_SHAPE = (1024, 1024, 3, 3)
+
+
+def test_finite_kernels_on_a_weight_that_batches(finite):
+    t = orbit_table(_BATCHING_SHAPE, "C4", "regular", "regular")
+    w = torch.randn(_BATCHING_SHAPE, generator=torch.Generator().manual_seed(7))
+    got, want = _finite_run(finite, w, t), _finite_run(OPS, w, t)
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    assert torch.equal(got[3], want[3])  # the same arithmetic per entry
+
+
+def _first_orbit_only(header):
+    # The batch's sums taken from the batch's first orbit: wrong wherever a batch runs.
+    return {**_BATCHED, "multi_math.h": {"loaded_orbit_energy<K, false>(f[b], G, inv_stab[b])":
+                                         "loaded_orbit_energy<K, false>(f[0], G, inv_stab[b])"}}
+
+
+def test_the_batched_variants_run_the_batched_walk():
+    # Guards the "batched" variants above: with the batch's sums broken, both libraries give wrong
+    # penalties, so the batched walk is what those tests ran.
+    w = torch.randn(_BATCHING_SHAPE, generator=torch.Generator().manual_seed(6))
+    t = orbit_table(_BATCHING_SHAPE, "C4", "regular", "regular")
+    d = t.device_tables("cpu", w.dtype)
+    want = OPS.multi_forward([w], [d.offsets], [d.inv_stab], t.geometry[1:])[0]
+    multi = emu.load("multi_kernels.cu", variant="batched_first_orbit_only",
+                     header_substitutions=_first_orbit_only("multi_math.h"))
+    assert not torch.allclose(multi.multi_forward([w], [d.offsets], [d.inv_stab], t.geometry[1:])[0], want)
+    single = emu.load("kernels.cu", variant="batched_first_orbit_only", substitutions={_TILED: "nullptr"},
+                      header_substitutions=_first_orbit_only("multi_math.h"))
+    pen = single.fused_forward(w, d.offsets, d.inv_stab, d.basis, d.row_irrep, *t.geometry, False)[0]
+    assert not torch.allclose(pen, want[0])
+
 
 def test_multi_cuda_kernels_over_several_launches(multi):
     # 40 layers: two launches of up to 32 layers each, layers of several groups and orders.

@@ -186,6 +186,57 @@ static void chunk_walk_with_threads() {
   }
 }
 
+// The batched walks (B orbits' loads issued before any is used, the CUDA kernels' opt-in) give the
+// one-orbit walk's sums bit for bit, thread by thread, and write the same gradient: full batches,
+// the orbits left over, chunks that start and end inside blocks, steps from 1 to more than a chunk.
+template <int K, int B>
+static void batched_walk_of_class() {
+  // 5 x 7 blocks, 3 orbits per block, each orbit K entries of the block (a permutation of its 3 K
+  // entries); blocks 3 K entries apart in a row, rows 7 blocks (plus 5 unused entries) apart.
+  const int64_t opb = 3, c_out = 5, c_in = 7, block = opb * K, stride_out = c_in * block + 5;
+  std::vector<int32_t> offs(opb * K);
+  for (int64_t i = 0; i < opb * K; ++i) offs[i] = static_cast<int32_t>((i * 5 + 2) % (opb * K));
+  const double inv_stab[3] = {1.0, 0.5, 0.25};
+  std::vector<float> w(c_out * stride_out);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = static_cast<float>(value(static_cast<int64_t>(i) + 11));
+  pk::LayerDesc d{};
+  d.weight = w.data();
+  d.offsets = offs.data();
+  d.inv_stab = inv_stab;
+  d.c_in = c_in;
+  d.stride_out = stride_out;
+  d.stride_in = block;
+  d.orbits_per_block = opb;
+  d.n_orbits = opb * c_out * c_in;
+  d.G = K;
+  for (int64_t T : {1, 2, 3, 7, 64, 200}) {
+    for (int64_t first : {int64_t(0), int64_t(4)}) {
+      const int64_t last = d.n_orbits - first;
+      std::vector<float> g1(w.size(), -7.0f), gb(w.size(), -7.0f);
+      for (int64_t t = 0; t < T; ++t) {
+        float pen1 = 0, eq1 = 0, penb = 0, eqb = 0;
+        pk::chunk_energies<K, false, float, float, float>(d, offs.data(), first + t, last, T, pen1, eq1);
+        pk::chunk_energies<K, false, float, float, float, float, B>(d, offs.data(), first + t, last, T, penb, eqb);
+        CHECK(penb == pen1 && eqb == eq1);
+        d.grad = g1.data();
+        pk::chunk_gradient<K, float, float>(d, offs.data(), first + t, last, T, 0.8f, -0.3f);
+        d.grad = gb.data();
+        pk::chunk_gradient<K, float, float, B>(d, offs.data(), first + t, last, T, 0.8f, -0.3f);
+      }
+      CHECK(g1 == gb);
+    }
+  }
+}
+
+static void batched_walks() {
+  CHECK(pk::batch_orbits(4) == 4 && pk::batch_orbits(1) == 8 && pk::batch_orbits(16) == 1);
+  CHECK(pk::batch_orbits(8, 8) == 1 && pk::batch_orbits(2, 8) == 4 && pk::batch_orbits(-16) == 1);
+  batched_walk_of_class<4, 4>();
+  batched_walk_of_class<2, 8>();
+  batched_walk_of_class<8, 2>();
+  batched_walk_of_class<1, 3>();
+}
+
 // The multi-tensor chunking: each CUDA block finds its layer and orbit range from the descriptors
 // (layer_of_chunk, chunk_range) instead of reading a chunk list; both must give the list's chunks,
 // also when the layers are split into launches of a few layers each.
@@ -374,6 +425,7 @@ int main() {
   projection_keeps_inf<-16>();
   projection_keeps_inf<0>();
   chunk_walk_with_threads();
+  batched_walks();
   multi_chunks_by_lookup();
   chunk_plan();
   shared_plan();

@@ -89,11 +89,21 @@ def rewrite(src: str, library: str) -> str:
     return '#include "cuda_emu.h"\n#include <tuple>\n' + src
 
 
-def load(cu_file: str, variant: str = "", substitutions: Optional[Dict[str, str]] = None, verbose: bool = False):
+def _substitute(text: str, name: str, substitutions: Dict[str, str]) -> str:
+    for old, new in substitutions.items():
+        if old not in text:
+            raise ValueError(f"{name}: {old!r} not found (the substitution would change nothing)")
+        text = text.replace(old, new)
+    return text
+
+
+def load(cu_file: str, variant: str = "", substitutions: Optional[Dict[str, str]] = None,
+         header_substitutions: Optional[Dict[str, Dict[str, str]]] = None, verbose: bool = False):
     """Compile ``cu_file`` (a file of csrc/, or a path) for the emulated device and return its ops,
     ``torch.ops.projkernels_emu_<stem>[_<variant>]``.  ``substitutions`` replace text of the source
-    before the rewrite (a variant's switch); the build is cached by torch's extension builder, in
-    build/cuda_emu/ of the repository (or $PROJKERNELS_EMU_BUILD)."""
+    before the rewrite (a variant's switch); ``header_substitutions`` ({header of csrc/: {old:
+    new}}) do the same in that header of the copy of csrc/ the build compiles.  The build is cached by torch's extension builder, in build/cuda_emu/ of
+    the repository (or $PROJKERNELS_EMU_BUILD)."""
     import torch
     from torch.utils import cpp_extension
 
@@ -102,17 +112,22 @@ def load(cu_file: str, variant: str = "", substitutions: Optional[Dict[str, str]
     library = f"projkernels_emu_{stem}"
     build = Path(os.environ.get("PROJKERNELS_EMU_BUILD", HERE.parents[1] / "build" / "cuda_emu")) / stem
     build.mkdir(parents=True, exist_ok=True)
-    text = path.read_text()
-    for old, new in (substitutions or {}).items():
-        if old not in text:
-            raise ValueError(f"{path.name}: {old!r} not found (the substitution would change nothing)")
-        text = text.replace(old, new)
-    text = rewrite(text, library)
-    source = build / f"{stem}_emu.cpp"
-    if not source.exists() or source.read_text() != text:
-        source.write_text(text)
+    # The build compiles a copy of csrc/ (its headers, substituted where asked, and the rewritten
+    # source), so every quoted include of the copy finds the copy.
+    sources = build / "csrc"
+    sources.mkdir(exist_ok=True)
+    header_substitutions = dict(header_substitutions or {})
+    files = {h.name: h.read_text() for h in sorted(CSRC.iterdir()) if h.suffix in (".h", ".cuh")}
+    for header, subs in header_substitutions.items():
+        files[header] = _substitute(files[header], header, subs)
+    files[f"{stem}_emu.cpp"] = rewrite(_substitute(path.read_text(), path.name, substitutions or {}), library)
+    for name, text in files.items():
+        target = sources / name
+        if not target.exists() or target.read_text() != text:  # unchanged files keep their times
+            target.write_text(text)
+    source = sources / f"{stem}_emu.cpp"
     cpp_extension.load(name=library, sources=[str(source)],
-                       extra_include_paths=[str(HERE / "shim"), str(HERE), str(CSRC)],
+                       extra_include_paths=[str(HERE / "shim"), str(HERE), str(sources)],
                        extra_cflags=["-O1", "-Wno-unknown-pragmas"], build_directory=str(build),
                        is_python_module=False, verbose=verbose)
     return getattr(torch.ops, library)
