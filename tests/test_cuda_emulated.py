@@ -321,3 +321,31 @@ def test_multi_cuda_kernels_over_several_launches(multi):
     for dw, ref in zip(multi.multi_backward(ws, one, one * 0, offsets, inv_stab, geometry),
                        OPS.multi_backward(ws, torch.ones(40), torch.zeros(40), offsets, inv_stab, geometry)):
         torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-5)
+
+
+# --- the decay kernels (csrc/decay_kernels.cu) --------------------------------------------------------
+
+def test_decay_cuda_kernels_match_the_cpu_op():
+    # The host code uploads the launch's descriptors through pinned memory, which needs a CUDA
+    # device: here the staging buffer is ordinary memory (the copy to the "device" is then a no-op).
+    decay = emu.load("decay_kernels.cu", substitutions={".pinned_memory(true)": ".pinned_memory(false)"})
+    specs = FINITE[:6]
+    g = torch.Generator().manual_seed(8)
+    ws = [torch.randn(s[0], generator=g, dtype=torch.float64).float() for s in specs]
+    grads = [torch.randn(s[0], generator=g, dtype=torch.float64).float() for s in specs]
+    tables = [orbit_table(*s) for s in specs]
+    offsets = [t.device_tables("cpu").offsets for t in tables]
+    geometry = [v for t in tables for v in t.geometry[1:]]
+    coef_dev = [0.9 - 0.05 * i for i in range(len(specs))]
+    coef_mean = [1.0 - 0.01 * i for i in range(len(specs))]
+    got, want = [w.clone() for w in ws], [w.clone() for w in ws]
+    decay.multi_decay_(got, offsets, geometry, coef_dev, coef_mean)
+    OPS.multi_decay_(want, offsets, geometry, coef_dev, coef_mean)
+    for a, b, w in zip(got, want, ws):
+        assert not torch.equal(a, w)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    got, want = [x.clone() for x in grads], [x.clone() for x in grads]
+    decay.multi_decay_grad_(got, ws, offsets, geometry, coef_dev, coef_mean)
+    OPS.multi_decay_grad_(want, ws, offsets, geometry, coef_dev, coef_mean)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
