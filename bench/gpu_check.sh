@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the kernels: build, the GPU tests of the kernel files, and per-kernel timings.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh        (run from anywhere; the step timeouts add up to 760 s, the
+#   OUT=/some/dir bash bench/gpu_check.sh        (run from anywhere; the step timeouts add up to 880 s, the
 #   expected total on an H200 is about 5 minutes; where one command may run 600 s at most, split it in two
 #   calls: SKIP_TESTS=1 for the build and timings, then SKIP_BUILD=1 SKIP_TIMINGS=1 for the tests;
 #   SANITIZE=1 adds compute-sanitizer runs of the steerable CUDA kernels, best in a call of their own)
@@ -42,6 +42,11 @@ tail -5 "$OUT/tests.log"
 timeout 150 python3 -m pytest -m gpu -q --durations=5 tests/test_steerable_ops_synthetic.py tests/test_steerable_native.py \
   > "$OUT/tests-steerable.log" 2>&1 || status=1
 tail -5 "$OUT/tests-steerable.log"
+# The chunked CUDA kernels with batched orbit loads (opt-in), held to the same tests: the large
+# shapes of test_cuda_backend.py (over a million orbits) and the multi-tensor tests batch.
+PROJKERNELS_ORBIT_BATCH=1 timeout 120 python3 -m pytest -m gpu -x -q tests/test_cuda_backend.py tests/test_multi_fused.py \
+  > "$OUT/tests-batched.log" 2>&1 || status=1
+tail -5 "$OUT/tests-batched.log"
 # The Triton tiled kernels on their own clock: their first GPU compiles (tl.gather) must not starve the others.
 timeout 120 python3 -m pytest -m gpu -x -q --durations=5 tests/test_triton_tiles.py > "$OUT/tests-tiles.log" 2>&1 || status=1
 tail -5 "$OUT/tests-tiles.log"

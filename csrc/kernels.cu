@@ -359,7 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
       } else {
         auto kernel = with_spectrum ? forward_kernel<scalar_t, K, true> : forward_kernel<scalar_t, K, false>;
         if constexpr (forward_batch(K) > 1) {
-          if (!with_spectrum && orbit_batching()) kernel = forward_kernel<scalar_t, K, false, forward_batch(K)>;
+          // Only where a thread walks a whole batch: the batched kernel costs registers either way.
+          if (!with_spectrum && orbit_batching() && chunks.orbits >= forward_batch(K) * kThreads)
+            kernel = forward_kernel<scalar_t, K, false, forward_batch(K)>;
         }
         kernel<<<static_cast<unsigned>(chunks.count), kThreads, static_cast<size_t>(plan.total()), call.stream>>>(
             d, basis_ptr, chunks.orbits, chunks.count, plan, partials.mutable_data_ptr<double>());
@@ -397,7 +399,8 @@ void launch_backward(const LayerDesc& d, const TilePlan& tp, const Chunks& chunk
   }
   auto kernel = backward_kernel<scalar_t, K>;
   if constexpr (backward_batch(K) > 1) {
-    if (orbit_batching()) kernel = backward_kernel<scalar_t, K, backward_batch(K)>;
+    if (orbit_batching() && chunks.orbits >= backward_batch(K) * kThreads)
+      kernel = backward_kernel<scalar_t, K, backward_batch(K)>;
   }
   kernel<<<static_cast<unsigned>(chunks.count), kThreads, static_cast<size_t>(plan.total()), call.stream>>>(
       d, chunks.orbits, plan, gp, ge);

@@ -36,6 +36,10 @@ namespace {
 // Orbits per chunk: four per thread, enough work per block to hide the reduction, small enough that
 // a model's small layers still spread over several blocks.
 constexpr int64_t kChunkOrbits = 4 * kThreads;
+// A thread walks at most kChunkOrbits / kThreads orbits of a chunk: no batch is larger.
+constexpr int multi_batch(int batch) {
+  return batch < kChunkOrbits / kThreads ? batch : static_cast<int>(kChunkOrbits / kThreads);
+}
 
 // Layers per launch.  4 KiB of kernel arguments is what every driver accepts (the 32 KiB that CUDA
 // 12.1+ allows on Volta and later also needs a driver of that release), so one launch carries 32
@@ -63,7 +67,7 @@ multi_forward_kernel(const __grid_constant__ LaunchLayers p, double* __restrict_
   acc_t pen = 0, eq = 0;
   // G is uniform across the block (a chunk never spans two layers), so the switch never diverges.
   GROUP_ORDER_SWITCH(d.G, K, [&] {
-    chunk_energies<K, false, scalar_t, acc_t, acc_t, acc_t, BATCHED ? forward_batch(K) : 1>(
+    chunk_energies<K, false, scalar_t, acc_t, acc_t, acc_t, BATCHED ? multi_batch(forward_batch(K)) : 1>(
         d, d.offsets, r.first + threadIdx.x, r.last, blockDim.x, pen, eq);
   });
   double v = block_sum(static_cast<double>(pen), scratch);
@@ -108,8 +112,8 @@ multi_backward_kernel(const __grid_constant__ LaunchLayers p, const at::opmath_t
   const int64_t l = p.first_layer + j;
   const acc_t two_pen = acc_t(2) * grad_pen[l * pen_stride], two_eq = acc_t(2) * grad_eq[l * eq_stride];
   GROUP_ORDER_SWITCH(d.G, K, [&] {
-    chunk_gradient<K, scalar_t, acc_t, BATCHED ? backward_batch(K) : 1>(d, d.offsets, r.first + threadIdx.x, r.last,
-                                                                        blockDim.x, two_pen, two_eq);
+    chunk_gradient<K, scalar_t, acc_t, BATCHED ? multi_batch(backward_batch(K)) : 1>(
+        d, d.offsets, r.first + threadIdx.x, r.last, blockDim.x, two_pen, two_eq);
   });
 }
 

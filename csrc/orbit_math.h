@@ -246,8 +246,8 @@ PK_HOST_DEVICE inline OrbitEnergy<acc_t> loaded_orbit_energy(acc_t* f, int G, ac
 // Orbits whose loads a thread issues together, before it uses any, in the CUDA chunk walks of the
 // exact classes when batching is on (PROJKERNELS_ORBIT_BATCH=1, cuda_launch.cuh): `values` entries,
 // 16 in the forward, so a thread keeps 64 bytes of float32 weights in flight (32 of bfloat16) where
-// one orbit of C4 keeps 16 (8), and 8 in the backward, whose kernels run under a register cap (16
-// spilled there).  The reasoning: a GPU needs tens of KiB of loads in flight per SM to reach its
+// one orbit of C4 keeps 16 (8), and 8 in the backward (the multi-tensor backward runs under a
+// register cap, and 16 spilled there).  So the forward batches orders 1 to 8, the backward 1 to 4.  The reasoning: a GPU needs tens of KiB of loads in flight per SM to reach its
 // memory bandwidth, a thread's scattered orbit loads are its only source of them, and the chunked
 // kernels measured at 41% (float32) and 22% (bfloat16) of copy bandwidth, in the ratio of the bytes
 // one orbit's loads bring.  The cost: registers (C4 float32 forward: 32 to 62, so half the

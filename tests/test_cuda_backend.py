@@ -77,6 +77,10 @@ def test_large_shape_matches_cpp():
     gpu = C.fused_forward(w.to(DEV), table)
     for a, b in zip(gpu, cpu):
         torch.testing.assert_close(a.cpu().double(), b, rtol=1e-5, atol=0)
+    # The training call (no spectrum; 4 orbits a thread, so with PROJKERNELS_ORBIT_BATCH=1 the
+    # batched kernel) gives the penalty and energy of the spectrum call bit for bit.
+    pen, eq, _ = C.fused_forward(w.to(DEV), table, with_spectrum=False)
+    assert torch.equal(pen, gpu[0]) and torch.equal(eq, gpu[1])
     dw = C.fused_backward(w.to(DEV), table, torch.tensor(1.0, device=DEV), torch.tensor(0.0, device=DEV))
     torch.testing.assert_close(dw.cpu(), C.fused_backward(w, table, torch.tensor(1.0), torch.tensor(0.0)),
                                rtol=1e-6, atol=1e-6)

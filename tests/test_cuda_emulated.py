@@ -56,13 +56,24 @@ _BATCHED = {"cuda_launch.cuh": {'std::getenv("PROJKERNELS_ORBIT_BATCH")': '"1"'}
 _ONE_ORBIT = {"cuda_launch.cuh": {'std::getenv("PROJKERNELS_ORBIT_BATCH")': "nullptr"}}
 
 
-@pytest.fixture(scope="module", params=["chunked", "batched", "tiled"])
+def _finite_lib(variant):
+    tiled = {_TILED: '"1"' if variant == "tiled" else "nullptr"}
+    batch = _BATCHED if variant == "batched" else _ONE_ORBIT
+    return emu.load("kernels.cu", variant=variant, substitutions=tiled, header_substitutions=batch)
+
+
+@pytest.fixture(scope="module", params=["chunked", "tiled"])
 def finite(request):
-    tiled = {_TILED: '"1"' if request.param == "tiled" else "nullptr"}
-    batch = _BATCHED if request.param == "batched" else _ONE_ORBIT
-    ops = emu.load("kernels.cu", variant=request.param, substitutions=tiled, header_substitutions=batch)
+    ops = _finite_lib(request.param)
     yield ops
     ops.emu_set_shared_limit(_SHARED_DEFAULT)
+
+
+# Batching applies where a thread walks a whole batch of orbits (large weights, below), so only the
+# batching tests build the batched library.
+@pytest.fixture(scope="module", params=["chunked", "batched"])
+def batching(request):
+    return _finite_lib(request.param)
 
 
 @pytest.fixture(scope="module", params=["one_orbit", "batched"])
@@ -266,35 +277,54 @@ def test_finite_cuda_kernels_with_little_shared_memory(finite, case, shared_limi
 _BATCHING_SHAPE = (1024, 1024, 3, 3)
 
 
-def test_finite_kernels_on_a_weight_that_batches(finite):
-    t = orbit_table(_BATCHING_SHAPE, "C4", "regular", "regular")
+@pytest.mark.parametrize("group", ["C4", "D4"])
+def test_finite_kernels_on_a_weight_that_batches(batching, group):
+    t = orbit_table(_BATCHING_SHAPE, group, "regular", "regular")
     w = torch.randn(_BATCHING_SHAPE, generator=torch.Generator().manual_seed(7))
-    got, want = _finite_run(finite, w, t), _finite_run(OPS, w, t)
+    got, want = _finite_run(batching, w, t), _finite_run(OPS, w, t)
     for a, b in zip(got[:2], want[:2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
     assert torch.equal(got[3], want[3])  # the same arithmetic per entry
 
 
-def _first_orbit_only(header):
-    # The batch's sums taken from the batch's first orbit: wrong wherever a batch runs.
-    return {**_BATCHED, "multi_math.h": {"loaded_orbit_energy<K, false>(f[b], G, inv_stab[b])":
-                                         "loaded_orbit_energy<K, false>(f[0], G, inv_stab[b])"}}
+@pytest.mark.parametrize("group", ["C4", "D4"])
+def test_multi_kernels_on_layers_that_batch(multi, group):
+    # 64x64x3x3: chunks of 1024 orbits, 4 a thread (batches of 4 or 2 forward, 2 or 1 backward).
+    ws = [torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    t = orbit_table((64, 64, 3, 3), group, "regular", "regular")
+    d = t.device_tables("cpu")
+    args = ([d.offsets] * 2, [d.inv_stab] * 2, t.geometry[1:] * 2)
+    for a, b in zip(multi.multi_forward(ws, *args), OPS.multi_forward(ws, *args)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    gp, ge = torch.tensor([0.7, 1.1]), torch.tensor([-0.3, 0.2])
+    for a, b in zip(multi.multi_backward(ws, gp, ge, *args), OPS.multi_backward(ws, gp, ge, *args)):
+        assert torch.equal(a, b)
+
+
+# The batch's sums and stores taken from the batch's first orbit: wrong wherever a batch runs.
+_FIRST_ORBIT_ONLY = {**_BATCHED, "multi_math.h": {
+    "loaded_orbit_energy<K, false>(f[b], G, inv_stab[b])": "loaded_orbit_energy<K, false>(f[0], G, inv_stab[b])",
+    "store_orbit_gradient<K>(f[b], out, st.base": "store_orbit_gradient<K>(f[0], out, st.base"}}
 
 
 def test_the_batched_variants_run_the_batched_walk():
-    # Guards the "batched" variants above: with the batch's sums broken, both libraries give wrong
-    # penalties, so the batched walk is what those tests ran.
+    # Guards the "batched" libraries above: with the batches broken, the same calls give wrong
+    # penalties and gradients, so the batched walks are what those tests ran.
     w = torch.randn(_BATCHING_SHAPE, generator=torch.Generator().manual_seed(6))
     t = orbit_table(_BATCHING_SHAPE, "C4", "regular", "regular")
     d = t.device_tables("cpu", w.dtype)
-    want = OPS.multi_forward([w], [d.offsets], [d.inv_stab], t.geometry[1:])[0]
-    multi = emu.load("multi_kernels.cu", variant="batched_first_orbit_only",
-                     header_substitutions=_first_orbit_only("multi_math.h"))
-    assert not torch.allclose(multi.multi_forward([w], [d.offsets], [d.inv_stab], t.geometry[1:])[0], want)
+    gp, ge = torch.tensor([0.7]), torch.tensor([-0.3])
+    args = ([d.offsets], [d.inv_stab], t.geometry[1:])
+    multi = emu.load("multi_kernels.cu", variant="batched_first_orbit_only", header_substitutions=_FIRST_ORBIT_ONLY)
+    assert not torch.allclose(multi.multi_forward([w], *args)[0], OPS.multi_forward([w], *args)[0])
+    assert not torch.allclose(multi.multi_backward([w], gp, ge, *args)[0], OPS.multi_backward([w], gp, ge, *args)[0])
     single = emu.load("kernels.cu", variant="batched_first_orbit_only", substitutions={_TILED: "nullptr"},
-                      header_substitutions=_first_orbit_only("multi_math.h"))
+                      header_substitutions=_FIRST_ORBIT_ONLY)
     pen = single.fused_forward(w, d.offsets, d.inv_stab, d.basis, d.row_irrep, *t.geometry, False)[0]
-    assert not torch.allclose(pen, want[0])
+    assert not torch.allclose(pen, OPS.multi_forward([w], *args)[0][0])
+    one = torch.tensor(0.7)
+    dw = single.fused_backward(w, one, one * 0, d.offsets, d.inv_stab, *t.geometry[1:])
+    assert not torch.allclose(dw, OPS.fused_backward(w, one, one * 0, d.offsets, d.inv_stab, *t.geometry[1:]))
 
 
 def test_multi_cuda_kernels_over_several_launches(multi):

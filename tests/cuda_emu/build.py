@@ -102,7 +102,8 @@ def load(cu_file: str, variant: str = "", substitutions: Optional[Dict[str, str]
     """Compile ``cu_file`` (a file of csrc/, or a path) for the emulated device and return its ops,
     ``torch.ops.projkernels_emu_<stem>[_<variant>]``.  ``substitutions`` replace text of the source
     before the rewrite (a variant's switch); ``header_substitutions`` ({header of csrc/: {old:
-    new}}) do the same in that header of the copy of csrc/ the build compiles.  The build is cached by torch's extension builder, in build/cuda_emu/ of
+    new}}) do the same in that header of the copy of csrc/ the build compiles.  A variant name stands
+    for one set of substitutions (the library is loaded once per process).  The build is cached by torch's extension builder, in build/cuda_emu/ of
     the repository (or $PROJKERNELS_EMU_BUILD)."""
     import torch
     from torch.utils import cpp_extension
@@ -121,6 +122,9 @@ def load(cu_file: str, variant: str = "", substitutions: Optional[Dict[str, str]
     for header, subs in header_substitutions.items():
         files[header] = _substitute(files[header], header, subs)
     files[f"{stem}_emu.cpp"] = rewrite(_substitute(path.read_text(), path.name, substitutions or {}), library)
+    for stale in sources.iterdir():  # a header since removed from csrc/ must not stay includable
+        if stale.name not in files:
+            stale.unlink()
     for name, text in files.items():
         target = sources / name
         if not target.exists() or target.read_text() != text:  # unchanged files keep their times

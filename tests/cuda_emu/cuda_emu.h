@@ -166,6 +166,8 @@ inline void fiber_main() {
     (*s->body)();
   } catch (const std::exception& e) {
     if (s->error.empty()) s->error = e.what();
+  } catch (...) {
+    if (s->error.empty()) s->error = "a thread threw a non-standard exception";
   }
   s->fibers[s->current].done = true;
   --s->live;
