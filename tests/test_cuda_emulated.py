@@ -112,6 +112,7 @@ def test_the_emulated_device_reports_what_a_gpu_would_hang_or_fault_on(selftest,
     with pytest.raises(RuntimeError, match="half_warp_kernel: the block hangs"):
         selftest.half_warp(x)
     assert bool(selftest.unwritten(x, 1024).isnan().all())
+    assert bool(selftest.unwritten_static(x).isnan().all())  # both blocks: static shared memory too
     # Through shared memory across warps: right after a barrier; without it, a warp runs ahead of
     # the warp it reads from (each block in its own direction), and reads what was never written.
     expected = ((torch.arange(256) + 32) % 256).float().repeat(2)

@@ -20,6 +20,7 @@ CSRC = HERE.parents[1] / "csrc"
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w:, ]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]*?\w)\s+(\w+)\[\]\s*;")
+_STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+([\w:<> ]*?\w)\s+(\w+)((?:\[[^\]]+\])+)\s*;")
 _REGISTRATION = "TORCH_LIBRARY_IMPL(projkernels_C, CUDA, m)"
 # Ops of every emulated library that set and read the emulated device.
 _CONTROLS = """
@@ -80,7 +81,9 @@ def rewrite(src: str, library: str) -> str:
     """The emulated form of a .cu file's text (see the module docstring)."""
     src = _launches(src)
     src = _EXTERN_SHARED.sub(r"\1* const \2 = reinterpret_cast<\1*>(::cuda_emu::dynamic_shared());", src)
-    src = re.sub(r"\b__shared__\b", "static", src)
+    src = _STATIC_SHARED.sub(r"static \1 \2\3; ::cuda_emu::shared_static(\2, sizeof(\2));", src)
+    if re.search(r"\b__shared__\b", src):
+        raise ValueError("a __shared__ declaration the rewrite does not know (expected `__shared__ T name[N];`)")
     at = src.index(_REGISTRATION)
     brace = src.index("{", at)
     end = _close(src, brace, "{", "}")

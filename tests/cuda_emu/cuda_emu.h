@@ -10,8 +10,9 @@
 // make thousands of switches per block); elsewhere it is ucontext's swapcontext.  What it checks, beyond the results:
 // - a __syncthreads that not every live thread of the block reaches, and a warp shuffle that not
 //   all 32 lanes reach, is a hang on a GPU: here it is an error naming the kernel's launch;
-// - dynamic shared memory is filled with NaN bytes before each block (reads of unwritten shared
-//   memory show up in the results) and guarded after its end (an overrun is an error);
+// - shared memory, dynamic and static, is filled with NaN bytes before each block (reads of
+//   unwritten shared memory show up in the results), and the dynamic buffer is guarded after its
+//   end (an overrun is an error);
 // - the launch limits of the real device: threads per block, grid size, and dynamic shared memory
 //   against the limit the shim's cudaDeviceGetAttribute reports (cuda_emu::set_shared_limit).
 // Not emulated: memory ordering between threads (fibers see each other's writes at once), warp
@@ -29,6 +30,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace cuda_emu {
@@ -140,6 +142,7 @@ struct BlockState {
   uint64_t events = 0;            // arrivals, releases and exits: progress of the block
   std::vector<unsigned char> shared;
   size_t shared_bytes = 0;
+  std::vector<std::pair<void*, size_t>> statics;  // the static __shared__ arrays met so far
   std::string error;
 };
 
@@ -258,6 +261,7 @@ void launch(const char* what, Grid grid_arg, Block block_arg, size_t shared_byte
       for (unsigned x = 0; x < grid.x && s.error.empty(); ++x) {
         s.block_idx = dim3(x, y, z);
         std::memset(s.shared.data(), 0xFF, shared_bytes);  // NaN in every float type
+        for (const auto& st : s.statics) std::memset(st.first, 0xFF, st.second);
         std::memset(s.shared.data() + shared_bytes, detail::kGuard, detail::kGuardBytes);
         detail::run_block(s, what);
         for (size_t i = 0; i < detail::kGuardBytes && s.error.empty(); ++i)
@@ -267,6 +271,18 @@ void launch(const char* what, Grid grid_arg, Block block_arg, size_t shared_byte
       }
   detail::state() = saved;
   if (!s.error.empty()) throw std::runtime_error(s.error);
+}
+
+// A kernel's static __shared__ array, declared by every thread of every block (build.py adds the
+// call after the declaration).  The first time it is met it is poisoned at once (no thread has
+// written it yet: it is met at the first statement that declares it); launch() poisons every array
+// met so far at the start of each later block, as it does the dynamic buffer.
+inline void shared_static(void* p, size_t bytes) {
+  detail::BlockState* s = detail::state();
+  for (const auto& known : s->statics)
+    if (known.first == p) return;
+  s->statics.emplace_back(p, bytes);
+  std::memset(p, 0xFF, bytes);
 }
 
 inline dim3 thread_idx() {

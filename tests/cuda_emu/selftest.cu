@@ -43,6 +43,15 @@ __global__ void __launch_bounds__(kThreads) neighbour_kernel(float* __restrict__
   out[blockIdx.x * kThreads + threadIdx.x] = s[(threadIdx.x + 32) % kThreads];
 }
 
+// Reads static shared memory that no thread of the block wrote (block 0 writes it for block 1 to
+// find, as the static array outlives a block in the emulation, not on a GPU).
+__global__ void __launch_bounds__(kThreads) unwritten_static_kernel(float* __restrict__ out) {
+  __shared__ float s[kThreads];
+  out[blockIdx.x * kThreads + threadIdx.x] = s[threadIdx.x];
+  __syncthreads();
+  s[threadIdx.x] = 1.0f;
+}
+
 // Reads dynamic shared memory that no thread wrote.
 __global__ void __launch_bounds__(kThreads) unwritten_kernel(float* __restrict__ out) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -81,6 +90,14 @@ at::Tensor neighbour(const at::Tensor& like, int64_t sync) {
   return out;
 }
 
+at::Tensor unwritten_static(const at::Tensor& like) {
+  const CudaCall call(like.device());
+  at::Tensor out = at::empty({2 * kThreads}, like.options().dtype(at::kFloat));
+  unwritten_static_kernel<<<2, kThreads, 0, call.stream>>>(out.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 at::Tensor unwritten(const at::Tensor& like, int64_t shared_bytes) {
   const CudaCall call(like.device());
   at::Tensor out = at::empty({kThreads}, like.options().dtype(at::kFloat));
@@ -98,4 +115,5 @@ TORCH_LIBRARY_IMPL(projkernels_C, CUDA, m) {
   m.impl("half_warp", &projkernels::half_warp);
   m.impl("neighbour", &projkernels::neighbour);
   m.impl("unwritten", &projkernels::unwritten);
+  m.impl("unwritten_static", &projkernels::unwritten_static);
 }
