@@ -7,12 +7,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-#include "orbit_math.h"  // batch_orbits
-
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
+#include "orbit_math.h"  // batch_orbits
 
 namespace projkernels {
 

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "cuda_emu"))
 import build as emu  # noqa: E402
 
-from test_steerable_ops_synthetic import (CASES, FALLBACKS, TOL, _blockwise_expected, _expected,  # noqa: E402
+from test_steerable_ops_synthetic import (CASES, FALLBACKS, TOL, _blockwise_expected, _check, _run,  # noqa: E402
                                           fallback_layout, householder, synthetic)
 
 _SHARED_DEFAULT = 48 * 1024
@@ -141,26 +141,6 @@ def _gpu_layout(sym, dtype, monkeypatch):
     return S._native_layout(sym, torch.device("cpu"), torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-def _steer_run(ops, lay, w):
-    pen, eq = ops.steerable_penalty_energy(w, lay.table, lay.geometry)
-    pw = ops.steerable_project(w, lay.table, lay.geometry)
-    gp, ge = torch.tensor(0.7, dtype=pen.dtype), torch.tensor(-0.3, dtype=pen.dtype)
-    dw = ops.steerable_penalty_energy_backward(w, gp, ge, lay.table, lay.geometry)
-    return pen, eq, pw, dw
-
-
-def _steer_check(got, want, w, tol):
-    pen, eq, pw, dw = got
-    e_pen, e_eq, e_pw, e_dw = want
-    scale = float(w.double().square().sum())
-    assert abs(float(pen) - float(e_pen)) <= tol * scale, (float(pen), float(e_pen))
-    assert abs(float(eq) - float(e_eq)) <= tol * scale, (float(eq), float(e_eq))
-    amax = float(w.double().abs().max())
-    torch.testing.assert_close(pw.double(), e_pw, rtol=0, atol=tol * 10 * amax)
-    torch.testing.assert_close(dw.double(), e_dw, rtol=0, atol=tol * 10 * amax)
-    assert pw.dtype == w.dtype and dw.dtype == w.dtype and pw.shape == w.shape
-
-
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("name", list(CASES))
 def test_steerable_cuda_kernels_match_the_dense_projection_and_the_cpu(steer, name, dtype, monkeypatch):
@@ -168,9 +148,8 @@ def test_steerable_cuda_kernels_match_the_dense_projection_and_the_cpu(steer, na
     sym = synthetic(*args, ranks)
     w = torch.randn(sym.weight_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     lay = _gpu_layout(sym, dtype, monkeypatch)
-    got = _steer_run(steer, lay, w)
-    _steer_check(got, _expected(sym, w), w, TOL[dtype])
-    for a, b in zip(got, _steer_run(OPS, lay, w)):  # the CPU kernels on the same layout
+    _check(sym, w, TOL[dtype], ops=steer, lay=lay)
+    for a, b in zip(_run(sym, w, steer, lay), _run(sym, w, OPS, lay)):  # the CPU kernels on the same layout
         torch.testing.assert_close(a.double(), b.double(), rtol=TOL[dtype], atol=TOL[dtype] * 10)
 
 
@@ -184,8 +163,7 @@ def test_steerable_cuda_fallbacks_below_the_shared_memory_budget(steer, kind, dt
     shared_limit(steer, budget * acc.itemsize + _STATIC_RESERVE)
     sym = fallback_layout(kind, budget, householder)
     w = torch.randn(sym.weight_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    lay = _gpu_layout(sym, dtype, monkeypatch)
-    _steer_check(_steer_run(steer, lay, w), _blockwise_expected(sym, w), w, TOL[dtype])
+    _check(sym, w, TOL[dtype], expected=_blockwise_expected, ops=steer, lay=_gpu_layout(sym, dtype, monkeypatch))
 
 
 def test_a_steerable_kernel_without_its_staging_barrier_fails_here(monkeypatch):

@@ -89,13 +89,16 @@ CASES = {
 }
 
 
-def _run(sym, w):
-    lay = _native_layout(sym, w.device, torch.float64 if w.dtype == torch.float64 else torch.float32)
-    pen, eq = OPS.steerable_penalty_energy(w, lay.table, lay.geometry)
-    pw = OPS.steerable_project(w, lay.table, lay.geometry)
+def _run(sym, w, ops=OPS, lay=None):
+    """(penalty, energy, P W, dW) through ``ops`` (the extension's, or an emulated library's) on
+    ``lay``, by default the layout of w's device."""
+    if lay is None:
+        lay = _native_layout(sym, w.device, torch.float64 if w.dtype == torch.float64 else torch.float32)
+    pen, eq = ops.steerable_penalty_energy(w, lay.table, lay.geometry)
+    pw = ops.steerable_project(w, lay.table, lay.geometry)
     gp = torch.tensor(0.7, dtype=pen.dtype, device=w.device)
     ge = torch.tensor(-0.3, dtype=pen.dtype, device=w.device)
-    dw = OPS.steerable_penalty_energy_backward(w, gp, ge, lay.table, lay.geometry)
+    dw = ops.steerable_penalty_energy_backward(w, gp, ge, lay.table, lay.geometry)
     return pen, eq, pw, dw
 
 
@@ -127,8 +130,8 @@ def _blockwise_expected(sym, w):
     return pen.cpu(), eq.cpu(), px.reshape(w.shape).cpu(), dw.reshape(w.shape).cpu()
 
 
-def _check(sym, w, tol, expected=_expected):
-    pen, eq, pw, dw = _run(sym, w)
+def _check(sym, w, tol, expected=_expected, ops=OPS, lay=None):
+    pen, eq, pw, dw = _run(sym, w, ops, lay)
     e_pen, e_eq, e_pw, e_dw = expected(sym, w)
     scale = float(w.double().square().sum())
     assert abs(float(pen) - float(e_pen)) <= tol * scale, (float(pen), float(e_pen))
