@@ -40,8 +40,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import functools
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from .eager import coefficient_grads
 from .orbits import acc_dtype  # the one accumulation-dtype rule
 
 __all__ = ["steerable", "SteerableSymmetry", "BlockType", "is_steerable", "STEERABLE_BACKENDS"]
@@ -486,7 +486,8 @@ def _write(lay: Layout, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 class _RefPenaltyEnergy(torch.autograd.Function):
     """Forward: per block the residual's squared norm (never ||W||^2 - ||Q^T W||^2) and ||C||^2.
     Backward: 2 g_pen (W - P W) + 2 g_eq P W = 2 g_pen W + 2 (g_eq - g_pen) P W in one write pass,
-    from the forward's P W (kept: it saves the two matrix products again, half the work)."""
+    from the forward's P W (kept: it saves the two matrix products again, half the work), through
+    ``_RefGradient`` so that double backward works."""
 
     @staticmethod
     def forward(ctx, weight, sym):
@@ -502,35 +503,68 @@ class _RefPenaltyEnergy(torch.autograd.Function):
             pen = p if pen is None else pen + p
             eq = e if eq is None else eq + e
             pxs.append(px)
-        ctx.lay = lay
+        ctx.sym = sym
         ctx.save_for_backward(weight, *pxs)
         return pen, eq
 
     @staticmethod
-    @once_differentiable  # the kept P W is a constant to autograd: no silent wrong second derivative
     def backward(ctx, g_pen, g_eq):
         weight, *pxs = ctx.saved_tensors
-        acc = acc_dtype(weight.dtype)
-        a, b = 2 * g_pen.to(acc), 2 * (g_eq.to(acc) - g_pen.to(acc))
-        # W's own term is elementwise; only P W needs the block scatter.
-        buf = torch.empty(ctx.lay.numel + 1, dtype=acc, device=weight.device)
-        for g, px in zip(ctx.lay.groups, pxs):
-            _scatter(buf, ctx.lay.shape3, g, b * px)
-        grad = buf[:-1].reshape(weight.shape).add_(weight.to(acc) * a)
-        return grad.to(weight.dtype), None
+        return _RefGradient.apply(weight, g_pen, g_eq, ctx.sym, pxs), None
+
+
+def _ref_gradient(weight, sym, g_pen, g_eq, pxs=None) -> torch.Tensor:
+    """2 g_pen (W - P W) + 2 g_eq P W in the accumulation dtype; ``pxs``: the groups' P W tiles when
+    the caller holds them, else they are formed here."""
+    acc = acc_dtype(weight.dtype)
+    lay = sym.layout(weight.device, acc)
+    a, b = 2 * g_pen.to(acc), 2 * (g_eq.to(acc) - g_pen.to(acc))
+    if pxs is None:
+        w3 = weight.reshape(lay.shape3)
+        flat = _flat(w3, acc) if lay.flat else None
+        pxs = [_pieces(w3, g, acc, flat)[2] for g in lay.groups]
+    # W's own term is elementwise; only P W needs the block scatter.
+    buf = torch.empty(lay.numel + 1, dtype=acc, device=weight.device)
+    for g, px in zip(lay.groups, pxs):
+        _scatter(buf, lay.shape3, g, b * px)
+    return buf[:-1].reshape(weight.shape).add_(weight.to(acc) * a)
+
+
+class _RefGradient(torch.autograd.Function):
+    """dW = 2 g_pen (W - P W) + 2 g_eq P W in the weight's dtype.  Linear in W (the same map applied
+    to the incoming gradient) and in (g_pen, g_eq) (coefficients 2 (W - P W) and 2 P W), so its
+    backward is this node and the projection again: differentiable to any order.  ``pxs`` (the
+    forward's P W, or None) only saves work; autograd does not see it."""
+
+    @staticmethod
+    def forward(ctx, weight, g_pen, g_eq, sym, pxs):
+        ctx.sym = sym
+        ctx.save_for_backward(weight, g_pen, g_eq)
+        return _ref_gradient(weight, sym, g_pen, g_eq, pxs).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, g_pen, g_eq = ctx.saved_tensors
+        grad_w = grad_gp = grad_ge = None
+        if ctx.needs_input_grad[0]:
+            grad_w = _RefGradient.apply(grad, g_pen, g_eq, ctx.sym, None)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_gp, grad_ge = coefficient_grads(grad, weight, _RefProject.apply(weight, ctx.sym), g_pen.dtype,
+                                                 g_eq.dtype)
+        return grad_w, grad_gp, grad_ge, None, None
 
 
 class _RefProject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, sym):
         acc = acc_dtype(weight.dtype)
-        ctx.lay, ctx.acc = sym.layout(weight.device, acc), acc
-        return _write(ctx.lay, weight, acc)
+        ctx.sym = sym
+        return _write(sym.layout(weight.device, acc), weight, acc)
 
     @staticmethod
     def backward(ctx, grad):
-        # P is self-adjoint: the gradient of <G, P W> is P G.
-        return _write(ctx.lay, grad.contiguous(), ctx.acc), None
+        # P is self-adjoint: the gradient of <G, P W> is P G (a node again, for double backward).
+        return _RefProject.apply(grad, ctx.sym), None
 
 
 def reference_penalty_energy(weight: torch.Tensor, sym: SteerableSymmetry):

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .eager import coefficient_grads
 from .triton_kernels import INTERPRET
 from .orbits import acc_dtype
 from .steerable import SteerableSymmetry
@@ -183,11 +184,31 @@ class _PenaltyEnergy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_pen, g_eq):
         (w,) = ctx.saved_tensors
-        g_pen = torch.zeros((), device=w.device) if g_pen is None else g_pen
-        g_eq = torch.zeros((), device=w.device) if g_eq is None else g_eq
-        # d/dW ||W - PW||^2 = 2 (W - PW), d/dW ||PW||^2 = 2 PW; one write pass for both.
+        return _Gradient.apply(w, g_pen, g_eq, ctx.sym), None
+
+
+class _Gradient(torch.autograd.Function):
+    """d/dW ||W - PW||^2 = 2 (W - PW), d/dW ||PW||^2 = 2 PW: ``2 g_pen (W - PW) + 2 g_eq PW`` in one
+    write pass.  Linear in W (the same pass applied to the incoming gradient) and in (g_pen, g_eq)
+    (coefficients 2 (W - PW) and 2 PW), so its backward is this node and the projection again:
+    differentiable to any order."""
+
+    @staticmethod
+    def forward(ctx, w, g_pen, g_eq, sym):
+        ctx.sym = sym
+        ctx.save_for_backward(w, g_pen, g_eq)
         ab = torch.stack([2 * g_pen.reshape(()).to(torch.float64), 2 * g_eq.reshape(()).to(torch.float64)])
-        return _write(w, ctx.sym, ab, w.dtype), None
+        return _write(w, sym, ab, w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, g_pen, g_eq = ctx.saved_tensors
+        grad_w = grad_gp = grad_ge = None
+        if ctx.needs_input_grad[0]:
+            grad_w = _Gradient.apply(grad, g_pen, g_eq, ctx.sym)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_gp, grad_ge = coefficient_grads(grad, w, _Project.apply(w, ctx.sym), g_pen.dtype, g_eq.dtype)
+        return grad_w, grad_gp, grad_ge, None
 
 
 _PROJECT_AB = {}
@@ -210,8 +231,8 @@ class _Project(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        # P is self-adjoint: the gradient of <G, P W> is P G.
-        return _write(g, ctx.sym, _project_ab(g.device, acc_dtype(g.dtype)), g.dtype), None
+        # P is self-adjoint: the gradient of <G, P W> is P G (a node again, for double backward).
+        return _Project.apply(g, ctx.sym), None
 
 
 def penalty_energy(w, sym, _geometry=None):

@@ -10,6 +10,7 @@ Routes: reference / cpp / triton on CPU tensors (triton through Triton's interpr
 tests/conftest.py switches on when there is no GPU), reference / cuda / triton on CUDA tensors
 (marked ``gpu``).  The interpreter is slow, so the Triton routes take a subsample of the case matrix.
 """
+import functools
 import os
 
 import pytest
@@ -18,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 import projkernels as pk
+from projkernels.steerable import BlockType, SteerableSymmetry
 
 from cases import ALL_CASES, CASES_3D, Oracle, c2_x_c4, case_id, oracle_for, seeded_weight, shape_for
 
@@ -470,3 +472,173 @@ def test_opcheck_public_ops(dtype):
     print("opchecked:", sorted(f.name() for f in checked))
     # At least a forward, a backward and the spectrum went through opcheck.
     assert len(checked) >= 3, sorted(f.name() for f in checked)
+
+
+# --- second derivatives on every route -----------------------------------------------------------
+
+class _SyntheticSteerable(SteerableSymmetry):
+    """A steerable symmetry without escnn: an nn.Linear weight between fields of sizes ``out_fields``
+    and ``in_fields``, one block type per pair of sizes with a random orthonormal Q_t of the given
+    rank (rank 0 included: that block's whole weight is penalised).  It goes through the same
+    layouts and routes as one read off escnn."""
+
+    def __init__(self, out_fields, in_fields, ranks, seed):
+        g = torch.Generator().manual_seed(seed)
+        offsets = lambda sizes: [sum(sizes[:i]) for i in range(len(sizes))]  # noqa: E731
+        out_off, in_off = offsets(out_fields), offsets(in_fields)
+        self.types = []
+        for d_out in sorted(set(out_fields)):
+            for d_in in sorted(set(in_fields)):
+                m, r = d_out * d_in, ranks[(d_out, d_in)]
+                q = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64, generator=g))[0][:, :r]
+                self.types.append(BlockType(f"o{d_out}", f"i{d_in}", d_out, d_in,
+                                            tuple(o for o, d in zip(out_off, out_fields) if d == d_out),
+                                            tuple(i for i, d in zip(in_off, in_fields) if d == d_in), q))
+        self.in_type = self.out_type = self.kernel_size = self.basis_options = None
+        self.spatial_dims = 0
+        self.weight_shape = (sum(out_fields), sum(in_fields))
+        self.numel = self.weight_shape[0] * self.weight_shape[1]
+        self.dim = sum(t.n_blocks * t.rank for t in self.types)
+        self._device_cache = {}
+
+    def __repr__(self):
+        return f"synthetic steerable symmetry {self.weight_shape}"
+
+    def dense_projection(self) -> torch.Tensor:
+        """[numel, numel] float64 projector assembled block by block: the oracle for P here."""
+        c_in = self.weight_shape[1]
+        P = torch.zeros(self.numel, self.numel, dtype=torch.float64)
+        idx = torch.arange(self.numel).reshape(self.weight_shape)
+        for t in self.types:
+            for o in t.out_fields:
+                for i in t.in_fields:
+                    e = idx[o:o + t.d_out, i:i + t.d_in].reshape(-1)
+                    P[e[:, None], e[None, :]] = t.q @ t.q.T
+        assert c_in == idx.shape[1]
+        return P
+
+
+@functools.lru_cache(maxsize=None)
+def _synthetic_steerable():
+    # Fields of two sizes, unevenly placed; a rank-0 type among them.  Tiny: Triton's interpreter
+    # runs every numerical derivative of gradgradcheck.
+    return _SyntheticSteerable([2, 1, 2], [2, 1], {(2, 2): 2, (2, 1): 1, (1, 2): 0, (1, 1): 1}, seed=7)
+
+
+def _second_order_items(kind):
+    """(weight, group, in_rep, out_rep) of two small layers: finite groups, or a steerable symmetry
+    next to a finite group (the mixed multi-tensor plan)."""
+    c4 = (seeded_weight(("C4", (4, 4), "regular", "regular"), salt="hessian"), "C4", "regular", "regular")
+    if kind == "finite":
+        d2 = (seeded_weight(("D2", (2, 8), "regular", "trivial"), salt="hessian"), "D2", "regular", "trivial")
+        return [c4, d2]
+    sym = _synthetic_steerable()
+    w = torch.randn(sym.weight_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    return [(w, sym, "trivial", "trivial"), c4]
+
+
+class _ModelPenalty(torch.nn.Module):
+    """``model_penalty`` of ``net`` as a module's forward, so that torch.func.functional_call can
+    hand it the parameters as explicit inputs."""
+
+    def __init__(self, net, lambda_perp, lambda_G):
+        super().__init__()
+        self.net, self.lambdas = net, (lambda_perp, lambda_G)
+
+    def forward(self):
+        return pk.model_penalty(self.net, *self.lambdas)
+
+
+def _second_order_model(kind, backend, device):
+    """A model of two attached Linear layers (regular-field biases on the finite one) and its
+    parameters: finite groups, or a steerable layer next to a finite one."""
+    items = _second_order_items(kind)
+    net = torch.nn.ModuleList()
+    for w, group, ir, orr in items:
+        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=orr == "regular").to(device=device, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if layer.bias is not None:
+                layer.bias.copy_(seeded_weight(("C4", (w.shape[0],), "bias", "bias"), salt="hessian"))
+        pk.attach_symmetry(layer, group, ir, orr, backend=backend)
+        net.append(layer)
+    return net
+
+
+@pytest.mark.parametrize("route", ["single", "project", "multi", "model"])
+@pytest.mark.parametrize("kind", ["finite", "steerable"])
+@pytest.mark.parametrize("backend,device", _route_params())
+def test_second_derivatives(backend, device, kind, route):
+    """gradgradcheck on every (backend, route): a route whose backward is not differentiable gives a
+    first derivative with no graph, and its second derivative (zero) disagrees with the numerical one."""
+    items = [(w.to(device).requires_grad_(True), *rest) for w, *rest in _second_order_items(kind)]
+    fast = _slow(backend, device)
+    if route in ("single", "project"):
+        w, group, ir, orr = items[0]
+        kw = dict(group=group, in_rep=ir, out_rep=orr, backend=backend)
+        f = (lambda x: pk.penalty_and_energy(x, **kw)) if route == "single" else (lambda x: pk.project(x, **kw))
+        inputs = (w,)
+    elif route == "multi":
+        def f(*ws):
+            return pk.multi_penalty([(x, *item[1:]) for x, item in zip(ws, items)], backend=backend)
+        inputs = tuple(w for w, *_ in items)
+    else:
+        wrapper = _ModelPenalty(_second_order_model(kind, backend, device), 1.3, 0.4)
+        names = [n for n, _ in wrapper.named_parameters()]
+        inputs = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
+        assert len(names) == 3, names  # two weights and the regular-field bias of the C4 layer
+
+        def f(*params):
+            return torch.func.functional_call(wrapper, dict(zip(names, params)), ())
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=fast)
+
+
+def _reference_projection(item):
+    """v -> P v of one item on the reference route (the Hessian's oracle below)."""
+    _, group, ir, orr = item
+    return lambda v: pk.project(v, group, ir, orr, backend="reference")
+
+
+@pytest.mark.parametrize("kind", ["finite", "steerable"])
+@pytest.mark.parametrize("backend,device", _route_params())
+def test_hessian_vector_products(backend, device, kind):
+    """d/dW <grad (loss + penalty), V> through create_graph=True: the penalty's Hessian is 2 (I - P) and
+    the energy's 2 P, per layer, with P from the reference route; the bias term's Hessian is 2 (I - P_b)
+    with P_b the field means (a bias of regular fields is a [C, 1] weight with trivial input)."""
+    items = _second_order_items(kind)
+    gen = torch.Generator().manual_seed(3)
+    vs = [torch.randn(w.shape, dtype=torch.float64, generator=gen) for w, *_ in items]
+    pvs = [_reference_projection(item)(v) for item, v in zip(items, vs)]
+    if kind == "steerable":  # the reference route itself against the dense block projector
+        P = _synthetic_steerable().dense_projection()
+        _close(pvs[0], (P @ vs[0].reshape(-1)).reshape(vs[0].shape), rtol=0, atol=1e-13, what="reference P v")
+    atol = 1e-12
+
+    # multi_penalty: a loss with Hessian I (0.5 ||W||^2) plus 0.7 penalty + 0.2 energy, per layer.
+    leaves = [w.to(device).requires_grad_(True) for w, *_ in items]
+    tp, te, _, _ = pk.multi_penalty([(x, *item[1:]) for x, item in zip(leaves, items)], backend=backend)
+    total = sum(0.5 * x.square().sum() for x in leaves) + 0.7 * tp + 0.2 * te
+    grads = torch.autograd.grad(total, leaves, create_graph=True)
+    assert all(g.requires_grad for g in grads), "create_graph=True gave a gradient with no graph"
+    hv = torch.autograd.grad(sum((g * v.to(device)).sum() for g, v in zip(grads, vs)), leaves)
+    for i, (h, v, pv) in enumerate(zip(hv, vs, pvs)):
+        _close(h, v + 1.4 * (v - pv) + 0.4 * pv, rtol=0, atol=atol, what=f"multi_penalty: H v, layer {i}")
+
+    # model_penalty(model, 1.3, 0.4): weights and the finite layer's regular-field bias.
+    net = _second_order_model(kind, backend, device)
+    params = list(net.parameters())
+    pen = pk.model_penalty(net, 1.3, 0.4)
+    grads = torch.autograd.grad(pen, params, create_graph=True)
+    assert all(g.requires_grad for g in grads), "create_graph=True gave a gradient with no graph"
+    dirs = {id(layer.weight): (v, pv) for layer, v, pv in zip(net, vs, pvs)}
+    for layer in net:
+        if layer.bias is not None:
+            vb = torch.randn(layer.bias.shape, dtype=torch.float64, generator=gen)
+            pvb = pk.project(vb.reshape(-1, 1), "C4", "trivial", "regular", backend="reference").reshape(-1)
+            dirs[id(layer.bias)] = (vb, pvb)
+    assert len(dirs) == len(params)
+    hv = torch.autograd.grad(sum((g * dirs[id(p)][0].to(device)).sum() for g, p in zip(grads, params)), params)
+    for p, h in zip(params, hv):
+        v, pv = dirs[id(p)]
+        expected = 2 * 1.3 * (v - pv) + (2 * 0.4 * pv if p.dim() > 1 else 0)  # lambda_G acts on weights only
+        _close(h, expected, rtol=0, atol=atol, what=f"model_penalty: H v, parameter of shape {tuple(p.shape)}")
