@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import functional, ops
 from .config import CONFIGS, config_for
 from .groups import group_name_for_ops
 from .distributed import is_dtensor, single_weight_error
@@ -37,7 +37,8 @@ def _config(weight, group, in_rep, out_rep, backend):
     try:
         return CONFIGS[(weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend)]
     except (KeyError, AttributeError, TypeError):
-        return config_for(weight, group, in_rep, out_rep, backend)
+        with functional.untransformed():  # hook: under torch.func transforms the tables are still plain tensors
+            return config_for(weight, group, in_rep, out_rep, backend)
 
 
 class _Compiled:
@@ -59,7 +60,12 @@ def penalty_and_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", 
     """
     cfg = _config(weight, group, in_rep, out_rep, backend)
     if cfg is not _COMPILED:
-        return cfg.ops.penalty_energy(weight, *cfg.op_args)
+        try:
+            return cfg.ops.penalty_energy(weight, *cfg.op_args)
+        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (projkernels/functional.py)
+            if not functional.transformed():
+                raise
+        return functional.penalty_energy(weight, cfg)
     return ops.penalty_energy(weight, group_name_for_ops(group), in_rep, out_rep, backend)
 
 
@@ -67,7 +73,12 @@ def projected_penalty(weight, group="C4", in_rep="trivial", out_rep="trivial", *
     """||W - P(W)||_F^2, the non-equivariance penalty (0-dim tensor; gradient 2 (W - P(W)))."""
     cfg = _config(weight, group, in_rep, out_rep, backend)
     if cfg is not _COMPILED:
-        return cfg.ops.penalty_energy(weight, *cfg.op_args)[0]
+        try:
+            return cfg.ops.penalty_energy(weight, *cfg.op_args)[0]
+        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (projkernels/functional.py)
+            if not functional.transformed():
+                raise
+        return functional.penalty_energy(weight, cfg)[0]
     return ops.penalty_energy(weight, group_name_for_ops(group), in_rep, out_rep, backend)[0]
 
 
@@ -80,7 +91,12 @@ def project(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend=
     """P(W), the nearest exactly equivariant weight, shaped and typed like ``weight``."""
     cfg = _config(weight, group, in_rep, out_rep, backend)
     if cfg is not _COMPILED:
-        return cfg.ops.project(weight, *cfg.op_args)
+        try:
+            return cfg.ops.project(weight, *cfg.op_args)
+        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (projkernels/functional.py)
+            if not functional.transformed():
+                raise
+        return functional.project(weight, cfg)
     return ops.project(weight, group_name_for_ops(group), in_rep, out_rep, backend)
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import multi_reference  # noqa: F401  (registers the reference route's multi-tensor kernels)
+from . import functional, multi_reference  # noqa: F401  (multi_reference registers the reference route's kernels)
 from .backends import (AUTO_ORDER, BACKENDS, ON_CHANGE, MultiKernels, check_backend_name, register_multi_kernels, resolve,
                        why_unavailable)
 from .multi_autograd import MultiPenaltyFunction, per_layer
@@ -55,7 +55,8 @@ def register_multi_backend(backend: MultiBackend) -> None:
                            backend.unavailable)
 
 
-def _choose(backend: str, device: torch.device) -> MultiKernels:
+def _choose(backend: str, device: torch.device):
+    """(the backend ``backend`` names on ``device``, its multi-tensor kernels)."""
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
             if why_unavailable(name, device) is None:
@@ -65,7 +66,7 @@ def _choose(backend: str, device: torch.device) -> MultiKernels:
             chosen = BACKENDS["reference"]
     else:
         chosen = resolve(backend, device)  # the clear RuntimeError when it cannot serve the device
-    return chosen.multi if chosen.multi is not None else per_layer(chosen.name)
+    return chosen, (chosen.multi if chosen.multi is not None else per_layer(chosen.name))
 
 
 class MultiPlan:
@@ -95,12 +96,17 @@ class MultiPlan:
                 self.inverse = torch.argsort(torch.tensor(order)).to(device)
 
     def run(self, weights: List[torch.Tensor]):
-        if not self.native:
-            return MultiPenaltyFunction.apply(self.table, self.kernels, self.buf_dtype, *weights)
-        if self.inverse is None:
-            return self.groups[0][1](weights)
-        # One op per dtype; the per-layer results are put back into the caller's order.
-        outs = [call([weights[i] for i in idx]) for idx, call in self.groups]
+        try:
+            if not self.native:
+                return MultiPenaltyFunction.apply(self.table, self.kernels, self.buf_dtype, *weights)
+            if self.inverse is None:
+                return self.groups[0][1](weights)
+            # One op per dtype; the per-layer results are put back into the caller's order.
+            outs = [call([weights[i] for i in idx]) for idx, call in self.groups]
+        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (projkernels/functional.py)
+            if not functional.transformed():
+                raise
+            return functional.multi_penalty(self, weights)
         acc = self.acc
         total_pen = functools.reduce(torch.add, (o[0].to(acc) for o in outs))
         total_eq = functools.reduce(torch.add, (o[1].to(acc) for o in outs))
@@ -126,13 +132,16 @@ def plan_for(key: tuple, backend: str) -> MultiPlan:
         return _PLANS[full]
     except (KeyError, TypeError):
         pass
-    if any(isinstance(k[3], SteerableSymmetry) for k in key):  # hook: steerable symmetries (their own route)
-        plan = MixedPlan(key, backend, lambda finite: plan_for(tuple(finite), backend))
-    else:
-        check_backend_name(backend)
-        specs = validate(key)
-        device = torch.device(key[0][2])
-        plan = MultiPlan(multi_table(specs), device, [k[1] for k in key], _choose(backend, device))
+    with functional.untransformed():  # under torch.func transforms the tables are still plain tensors
+        if any(isinstance(k[3], SteerableSymmetry) for k in key):  # hook: steerable symmetries (their own route)
+            plan = MixedPlan(key, backend, lambda finite: plan_for(tuple(finite), backend))
+        else:
+            check_backend_name(backend)
+            specs = validate(key)
+            device = torch.device(key[0][2])
+            impl, kernels = _choose(backend, device)
+            plan = MultiPlan(multi_table(specs), device, [k[1] for k in key], kernels)
+            plan.backend = impl  # the single-weight kernels, for the torch.func route
     try:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
