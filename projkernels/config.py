@@ -47,12 +47,40 @@ class ConfigOps(NamedTuple):
     spectrum: object
 
 
-def _native_ops(table_args: list, geometry: list) -> ConfigOps:
+def _native_ops(table: OrbitTable, device, dtype) -> ConfigOps:
     # The public C++ ops bound to this configuration's device tables (csrc/python_calls.cpp): a call
     # converts only the weight from Python, not the table, so the host cost is close to a native op's.
+    # The training calls are bound to the tables without the isotypic basis; the spectrum binds the
+    # full tables on its first call (_LazySpectrum), so a penalty never builds the basis.
     from ._C import SingleCall
-    bound = SingleCall("penalty_energy", "project", "spectrum", table_args, geometry)
-    return ConfigOps(bound.penalty_energy, bound.project, bound.spectrum)
+    bound = SingleCall("penalty_energy", "project", "spectrum",
+                       list(table.device_tables(device, dtype, spectrum=False)), table.geometry)
+    return ConfigOps(bound.penalty_energy, bound.project, _LazySpectrum(table, device, dtype))
+
+
+class _LazySpectrum:
+    """A native configuration's spectrum call: the public ``spectrum`` op bound to the full device tables
+    (the isotypic basis included), bound on the first call and kept.  Immutable in effect, so copies
+    share it, like the bound calls."""
+    __slots__ = ("_table", "_device", "_dtype", "_call")
+
+    def __init__(self, table: OrbitTable, device, dtype):
+        self._table, self._device, self._dtype, self._call = table, device, dtype, None
+
+    def __call__(self, weight):
+        call = self._call
+        if call is None:
+            from ._C import SingleCall
+            t = self._table
+            call = self._call = SingleCall("penalty_energy", "project", "spectrum",
+                                           list(t.device_tables(self._device, self._dtype)), t.geometry).spectrum
+        return call(weight)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 _EAGER_OPS = ConfigOps(eager.penalty_energy, eager.project, eager.spectrum)
@@ -84,7 +112,7 @@ def _build(key: tuple) -> Config:
     table = orbit_table(tuple(int(s) for s in shape), name, in_rep, out_rep)
     impl = resolve(backend, device)
     if impl.native:
-        ops, op_args = _native_ops(list(table.device_tables(device, dtype)), table.geometry), ()
+        ops, op_args = _native_ops(table, device, dtype), ()
     else:
         ops, op_args = _EAGER_OPS, (table, impl)
     cfg = Config(table, impl, name, in_rep, out_rep, backend, ops, op_args)

@@ -57,6 +57,9 @@ class FiniteGroup:
     # The cube groups: [|G|, 3, 3] integer matrices, how each element moves a point (x, y, z) of the
     # kernel grid (docs/design.md, Conventions); None for the others.
     matrices: Optional[np.ndarray] = field(repr=False, default=None)
+    # A closed form of ``isotypic_basis`` (C<N>, D<N>): () -> (basis, row_irrep).  None: derived from
+    # the characters.
+    basis_builder: Optional[Callable] = field(repr=False, default=None)
 
     @property
     def order(self) -> int:
@@ -76,35 +79,49 @@ class FiniteGroup:
         the constant function (the trivial irrep).  This is the real form of the group Fourier
         transform: for C_N it spans the same lines as the real DFT.  For f in R^G,
         ||P_rho f||^2 = sum over rows r of rho of (basis[r] . f)^2.
+
+        Only the spectrum needs it: it is built on first use and kept.  C<N> and D<N> have it in
+        closed form (cosines and sines, O(|G|^2)); any other group gets it from its characters.
         """
         n = self.order
         check_table_size(self.name, n)
-        # Left-regular action on functions of G: (L_h f)(g) = f(h^-1 g).
-        inv = self.inverse
-        L = np.zeros((n, n, n))
-        for h in range(n):
-            for g in range(n):
-                L[h, g, self.mul[inv[h], g]] = 1.0
-        rows, owner = [], []
+        if self.basis_builder is not None:
+            basis, owner = self.basis_builder()
+        else:
+            basis, owner = self._basis_from_characters()
+        basis, owner = np.asarray(basis, dtype=np.float64), np.asarray(owner, dtype=np.int64)
+        if basis.shape != (n, n) or not np.allclose(basis @ basis.T, np.eye(n), atol=1e-10):
+            raise AssertionError(f"character table of {self.name} does not give an orthonormal basis")
+        return basis, owner
+
+    def _basis_from_characters(self) -> Tuple[np.ndarray, np.ndarray]:
+        # The isotypic projector of irrep k on functions of G, P_k = (d_k / (|G| m_k)) sum_h chi_k(h) L_h
+        # with (L_h f)(g) = f(h^-1 g), has the entries P_k[g, x] = c_k chi_k(g x^-1): an [|G|, |G|] gather
+        # per irrep.  The P_k are orthogonal projectors summing to the identity, so one symmetric
+        # eigendecomposition of sum_k (k + 1) P_k separates the components: eigenvalue k + 1 spans irrep k's.
+        n = self.order
+        gx = self.mul[:, self.inverse]                     # gx[g, x] = index of g x^-1
+        weighted = np.zeros((n, n))
         for k, chi in enumerate(self.characters):
             # <chi, chi> is 1 for real irreps of real type and 2 for those of complex type.
             m = float(np.dot(chi, chi)) / n
-            P = (self.irrep_dims[k] / (n * m)) * np.tensordot(chi, L, axes=1)
-            w, v = np.linalg.eigh((P + P.T) / 2)
-            sel = v[:, w > 0.5].T
+            weighted += (k + 1) * (self.irrep_dims[k] / (n * m)) * chi[gx]
+        w, v = np.linalg.eigh((weighted + weighted.T) / 2)
+        label = np.rint(w).astype(np.int64) - 1
+        if not np.allclose(w, label + 1, atol=1e-6) or label.min() < 0 or label.max() >= len(self.characters):
+            raise AssertionError(f"character table of {self.name} does not give an orthonormal basis")
+        rows, owner = [], []
+        for k in range(len(self.characters)):
+            sel = v[:, label == k].T
             if k == 0:
-                sel = np.full((1, n), 1.0 / math.sqrt(n))
+                sel = np.full((1, n), 1.0 / math.sqrt(n))  # exactly constant: the kernels skip row 0
             rows.append(sel)
             owner += [k] * sel.shape[0]
-        basis = np.concatenate(rows, axis=0)
-        if basis.shape != (n, n) or not np.allclose(basis @ basis.T, np.eye(n), atol=1e-10):
-            raise AssertionError(f"character table of {self.name} does not give an orthonormal basis")
-        return basis, np.asarray(owner, dtype=np.int64)
+        return np.concatenate(rows, axis=0), np.asarray(owner, dtype=np.int64)
 
     @functools.cached_property
     def inverse(self) -> np.ndarray:
-        e = self.identity
-        return np.array([int(np.nonzero(self.mul[g] == e)[0][0]) for g in range(self.order)])
+        return np.argmax(np.asarray(self.mul) == self.identity, axis=1)
 
     @functools.cached_property
     def identity(self) -> int:
@@ -179,6 +196,49 @@ def _dihedral_irreps(n: int):
     return names, dims, np.round(np.stack(chars), 15)
 
 
+def _frequency_rows(n: int, k: int, scale: float) -> np.ndarray:
+    """[cos, sin] of frequency k on Z_n (0 < k < n/2), unit norm when scale = sqrt(2 / n) and n = |support|.
+    The angle is reduced mod n in integers first, so large n lose no accuracy."""
+    angle = 2 * np.pi * ((k * np.arange(n)) % n) / n
+    return scale * np.stack([np.cos(angle), np.sin(angle)])
+
+
+def _cyclic_basis(n: int):
+    """The isotypic basis of C_N in closed form: the real DFT.  Irrep k (0 < k < N/2) owns cos and sin
+    of frequency k, which span a translation-invariant plane; N/2 (even N) owns (-1)^j."""
+    rows, owner = [np.full((1, n), 1 / math.sqrt(n))], [0]
+    for k in range(1, (n - 1) // 2 + 1):
+        rows.append(_frequency_rows(n, k, math.sqrt(2 / n)))
+        owner += [k, k]
+    if n % 2 == 0:
+        rows.append(((-1.0) ** np.arange(n))[None] / math.sqrt(n))
+        owner.append(n // 2)
+    return np.concatenate(rows), np.asarray(owner, dtype=np.int64)
+
+
+def _dihedral_basis(n: int):
+    """The isotypic basis of D_N in closed form, rows in ``_dihedral_irreps`` order.
+
+    A function on D_N is a pair (f(0, .), f(1, .)) of functions on Z_N.  Rotations translate both
+    halves, the reflection swaps them and reverses j, so frequency k on either half stays frequency k:
+    the 2-D irrep (1, k) owns the four functions cos / sin of frequency k on one half and zero on the
+    other.  A 1-D irrep's component is spanned by its character."""
+    j = np.tile(np.arange(n), 2)
+    f = np.repeat(np.arange(2), n)
+    unit = 1 / math.sqrt(2 * n)
+    rows, owner = [np.full((1, 2 * n), unit), ((-1.0) ** f)[None] * unit], [0, 1]
+    for k in range(1, (n - 1) // 2 + 1):
+        cs = _frequency_rows(n, k, math.sqrt(2 / n))
+        z = np.zeros_like(cs)
+        rows += [np.concatenate([cs, z], axis=1), np.concatenate([z, cs], axis=1)]
+        owner += [1 + k] * 4
+    if n % 2 == 0:
+        last = 1 + (n - 1) // 2
+        rows += [((-1.0) ** (j + f))[None] * unit, ((-1.0) ** j)[None] * unit]
+        owner += [last + 1, last + 2]
+    return np.concatenate(rows), np.asarray(owner, dtype=np.int64)
+
+
 def _kernel_ndim(kernel: torch.Tensor) -> int:
     # Weights are (out, in, *kernel); a size-1 kernel is kernel-free.
     spatial = kernel.shape[2:] if kernel.dim() > 2 else ()
@@ -191,10 +251,11 @@ def cyclic(n: int) -> FiniteGroup:
         raise ValueError(f"group: C<N> needs N >= 1, got N={n}")
     check_table_size(f"C{n}", n)
     elements = tuple((0, j) for j in range(n))
-    mul = np.array([[(a + b) % n for b in range(n)] for a in range(n)])
+    j = np.arange(n)
+    mul = (j[:, None] + j[None, :]) % n
     names, dims, chars = _cyclic_irreps(n)
     return FiniteGroup(f"C{n}", elements, mul, tuple(names), tuple(dims), chars, n, False,
-                       _make_action(_kernel_ndim))
+                       _make_action(_kernel_ndim), basis_builder=functools.partial(_cyclic_basis, n))
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,14 +264,12 @@ def dihedral(n: int) -> FiniteGroup:
         raise ValueError(f"group: D<N> needs N >= 1, got N={n}")
     check_table_size(f"D{n}", 2 * n)
     elements = tuple((f, j) for f in range(2) for j in range(n))
-    index = {e: i for i, e in enumerate(elements)}
-    mul = np.empty((2 * n, 2 * n), dtype=np.int64)
-    for a, (f1, j1) in enumerate(elements):
-        for b, (f2, j2) in enumerate(elements):
-            mul[a, b] = index[(f1 ^ f2, (j1 + (-1) ** f1 * j2) % n)]
+    # (f1, j1)(f2, j2) = (f1 xor f2, j1 + (-1)^f1 j2 mod N), element (f, j) at index f N + j.
+    f, j = np.repeat(np.arange(2), n), np.tile(np.arange(n), 2)
+    mul = (f[:, None] ^ f[None, :]) * n + (j[:, None] + (1 - 2 * f[:, None]) * j[None, :]) % n
     names, dims, chars = _dihedral_irreps(n)
-    return FiniteGroup(f"D{n}", elements, mul, tuple(names), tuple(dims), chars, n, True,
-                       _make_action(_kernel_ndim))
+    return FiniteGroup(f"D{n}", elements, mul.astype(np.int64), tuple(names), tuple(dims), chars, n, True,
+                       _make_action(_kernel_ndim), basis_builder=functools.partial(_dihedral_basis, n))
 
 
 # --- the cube groups O, Oh and T (docs/design.md, Conventions) ---------------------------------

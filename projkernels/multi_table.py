@@ -90,7 +90,7 @@ class MultiTable:
         acc = acc_dtype(dtype)
         key = ("native", str(torch.device(device)), acc)
         if key not in self._device_cache:
-            d = [t.device_tables(device, dtype) for t in self.tables]
+            d = [t.device_tables(device, dtype, spectrum=False) for t in self.tables]
             consts = torch.zeros(2, self.n_layers, dtype=acc)
             consts[1] = 0.5
             self._device_cache[key] = NativeMultiArgs(

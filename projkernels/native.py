@@ -22,7 +22,8 @@ dtype).native``, and return the same shapes (so they share the fake kernels belo
     steerable_penalty_energy_backward(weight, grad_penalty, grad_eq, table[], geometry[]) -> dW
     steerable_project(weight, table[], geometry[]) -> P(W)
 
-``table`` is ``OrbitTable.device_tables(device, dtype)`` as a list and ``geometry`` is
+``table`` is ``OrbitTable.device_tables(device, dtype)`` as a list (with ``spectrum=False`` for every op
+but ``spectrum``, so that the isotypic basis is built only for the spectrum) and ``geometry`` is
 ``OrbitTable.geometry``; the multi-tensor arguments come from ``multi_table.NativeMultiArgs``.
 Their autograd is registered in C++ for the Autograd key (double backward included), and the
 dispatcher picks the CPU or CUDA kernel.  penalty_energy is the training op: it computes no
@@ -149,21 +150,21 @@ def _multi_penalty_backward_fake(weights, grad_penalty, grad_eq, offsets, inv_st
 def fused_forward(w: torch.Tensor, table: OrbitTable, with_spectrum: bool = True):
     """(penalty, eq_energy, spectrum) of ``w`` from one pass over its entries (zeros for the
     spectrum when ``with_spectrum=False``)."""
-    d = table.device_tables(w.device, w.dtype)
+    d = table.device_tables(w.device, w.dtype, spectrum=with_spectrum)
     g = table.geometry
     return OPS.fused_forward(w, d.offsets, d.inv_stab, d.basis, d.row_irrep, *g, with_spectrum)
 
 
 def fused_backward(w: torch.Tensor, table: OrbitTable, grad_pen: torch.Tensor, grad_eq: torch.Tensor):
     """2 grad_pen (W - P(W)) + 2 grad_eq P(W), in the weight's dtype."""
-    d = table.device_tables(w.device, w.dtype)
+    d = table.device_tables(w.device, w.dtype, spectrum=False)
     return OPS.fused_backward(w, grad_pen, grad_eq, d.offsets, d.inv_stab, *table.geometry[1:])
 
 
 @functools.lru_cache(maxsize=64)
 def multi_op_args(tables: Sequence[OrbitTable], device: str):
     """(offsets[], inv_stab[], geometry) of the raw multi ops for these layers, on ``device``."""
-    d = [t.device_tables(device) for t in tables]
+    d = [t.device_tables(device, spectrum=False) for t in tables]
     geometry = [g for t in tables for g in t.geometry[1:]]
     return [x.offsets for x in d], [x.inv_stab for x in d], geometry
 
@@ -184,16 +185,16 @@ def multi_backward(weights: Sequence[torch.Tensor], tables: Sequence[OrbitTable]
 
 def forward(w, table):
     """(penalty, eq_energy) through the training op (no spectrum computed)."""
-    return OPS.penalty_energy.default(w, list(table.device_tables(w.device, w.dtype)), table.geometry)
+    return OPS.penalty_energy.default(w, list(table.device_tables(w.device, w.dtype, spectrum=False)), table.geometry)
 
 
 def backward(w, table, grad_pen, grad_eq):
-    return OPS.penalty_energy_backward.default(w, grad_pen, grad_eq, list(table.device_tables(w.device, w.dtype)),
-                                               table.geometry)
+    return OPS.penalty_energy_backward.default(
+        w, grad_pen, grad_eq, list(table.device_tables(w.device, w.dtype, spectrum=False)), table.geometry)
 
 
 def project(w, table):
-    return OPS.project.default(w, list(table.device_tables(w.device, w.dtype)), table.geometry)
+    return OPS.project.default(w, list(table.device_tables(w.device, w.dtype, spectrum=False)), table.geometry)
 
 
 def spectrum(w, table):

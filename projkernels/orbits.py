@@ -136,35 +136,50 @@ class OrbitTable:
         """[n_irreps, c_out, c_in, stride_out, stride_in], the int arguments of the public ops."""
         return [len(self.group.irrep_names), self.c_out, self.c_in, self.stride_out, self.stride_in]
 
-    def device_tables(self, device, dtype: torch.dtype = torch.float32) -> "DeviceTables":
+    def device_tables(self, device, dtype: torch.dtype = torch.float32, *, spectrum: bool = True) -> "DeviceTables":
         """The table on ``device`` in the form the compiled ops read it, for weights of ``dtype``.
 
         Built (one upload) on first use per (device, accumulation dtype), then cached on the
         table: the hot path never copies a table again.  The contents were validated when the table
         was built, so the ops only check shapes and devices.
+
+        ``spectrum=False`` is for the calls that never read the isotypic basis (penalty, energy,
+        projection, gradients): its ``basis`` and ``row_irrep`` are stand-ins of the right shapes that
+        occupy no memory, so the group's basis is not built.  The basis is NaN there, so a spectrum
+        computed from these tables by mistake comes out NaN rather than plausible.  Both forms share
+        the offsets and the other tensors.
         """
         acc = acc_dtype(dtype)
-        key = (str(torch.device(device)), acc)
+        dev = str(torch.device(device))
         cache = self.__dict__.setdefault("_device_cache", {})
-        if key not in cache:
-            basis, row_irrep = self.group.isotypic_basis
-            cache[key] = DeviceTables(
+        key = (dev, acc, spectrum)
+        if key in cache:
+            return cache[key]
+        base = cache.get((dev, acc, False))
+        if base is None:
+            G = self.group.order
+            base = cache[(dev, acc, False)] = DeviceTables(
                 offsets=self.offsets.to(device=device, dtype=torch.int32).contiguous(),
                 inv_stab=self.inv_stab.to(device=device, dtype=torch.float64).contiguous(),
-                basis=torch.as_tensor(basis, dtype=torch.float64).to(device).contiguous(),
-                row_irrep=torch.as_tensor(row_irrep, dtype=torch.int64).to(device).contiguous(),
+                basis=torch.full((), float("nan"), dtype=torch.float64, device=device).expand(G, G),
+                row_irrep=torch.zeros((), dtype=torch.int64, device=device).expand(G),
                 zero=torch.zeros((), dtype=acc, device=device),
                 half=torch.full((), 0.5, dtype=acc, device=device),
             )
-        return cache[key]
+        if spectrum:
+            basis, row_irrep = self.group.isotypic_basis
+            base = cache[key] = base._replace(
+                basis=torch.as_tensor(basis, dtype=torch.float64).to(device).contiguous(),
+                row_irrep=torch.as_tensor(row_irrep, dtype=torch.int64).to(device).contiguous())
+        return base
 
 
 class DeviceTables(NamedTuple):
     """An orbit table on one device; the list form is the ``table`` argument of the public ops."""
     offsets: torch.Tensor    # [orbits per block, |G|] int32
     inv_stab: torch.Tensor   # [orbits per block] float64
-    basis: torch.Tensor      # [|G|, |G|] float64, the isotypic basis (spectrum only)
-    row_irrep: torch.Tensor  # [|G|] int64, the irrep of each basis row
+    basis: torch.Tensor      # [|G|, |G|] float64, the isotypic basis (spectrum only; a NaN stand-in without it)
+    row_irrep: torch.Tensor  # [|G|] int64, the irrep of each basis row (zeros without the spectrum)
     zero: torch.Tensor       # 0-dim, accumulation dtype: the gradient of an unused output
     half: torch.Tensor       # 0-dim, accumulation dtype: P(W) = backward(0, 1/2)
 
@@ -179,11 +194,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _kernel_permutations(group: FiniteGroup, kernel: Tuple[int, ...]) -> np.ndarray:
     """tau[g, x]: where T_g moves the kernel entry x (flat index)."""
     k = int(np.prod(kernel)) if kernel else 1
+    if k == 1:
+        return np.zeros((group.order, 1), dtype=np.int64)  # kernel-free: every T_g is the identity
     probe = torch.arange(k).reshape((1, 1) + tuple(kernel))
+    moved = np.stack([group.kernel_action(probe, g).reshape(-1).numpy() for g in range(group.order)])
     tau = np.empty((group.order, k), dtype=np.int64)
-    for g in range(group.order):
-        moved = group.kernel_action(probe, g).reshape(-1).numpy()
-        tau[g, moved] = np.arange(k)
+    np.put_along_axis(tau, moved, np.broadcast_to(np.arange(k), moved.shape), axis=1)
     return tau
 
 
@@ -194,22 +210,99 @@ def _channel_permutation(group: FiniteGroup, rep: str) -> np.ndarray:
     return np.asarray(group.mul, dtype=np.int64)
 
 
+# Elements per chunk when comparing [chunk, |G|, k] compositions: bounds the check's memory.
+_CHECK_CHUNK = 1 << 22
+
+
+def _check_kernel_action(group: FiniteGroup, tau: np.ndarray, shape: Tuple[int, ...]) -> None:
+    """tau[g h] = tau[g] o tau[h] for all g, h: T is an action compatible with the multiplication table.
+
+    |G|^2 * k comparisons, vectorised in chunks of g; k > 1 only happens for the small groups that act
+    on kernels (a kernel-free tau is the identity and needs no check)."""
+    n, k = tau.shape
+    if k == 1:
+        return
+    mul = np.asarray(group.mul, dtype=np.int64)
+    step = max(1, _CHECK_CHUNK // (n * k))
+    for g0 in range(0, n, step):
+        g = np.arange(g0, min(n, g0 + step))
+        lhs = tau[mul[g]]                                           # [c, |G|, k]: tau[g h]
+        rhs = np.take_along_axis(tau[g][:, None, :].repeat(n, 1), tau[None].repeat(len(g), 0), axis=2)
+        if not np.array_equal(lhs, rhs):
+            raise AssertionError(f"kernel action of {group.name} on shape {shape} is not a group action")
+
+
+@functools.lru_cache(maxsize=None)
+def _check_regular_action(group: FiniteGroup) -> None:
+    """rho(g) rho(h) = rho(g h) for the regular representation, i.e. ``mul`` is a group law.
+
+    Checked once per group (cached on it) in |G|^2 * (number of generators) steps, not |G|^3: each row of
+    ``mul`` must be a permutation, and associativity need only hold with a generator in the middle
+    (Light's test: the middle elements for which (x a) y = x (a y) for all x, y form a closed set, so
+    holding on a generating set it holds for all)."""
+    mul = np.asarray(group.mul, dtype=np.int64)
+    n = group.order
+    ok = mul.shape == (n, n) and mul.min() >= 0 and mul.max() < n
+    ok = ok and (np.sort(mul, axis=1) == np.arange(n)).all() and (np.sort(mul, axis=0) == np.arange(n)[:, None]).all()
+    if ok:
+        e = group.identity  # raises when there is none
+        ok = (mul[e] == np.arange(n)).all() and (mul[:, e] == np.arange(n)).all()
+    if ok:
+        # A generating set, greedily: each new generator lies outside the span of the ones before.
+        span = np.zeros(n, dtype=bool)
+        span[e] = True
+        gens = []
+        while not span.all():
+            a = int(np.argmin(span))
+            gens.append(a)
+            frontier = np.nonzero(span)[0]
+            while len(frontier):  # close the span under right multiplication by the generators
+                new = np.unique(mul[frontier][:, gens].reshape(-1))
+                new = new[~span[new]]
+                span[new] = True
+                frontier = new
+        for a in gens:
+            # (x a) y == x (a y) for all x, y
+            if not np.array_equal(mul[mul[:, a]], np.take_along_axis(mul, np.broadcast_to(mul[a], (n, n)), axis=1)):
+                ok = False
+                break
+    if not ok:
+        raise AssertionError(f"multiplication table of {group.name} is not a group law, so its regular "
+                             "representation is not a representation")
+
+
 @functools.lru_cache(maxsize=256)
 def _cached_table(group: FiniteGroup, in_rep: str, out_rep: str, shape: Tuple[int, ...]) -> OrbitTable:
+    """The orbit table in time and memory proportional to its size (orbits x |G|), never |G| x block.
+
+    Pi_g acts on a block-local entry (a, b, x) as (po[g, a], pi[g, b], tau[g, x]); it is a representation
+    because each factor is an action (checked: the kernel action against ``mul``, and ``mul`` itself
+    for regular fields).  A regular field makes the action free, and each orbit then holds exactly one
+    entry whose regular coordinate is 0 (g . 0 = 0 only for g = e): those entries, all of them, are the
+    orbits' smallest entries, so the representatives are known without listing the orbits.
+    """
     so, si = field_size(out_rep, group), field_size(in_rep, group)
     kernel = shape[2:]
     k = int(np.prod(kernel)) if kernel else 1
     tau = _kernel_permutations(group, kernel)
+    _check_kernel_action(group, tau, shape)
     po, pi = _channel_permutation(group, out_rep), _channel_permutation(group, in_rep)
-    # sigma[g, (a, b, x)] = (po[g, a], pi[g, b], tau[g, x]) as block-local flat indices.
-    sigma = ((po[:, :, None, None] * si + pi[:, None, :, None]) * k + tau[:, None, None, :]).reshape(group.order, -1)
-    for g in range(group.order):  # Pi must be a representation; cheap to confirm once per table.
-        for h in range(group.order):
-            if not np.array_equal(sigma[group.mul[g, h]], sigma[g][sigma[h]]):
-                raise AssertionError(f"kernel action of {group.name} on shape {shape} is not a group action")
-    reps = np.nonzero(sigma.min(axis=0) == np.arange(sigma.shape[1]))[0]
-    members = sigma[:, reps].T                                    # [orbits, |G|] local (a, b, x) indices
-    sizes = np.array([len(np.unique(row)) for row in members])
+    if out_rep == "regular" or in_rep == "regular":
+        _check_regular_action(group)
+    if out_rep == "regular":
+        # Representatives (0, b, x), in increasing order; members[(b, x), g] = (po[g, 0], pi[g, b], tau[g, x]).
+        members = ((po[:, 0][None, None, :] * si + pi.T[:, None, :]) * k + tau.T[None, :, :]).reshape(si * k, -1)
+        sizes = np.full(si * k, group.order)
+    elif in_rep == "regular":
+        # so == 1: representatives (0, 0, x); members[x, g] = (0, pi[g, 0], tau[g, x]).
+        members = pi[:, 0][None, :] * k + tau.T
+        sizes = np.full(k, group.order)
+    else:
+        # Both trivial: the action is tau on the k kernel entries alone, a small [|G|, k] array.
+        reps = np.nonzero(tau.min(axis=0) == np.arange(k))[0]
+        members = tau[:, reps].T
+        ordered = np.sort(members, axis=1)
+        sizes = 1 + (np.diff(ordered, axis=1) != 0).sum(axis=1)
     # Block-local (a, b, x) -> offset in the contiguous weight of shape (so*c_out, si*c_in, *kernel).
     a, rest = np.divmod(members, si * k)
     row_len = shape[1] * k

@@ -85,7 +85,7 @@ def apply(targets, weights, tables, coef_dev, coef_mean) -> None:
         gp = triton.next_power_of_2(G)
         n = table.n_orbits
         block = _block(n, gp)
-        offsets = table.device_tables(t.device).offsets
+        offsets = table.device_tables(t.device, spectrum=False).offsets
         ctx = torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
         with ctx:
             _decay_kernel[(triton.cdiv(n, block),)](

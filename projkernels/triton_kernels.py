@@ -180,7 +180,7 @@ _FINISH_ROWS = 512
 
 def reduce_orbits(w: torch.Tensor, table, spectrum: bool):
     """(penalty, eq_energy) as two 0-dim tensors, or the [n_irreps] spectrum, in the accumulation dtype."""
-    t = table.device_tables(w.device)._asdict()
+    t = table.device_tables(w.device, spectrum=spectrum)._asdict()
     geo = _geometry(w, table)
     n_cols, cols_p = _columns(table, spectrum)
     block, warps = launch_config(geo["G"])
@@ -222,7 +222,7 @@ def apply_orbits(w: torch.Tensor, table, grad_pen=None, grad_eq=None, out_dtype=
     Written in ``out_dtype`` (the weight's dtype for a gradient); in float16 a value above 65504
     in magnitude, e.g. 2 (W - P W) of a weight with a large spread, overflows to inf.
     """
-    t = table.device_tables(w.device)._asdict()
+    t = table.device_tables(w.device, spectrum=False)._asdict()
     geo = _geometry(w, table)
     project = grad_pen is None
     out = torch.empty(w.shape, dtype=out_dtype or w.dtype, device=w.device)
@@ -448,7 +448,7 @@ def _tile_args(w: torch.Tensor, table, plan: TilePlan):
 def reduce_tiles(w: torch.Tensor, table, plan: TilePlan, spectrum: bool):
     """``reduce_orbits`` by tiles (``plan = plan_tiles(table, w.element_size())``; w contiguous):
     one row of partial sums per tile, added in a fixed order."""
-    t = table.device_tables(w.device)._asdict()
+    t = table.device_tables(w.device, spectrum=spectrum)._asdict()
     tt = tile_tables(table, plan, w.device)
     n_cols, cols_p = _columns(table, spectrum)
     part = torch.empty((plan.n_tiles, n_cols), dtype=acc_dtype(w.dtype), device=w.device)
