@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import reference
+from .groups import short_repr
 
 __all__ = ["Backend", "MultiKernels", "BACKENDS", "BACKEND_NAMES", "AUTO_ORDER", "register_backend",
            "register_multi_kernels", "unregister_backend", "resolve", "available_backends", "check_backend_name", "why_unavailable"]
@@ -115,18 +116,25 @@ def check_backend_name(backend) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected one of {BACKEND_NAMES} (str), got {type(backend).__name__}")
     if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+        raise ValueError(f"backend: unknown backend {short_repr(backend)}; expected one of {BACKEND_NAMES}")
     return backend
 
 
 def why_unavailable(name: str, device) -> Optional[str]:
     """None when backend ``name`` can serve tensors on ``device``, else the reason it cannot."""
     device = torch.device(device)
+    if name == "cuda" and device.type != "cuda":
+        # The tensor's device is the first reason, whatever was built.
+        return f"the cuda backend serves CUDA tensors only (move the weight with .cuda(), or use backend='auto')"
     if name not in BACKENDS:
+        from .install_hints import extension_hint
         return {
-            "cpp": "the C++ extension projkernels._C is not built (reinstall with a C++ compiler: pip install .)",
-            "cuda": "the CUDA extension is not built (needs nvcc and a CUDA build of torch at install time)",
-            "triton": "Triton is not installed",
+            "cpp": "the C++ extension projkernels._C is not built or did not import (it needs a C++ compiler "
+                   f"and torch at install time); rebuild it: {extension_hint()}",
+            "cuda": "the extension was built without its CUDA kernels (they are compiled only when nvcc and a "
+                    "CUDA build of torch are there and a GPU is visible at install time, or PROJKERNELS_CUDA=1); "
+                    f"rebuild: {extension_hint(cuda=True)}",
+            "triton": "Triton is not installed (pip install triton)",
         }.get(name, "not registered")
     return BACKENDS[name].why_unavailable(device)
 

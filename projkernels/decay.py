@@ -34,7 +34,6 @@ only: the coupled addition comes after it (unlike the penalty in the loss).
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 import weakref
@@ -43,11 +42,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import distributed as D
 from .backends import BACKENDS, check_backend_name
 from .groups import get_group
-from .model import attached_layers
+from .model import _check_lambda, attached_layers
 from .orbits import OrbitTable, acc_dtype, orbit_table
 from . import reference as R
 from .steerable import SteerableSymmetry, config as steerable_config
@@ -86,7 +86,11 @@ def _reference_apply(targets, weights, tables, coef_dev, coef_mean) -> None:
         w = t if weights is None else weights[i]
         acc = R.acc_dtype(t.dtype)
         pw = R.project(w, table).reshape(t.shape)
-        new = t.to(acc) + coef_dev[i] * (w.to(acc) - pw) + coef_mean[i] * pw
+        old, wa = t.to(acc), w.to(acc)
+        # Near the dtype's largest finite value W - P W can overflow where the update does not:
+        # there, the same update on scaled values (reference.finite_or_rescaled).
+        new = R.finite_or_rescaled(old + coef_dev[i] * (wa - pw) + coef_mean[i] * pw,
+                                   lambda d: old * d + coef_dev[i] * (wa * d - pw * d) + coef_mean[i] * (pw * d))
         t.copy_(new)
 
 
@@ -230,18 +234,6 @@ def _steerable_update_(target: torch.Tensor, weight: torch.Tensor, e: _Entry, co
     target.copy_(old + (coef_dev * (w - pw) + coef_mean * pw))  # rounded once, as the fused kernels do
 
 
-def _check_lambda(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
-            value = float(value)
-        else:
-            raise TypeError(f"{name}: expected a non-negative number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite non-negative number, got {value}")
-    return value
-
-
 def _bias_table(module: nn.Module, sym) -> Optional[OrbitTable]:
     """The orbit table of a regular-field bias, seen as an (n, 1) weight from a trivial input to
     regular output fields: one orbit per field, P = the field mean (as ``model_penalty``)."""
@@ -254,6 +246,10 @@ def _bias_table(module: nn.Module, sym) -> Optional[OrbitTable]:
 def _closure_given(args, kwargs) -> bool:
     # The step pre-hooks receive step's positional arguments with the optimizer itself first.
     return kwargs.get("closure") is not None or (len(args) > 1 and args[1] is not None)
+
+
+# The decay handles attached to each optimizer (weakly: neither side is kept alive by this table).
+_HANDLES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.WeakSet]" = weakref.WeakKeyDictionary()
 
 
 class EquivarianceDecay:
@@ -299,6 +295,13 @@ class EquivarianceDecay:
                 entries.append(_Entry(l.bias(), table, True, f"{l.name}.bias", bsh))
         for name, module, sym in (layers if sharded is None else ()):
             label = name or "(model)"
+            for pname in ("weight", "bias"):
+                if parametrize.is_parametrized(module, pname):
+                    # module.weight is then recomputed from the parametrization's own parameters at
+                    # every access: an in-place update of it would be lost.
+                    raise ValueError(f"model: {label}.{pname} is parametrized (torch.nn.utils.parametrize), "
+                                     "so the decay, which updates parameters in place, cannot act on it; add "
+                                     f"model_penalty(model) to the loss instead, or remove the parametrization")
             if isinstance(sym.group, SteerableSymmetry):
                 # The decay's backend when one is named, else the one attached with the layer.
                 b = self.backend if self.backend != "auto" else sym.backend
@@ -336,8 +339,16 @@ class EquivarianceDecay:
         self.steps = 0
         self.host_seconds = 0.0
         self._warned = False
+        for other in list(_HANDLES.get(optimizer, ())):
+            if other.attached:
+                twice = {id(p) for p in other.parameters} & set(seen)
+                if twice:
+                    raise ValueError(f"optimizer: already has an equivariance decay acting on "
+                                     f"{seen[next(iter(twice))]} ({other!r}); a second one would apply the decay "
+                                     "twice per step. Call remove() on the first handle, or attach one decay")
         self._optimizer = weakref.ref(optimizer)
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
+        _HANDLES.setdefault(optimizer, weakref.WeakSet()).add(self)
 
     # -- bookkeeping --
 

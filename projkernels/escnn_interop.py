@@ -46,7 +46,8 @@ def _escnn():
         import escnn.nn as enn  # noqa: F401
         import escnn.gspaces as gspaces  # noqa: F401
     except ImportError as err:
-        raise ImportError("projkernels.escnn_interop needs escnn (pip install escnn); "
+        from .install_hints import escnn_hint
+        raise ImportError(f"projkernels.escnn_interop needs escnn ({escnn_hint()}); "
                           f"importing it failed: {err}") from err
     import escnn
     return escnn

@@ -30,8 +30,18 @@ _MAX_TABLE_BYTES = 1 << 30
 MAX_GROUP_ORDER = int(round((_MAX_TABLE_BYTES // 8) ** (1 / 3)))
 
 
+def short_repr(value, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages echo what the user passed, and a
+    megabyte-long argument must not become a megabyte-long message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_table_size(name: str, order: int) -> None:
     """ValueError naming the group when its tables would not fit in memory (before building them)."""
+    if order > 1 << 20:  # the GiB figure below would overflow a float for a name with hundreds of digits
+        raise ValueError(f"group: {short_repr(name)} has order {short_repr(order, 40)}; the largest order "
+                         f"allowed is {MAX_GROUP_ORDER}")
     need = 8 * order ** 3
     if need > _MAX_TABLE_BYTES:
         raise ValueError(
@@ -459,13 +469,13 @@ def register_group(group: FiniteGroup) -> FiniteGroup:
     name = group.name
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"group: a registered group needs a non-empty name without surrounding spaces, "
-                         f"got {name!r}")
+                         f"got {short_repr(name)}")
     if _RESERVED_RE.fullmatch(name):
-        raise ValueError(f"group: the name {name!r} is reserved for the built-in C<N> / D<N> / O / Oh / T; "
+        raise ValueError(f"group: the name {short_repr(name)} is reserved for the built-in C<N> / D<N> / O / Oh / T; "
                          "pick another name")
     if _REGISTERED.get(name, group) is not group:
         # Tables are cached by name downstream: a second group under one name would read stale ones.
-        raise ValueError(f"group: a different group is already registered as {name!r}; pick another name")
+        raise ValueError(f"group: a different group is already registered as {short_repr(name)}; pick another name")
     _REGISTERED[name] = group
     return group
 
@@ -475,7 +485,7 @@ def group_name_for_ops(group, argument: str = "group") -> str:
     if isinstance(group, FiniteGroup):
         if _is_builtin_name(group.name):
             if get_group(group.name, argument) is not group:
-                raise ValueError(f"{argument}: the name {group.name!r} is reserved for the built-in "
+                raise ValueError(f"{argument}: the name {short_repr(group.name)} is reserved for the built-in "
                                  "C<N> / D<N> / O / Oh / T")
         elif _REGISTERED.get(group.name) is not group:
             register_group(group)
@@ -509,12 +519,14 @@ def get_group(group, argument: str = "group") -> FiniteGroup:
         n = int(m.group(2))
         return cyclic(n) if m.group(1) == "C" else dihedral(n)
     if re.fullmatch(r"[CD]0+", group):
-        raise ValueError(f"{argument}: {group!r} has no elements; C<N> and D<N> need N >= 1")
+        raise ValueError(f"{argument}: {short_repr(group)} has no elements; C<N> and D<N> need N >= 1")
     if _RESERVED_RE.fullmatch(group):
-        raise ValueError(f"{argument}: {group!r} is not a group name; expected {_ACCEPTED} (names are "
+        raise ValueError(f"{argument}: {short_repr(group)} is not a group name; expected {_ACCEPTED} (names are "
                          "matched exactly, without normalising case, spaces, zeros or digits)")
-    registered = ", ".join(repr(k) for k in sorted(_REGISTERED)) or "none"
-    raise ValueError(f"{argument}: unknown group {group!r}; expected {_ACCEPTED}, or the name of a group "
+    registered = ", ".join(short_repr(k, 40) for k in sorted(_REGISTERED)[:20]) or "none"
+    if len(_REGISTERED) > 20:
+        registered += f", ... ({len(_REGISTERED)} in all)"
+    raise ValueError(f"{argument}: unknown group {short_repr(group)}; expected {_ACCEPTED}, or the name of a group "
                      f"registered with register_group in this process (registered now: {registered}; "
                      "registrations are process-local: register the group again after a restart, a reload "
                      "of projkernels.groups, or in a new worker process)")

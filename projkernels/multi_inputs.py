@@ -33,7 +33,7 @@ def collect(items) -> Tuple[List[torch.Tensor], tuple]:
             w, g, a, b = item
         else:
             w, g, a, b = _unpack(item, i)
-        if not isinstance(w, torch.Tensor):
+        if not isinstance(w, torch.Tensor) or w.layout is not torch.strided:
             try:
                 check_weight(w)
             except (TypeError, ValueError) as e:

@@ -24,7 +24,7 @@ from typing import List, NamedTuple, Tuple
 import numpy as np
 import torch
 
-from .groups import FiniteGroup, get_group
+from .groups import FiniteGroup, get_group, short_repr
 
 __all__ = ["OrbitTable", "DeviceTables", "orbit_table", "REPS", "field_size"]
 
@@ -39,15 +39,24 @@ def _check_rep(name: str, rep) -> str:
     if not isinstance(rep, str):
         raise TypeError(f"{name}: expected one of {REPS} (str), got {type(rep).__name__}")
     if rep not in REPS:
-        raise ValueError(f"{name}: unknown representation {rep!r}; expected one of {REPS}")
+        raise ValueError(f"{name}: unknown representation {short_repr(rep)}; expected one of {REPS}")
     return rep
+
+
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_weight(weight) -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"weight: expected a floating dtype (float16, bfloat16, float32, float64), got {weight.dtype}")
+    if weight.dtype not in WEIGHT_DTYPES:
+        # float8 and complex weights included: no backend computes in them, and a reference route that
+        # upcast them would report a penalty of values the layer never uses.
+        raise TypeError(f"weight: expected a floating dtype (float16, bfloat16, float32 or float64), got {weight.dtype}; "
+                        "convert it first (weight.float())")
+    if weight.layout != torch.strided:
+        raise TypeError(f"weight: expected a dense (strided) tensor, got layout {weight.layout}; "
+                        "convert it first (weight.to_dense())")
     if weight.dim() not in (2, 3, 4, 5):
         raise ValueError(
             "weight: expected shape (out, in) for Linear, (out, in, k) for Conv1d, (out, in, kh, kw) for "
