@@ -190,18 +190,20 @@ def test_bound_calls_are_their_own_copies():
     assert copy.copy(call) is call and copy.deepcopy(plan).groups[0][1] is call
 
 
-def test_forward_mode_ad_is_refused_not_dropped():
-    # The ops implement reverse mode only; a dual weight used to come back without its tangent.
+def test_forward_mode_ad_is_refused_by_the_ops_not_dropped():
+    # The C++ ops implement reverse mode only; a dual weight used to come back without its tangent.  The
+    # public functions carry the tangent through projkernels/functional.py (tests/test_func.py).
     import torch.autograd.forward_ad as fwAD
     w = _weight((8, 8, 3, 3), torch.float64)
+    table = orbit_table(w, "C4", "regular", "regular")
     with fwAD.dual_level():
         dual = fwAD.make_dual(w, torch.ones_like(w))
         with pytest.raises(RuntimeError, match="forward-mode tangent"):
-            pk.projected_penalty(dual, "C4", "regular", "regular")
+            C.forward(dual, table)
         with pytest.raises(RuntimeError, match="forward-mode tangent"):
-            pk.project(dual, "C4", "regular", "regular")
-        with pytest.raises(RuntimeError, match="forward-mode tangent"):
-            pk.multi_penalty([(w, "C4", "regular", "regular"), (dual, "C4", "regular", "regular")])
+            C.project(dual, table)
+        tangent = fwAD.unpack_dual(pk.projected_penalty(dual, "C4", "regular", "regular")).tangent
+    torch.testing.assert_close(tangent, 2 * (w - pk.project(w, "C4", "regular", "regular")).sum())
 
 
 def test_bound_calls_from_several_threads():
