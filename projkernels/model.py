@@ -21,6 +21,7 @@ terms (a field with no trivial irrep has its whole bias penalised).
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -233,33 +234,45 @@ def project_bias_(vector: Optional[torch.Tensor], sym: Symmetry) -> None:
 class _ModelPlan:
     """What ``model_penalty`` needs of one model, built once and reused while the model is unchanged.
 
-    Holds the model's supported layers (to notice a symmetry attached or detached), the attached
-    layers' modules, the signature (shape, dtype, device) of their weights and biases, and one
-    multi-tensor plan per backend named in the symmetries (device tables included).  A call
-    compares the collected tensors' signature with the stored one: a parameter that was replaced
-    with one of another shape, moved or cast rebuilds the plan; any change to the model's module
-    tree (a layer replaced) does too, through a module registration hook.
+    Holds weak references only, to the model's supported layers (to notice a symmetry attached or
+    detached), to its containers (to notice a layer removed) and to the attached layers, so that
+    the cache never keeps a model alive (a bare layer is its own model: a strong reference from its
+    plan would pin it through the cache for good).  Beside them: the signature (type, shape, dtype,
+    device) of the attached layers' weights and biases, and one multi-tensor plan per backend named
+    in the symmetries (device tables included; those are built from shapes and hold no user
+    tensor).  A call compares the collected tensors' signature with the stored one: a parameter
+    replaced with one of another shape, moved, cast or sharded rebuilds the plan.  A submodule or a
+    parameter registered on a module of the model's tree (a layer added or replaced, a parameter
+    replaced) marks the plan stale through the registration hooks; registrations on other modules
+    leave it alone.
     """
 
-    def __init__(self, model: nn.Module, generation: int):
-        self.generation = generation
-        self.candidates = [m for m in model.modules() if isinstance(m, SUPPORTED_LAYERS)]
-        self.symmetries = [getattr(m, _ATTR, None) for m in self.candidates]
+    def __init__(self, model: nn.Module):
+        self.stale = False
+        tree = list(model.modules())
+        candidates = [m for m in tree if isinstance(m, SUPPORTED_LAYERS)]
+        self.candidates = [weakref.ref(m) for m in candidates]
+        self.symmetries = [getattr(m, _ATTR, None) for m in candidates]
+        # Removing a submodule (``del model[i]``, ``delattr``) runs no hook: each container's child
+        # count is compared instead.
+        self.containers = [(weakref.ref(m), len(m._modules)) for m in tree if m._modules]
         layers = attached_layers(model)
         if not layers:
             raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
                              "/ attach_regular_gcnn first")
-        # Sharded (DTensor / FSDP2) models keep only their layers here: their local shapes are read
-        # at every call (FSDP2 swaps sharded and unsharded parameters without any registration
-        # hook), and the multi-tensor plans of the local shards come from multi.plan_for's cache.
+        # Sharded (DTensor / FSDP2) models: the plan keeps their layers and is not cached (see
+        # _model_plan); their local shapes are read at every call (FSDP2 swaps sharded and unsharded
+        # parameters without any registration hook), and the multi-tensor plans of the local shards
+        # come from multi.plan_for's cache.
         self.sharded = D.sharded_layers(model, layers)
         if self.sharded is not None:
             self.modules, self.weight_plans, self.bias_modules, self.steerable_biases = [], [], [], []
             self.with_biases = None
             return
-        self.modules = [m for _, m, _ in layers]
-        weights = [m.weight for m in self.modules]
-        self.signature = _signature(weights)
+        self.modules = [weakref.ref(m) for _, m, _ in layers]
+        weights = [m.weight for _, m, _ in layers]
+        biases = [m.bias for _, m, _ in layers]
+        self.signature = _signature(weights + biases)
         by_backend: Dict[str, List[int]] = {}
         for i, (_, _, sym) in enumerate(layers):
             by_backend.setdefault(sym.backend, []).append(i)
@@ -267,15 +280,16 @@ class _ModelPlan:
         for backend, idx in by_backend.items():
             _, key = collect([(weights[i], layers[i][2].group, layers[i][2].in_rep, layers[i][2].out_rep) for i in idx])
             self.weight_plans.append((idx if len(by_backend) > 1 else None, plan_for(key, backend)))
-        # Regular-field biases, grouped by field size (one concatenation per size).
-        regular = [(m, sym) for _, m, sym in layers if m.bias is not None and sym.out_rep == "regular"]
-        self.bias_modules = [(m, field_size("regular", get_group(sym.group))) for m, sym in regular]
-        self.with_biases = self._fused_plan(key, regular, by_backend) if len(by_backend) == 1 else None
+        # Regular-field biases (by their layer's index), grouped by field size (one concatenation per size).
+        regular = [(i, sym) for i, (_, m, sym) in enumerate(layers) if m.bias is not None and sym.out_rep == "regular"]
+        self.bias_modules = [(i, field_size("regular", get_group(sym.group))) for i, sym in regular]
+        self.with_biases = (self._fused_plan(key, [(biases[i], sym) for i, sym in regular], by_backend)
+                            if len(by_backend) == 1 else None)
         # Biases of steerable layers, one term each (their projections differ layer by layer).
-        self.steerable_biases = [(m, name, sym) for name, m, sym in layers
+        self.steerable_biases = [(i, name, sym) for i, (name, m, sym) in enumerate(layers)
                                  if m.bias is not None and isinstance(sym.group, SteerableSymmetry)]
-        self.bias_signature = _signature([m.bias for m, _ in self.bias_modules] +
-                                         [m.bias for m, _, _ in self.steerable_biases])
+        for m in tree:
+            _watch(m, self)
 
     @staticmethod
     def _fused_plan(weight_key: tuple, regular: list, by_backend: dict):
@@ -293,61 +307,88 @@ class _ModelPlan:
             return None
         device = weight_key[0][2]
         entries = []
-        for m, sym in regular:
-            b = m.bias
+        for b, sym in regular:
             if b.device != device or not b.is_floating_point() or b.dim() != 1:
                 return None
             entries.append((torch.Size((b.numel(), 1)), b.dtype, b.device, sym.group, "trivial", "regular"))
         return plan_for(weight_key + tuple(entries), backend)
 
-    def current(self, model_generation: int):
-        """The weights if this plan still describes the model, else None."""
-        if model_generation != self.generation:
+    def current(self):
+        """(weights, biases) of the attached layers if this plan still describes the model, else None."""
+        if self.stale:
             return None
         syms = self.symmetries
-        for i, m in enumerate(self.candidates):
-            if getattr(m, _ATTR, None) is not syms[i]:
+        for i, ref in enumerate(self.candidates):
+            m = ref()
+            if m is None or getattr(m, _ATTR, None) is not syms[i]:
+                return None
+        for ref, n in self.containers:
+            m = ref()
+            if m is None or len(m._modules) != n:
                 return None
         if self.sharded is not None:
-            return []
-        weights = [m.weight for m in self.modules]
-        if _signature(weights) != self.signature:
+            return [], []
+        modules = [ref() for ref in self.modules]
+        if None in modules:
             return None
-        if _signature([m.bias for m, _ in self.bias_modules] +
-                      [m.bias for m, _, _ in self.steerable_biases]) != self.bias_signature:
+        weights = [m.weight for m in modules]
+        biases = [m.bias for m in modules]
+        if _signature(weights + biases) != self.signature:
             return None
-        return weights
+        return weights, biases
 
 
 def _signature(tensors) -> list:
-    return [(t.shape, t.dtype, t.device) if t is not None else None for t in tensors]
+    # The type too: a parameter sharded in place (FSDP2's fully_shard) keeps its global shape.
+    return [(type(t), t.shape, t.dtype, t.device) if t is not None else None for t in tensors]
 
 
-# Bumped whenever any module registers a submodule or a parameter (a layer or a weight replaced):
-# cached model plans built before are then rebuilt on their next call.
-_GENERATION = [0]
+# Every module of a model with a cached plan -> {id(plan): plan} of the plans it belongs to, both
+# held weakly and keyed by id (a module class may be unhashable, or hash on attributes that are not
+# set yet while its __init__ registers parameters).  A registration on one of them marks those
+# plans stale; the hooks run for every module anyone creates, so the miss is one dict lookup.
+_WATCHED: Dict[int, Tuple[weakref.ref, "weakref.WeakValueDictionary[int, _ModelPlan]"]] = {}
 
 
-def _bump(*args):
-    _GENERATION[0] += 1
+def _watch(module: nn.Module, plan: _ModelPlan) -> None:
+    key = id(module)
+    entry = _WATCHED.get(key)
+    if entry is None or entry[0]() is not module:
+        def forget(ref, key=key):
+            if _WATCHED.get(key, (None,))[0] is ref:
+                del _WATCHED[key]
+        entry = _WATCHED[key] = (weakref.ref(module, forget), weakref.WeakValueDictionary())
+    entry[1][id(plan)] = plan
 
 
-torch.nn.modules.module.register_module_module_registration_hook(_bump)
-torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+def _registered(module, name, value):
+    entry = _WATCHED.get(id(module))
+    if entry is not None and entry[0]() is module:
+        for plan in list(entry[1].values()):
+            plan.stale = True
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_registered)
+torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
 _MODEL_PLANS: "weakref.WeakKeyDictionary[nn.Module, _ModelPlan]" = weakref.WeakKeyDictionary()
 ON_CHANGE.append(_MODEL_PLANS.clear)  # a backend registered or replaced: plans hold resolved backends
 
 
 def _model_plan(model: nn.Module):
-    """(plan, weights) of ``model``, from the cache when the model is unchanged."""
+    """(plan, weights, biases) of ``model``, from the cache when the model is unchanged."""
     plan = _MODEL_PLANS.get(model)
     if plan is not None:
-        weights = plan.current(_GENERATION[0])
-        if weights is not None:
-            return plan, weights
-    plan = _ModelPlan(model, _GENERATION[0])
+        tensors = plan.current()
+        if tensors is not None:
+            return (plan, *tensors)
+    plan = _ModelPlan(model)
+    if plan.sharded is not None:
+        # Not cached: its layers hold the modules, and FSDP2's records (which it reads the shards
+        # from) hold them too, so a cached one would keep the model alive.  Rebuilding is a walk of
+        # the model, small beside the call's all-reduce.
+        return plan, [], []
     _MODEL_PLANS[model] = plan
-    return plan, [m.weight for m in plan.modules]
+    return (plan, *plan.current())
 
 
 def _weight_terms(plan: _ModelPlan, weights) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -361,20 +402,20 @@ def _weight_terms(plan: _ModelPlan, weights) -> Tuple[torch.Tensor, torch.Tensor
     return pen, eq
 
 
-def _bias_term(plan: _ModelPlan) -> Optional[torch.Tensor]:
+def _bias_term(plan: _ModelPlan, biases) -> Optional[torch.Tensor]:
     """||b - P(b)||^2 summed over the regular-field biases, one concatenation per field size, and
-    over the biases of steerable layers."""
+    over the biases of steerable layers (``biases``: the attached layers', in the plan's order)."""
     by_size: Dict[int, list] = {}
-    for m, size in plan.bias_modules:
-        by_size.setdefault(size, []).append(m.bias.view(-1, size))
+    for i, size in plan.bias_modules:
+        by_size.setdefault(size, []).append(biases[i].view(-1, size))
     total = None
     for fields in by_size.values():
         b = torch.cat(fields) if len(fields) > 1 else fields[0]
         t = _field_deviation_sq(b)
         total = t if total is None else total + t.to(total.device)
     # Biases of steerable layers: one term each (their projections differ layer by layer).
-    for m, name, sym in plan.steerable_biases:
-        t = _bias_deviation_sq(m.bias, sym, f"layer {name or '(model)'!r} bias")
+    for i, name, sym in plan.steerable_biases:
+        t = _bias_deviation_sq(biases[i], sym, f"layer {name or '(model)'!r} bias")
         total = t if total is None else total + t.to(total.device)
     return total
 
@@ -400,12 +441,12 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     if torch.compiler.is_compiling():
         return _compiled_model_penalty(model, lambda_perp, lambda_G, bias)
     model = D.unwrap(model)
-    plan, weights = _model_plan(model)
+    plan, weights, biases = _model_plan(model)
     if plan.sharded is not None:
         return _sharded_penalty(plan.sharded, lambda_perp, lambda_G, bias)
     if bias and plan.with_biases is not None:
         # Weights and regular-field biases in one op; lambda_G takes the weights' entries only.
-        pen, _, _, eq_per_item = plan.with_biases.run(weights + [m.bias for m, _ in plan.bias_modules])
+        pen, _, _, eq_per_item = plan.with_biases.run(weights + [biases[i] for i, _ in plan.bias_modules])
         total = lambda_perp * pen
         if lambda_G:
             total = total + lambda_G * eq_per_item[:len(weights)].sum()
@@ -415,7 +456,7 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     if lambda_G:
         total = total + lambda_G * eq
     if bias and (plan.bias_modules or plan.steerable_biases):
-        b = _bias_term(plan)
+        b = _bias_term(plan, biases)
         total = total + lambda_perp * b.to(device=total.device, dtype=total.dtype)
     return total
 
@@ -531,6 +572,23 @@ def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
 
 # --- reporting -------------------------------------------------------------------------------
 
+def _relative(dev_sq: float, norm: float) -> float:
+    """||x - P(x)|| / ||x|| from ||x - P(x)||^2 and ||x||: 0 for a zero tensor (it is equivariant),
+    NaN when ||x|| is NaN or inf (a NaN or inf entry: no ratio describes the tensor, and 0 would call
+    a diverged layer perfectly equivariant)."""
+    if not math.isfinite(norm):
+        return math.nan
+    return dev_sq ** 0.5 / norm if norm > 0 else 0.0
+
+
+def _non_finite(row: dict) -> bool:
+    """Whether a report row holds a NaN or inf number (a weight or bias with such entries)."""
+    numbers = [row["weight_norm"], row["penalty"], row["relative"], *row["spectrum"].values()]
+    if row["bias_relative"] is not None:
+        numbers.append(row["bias_relative"])
+    return not all(math.isfinite(x) for x in numbers)
+
+
 @torch.no_grad()
 def equivariance_report(model: nn.Module) -> List[dict]:
     """One dict per attached layer: ``name``, ``type``, ``group``, ``in_rep``, ``out_rep``, ``shape``,
@@ -560,12 +618,11 @@ def equivariance_report(model: nn.Module) -> List[dict]:
         dev = _bias_deviation_sq(b, sym)  # float64, as the sharded report
         bias_rel = None
         if dev is not None:
-            bn = float(b.norm())
-            bias_rel = float(dev) ** 0.5 / bn if bn > 0 else 0.0
+            bias_rel = _relative(float(dev), float(b.norm()))
         rows.append({
             "name": name or "(model)", "type": type(module).__name__, "group": sym.group,
             "in_rep": sym.in_rep, "out_rep": sym.out_rep, "shape": list(w.shape), "weight_norm": norm,
-            "penalty": float(pen), "relative": (float(pen) ** 0.5 / norm) if norm > 0 else 0.0,
+            "penalty": float(pen), "relative": _relative(float(pen), norm),
             "bias_relative": bias_rel,
             "spectrum": dict(zip(names, (float(v) for v in spec))),
         })
@@ -613,24 +670,36 @@ def _sharded_report(layers) -> List[dict]:
         rows.append({
             "name": l.name, "type": D.layer_type_name(l.module), "group": sym.group, "in_rep": sym.in_rep,
             "out_rep": sym.out_rep, "shape": list(l.weight().shape), "weight_norm": norm, "penalty": pen,
-            "relative": (pen ** 0.5 / norm) if norm > 0 else 0.0,
-            "bias_relative": (v[2] ** 0.5 / bn if bn > 0 else 0.0) if hb else None,
+            "relative": _relative(pen, norm),
+            "bias_relative": _relative(v[2], bn) if hb else None,
             "spectrum": dict(zip(get_group(sym.group).irrep_names, v[4:])),
         })
     return rows
 
 
+def _number(x: float, spec: str) -> str:
+    # NaN / inf as "nan!" / "inf!": a diverged layer must stand out, not read as a small number.
+    return format(x, spec) if math.isfinite(x) else f"{x}!"
+
+
 def format_report(report: List[dict]) -> str:
-    """Render ``equivariance_report`` as an aligned text table; spectra as shares of ||W||^2."""
+    """Render ``equivariance_report`` as an aligned text table; spectra as shares of ||W||^2.
+
+    NaN and inf numbers are printed as ``nan!`` / ``inf!``, and a last line names the layers whose
+    weight or bias holds such entries."""
     head = ["layer", "type", "shape", "symmetry", "||W||", "rel. non-eq", "bias non-eq", "spectrum (share of ||W||^2)"]
     body = []
     for r in report:
         total = sum(r["spectrum"].values()) or 1.0
-        spec = "  ".join(f"{k}:{v / total:<8.3g}" for k, v in r["spectrum"].items())
+        spec = "  ".join(f"{k}:{_number(v / total, '.3g'):<8}" for k, v in r["spectrum"].items())
         body.append([r["name"], r["type"], "x".join(map(str, r["shape"])),
-                     f"{r['group']} {r['in_rep']}->{r['out_rep']}", f"{r['weight_norm']:.3g}",
-                     f"{r['relative']:.2e}", "-" if r["bias_relative"] is None else f"{r['bias_relative']:.2e}",
-                     spec])
+                     f"{r['group']} {r['in_rep']}->{r['out_rep']}", _number(r["weight_norm"], ".3g"),
+                     _number(r["relative"], ".2e"),
+                     "-" if r["bias_relative"] is None else _number(r["bias_relative"], ".2e"), spec])
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
     line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(row) for row in body])
+    lines = [line(head), line(["-" * w for w in widths])] + [line(row) for row in body]
+    bad = [r["name"] for r in report if _non_finite(r)]
+    if bad:
+        lines.append(f"! non-finite (NaN or inf) weights or biases in: {', '.join(bad)}")
+    return "\n".join(lines)

@@ -1,4 +1,10 @@
 import copy
+import gc
+import math
+import subprocess
+import sys
+import textwrap
+import weakref
 
 import pytest
 import torch
@@ -223,3 +229,219 @@ def test_project_bias_is_the_field_mean_and_ignores_trivial_outputs():
     project_bias_(d, Symmetry("D4", "regular", "regular"))  # field size |D4| = 8
     assert torch.equal(d, torch.tensor([3.5] * 8 + [11.5] * 8))
     project_bias_(None, Symmetry("C4", "regular", "regular"))  # a layer without bias
+
+
+# --- the cached plan: weak references only, rebuilt by the model's own changes only ----------------
+
+def _steerable_linear():
+    """A Linear layer with a steerable SO(2) symmetry (fields of irreps 0 and 1: a trivial bias part)."""
+    pytest.importorskip("escnn", reason="escnn is an optional test dependency")
+    from escnn import gspaces, nn as enn
+    from escnn.group import so2_group
+    G = so2_group(2)
+    gs = gspaces.no_base_space(G)
+    ft = enn.FieldType(gs, [G.irrep(0), G.irrep(1)])
+    layer = nn.Linear(3, 3).double()
+    attach_symmetry(layer, pk.steerable(ft, ft))
+    return layer
+
+
+def _build(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        m = nn.Linear(8, 8).double()
+        attach_symmetry(m, "C4", "regular", "regular")
+    elif kind == "conv2d":
+        m = nn.Conv2d(4, 8, 3).double()
+        attach_symmetry(m, "C4", "regular", "regular")
+    elif kind == "steerable":
+        m = _steerable_linear()
+    else:
+        m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).double()
+        attach_regular_gcnn(m, "C4", last_out="regular")
+    return m
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "steerable", "sequential"])
+def test_a_model_is_freed_after_model_penalty(kind):
+    # The plan cache is keyed by the model; a bare layer is its own model, so a plan that held its
+    # layers strongly would keep the layer (and its weights) alive for good.
+    m = _build(kind)
+    model_penalty(m, 1.0, 0.5).backward()
+    model_penalty(m)  # served from the cache
+    refs = [weakref.ref(m)] + [weakref.ref(x) for _, layer, _ in attached_layers(m) for x in (layer, layer.weight)]
+    del m
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
+
+
+def test_a_bare_layer_is_freed_after_every_model_level_call():
+    layer = _build("conv2d")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    decay = pk.equivariance_decay(opt, layer, 0.1, 0.01)
+    model_penalty(layer).backward()
+    opt.step()
+    format_report(equivariance_report(layer))
+    project_(layer)
+    model_penalty(layer)
+    refs = [weakref.ref(layer), weakref.ref(layer.weight), weakref.ref(layer.bias)]
+    decay.remove()
+    del layer, opt, decay
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
+
+
+def _brute_penalty(m):
+    """The penalty of ``m`` layer by layer with the reference backend, regular-field biases by their
+    deviation from the field means."""
+    total = torch.zeros((), dtype=torch.float64)
+    for _, layer, s in attached_layers(m):
+        w = layer.weight.detach().double()
+        total += pk.projected_penalty(w, s.group, s.in_rep, s.out_rep, backend="reference")
+        if layer.bias is not None and s.out_rep == "regular":
+            f = layer.bias.detach().double().view(-1, 4)
+            total += (f - f.mean(1, keepdim=True)).square().sum()
+    return total
+
+
+def test_unrelated_modules_leave_a_cached_plan_alone():
+    import projkernels.model as model_mod
+    m = _build("sequential")
+    first = model_penalty(m)
+    plan = model_mod._MODEL_PLANS[m]
+    # Modules created, and parameters and submodules registered, outside the model.
+    nn.Linear(3, 3)
+    nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    other = nn.Module()
+    other.register_parameter("p", nn.Parameter(torch.ones(2)))
+    other.add_module("sub", nn.Linear(2, 2))
+    other.q = nn.Parameter(torch.zeros(3))
+    # ... and another model with a cached plan of its own, changed.
+    m2 = _build("sequential")
+    model_penalty(m2)
+    plan2 = model_mod._MODEL_PLANS[m2]
+    m2[2].weight = nn.Parameter(torch.randn(8, 8, 3, 3, dtype=torch.float64))
+    again = model_penalty(m)
+    assert model_mod._MODEL_PLANS[m] is plan
+    assert torch.equal(first, again)
+    torch.testing.assert_close(model_penalty(m2).detach(), _brute_penalty(m2))
+    assert model_mod._MODEL_PLANS[m2] is not plan2
+
+
+def test_changes_to_the_model_rebuild_its_plan():
+    import projkernels.model as model_mod
+    m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1)).double()
+    attach_regular_gcnn(m, "C4", last_out="regular")
+    model_penalty(m)
+    state = {"plan": model_mod._MODEL_PLANS[m]}
+
+    def check(rebuilt=True):
+        got = model_penalty(m)
+        plan = model_mod._MODEL_PLANS[m]
+        assert (plan is not state["plan"]) == rebuilt
+        state["plan"] = plan
+        torch.testing.assert_close(got.detach(), _brute_penalty(m), rtol=1e-12, atol=0)
+
+    check(rebuilt=False)
+    detach_symmetry(m[3])
+    check()
+    attach_symmetry(m[3], "C4", "regular", "regular")
+    check()
+    m[2].weight = nn.Parameter(torch.randn(8, 8, 3, 3, dtype=torch.float64))  # same shape, replaced
+    check()
+    m[2].bias = None
+    check()
+    m[2].bias = nn.Parameter(torch.randn(8, dtype=torch.float64))
+    check()
+    m.append(nn.Conv2d(8, 8, 1).double())  # a layer added ...
+    check()
+    attach_symmetry(m[4], "C4", "regular", "regular")  # ... and attached
+    check()
+    del m[2]  # a layer removed (no registration hook runs)
+    assert len(attached_layers(m)) == 3
+    check()
+    m[0].weight.requires_grad_(False)  # a frozen layer: penalised, without a gradient
+    check(rebuilt=False)
+    model_penalty(m).backward()
+    assert m[0].weight.grad is None and m[2].weight.grad is not None
+
+
+# --- the report: NaN and inf are reported, never as "equivariant" -----------------------------------
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["weight", "bias"])
+def test_report_shows_non_finite_weights_and_biases(bad, where):
+    m = _model()
+    with torch.no_grad():
+        getattr(m.mid, where).view(-1)[3] = bad
+    rows = equivariance_report(m)
+    lift, mid, head = rows
+    for r in (lift, head):
+        assert all(math.isfinite(x) for x in (r["weight_norm"], r["penalty"], r["relative"]))
+    if where == "weight":
+        assert math.isnan(mid["relative"]) and math.isnan(mid["penalty"])
+        assert (math.isnan if math.isnan(bad) else math.isinf)(mid["weight_norm"])
+        assert not any(math.isfinite(v) for v in mid["spectrum"].values())
+        assert math.isfinite(mid["bias_relative"])
+    else:
+        assert math.isnan(mid["bias_relative"]) and math.isfinite(mid["relative"])
+    text = format_report(rows).splitlines()
+    mid_line = next(line for line in text if line.startswith("mid "))
+    assert "nan!" in mid_line and "0.00e+00" not in mid_line
+    assert not any("!" in line for line in text if line.startswith(("lift ", "head ")))
+    assert text[-1].startswith("! non-finite (NaN or inf)") and text[-1].endswith(": mid")
+    assert "!" not in format_report(equivariance_report(_model()))  # a finite model: no marker
+
+
+@pytest.mark.parametrize("where", ["weight", "bias"])
+def test_report_shows_non_finite_steerable_layers(where):
+    layer = _steerable_linear()
+    with torch.no_grad():
+        getattr(layer, where).view(-1)[0] = math.nan
+    (row,) = equivariance_report(layer)
+    if where == "weight":
+        assert math.isnan(row["relative"]) and math.isnan(row["weight_norm"])
+    else:
+        assert math.isnan(row["bias_relative"]) and math.isfinite(row["relative"])
+    assert "nan!" in format_report([row]).splitlines()[2]
+
+
+def test_sharded_report_shows_non_finite_values_and_the_sharded_model_is_freed():
+    # One rank (gloo) with DTensor parameters: equivariance_report takes its sharded route, and
+    # model_penalty its sharded one, whose plan must not keep the layer alive either.
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    code = textwrap.dedent("""
+        import gc, math, socket, weakref
+        import torch, torch.distributed as dist
+        from torch import nn
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        import projkernels as pk
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        layer = nn.Linear(8, 8).double()
+        pk.attach_symmetry(layer, "C4", "regular", "regular")
+        with torch.no_grad():
+            layer.weight[0, 0] = math.nan
+            layer.bias[1] = math.inf
+        layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
+        layer.bias = nn.Parameter(distribute_tensor(layer.bias.detach(), mesh, [Shard(0)]))
+        (row,) = pk.equivariance_report(layer)
+        assert math.isnan(row["relative"]) and math.isnan(row["bias_relative"]), row
+        text = pk.format_report([row])
+        assert "nan!" in text.splitlines()[2] and "0.00e+00" not in text, text
+        pk.model_penalty(layer)
+        pk.model_penalty(layer)
+        ref = weakref.ref(layer)
+        del layer
+        gc.collect()
+        assert ref() is None, "the sharded layer is kept alive"
+        dist.destroy_process_group()
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
