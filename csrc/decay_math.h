@@ -47,6 +47,18 @@ struct Layer {
 
 // Chunks, assign_chunks and list_chunks: multi_math.h, shared with the penalty's multi-tensor ops.
 
+// old + (coef_dev (f_g - mean) + coef_mean mean), the update of one entry.  Where it is not finite
+// although its inputs are (f_g - mean overflows for values near the largest finite value of
+// opposite signs, or a term does where the sum does not), the same terms on values scaled by kDown
+// (exact, orbit_math.h), scaled back.
+template <typename acc_t>
+PK_HOST_DEVICE inline acc_t decay_value(acc_t old, acc_t f_g, acc_t mean, acc_t coef_dev, acc_t coef_mean) {
+  const acc_t v = old + (coef_dev * (f_g - mean) + coef_mean * mean);
+  if (is_finite(v)) return v;
+  const acc_t down = static_cast<acc_t>(kDown), m = mean * down;
+  return (old * down + (coef_dev * (f_g * down - m) + coef_mean * m)) * static_cast<acc_t>(kUp);
+}
+
 // The decay of one orbit.  Every value of the orbit (of W, and of the target when it is not W) is
 // read before anything is written: an entry that the orbit lists several times (a non-trivial
 // stabiliser) is then written the same value each time, and with target == W the update reads the
@@ -59,12 +71,11 @@ PK_HOST_DEVICE inline void decay_orbit(const scalar_t* w, scalar_t* target, int6
   const acc_t mean = orbit_mean<MAXG>(f, G);
   acc_t t[MAXG];
   if (!IN_PLACE) load_orbit<MAXG>(static_cast<const scalar_t*>(target), base, offsets, G, t);
-  const acc_t shift = coef_mean * mean;
   PK_UNROLL
   for (int g = 0; g < loop_bound(MAXG, G); ++g) {
     if (g >= G) continue;
     const acc_t old = IN_PLACE ? f[g] : t[g];
-    target[base + offsets[g]] = static_cast<scalar_t>(old + (coef_dev * (f[g] - mean) + shift));
+    target[base + offsets[g]] = static_cast<scalar_t>(decay_value(old, f[g], mean, coef_dev, coef_mean));
   }
 }
 
@@ -76,21 +87,16 @@ PK_HOST_DEVICE inline void decay_orbit(const scalar_t* w, scalar_t* target, int6
 template <bool IN_PLACE, typename scalar_t, typename acc_t>
 PK_HOST_DEVICE inline void decay_orbit_streamed(const scalar_t* w, scalar_t* target, int64_t base,
                                                 const int32_t* offsets, int G, acc_t coef_dev, acc_t coef_mean) {
-  acc_t sum = acc_t(0);
   int stab = 0;
-  for (int g = 0; g < G; ++g) {
-    sum += static_cast<acc_t>(w[base + offsets[g]]);
-    stab += offsets[g] == offsets[0];
-  }
-  const acc_t mean = sum / static_cast<acc_t>(G);
-  const acc_t shift = coef_mean * mean;
+  for (int g = 0; g < G; ++g) stab += offsets[g] == offsets[0];
+  const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
   for (int g = 0; g < G; ++g) {
     bool seen = false;
     for (int h = 0; stab > 1 && h < g && !seen; ++h) seen = offsets[h] == offsets[g];
     if (seen) continue;
     const acc_t wv = static_cast<acc_t>(w[base + offsets[g]]);  // first visit: not yet written
     const acc_t old = IN_PLACE ? wv : static_cast<acc_t>(target[base + offsets[g]]);
-    target[base + offsets[g]] = static_cast<scalar_t>(old + (coef_dev * (wv - mean) + shift));
+    target[base + offsets[g]] = static_cast<scalar_t>(decay_value(old, wv, mean, coef_dev, coef_mean));
   }
 }
 

@@ -106,6 +106,33 @@ PK_HOST_DEVICE inline void load_orbit(const scalar_t* __restrict__ w, int64_t ba
   }
 }
 
+// --- values near the dtype's largest finite value ---------------------------------------------
+//
+// The orbit sum of values near the largest finite value overflows although the mean does not (an
+// equivariant float32 weight of 1e38: sum 4e38 = inf, so P W = inf, and dev = inf - inf = NaN).  The
+// usual path stays as it is; only a result that is not finite is computed again on the values scaled
+// by kDown = 2^-16 (2^16 >= kMaxGroupOrder, so the scaled sum of any orbit is finite) and scaled
+// back by kUp.  Scaling by a power of two is exact (the values small enough to lose bits are far
+// below the rounding of the large ones), so finite results keep their bits, and results whose true
+// value is finite are no longer inf or NaN; those whose true value exceeds the dtype's range
+// (||W||^2 of such a weight) stay inf.  A non-finite input still gives a non-finite result.
+
+// x is neither inf nor NaN: x - x is exactly 0 then, NaN otherwise (no <cmath>: host and device alike).
+template <typename acc_t>
+PK_HOST_DEVICE inline bool is_finite(acc_t x) { return x - x == acc_t(0); }
+
+constexpr double kDown = 1.0 / 65536.0;
+constexpr double kUp = 65536.0;
+static_assert(kMaxGroupOrder <= 65536, "the scaled orbit sum needs 2^16 >= |G|");
+
+// The mean from the sum of the scaled values, clamped to [lo, hi], the least and largest value
+// (the rounded sum of values at the largest finite value could otherwise round the mean past it).
+template <typename acc_t>
+PK_HOST_DEVICE inline acc_t clamped_mean(acc_t scaled_sum, int G, acc_t lo, acc_t hi) {
+  const acc_t m = scaled_sum / static_cast<acc_t>(G) * static_cast<acc_t>(kUp);
+  return m < lo ? lo : (m > hi ? hi : m);
+}
+
 template <int MAXG, typename acc_t>
 PK_HOST_DEVICE inline acc_t orbit_mean(const acc_t* f, int G) {
   acc_t s = acc_t(0);
@@ -114,7 +141,17 @@ PK_HOST_DEVICE inline acc_t orbit_mean(const acc_t* f, int G) {
     if (g >= G) continue;
     s += f[g];
   }
-  return s / static_cast<acc_t>(G);
+  if (is_finite(s)) return s / static_cast<acc_t>(G);
+  // The slow path unrolled like the loop above (constant indices: the orbit stays in registers).
+  acc_t t = acc_t(0), lo = f[0], hi = f[0];
+  PK_UNROLL
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
+    t += f[g] * static_cast<acc_t>(kDown);
+    lo = f[g] < lo ? f[g] : lo;
+    hi = f[g] > hi ? f[g] : hi;
+  }
+  return clamped_mean(t, G, lo, hi);
 }
 
 // In place: f becomes the deviations from the orbit mean.
@@ -138,9 +175,22 @@ PK_HOST_DEVICE inline acc_t sum_squares(const acc_t* dev, int G) {
   return s;
 }
 
+// inv_stab * sum_g dev[g]^2 where that sum overflowed (a repeated entry counts |Stab| times in the
+// sum, so the part itself can be finite): on scaled deviations, scaled back after inv_stab.
 template <int MAXG, typename acc_t>
 PK_HOST_DEVICE inline acc_t penalty_part(const acc_t* dev, acc_t inv_stab, int G) {
-  return inv_stab * sum_squares<MAXG>(dev, G);
+  const acc_t s = sum_squares<MAXG>(dev, G);
+  if (is_finite(s)) return inv_stab * s;
+  // Unrolled like sum_squares.  A deviation that overflowed (inf) gives inf, rightly: its square
+  // alone exceeds the range.
+  acc_t t = acc_t(0);
+  PK_UNROLL
+  for (int g = 0; g < loop_bound(MAXG, G); ++g) {
+    if (g >= G) continue;
+    const acc_t d = dev[g] * static_cast<acc_t>(kDown);
+    t += d * d;
+  }
+  return inv_stab * t * static_cast<acc_t>(kUp) * static_cast<acc_t>(kUp);
 }
 
 template <typename acc_t>
@@ -193,6 +243,17 @@ PK_HOST_DEVICE inline acc_t gradient_value(acc_t dev_g, acc_t mean, acc_t two_gr
   return pen_term + two_grad_eq * mean;
 }
 
+// gradient_value at an entry of value f_g: f_g - mean overflows where the two are near the largest
+// finite value with opposite signs, and the terms can overflow where their sum does not; then the
+// same terms on scaled values, scaled back.
+template <typename acc_t>
+PK_HOST_DEVICE inline acc_t gradient_at(acc_t f_g, acc_t mean, acc_t two_grad_pen, acc_t two_grad_eq) {
+  const acc_t v = gradient_value(f_g - mean, mean, two_grad_pen, two_grad_eq);
+  if (is_finite(v)) return v;
+  const acc_t down = static_cast<acc_t>(kDown), m = mean * down;
+  return gradient_value(f_g * down - m, m, two_grad_pen, two_grad_eq) * static_cast<acc_t>(kUp);
+}
+
 // --- the streamed class (K == 0): no per-orbit array ------------------------------------------
 
 template <typename acc_t, typename scalar_t>
@@ -200,7 +261,15 @@ PK_HOST_DEVICE inline acc_t streamed_mean(const scalar_t* __restrict__ w, int64_
                                           const int32_t* __restrict__ offsets, int G) {
   acc_t s = acc_t(0);
   for (int g = 0; g < G; ++g) s += static_cast<acc_t>(w[base + offsets[g]]);
-  return s / static_cast<acc_t>(G);
+  if (is_finite(s)) return s / static_cast<acc_t>(G);
+  acc_t t = acc_t(0), lo = static_cast<acc_t>(w[base + offsets[0]]), hi = lo;
+  for (int g = 0; g < G; ++g) {
+    const acc_t v = static_cast<acc_t>(w[base + offsets[g]]);
+    t += v * static_cast<acc_t>(kDown);
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  return clamped_mean(t, G, lo, hi);
 }
 
 template <typename acc_t, typename scalar_t>
@@ -214,6 +283,23 @@ PK_HOST_DEVICE inline acc_t streamed_sum_squares(const scalar_t* __restrict__ w,
   return s;
 }
 
+// The penalty part of a streamed orbit: inv_stab * the sum above, or where that sum is not finite,
+// the sum of the scaled deviations (each taken on scaled values: f - mean itself can overflow).
+template <typename acc_t, typename scalar_t>
+PK_HOST_DEVICE inline acc_t streamed_penalty_part(const scalar_t* __restrict__ w, int64_t base,
+                                                  const int32_t* __restrict__ offsets, int G, acc_t mean,
+                                                  acc_t inv_stab) {
+  const acc_t s = streamed_sum_squares(w, base, offsets, G, mean);
+  if (is_finite(s)) return inv_stab * s;
+  const acc_t down = static_cast<acc_t>(kDown), m = mean * down;
+  acc_t t = acc_t(0);
+  for (int g = 0; g < G; ++g) {
+    const acc_t d = static_cast<acc_t>(w[base + offsets[g]]) * down - m;  // never inf - inf
+    t += d * d;
+  }
+  return inv_stab * t * static_cast<acc_t>(kUp) * static_cast<acc_t>(kUp);
+}
+
 template <typename acc_t, typename scalar_t, typename basis_t>
 PK_HOST_DEVICE inline acc_t streamed_row_coefficient(const scalar_t* __restrict__ w, int64_t base,
                                                      const int32_t* __restrict__ offsets, int G, acc_t mean,
@@ -221,6 +307,27 @@ PK_HOST_DEVICE inline acc_t streamed_row_coefficient(const scalar_t* __restrict_
   acc_t c = acc_t(0);
   for (int g = 0; g < G; ++g) c += static_cast<acc_t>(basis_row[g]) * (static_cast<acc_t>(w[base + offsets[g]]) - mean);
   return c;
+}
+
+// inv_stab * (basis_row . dev)^2 where the deviations (or the coefficient's partial sums)
+// overflowed: the coefficient on scaled values (f * kDown - mean * kDown, never inf - inf), scaled back.
+template <typename acc_t, typename scalar_t, typename basis_t>
+PK_HOST_DEVICE inline acc_t rescaled_row_energy(const scalar_t* __restrict__ w, int64_t base,
+                                                const int32_t* __restrict__ offsets, int G, acc_t mean,
+                                                acc_t inv_stab, const basis_t* basis_row) {
+  const acc_t down = static_cast<acc_t>(kDown), m = mean * down;
+  acc_t c = acc_t(0);
+  for (int g = 0; g < G; ++g) c += static_cast<acc_t>(basis_row[g]) * (static_cast<acc_t>(w[base + offsets[g]]) * down - m);
+  return inv_stab * c * c * static_cast<acc_t>(kUp) * static_cast<acc_t>(kUp);
+}
+
+// row_energy[r] += the row energies r = 1..G-1 of an orbit whose penalty part is not finite.
+template <typename acc_t, typename scalar_t, typename basis_t>
+PK_HOST_DEVICE inline void rescaled_row_energies(const scalar_t* __restrict__ w, int64_t base,
+                                                 const int32_t* __restrict__ offsets, int G, acc_t mean,
+                                                 acc_t inv_stab, const basis_t* basis, acc_t* row_energy) {
+  for (int r = 1; r < G; ++r)
+    row_energy[r] += rescaled_row_energy(w, base, offsets, G, mean, inv_stab, basis + static_cast<int64_t>(r) * G);
 }
 
 // --- one orbit, any class: the entry points every kernel calls -----------------------------------
@@ -233,14 +340,26 @@ struct OrbitEnergy {
 
 // The penalty and energy parts of one orbit of an array class from its loaded values f (centred in
 // place); with ROWS, also row_energy[r] += the row energies r = 1..G-1.
-template <int MAXG, bool ROWS, typename acc_t, typename basis_t = acc_t>
+// With ROWS, (w, base, offsets) is where f was loaded from: an orbit whose penalty part is not
+// finite (a deviation overflowed, which makes basis . dev inf - inf) takes its row energies from
+// there, on scaled values.
+template <int MAXG, bool ROWS, typename acc_t, typename basis_t = acc_t, typename scalar_t = acc_t>
 PK_HOST_DEVICE inline OrbitEnergy<acc_t> loaded_orbit_energy(acc_t* f, int G, acc_t inv_stab,
                                                              const basis_t* basis = nullptr,
-                                                             acc_t* row_energy = nullptr) {
+                                                             acc_t* row_energy = nullptr,
+                                                             const scalar_t* __restrict__ w = nullptr, int64_t base = 0,
+                                                             const int32_t* __restrict__ offsets = nullptr) {
   const acc_t mean = orbit_mean<MAXG>(f, G);
   subtract_mean<MAXG>(f, mean, G);
-  if constexpr (ROWS) accumulate_row_energies<MAXG>(basis, f, inv_stab, G, row_energy);
-  return {penalty_part<MAXG>(f, inv_stab, G), energy_part(mean, inv_stab, G)};
+  const acc_t pen = penalty_part<MAXG>(f, inv_stab, G);
+  if constexpr (ROWS) {
+    if (is_finite(pen)) {
+      accumulate_row_energies<MAXG>(basis, f, inv_stab, G, row_energy);
+    } else {
+      rescaled_row_energies(w, base, offsets, G, mean, inv_stab, basis, row_energy);
+    }
+  }
+  return {pen, energy_part(mean, inv_stab, G)};
 }
 
 // Orbits whose loads a thread issues together, before it uses any, in the CUDA chunk walks of the
@@ -265,18 +384,23 @@ PK_HOST_DEVICE inline OrbitEnergy<acc_t> orbit_energy(const scalar_t* __restrict
                                                       const basis_t* basis = nullptr, acc_t* row_energy = nullptr) {
   if constexpr (K == 0) {
     const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
+    const acc_t pen = streamed_penalty_part(w, base, offsets, G, mean, inv_stab);
     if constexpr (ROWS) {
-      for (int r = 1; r < G; ++r) {
-        const acc_t c = streamed_row_coefficient(w, base, offsets, G, mean, basis + static_cast<int64_t>(r) * G);
-        row_energy[r] += inv_stab * c * c;
+      if (is_finite(pen)) {
+        for (int r = 1; r < G; ++r) {
+          const acc_t c = streamed_row_coefficient(w, base, offsets, G, mean, basis + static_cast<int64_t>(r) * G);
+          row_energy[r] += inv_stab * c * c;
+        }
+      } else {
+        rescaled_row_energies(w, base, offsets, G, mean, inv_stab, basis, row_energy);
       }
     }
-    return {inv_stab * streamed_sum_squares(w, base, offsets, G, mean), energy_part(mean, inv_stab, G)};
+    return {pen, energy_part(mean, inv_stab, G)};
   } else {
     constexpr int MAXG = array_bound(K);
     acc_t f[MAXG];
     load_orbit<MAXG>(w, base, offsets, G, f);
-    return loaded_orbit_energy<MAXG, ROWS>(f, G, inv_stab, basis, row_energy);
+    return loaded_orbit_energy<MAXG, ROWS>(f, G, inv_stab, basis, row_energy, w, base, offsets);
   }
 }
 
@@ -287,7 +411,8 @@ PK_HOST_DEVICE inline acc_t orbit_row_energy(const scalar_t* __restrict__ w, int
                                              const basis_t* basis_row) {
   const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
   const acc_t c = streamed_row_coefficient(w, base, offsets, G, mean, basis_row);
-  return inv_stab * c * c;
+  if (is_finite(c)) return inv_stab * c * c;
+  return rescaled_row_energy(w, base, offsets, G, mean, inv_stab, basis_row);
 }
 
 // out[base + offsets[g]] = dW at entry g, from the orbit's values f (not yet centred).
@@ -299,7 +424,7 @@ PK_HOST_DEVICE inline void store_orbit_gradient(const acc_t* f, scalar_t* out, i
   PK_UNROLL
   for (int g = 0; g < loop_bound(MAXG, G); ++g) {
     if (g >= G) continue;
-    out[base + offsets[g]] = static_cast<scalar_t>(gradient_value(f[g] - mean, mean, two_grad_pen, two_grad_eq));
+    out[base + offsets[g]] = static_cast<scalar_t>(gradient_at(f[g], mean, two_grad_pen, two_grad_eq));
   }
 }
 
@@ -313,7 +438,7 @@ PK_HOST_DEVICE inline void write_orbit_gradient(const scalar_t* __restrict__ w, 
     const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
     for (int g = 0; g < G; ++g) {
       const int64_t i = base + offsets[g];
-      out[i] = static_cast<scalar_t>(gradient_value(static_cast<acc_t>(w[i]) - mean, mean, two_grad_pen, two_grad_eq));
+      out[i] = static_cast<scalar_t>(gradient_at(static_cast<acc_t>(w[i]), mean, two_grad_pen, two_grad_eq));
     }
   } else {
     constexpr int MAXG = array_bound(K);

@@ -13,6 +13,7 @@ import torch
 from .backends import MultiKernels, register_multi_kernels
 from .multi_table import MultiTable, OrderBucket
 from .orbits import acc_dtype
+from .reference import UP, finite_or_rescaled, orbit_mean
 
 __all__ = ["reference_multi_forward", "reference_multi_backward"]
 
@@ -27,9 +28,11 @@ def reference_multi_forward(buffer: torch.Tensor, table: MultiTable) -> Tuple[to
     sums = torch.zeros(table.n_layers, 2, dtype=acc, device=buffer.device)
     for b in table.on(buffer.device, acc)[0]:
         f = _orbit_rows(buffer, b, acc)
-        mean = f.mean(dim=1, keepdim=True)
-        part = torch.stack(((f - mean).square().sum(dim=1), b.order * mean.squeeze(1).square()), dim=1)
-        sums.index_add_(0, b.layer, part * b.inv_stab[:, None])
+        mean = orbit_mean(f)
+        # Overflowing values (docs/design.md, "Numerical choices"): as the single-weight reference.
+        pen = finite_or_rescaled(b.inv_stab * (f - mean).square().sum(dim=1),
+                                 lambda d: b.inv_stab * (f * d - mean * d).square().sum(dim=1), UP * UP)
+        sums.index_add_(0, b.layer, torch.stack((pen, b.order * mean.squeeze(1).square() * b.inv_stab), dim=1))
     return sums[:, 0], sums[:, 1]
 
 
@@ -42,12 +45,13 @@ def reference_multi_backward(buffer: torch.Tensor, table: MultiTable, grad_penal
     """
     acc = acc_dtype(buffer.dtype)
     buckets, orbit_of, numels = table.on(buffer.device, acc)
-    means = torch.cat([_orbit_rows(buffer, b, acc).mean(dim=1) for b in buckets])
+    means = torch.cat([orbit_mean(_orbit_rows(buffer, b, acc)).squeeze(1) for b in buckets])
     pw = means.index_select(0, orbit_of)
     n = buffer.numel()
     gp = torch.repeat_interleave(2 * grad_penalty.to(acc), numels, output_size=n)
     ge = torch.repeat_interleave(2 * grad_eq.to(acc), numels, output_size=n)
-    return gp * (buffer.to(acc) - pw) + ge * pw
+    w = buffer.to(acc)
+    return finite_or_rescaled(gp * (w - pw) + ge * pw, lambda d: gp * (w * d - pw * d) + ge * (pw * d))
 
 
 register_multi_kernels("reference", MultiKernels(reference_multi_forward, reference_multi_backward, concatenated=True))

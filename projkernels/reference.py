@@ -48,6 +48,39 @@ def brute_force_project(weight: torch.Tensor, group="C4", in_rep="trivial", out_
     return total / G.order
 
 
+# --- values near the dtype's largest finite value -------------------------------------------------
+#
+# As in the kernels (csrc/orbit_math.h): the orbit sum of values near the largest finite value
+# overflows although the mean does not, and f - mean overflows for such values of opposite signs.
+# The usual expressions stay; only where a result is not finite is it computed again on values
+# scaled by DOWN = 2^-16 (exact; 2^16 >= any group order) and scaled back by UP, so finite results
+# keep their bits.
+
+DOWN, UP = 2.0 ** -16, 2.0 ** 16
+
+
+def orbit_mean(f: torch.Tensor) -> torch.Tensor:
+    """The mean of each row of ``f`` ([orbits, |G|] -> [orbits, 1]), finite wherever ``f`` is."""
+    mean = f.mean(dim=1, keepdim=True)
+    bad = ~torch.isfinite(mean)
+    if not bool(bad.any()):
+        return mean
+    # Clamped to the row's range: the rounded sum of values at the largest finite value could
+    # otherwise round the mean past it.
+    scaled = torch.minimum(torch.maximum((f * DOWN).mean(dim=1, keepdim=True) * UP, f.amin(dim=1, keepdim=True)),
+                           f.amax(dim=1, keepdim=True))
+    return torch.where(bad, scaled, mean)
+
+
+def finite_or_rescaled(value: torch.Tensor, scaled, up: float = UP) -> torch.Tensor:
+    """``value``, or where it is not finite ``scaled(DOWN) * up``: ``scaled(d)`` is the same
+    expression on the inputs multiplied by d (and ``up`` undoes that for the expression's degree)."""
+    bad = ~torch.isfinite(value)
+    if not bool(bad.any()):
+        return value
+    return torch.where(bad, scaled(DOWN) * up, value)
+
+
 # --- orbit form: P(W) is the orbit mean ----------------------------------------------------------
 
 def orbit_values(weight: torch.Tensor, table: OrbitTable):
@@ -56,7 +89,7 @@ def orbit_values(weight: torch.Tensor, table: OrbitTable):
     flat = weight.reshape(-1)
     idx = table.gather_index.to(weight.device)
     f = flat[idx].to(acc)
-    mean = f.mean(dim=1, keepdim=True)
+    mean = orbit_mean(f)
     inv_stab = table.inv_stab.to(device=weight.device, dtype=acc).repeat(table.n_blocks)
     return f, mean, inv_stab
 
@@ -65,7 +98,10 @@ def forward(weight: torch.Tensor, table: OrbitTable) -> Tuple[torch.Tensor, torc
     """(penalty, eq_energy) in the accumulation dtype, penalty from deviations."""
     f, mean, inv_stab = orbit_values(weight, table)
     dev = f - mean
-    penalty = (inv_stab * dev.square().sum(dim=1)).sum()
+    # Per orbit; a sum that overflows (a repeated entry counts |Stab| times) on scaled deviations.
+    parts = finite_or_rescaled(inv_stab * dev.square().sum(dim=1),
+                               lambda d: inv_stab * (f * d - mean * d).square().sum(dim=1), UP * UP)
+    penalty = parts.sum()
     eq_energy = (inv_stab * table.group.order * mean.squeeze(1).square()).sum()
     return penalty, eq_energy
 
@@ -83,7 +119,8 @@ def backward(weight: torch.Tensor, table: OrbitTable, grad_penalty, grad_eq) -> 
     """dW = 2 g_pen (W - P(W)) + 2 g_eq P(W), in the accumulation dtype."""
     w = weight.to(acc_dtype(weight.dtype))
     p = project(weight, table)
-    return 2 * grad_penalty * (w - p) + 2 * grad_eq * p
+    return finite_or_rescaled(2 * grad_penalty * (w - p) + 2 * grad_eq * p,
+                              lambda d: 2 * grad_penalty * (w * d - p * d) + 2 * grad_eq * (p * d))
 
 
 # --- spectral form: isotypic energies -----------------------------------------------------------
@@ -139,8 +176,12 @@ def basis_spectrum(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
     G = table.group
     f, mean, inv_stab = orbit_values(weight, table)
     basis, row_irrep = G.isotypic_basis
-    coeff = (f - mean) @ torch.as_tensor(basis, dtype=f.dtype, device=f.device).T
-    rows = (inv_stab[:, None] * coeff.square()).sum(dim=0)
+    b = torch.as_tensor(basis, dtype=f.dtype, device=f.device).T
+    coeff = (f - mean) @ b
+    # A deviation that overflowed makes a coefficient inf - inf: those on scaled values.
+    energies = finite_or_rescaled(inv_stab[:, None] * coeff.square(),
+                                  lambda d: inv_stab[:, None] * ((f * d - mean * d) @ b).square(), UP * UP)
+    rows = energies.sum(dim=0)
     out = torch.zeros(len(G.irrep_names), dtype=f.dtype, device=f.device)
     out.index_add_(0, torch.as_tensor(row_irrep, device=f.device), rows)
     out[0] = (inv_stab * G.order * mean.squeeze(1).square()).sum()

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _load_orbits
+from .triton_kernels import _DOWN, _UP, _any_not_finite, _load_orbits, _not_finite, _orbit_mean
 
 __all__ = ["apply", "why_unavailable", "INTERPRET"]
 
@@ -35,7 +35,7 @@ def _decay_kernel(t_ptr, w_ptr, offsets_ptr, n_orbits, opb, c_in, stride_out, st
     # The orbit tile and its addresses, loaded as the penalty's kernels load them.
     f, _, _, mask, addr = _load_orbits(w_ptr, offsets_ptr, tl.program_id(0), n_orbits, opb, c_in, stride_out,
                                        stride_in, G, GP, F64, BLOCK)
-    mean = tl.sum(f, axis=1) / G
+    mean = _orbit_mean(f, G)
     if IN_PLACE:
         old = f
     else:
@@ -45,6 +45,11 @@ def _decay_kernel(t_ptr, w_ptr, offsets_ptr, n_orbits, opb, c_in, stride_out, st
     coef_dev = (zero + dev_hi) + dev_lo
     coef_mean = (zero + mean_hi) + mean_lo
     new = old + (coef_dev[:, None] * (f - mean[:, None]) + coef_mean[:, None] * mean[:, None])
+    if _any_not_finite(new):
+        # f - mean (or a term) overflowed near the largest finite value: on scaled values.
+        m_s = (mean * _DOWN)[:, None]
+        new = tl.where(_not_finite(new),
+                       (old * _DOWN + (coef_dev[:, None] * (f * _DOWN - m_s) + coef_mean[:, None] * m_s)) * _UP, new)
     tl.store(t_ptr + addr, new.to(t_ptr.dtype.element_ty), mask=mask)
 
 

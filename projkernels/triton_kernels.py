@@ -83,12 +83,43 @@ def _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out, strid
     return f, o, valid, mask, addr
 
 
+# Values near the dtype's largest finite value (docs/design.md, "Numerical choices"): the orbit sum
+# overflows although the mean does not, and f - mean overflows for such values of opposite signs.
+# The usual expressions stay; a tile where one is not finite (one scalar test per tile) computes
+# those again on values scaled by 2^-16 (exact; 2^16 >= any group order) and scales them back.
+_DOWN = tl.constexpr(1.0 / 65536.0)
+_UP = tl.constexpr(65536.0)
+
+
+@triton.jit
+def _not_finite(x):
+    return (x - x) != 0
+
+
+@triton.jit
+def _orbit_mean(f, G: tl.constexpr):
+    """The mean of each row of the tile ``f`` (zero where masked), finite wherever ``f`` is."""
+    s = tl.sum(f, axis=1)
+    mean = s / G
+    if tl.sum(_not_finite(s).to(tl.int32), axis=0) > 0:
+        # Clamped to the row's range: a rounded sum at the largest finite value could pass it.
+        scaled = tl.sum(f * _DOWN, axis=1) / G * _UP
+        scaled = tl.minimum(tl.maximum(scaled, tl.min(f, axis=1)), tl.max(f, axis=1))
+        mean = tl.where(_not_finite(s), scaled, mean)
+    return mean
+
+
+@triton.jit
+def _any_not_finite(x):
+    return tl.sum(tl.sum(_not_finite(x).to(tl.int32), axis=1), axis=0) > 0
+
+
 @triton.jit
 def _orbit_partials(f, inv, mask, basis_ptr, row_irrep_ptr,
                     G: tl.constexpr, GP: tl.constexpr, COLS_P: tl.constexpr, SPECTRUM: tl.constexpr):
     """One program's row of partial sums from its [orbits, GP] tile ``f`` (zero where ``mask`` is
     off) and the orbits' 1/|Stab| ``inv``: (penalty, eq_energy), or the energies per irrep."""
-    mean = tl.sum(f, axis=1) / G
+    mean = _orbit_mean(f, G)
     dev = tl.where(mask, f - mean[:, None], 0.0)
     eq = tl.sum(inv * mean * mean, axis=0) * G
     cols = tl.arange(0, COLS_P)
@@ -99,11 +130,23 @@ def _orbit_partials(f, inv, mask, basis_ptr, row_irrep_ptr,
         for r in range(1, G):
             br = tl.load(basis_ptr + r * G + g, mask=g < G, other=0.0).to(f.dtype)
             coeff = tl.sum(dev * br[None, :], axis=1)
-            part = tl.sum(inv * coeff * coeff, axis=0)
+            e = inv * coeff * coeff
+            if tl.sum(_not_finite(coeff).to(tl.int32), axis=0) > 0:
+                # A deviation that overflowed makes the coefficient inf - inf: on scaled values.
+                dev_s = tl.where(mask, f * _DOWN - (mean * _DOWN)[:, None], 0.0)
+                c_s = tl.sum(dev_s * br[None, :], axis=1)
+                e = tl.where(_not_finite(coeff), inv * c_s * c_s * _UP * _UP, e)
+            part = tl.sum(e, axis=0)
             k = tl.load(row_irrep_ptr + r)
             row += tl.where(cols == k, part, 0.0)
     else:
-        pen = tl.sum(inv * tl.sum(dev * dev, axis=1), axis=0)
+        ss = tl.sum(dev * dev, axis=1)
+        e = inv * ss
+        if tl.sum(_not_finite(ss).to(tl.int32), axis=0) > 0:
+            # A repeated entry counts |Stab| times in ss, so inv * ss can be finite where ss is not.
+            dev_s = tl.where(mask, f * _DOWN - (mean * _DOWN)[:, None], 0.0)
+            e = tl.where(_not_finite(ss), inv * tl.sum(dev_s * dev_s, axis=1) * _UP * _UP, e)
+        pen = tl.sum(e, axis=0)
         row = tl.where(cols == 0, pen, tl.where(cols == 1, eq, 0.0))
     return row
 
@@ -149,13 +192,16 @@ def _apply_kernel(w_ptr, out_ptr, offsets_ptr, gp_ptr, ge_ptr,
     pid = tl.program_id(0)
     f, o, valid, mask, addr = _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out,
                                            stride_in, G, GP, F64, BLOCK)
-    mean = tl.sum(f, axis=1) / G
+    mean = _orbit_mean(f, G)
     if PROJECT:
         val = tl.zeros_like(f) + mean[:, None]
     else:
         two_gp = 2 * tl.load(gp_ptr).to(f.dtype)
         two_ge = 2 * tl.load(ge_ptr).to(f.dtype)
         val = two_gp * (f - mean[:, None]) + two_ge * mean[:, None]
+        if _any_not_finite(val):
+            m_s = (mean * _DOWN)[:, None]
+            val = tl.where(_not_finite(val), (two_gp * (f * _DOWN - m_s) + two_ge * m_s) * _UP, val)
     # An entry listed several times in its orbit's row gets the same value each time.
     tl.store(out_ptr + addr, val.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -423,7 +469,7 @@ def _apply_tiles_kernel(w_ptr, out_ptr, gather_index_ptr, lane_orbit_ptr, gp_ptr
     x, addr, inside, p, width = _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v,
                                            row_len_v, tile_step_v, SO_P, PITCH_P, VEC, BPT)
     f, o, valid, mask = _tile_orbits(x, width, gather_index_ptr, opb, G, GP, F64, ORB_P)
-    mean = tl.sum(f, axis=1) / G
+    mean = _orbit_mean(f, G)
     # Every entry of a block lies on exactly one orbit: each lane takes its orbit's mean.
     m = tl.gather(mean, tl.load(lane_orbit_ptr + p), 0)
     if PROJECT:
@@ -431,7 +477,11 @@ def _apply_tiles_kernel(w_ptr, out_ptr, gather_index_ptr, lane_orbit_ptr, gp_ptr
     else:
         two_gp = 2 * tl.load(gp_ptr).to(f.dtype)
         two_ge = 2 * tl.load(ge_ptr).to(f.dtype)
-        val = two_gp * (x.to(f.dtype) - m) + two_ge * m
+        xf = x.to(f.dtype)
+        val = two_gp * (xf - m) + two_ge * m
+        if tl.sum(_not_finite(val).to(tl.int32)) > 0:
+            m_s = m * _DOWN
+            val = tl.where(_not_finite(val), (two_gp * (xf * _DOWN - m_s) + two_ge * m_s) * _UP, val)
     tl.store(out_ptr + addr, val.to(out_ptr.dtype.element_ty), mask=inside)
 
 
