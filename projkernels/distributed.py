@@ -63,6 +63,23 @@ def _chunk_range(n: int, world: int, rank: int) -> Tuple[int, int]:
     return start, min(start + c, n)
 
 
+def shard_mesh_dim(t: torch.Tensor, label: str) -> int:
+    """The mesh dim along which the DTensor ``t`` is sharded: its one ``Shard`` placement, every
+    other mesh dim replicating it.  That is FSDP2's layout: ``(Shard(d),)`` on a 1-D mesh,
+    ``(Replicate(), Shard(d))`` on HSDP's 2-D mesh."""
+    shard, replicate = (_loaded("torch.distributed.tensor", n) for n in ("Shard", "Replicate"))
+    # type(...) is Shard, not isinstance: a strided shard (FSDP2 over tensor parallelism) does not
+    # hold one contiguous chunk of rows.
+    dims = [i for i, p in enumerate(t.placements) if type(p) is shard]
+    if len(dims) != 1 or not all(i == dims[0] or isinstance(p, replicate) for i, p in enumerate(t.placements)):
+        raise NotImplementedError(
+            f"{label}: a DTensor with placements {tuple(t.placements)} on a {t.device_mesh.ndim}-D mesh; the "
+            "penalty supports parameters sharded along one mesh dim and replicated along the others: FSDP2's "
+            "fully_shard on a 1-D mesh (Shard(0) by default) or on a 2-D mesh (HSDP, Replicate() x Shard(0)); "
+            "replicated-only DTensors and tensor-parallel placements are not supported")
+    return dims[0]
+
+
 def local_shard(t: torch.Tensor, field_sizes: Sequence[int], label: str) -> Optional[torch.Tensor]:
     """The local part of a DTensor parameter ``t`` (a differentiable view, gradients land in the
     shard), checked to hold whole fields; None when this rank holds none of it.
@@ -71,15 +88,12 @@ def local_shard(t: torch.Tensor, field_sizes: Sequence[int], label: str) -> Opti
     dim 1); a tensor may be sharded only along those dims, at multiples of the field size.
     """
     mesh = t.device_mesh
-    shard = _loaded("torch.distributed.tensor", "Shard")
-    if mesh.ndim != 1 or len(t.placements) != 1 or not isinstance(t.placements[0], shard):
-        raise NotImplementedError(
-            f"{label}: a DTensor with placements {tuple(t.placements)} on a {mesh.ndim}-D mesh; the penalty "
-            "supports parameters sharded along one dim of a 1-D mesh (FSDP2's fully_shard on a 1-D mesh, "
-            "Shard(0) by default); HSDP (2-D meshes) and replicated DTensors are not supported")
-    dim = t.placements[0].dim
+    mesh_dim = shard_mesh_dim(t, label)
+    dim = t.placements[mesh_dim].dim
     n = t.shape[dim]
-    world, rank = mesh.size(), mesh.get_local_rank()
+    # Under HSDP the rows are split over the shard dim only; the replicas along the other dims hold
+    # the same shard.
+    world, rank = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
     start, stop = _chunk_range(n, world, rank)
     local = t.to_local()
     if local.shape[dim] != stop - start:
@@ -94,12 +108,14 @@ def local_shard(t: torch.Tensor, field_sizes: Sequence[int], label: str) -> Opti
                              "along the kernel dims, so only dim 0 (output fields) or dim 1 (input fields) "
                              "may be sharded")
         c = -(-n // world)
+        over = f"{world} ranks" if mesh.ndim == 1 else f"the {world} ranks of the shard dim of its {mesh.ndim}-D mesh"
         raise ValueError(
-            f"{label}: FSDP2 splits dim {dim} ({n} {what} channels, {n // size} fields of {size}) over {world} "
-            f"ranks in chunks of ceil({n}/{world}) = {c} rows, which cuts through the {what} fields of size "
+            f"{label}: FSDP2 splits dim {dim} ({n} {what} channels, {n // size} fields of {size}) over {over} "
+            f"in chunks of ceil({n}/{world}) = {c} rows, which cuts through the {what} fields of size "
             f"{size} (rank {rank} holds [{start}, {stop})). The penalty's orbits stay inside a field, so every "
             f"shard must hold whole fields: make ceil({what} channels / world size) a multiple of {size}, for "
             f"example with a number of {what} fields that is a multiple of the world size"
+            + (" (here the shard dim's size)" if mesh.ndim > 1 else "")
             + ("; or, for a layer with regular input fields and no regular-field bias, shard its weight along "
                "dim 1 instead (fully_shard(layer, shard_placement_fn=lambda p: Shard(1) if p is layer.weight "
                "else None)), which must then split into whole input fields" if dim == 0 else ""))
@@ -187,13 +203,38 @@ def sum_over_ranks(local: torch.Tensor, group, scale: float = 1.0) -> torch.Tens
     return _SumOverRanks.apply(local, group, scale)
 
 
+def _shard_groups(mesh, mesh_dim: int) -> tuple:
+    """What the penalty's sum over the ranks depends on, for a DTensor sharded along ``mesh_dim`` of
+    ``mesh``: the mesh's device type and its ranks grouped as that dim groups them (one group per
+    replica).  Two meshes that agree on it are the same for the penalty whatever their Python
+    objects and dim names (``fully_shard`` without ``mesh=`` builds a new default mesh at every call)."""
+    ranks = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.mesh.shape[mesh_dim])
+    return mesh.device_type, tuple(sorted(tuple(g) for g in ranks.tolist()))
+
+
 def process_group(tensors: List[torch.Tensor], label: str = "model"):
-    """The process group of the 1-D mesh that every DTensor in ``tensors`` lives on."""
-    meshes = {id(t.device_mesh): t.device_mesh for t in tensors}
-    if len(meshes) != 1:
-        raise NotImplementedError(f"{label}: its sharded parameters live on {len(meshes)} different device "
-                                  "meshes; the penalty's one all-reduce needs them on one mesh")
-    return next(iter(meshes.values())).get_group()
+    """The process group over which the penalty sums the local parts of the DTensors ``tensors``:
+    the shard dim of their mesh (the whole 1-D mesh under FSDP2, the shard dim of HSDP's 2-D mesh,
+    whose replicas hold the same shards).  Their meshes must agree on the ranks' shard groups
+    (``_shard_groups``); every rank sees the same meshes, so every rank gets the same answer."""
+    keys = {}   # (id(mesh), mesh dim) -> key: each mesh's layout is read once
+    found = {}  # key -> [first mesh with it, its shard mesh dim, number of tensors]
+    for t in tensors:
+        mesh, dim = t.device_mesh, shard_mesh_dim(t, label)
+        key = keys.get((id(mesh), dim))
+        if key is None:
+            key = keys[(id(mesh), dim)] = _shard_groups(mesh, dim)
+        found.setdefault(key, [mesh, dim, 0])[2] += 1
+    if len(found) != 1:
+        where = "; ".join(f"{n} on a {dev} mesh of ranks {m.mesh.tolist()} sharded along mesh dim {d} (shard "
+                          f"groups {list(groups)})" for (dev, groups), (m, d, n) in found.items())
+        raise ValueError(
+            f"{label}: its sharded parameters live on device meshes that split the ranks differently: {where}. "
+            "The penalty sums the ranks' parts with one all-reduce over one set of shard groups: shard every "
+            "module over the same ranks, with the same mesh in every fully_shard call (mesh=...), or with none "
+            "(each call then builds the default mesh over all ranks)")
+    mesh, dim, _ = next(iter(found.values()))
+    return mesh.get_group(dim)
 
 
 def single_weight_error(fn: str) -> TypeError:
