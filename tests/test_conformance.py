@@ -642,3 +642,37 @@ def test_hessian_vector_products(backend, device, kind):
         v, pv = dirs[id(p)]
         expected = 2 * 1.3 * (v - pv) + (2 * 0.4 * pv if p.dim() > 1 else 0)  # lambda_G acts on weights only
         _close(h, expected, rtol=0, atol=atol, what=f"model_penalty: H v, parameter of shape {tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("backend,device", _route_params())
+def test_steerable_bias_second_derivatives(backend, device):
+    """model_penalty of an escnn layer with a bias: the bias term's Hessian is 2 (I - P_b), where P_b
+    keeps the channels of the trivial irrep's field and zeroes the others (fields of irreps 1 and 2
+    hold no trivial part)."""
+    pytest.importorskip("escnn")
+    from escnn import gspaces, nn as enn
+    from escnn.group import so2_group
+    G = so2_group(2)
+    gs = gspaces.no_base_space(G)
+    sym = pk.steerable(enn.FieldType(gs, [G.irrep(0), G.irrep(1)]), enn.FieldType(gs, [G.irrep(1), G.irrep(0), G.irrep(2)]))
+    layer = torch.nn.Linear(3, 5).to(device=device, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(seeded_weight(("SO2", (5, 3), "steerable", "bias"), salt="hessian"))
+        layer.bias.copy_(seeded_weight(("SO2", (5,), "steerable", "bias"), salt="hessian"))
+    pk.attach_symmetry(layer, sym, backend=backend)
+    keep = torch.tensor([0, 0, 1, 0, 0], dtype=torch.float64)  # out channels: irrep 1 (2), irrep 0 (1), irrep 2 (2)
+
+    wrapper = _ModelPenalty(layer, 1.3, 0.4)
+    names = [n for n, _ in wrapper.named_parameters()]
+    inputs = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
+    assert torch.autograd.gradgradcheck(lambda *ps: torch.func.functional_call(wrapper, dict(zip(names, ps)), ()),
+                                        inputs, fast_mode=_slow(backend, device))
+
+    gen = torch.Generator().manual_seed(5)
+    vw, vb = (torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in (layer.weight, layer.bias))
+    grads = torch.autograd.grad(pk.model_penalty(layer, 1.3, 0.4), [layer.weight, layer.bias], create_graph=True)
+    hw, hb = torch.autograd.grad((grads[0] * vw.to(device)).sum() + (grads[1] * vb.to(device)).sum(),
+                                 [layer.weight, layer.bias])
+    pvw = pk.project(vw, sym, backend="reference")
+    _close(hw, 2 * 1.3 * (vw - pvw) + 2 * 0.4 * pvw, rtol=0, atol=1e-12, what="model_penalty: H v, weight")
+    _close(hb, 2 * 1.3 * (vb - keep * vb), rtol=0, atol=1e-12, what="model_penalty: H v, bias")
