@@ -31,10 +31,10 @@ from torch import nn
 
 from . import distributed as D
 from .api import penalty_and_energy, project, spectrum
-from .backends import ON_CHANGE
+from .backends import ON_CHANGE, check_backend_name
 from .multi import multi_penalty, plan_for
 from .multi_inputs import collect
-from .groups import get_group, group_name_for_ops
+from .groups import get_group, group_name_for_ops, short_repr as _short
 from .orbits import field_size, orbit_table
 from .steerable import SteerableSymmetry, check_module as steerable_check_module
 from .steerable_bias import (bias_deviation_sq as steerable_bias_deviation_sq, prepare as steerable_bias_prepare,
@@ -69,11 +69,40 @@ def _as_symmetry(spec: SymmetryLike) -> Optional[Symmetry]:
     if isinstance(spec, str):
         return Symmetry(spec)
     if isinstance(spec, tuple):
+        # (group, in_rep) would silently mean out_rep="trivial": both sides must be said.
+        if len(spec) not in (3, 4):
+            raise ValueError("rule: a tuple must be (group, in_rep, out_rep) or (group, in_rep, out_rep, "
+                             f"backend); got {len(spec)} entries {_short(spec)}")
         return Symmetry(*spec)
     if isinstance(spec, dict):
+        unknown = set(spec) - {"group", "in_rep", "out_rep", "backend"}
+        if unknown or "group" not in spec:
+            raise ValueError("rule: a dict must have the key 'group' and may have 'in_rep', 'out_rep', "
+                             f"'backend'; got keys {_short(sorted(map(str, spec)))}")
         return Symmetry(**spec)
     raise TypeError("rule: expected the rule to return None, a Symmetry, a group name, a tuple "
                     f"(group, in_rep, out_rep) or a dict of those keys; got {type(spec).__name__}")
+
+
+def _check_model(model, name: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        hint = (" (put the layers in an nn.ModuleList or nn.Sequential, or pass (weight, group, in_rep, "
+                "out_rep) tuples to multi_penalty)" if isinstance(model, (list, tuple)) else "")
+        raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}{hint}")
+    return model
+
+
+def _check_lambda(name: str, value) -> float:
+    """A penalty weight: a finite non-negative number (a negative one would reward non-equivariance)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
+            value = float(value)
+        else:
+            raise TypeError(f"{name}: expected a non-negative number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite non-negative number, got {value}")
+    return value
 
 
 def _check_module(module, name: str = "module") -> None:
@@ -122,6 +151,7 @@ def attach_symmetry(module: nn.Module, group="C4", in_rep: str = "trivial", out_
         return sym
     try:
         _check_module(module)
+        check_backend_name(backend)  # a misspelt backend fails here, not at the first penalty
         group_name = group_name_for_ops(group)
         orbit_table(module.weight, group_name, in_rep, out_rep)
         sym = Symmetry(get_group(group_name).name, in_rep, out_rep, backend)
@@ -231,6 +261,19 @@ def project_bias_(vector: Optional[torch.Tensor], sym: Symmetry) -> None:
         fields.copy_(_field_means(fields))
 
 
+def _check_layers(layers) -> None:
+    """Each attached layer's current weight against its symmetry, errors naming the layer (a weight
+    replaced after attach_symmetry may no longer fit the declaration)."""
+    for name, module, sym in layers:
+        try:
+            if isinstance(sym.group, SteerableSymmetry):
+                steerable_check_module(module, sym.group, sym.backend)
+            else:
+                orbit_table(module.weight, sym.group, sym.in_rep, sym.out_rep)
+        except (TypeError, ValueError) as err:
+            raise _name_layer(err, module, name) from None
+
+
 class _ModelPlan:
     """What ``model_penalty`` needs of one model, built once and reused while the model is unchanged.
 
@@ -269,6 +312,7 @@ class _ModelPlan:
             self.modules, self.weight_plans, self.bias_modules, self.steerable_biases = [], [], [], []
             self.with_biases = None
             return
+        _check_layers(layers)  # errors name the layer, not its position in the multi-tensor call
         self.modules = [weakref.ref(m) for _, m, _ in layers]
         weights = [m.weight for _, m, _ in layers]
         biases = [m.bias for _, m, _ in layers]
@@ -440,7 +484,10 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
     """
     if torch.compiler.is_compiling():
         return _compiled_model_penalty(model, lambda_perp, lambda_G, bias)
-    model = D.unwrap(model)
+    if type(lambda_perp) is not float or type(lambda_G) is not float or not (
+            0.0 <= lambda_perp < math.inf and 0.0 <= lambda_G < math.inf):  # the common case costs one test
+        lambda_perp, lambda_G = _check_lambda("lambda_perp", lambda_perp), _check_lambda("lambda_G", lambda_G)
+    model = D.unwrap(_check_model(model))
     plan, weights, biases = _model_plan(model)
     if plan.sharded is not None:
         return _sharded_penalty(plan.sharded, lambda_perp, lambda_G, bias)
@@ -549,8 +596,15 @@ def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
     DDP wrappers are looked through; FSDP2-sharded weights are projected shard by shard, each
     rank on its own (no collective: a shard of whole fields projects on its own), after FSDP2's
     modules are resharded (``reshard()``)."""
-    wrapper, model = model, D.unwrap(model)
-    sharded = D.sharded_layers(model, attached_layers(model))
+    wrapper, model = model, D.unwrap(_check_model(model))
+    layers = attached_layers(model)
+    if not layers:
+        # Nothing to project: the model is not made equivariant, which the caller almost surely assumes.
+        raise ValueError("model: no layer has a symmetry attached, so project_ has nothing to project; call "
+                         "attach_symmetry / attach_symmetries / attach_regular_gcnn first")
+    sharded = D.sharded_layers(model, layers)
+    if sharded is None:
+        _check_layers(layers)
     if sharded is not None:
         # FSDP2 modules holding unsharded parameters (the root after its forward) would keep using
         # those stale copies: reshard them, so that the next forward gathers the projected shards.
@@ -563,7 +617,7 @@ def project_(model: nn.Module, *, bias: bool = True) -> nn.Module:
                 b, _ = l.local_bias()
                 project_bias_(b, l.sym)
         return wrapper
-    for _, module, sym in attached_layers(model):
+    for _, module, sym in layers:
         module.weight.copy_(project(module.weight, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend))
         if bias:
             project_bias_(module.bias, sym)
@@ -599,11 +653,12 @@ def equivariance_report(model: nn.Module) -> List[dict]:
     DDP wrappers are looked through (names are those of the wrapped model).  For an FSDP2-sharded
     model every rank computes its shards' numbers and one all-reduce of one vector adds them: every
     rank must call it, and every rank gets the whole report."""
-    model = D.unwrap(model)
+    model = D.unwrap(_check_model(model))
     layers = attached_layers(model)
     sharded = D.sharded_layers(model, layers)
     if sharded is not None:
         return _sharded_report(sharded)
+    _check_layers(layers)
     rows = []
     for name, module, sym in layers:
         w = module.weight.detach()
