@@ -153,8 +153,8 @@ class OrbitTable:
         was built, so the ops only check shapes and devices.
 
         ``spectrum=False`` is for the calls that never read the isotypic basis (penalty, energy,
-        projection, gradients): its ``basis`` and ``row_irrep`` are stand-ins of the right shapes that
-        occupy no memory, so the group's basis is not built.  The basis is NaN there, so a spectrum
+        projection, gradients): its ``basis`` and ``row_irrep`` are stand-ins of the right shapes (the basis
+        occupies no memory), so the group's basis is not built.  The basis is NaN there, so a spectrum
         computed from these tables by mistake comes out NaN rather than plausible.  Both forms share
         the offsets and the other tensors.
         """
@@ -171,7 +171,8 @@ class OrbitTable:
                 offsets=self.offsets.to(device=device, dtype=torch.int32).contiguous(),
                 inv_stab=self.inv_stab.to(device=device, dtype=torch.float64).contiguous(),
                 basis=torch.full((), float("nan"), dtype=torch.float64, device=device).expand(G, G),
-                row_irrep=torch.zeros((), dtype=torch.int64, device=device).expand(G),
+                # Contiguous (|G| entries): the ops' checks read row_irrep in place, an expanded one would be copied.
+                row_irrep=torch.zeros(G, dtype=torch.int64, device=device),
                 zero=torch.zeros((), dtype=acc, device=device),
                 half=torch.full((), 0.5, dtype=acc, device=device),
             )
