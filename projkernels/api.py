@@ -10,6 +10,9 @@ Under torch.compile every backend goes through the Python custom ops of projkern
 fake kernels build the table from the weight's shape, so the first call compiles without an eager
 warm-up), and ``fullgraph=True`` holds.  With ``dynamic=True`` each weight shape still gets its own graph: the
 orbit table (which entries form an orbit) is a function of the shape, so the shape is specialised.
+
+Under torch.func transforms (and forward-mode AD) the eager call raises, and the ``hook`` lines hand
+the call to projkernels/functional.py; the eager path itself checks nothing.
 """
 from __future__ import annotations
 

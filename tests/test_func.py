@@ -287,3 +287,14 @@ def test_vmap_over_an_ensemble_of_parameters(backend):
     got = vmap(lambda p: _penalty_with(net, p))(stacked)
     for i in range(3):
         torch.testing.assert_close(got[i], _penalty_with(net, {k: v[i] for k, v in stacked.items()}))
+
+
+def test_steerable_symmetry_under_a_transform_says_what_is_supported():
+    pytest.importorskip("escnn")
+    from escnn import gspaces, nn as enn
+    gs = gspaces.rot2dOnR2(4)
+    field = enn.FieldType(gs, [gs.regular_repr])
+    sym = pk.steerable(field, field, 3)
+    w = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NotImplementedError, match="steerable symmetry"):
+        grad(lambda x: pk.projected_penalty(x, sym))(w)
