@@ -124,6 +124,14 @@ def test_the_emulated_device_reports_what_a_gpu_would_hang_or_fault_on(selftest,
         selftest.unwritten(x, 1024)
 
 
+def test_the_emulated_kernels_are_compiled_as_the_device_pass(selftest):
+    # nvcc compiles the kernels with __CUDA_ARCH__ defined, and the headers' device branches differ
+    # from the host's (loop_bound: unrolled classes loop to their array bound, skipping g >= |G|):
+    # the emulator must run those branches, not the host code's.
+    assert selftest.device_loop_bound(16, 3) == 16 and selftest.device_loop_bound(8, 8) == 8
+    assert selftest.device_loop_bound(64, 50) == 50  # not unrolled: to |G|, as on the host
+
+
 def test_the_rewrite_keeps_every_launch_and_no_cuda_syntax():
     for name in ("kernels.cu", "multi_kernels.cu", "steerable_kernels.cu"):
         src = (emu.CSRC / name).read_text()
@@ -194,11 +202,19 @@ def test_steerable_launch_counts(steer, monkeypatch):
 
 # --- finite-group kernels (csrc/kernels.cu), chunked and tiled ----------------------------------------
 
+# All but the last (odd sizes) have more orbits than a block has threads (256), so that every warp
+# of a block holds orbits: a block reduction that loses one warp's partial is wrong on each of them.
 FINITE = [((16, 16, 3, 3), "C4", "regular", "regular"), ((8, 32, 5, 5), "D4", "trivial", "regular"),
-          ((24, 8, 3, 3), "D4", "regular", "trivial"), ((128, 64), "C64", "regular", "regular"),
-          ((64, 64), "D32", "regular", "trivial"), ((48, 48, 3, 3, 3), "Oh", "regular", "regular"),
-          ((200, 3), "C100", "trivial", "regular"), ((6, 3, 7), "C2", "trivial", "trivial")]
+          ((24, 64, 3, 3), "D4", "regular", "trivial"), ((512, 256), "C64", "regular", "regular"),
+          ((64, 1024), "D32", "regular", "trivial"), ((48, 48, 3, 3, 3), "Oh", "regular", "regular"),
+          ((200, 300), "C100", "trivial", "regular"), ((6, 3, 7), "C2", "trivial", "trivial")]
 FINITE_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# The sums (penalty, energy, spectrum) of a half-precision weight are float32 sums of float32 terms
+# of exactly representable inputs (w64 holds the rounded weight): they differ from the float64
+# reference by float32's accumulation alone, a small multiple of eps32 * sum |terms| (every term is
+# a square, and their sum is at most ||W||^2), not by the weight's dtype.  A tolerance of the
+# weight's eps (1e-2 ||W||^2 for bfloat16) would pass a sum missing 1/64 of its terms.
+SUM_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 
 
 def _finite_run(ops, w, t):
@@ -216,21 +232,22 @@ def _finite_check(ops, shape, group, ir, orr, dtype):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
     w64 = w.double()
     pen, eq, spec, dw = _finite_run(ops, w, t)
-    tol, norm2 = FINITE_TOL[dtype], float(w64.square().sum())
+    tol, stol, norm2 = FINITE_TOL[dtype], SUM_TOL[dtype], float(w64.square().sum())
     ref_pen, ref_eq = R.forward(w64, t)
-    torch.testing.assert_close(pen.double(), ref_pen, rtol=tol, atol=tol * norm2)
-    torch.testing.assert_close(eq.double(), ref_eq, rtol=tol, atol=tol * norm2)
+    torch.testing.assert_close(pen.double(), ref_pen, rtol=stol, atol=stol * norm2)
+    torch.testing.assert_close(eq.double(), ref_eq, rtol=stol, atol=stol * norm2)
     # The FFT oracle for cyclic and dihedral groups, the isotypic-basis route for the cube groups.
     oracle = R.spectral_spectrum if t.group.rotation_order * (2 if t.group.has_reflections else 1) == t.group.order \
         else R.basis_spectrum
-    torch.testing.assert_close(spec.double(), oracle(w64, t), rtol=tol, atol=tol * norm2)
+    torch.testing.assert_close(spec.double(), oracle(w64, t), rtol=stol, atol=stol * norm2)
     assert dw.dtype == w.dtype and dw.shape == w.shape
     ref_dw = R.backward(w64, t, 0.7, -1.3)
     torch.testing.assert_close(dw.double(), ref_dw, rtol=tol, atol=tol * 4 * float(w64.abs().max()))
     # The CPU kernels on the same weight: the same per-orbit arithmetic, other summation trees.
     cpu = _finite_run(OPS, w, t)
-    for a, b in zip((pen, eq, spec, dw), cpu):
-        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * norm2 if a.dim() == 0 else tol)
+    for a, b in zip((pen, eq, spec), cpu[:3]):
+        torch.testing.assert_close(a.double(), b.double(), rtol=stol, atol=stol * norm2)
+    torch.testing.assert_close(dw.double(), cpu[3].double(), rtol=tol, atol=tol)  # rounded to the weight's dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -252,18 +269,41 @@ def test_finite_cuda_kernels_with_little_shared_memory(finite, case, shared_limi
 # A weight on which every thread of the single-weight kernels walks 4 orbits (C4, float32; 64 bytes
 # a thread, launch_plan.h): one batch of 4 in the forward and two of 2 in the backward when batching
 # is on.  Smaller weights get fewer orbits a thread, so that they still spread over the GPU, and
-# below a batch's worth they never batch.
-_BATCHING_SHAPE = (1024, 1024, 3, 3)
+# below a batch's worth they never batch.  Its orbit count is no multiple of the chunk (1024 orbits
+# for C4, 512 for D4): the last chunk is partial (704 and 352 orbits), so the grid must round up and
+# the last chunk's threads walk short batches.
+_BATCHING_SHAPE = (992, 1000, 3, 3)
+
+
+def _chunk_orbits(n_orbits, G, elem_bytes, threads=256):
+    # plan_chunk_orbits of launch_plan.h: 64 bytes of weight a thread, up to 8 orbits, fewer while
+    # the weight would give under 1024 chunks.
+    per_thread = 8
+    while per_thread > 1 and per_thread * G * elem_bytes > 64:
+        per_thread //= 2
+    while per_thread > 1 and -(-n_orbits // (per_thread * threads)) < 1024:
+        per_thread //= 2
+    return per_thread * threads
 
 
 @pytest.mark.parametrize("group", ["C4", "D4"])
 def test_finite_kernels_on_a_weight_that_batches(batching, group):
     t = orbit_table(_BATCHING_SHAPE, group, "regular", "regular")
+    chunk = _chunk_orbits(t.n_orbits, t.group.order, 4)
+    assert chunk > 256 and t.n_orbits % chunk != 0  # several orbits a thread, and a partial last chunk
     w = torch.randn(_BATCHING_SHAPE, generator=torch.Generator().manual_seed(7))
     got, want = _finite_run(batching, w, t), _finite_run(OPS, w, t)
     for a, b in zip(got[:2], want[:2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
     assert torch.equal(got[3], want[3])  # the same arithmetic per entry
+    # And against the float64 reference (no code shared with the kernels): the last chunk's 704
+    # (352) orbits are 3e-4 of the weight's, well above float32's rounding of these sums.
+    w64 = w.double()
+    rpen, req = R.forward(w64, t)
+    torch.testing.assert_close(got[0].double(), rpen, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got[1].double(), req, rtol=1e-5, atol=0)
+    ref_dw = R.backward(w64, t, 0.7, -1.3)
+    torch.testing.assert_close(got[3].double(), ref_dw, rtol=1e-5, atol=1e-5 * float(ref_dw.abs().max()))
 
 
 @pytest.mark.parametrize("group", ["C4", "D4"])
@@ -306,9 +346,24 @@ def test_the_batched_variants_run_the_batched_walk():
     assert not torch.allclose(dw, OPS.fused_backward(w, one, one * 0, d.offsets, d.inv_stab, *t.geometry[1:]))
 
 
+def _check_against_the_reference(pen, eq, dws, ws, tables, gp, ge):
+    # The reference backend in float64 on the same (float32) weights: unlike the CPU op, it shares
+    # no header with the kernels, so a mistake in the shared per-orbit math (multi_math.h,
+    # orbit_math.h) shows here.  float32 sums of n positive terms: well within 1e-5 relative.
+    for i, (w, t) in enumerate(zip(ws, tables)):
+        w64 = w.double()
+        rpen, req = R.forward(w64, t)
+        torch.testing.assert_close(pen[i].double(), rpen, rtol=1e-5, atol=0, msg=lambda m: f"layer {i} penalty: {m}")
+        torch.testing.assert_close(eq[i].double(), req, rtol=1e-5, atol=0, msg=lambda m: f"layer {i} energy: {m}")
+        ref = R.backward(w64, t, float(gp[i]), float(ge[i]))
+        torch.testing.assert_close(dws[i].double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()),
+                                   msg=lambda m: f"layer {i} gradient: {m}")
+
+
 def test_multi_cuda_kernels_over_several_launches(multi):
-    # 40 layers: two launches of up to 32 layers each, layers of several groups and orders.
-    specs = [FINITE[i % 5] for i in range(40)]
+    # 40 layers: two launches of up to 32 layers each, layers of several groups and orders, among
+    # them C100 (above the array orders: the streamed orbit math).
+    specs = [FINITE[i % 7] for i in range(40)]
     g = torch.Generator().manual_seed(5)
     ws = [torch.randn(s[0], generator=g, dtype=torch.float64).float() for s in specs]
     tables = [orbit_table(*s) for s in specs]
@@ -325,6 +380,7 @@ def test_multi_cuda_kernels_over_several_launches(multi):
     dws = multi.multi_backward(ws, gp, ge, offsets, inv_stab, geometry)
     for dw, ref in zip(dws, OPS.multi_backward(ws, gp, ge, offsets, inv_stab, geometry)):
         torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-5)
+    _check_against_the_reference(pen, eq, dws, ws, tables, gp, ge)
     # A total's gradient expanded over the layers (stride 0) is read in place.
     one = torch.ones(()).expand(40)
     for dw, ref in zip(multi.multi_backward(ws, one, one * 0, offsets, inv_stab, geometry),
@@ -334,11 +390,15 @@ def test_multi_cuda_kernels_over_several_launches(multi):
 
 # --- the decay kernels (csrc/decay_kernels.cu) --------------------------------------------------------
 
-def test_decay_cuda_kernels_match_the_cpu_op():
+@pytest.fixture(scope="module")
+def decay():
     # The host code uploads the launch's descriptors through pinned memory, which needs a CUDA
     # device: here the staging buffer is ordinary memory (the copy to the "device" is then a no-op).
-    decay = emu.load("decay_kernels.cu", substitutions={".pinned_memory(true)": ".pinned_memory(false)"})
-    specs = FINITE[:6]
+    return emu.load("decay_kernels.cu", substitutions={".pinned_memory(true)": ".pinned_memory(false)"})
+
+
+def test_decay_cuda_kernels_match_the_cpu_op(decay):
+    specs = FINITE[:7]  # C100: the streamed update (no per-orbit array)
     g = torch.Generator().manual_seed(8)
     ws = [torch.randn(s[0], generator=g, dtype=torch.float64).float() for s in specs]
     grads = [torch.randn(s[0], generator=g, dtype=torch.float64).float() for s in specs]
@@ -358,3 +418,32 @@ def test_decay_cuda_kernels_match_the_cpu_op():
     OPS.multi_decay_grad_(want, ws, offsets, geometry, coef_dev, coef_mean)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_decay_cuda_kernels_match_the_reference_backend(decay):
+    # The CPU op compiles the same per-orbit update (decay_math.h) as the kernels, so a mistake there
+    # moves both; the reference backend (plain tensor code) does not.  float64: the update is then
+    # exact to rounding.  Every order class: exact (C4, D4), bounded arrays (C64, D32, Oh) and the
+    # streamed orders above 64 (C100).
+    from projkernels.decay import apply_decay_
+    specs = FINITE[:7]
+    assert any(orbit_table(*s).group.order > 64 for s in specs)
+    g = torch.Generator().manual_seed(9)
+    ws = [torch.randn(s[0], generator=g, dtype=torch.float64) for s in specs]
+    grads = [torch.randn(s[0], generator=g, dtype=torch.float64) for s in specs]
+    tables = [orbit_table(*s) for s in specs]
+    offsets = [t.device_tables("cpu").offsets for t in tables]
+    geometry = [v for t in tables for v in t.geometry[1:]]
+    coef_dev = [0.9 - 0.05 * i for i in range(len(specs))]
+    coef_mean = [1.0 - 0.01 * i for i in range(len(specs))]
+    for target in ("weights", "grads"):
+        src = ws if target == "weights" else grads
+        got, want = [x.clone() for x in src], [x.clone() for x in src]
+        if target == "weights":  # in place: W <- W + c_dev (W - PW) + c_mean PW
+            decay.multi_decay_(got, offsets, geometry, coef_dev, coef_mean)
+            apply_decay_(want, None, tables, coef_dev, coef_mean, backend="reference")
+        else:  # into the gradients, from the weights
+            decay.multi_decay_grad_(got, ws, offsets, geometry, coef_dev, coef_mean)
+            apply_decay_(want, ws, tables, coef_dev, coef_mean, backend="reference")
+        for a, b, s in zip(got, want, specs):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{target}, {s[1]}: {m}")

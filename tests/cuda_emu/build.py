@@ -7,6 +7,14 @@ right because blocks run one at a time) and registers its host functions, unchan
 a library of its own, ``projkernels_emu_<name>`` with the schemas inferred from their C++ types,
 so the CPU tests can call the CUDA code path on CPU tensors next to the real CPU kernels.  The
 emulated device's headers (tests/cuda_emu/shim) stand in for the CUDA runtime's.
+
+The project's code is compiled as nvcc's device pass sees it: ``__CUDACC__`` and ``__CUDA_ARCH__``
+are defined for csrc/ (after the library headers, which are included first, so torch's own headers
+keep their host form), so the device-only branches of the headers (``loop_bound``'s loops to the
+unrolled bound, PK_UNROLL's predicated iterations) are the ones that run here, as on a GPU.
+
+$PROJKERNELS_EMU_CSRC names another source directory to compile instead of csrc/ (a copy with one
+change, to check that a test catches that change without touching csrc/).
 """
 from __future__ import annotations
 
@@ -16,12 +24,16 @@ from pathlib import Path
 from typing import Dict, Optional
 
 HERE = Path(__file__).resolve().parent
-CSRC = HERE.parents[1] / "csrc"
+CSRC = Path(os.environ.get("PROJKERNELS_EMU_CSRC", HERE.parents[1] / "csrc")).resolve()
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w:, ]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]*?\w)\s+(\w+)\[\]\s*;")
 _STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+([\w:<> ]*?\w)\s+(\w+)((?:\[[^\]]+\])+)\s*;")
 _REGISTRATION = "TORCH_LIBRARY_IMPL(projkernels_C, CUDA, m)"
+_SYSTEM_INCLUDE = re.compile(r"^\s*#\s*include\s*<([^>]+)>", re.M)
+_QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
+# What nvcc defines in its device pass (sm_80): the csrc/ headers choose their device branches by it.
+_DEVICE_PASS = "#define __CUDACC__ 1\n#define __CUDA_ARCH__ 800\n"
 # Ops of every emulated library that set and read the emulated device.
 _CONTROLS = """
   m.def("emu_set_shared_limit", [](int64_t bytes) { ::cuda_emu::set_shared_limit(bytes); });
@@ -77,8 +89,22 @@ def _launches(src: str) -> str:
     return "".join(out)
 
 
-def rewrite(src: str, library: str) -> str:
-    """The emulated form of a .cu file's text (see the module docstring)."""
+def _library_includes(src: str, headers: Dict[str, str]):
+    """The <...> includes of src and of the quoted headers it reaches, in order of appearance."""
+    found, seen, todo = {}, set(), [src]
+    while todo:
+        text = todo.pop(0)
+        found.update(dict.fromkeys(_SYSTEM_INCLUDE.findall(text)))
+        for name in _QUOTED_INCLUDE.findall(text):
+            if name in headers and name not in seen:
+                seen.add(name)
+                todo.append(headers[name])
+    return list(found)
+
+
+def rewrite(src: str, library: str, headers: Optional[Dict[str, str]] = None) -> str:
+    """The emulated form of a .cu file's text (see the module docstring).  ``headers`` ({name:
+    text}): the headers it may include, whose library includes come ahead of the device pass."""
     src = _launches(src)
     src = _EXTERN_SHARED.sub(r"\1* const \2 = reinterpret_cast<\1*>(::cuda_emu::dynamic_shared());", src)
     src = _STATIC_SHARED.sub(r"static \1 \2\3; ::cuda_emu::shared_static(\2, sizeof(\2));", src)
@@ -89,7 +115,10 @@ def rewrite(src: str, library: str) -> str:
     end = _close(src, brace, "{", "}")
     body = src[brace:end].replace("m.impl(", "m.def(") + _CONTROLS + "}"
     src = src[:at] + f"TORCH_LIBRARY({library}, m) " + body + src[end + 1:]
-    return '#include "cuda_emu.h"\n#include <tuple>\n' + src
+    # Every library header any of the sources includes comes first, with the host's view of the
+    # macros; their include guards keep the later includes of them (now in the device pass) empty.
+    prelude = "".join(f"#include <{h}>\n" for h in _library_includes(src, headers or {}))
+    return '#include "cuda_emu.h"\n#include <tuple>\n' + prelude + _DEVICE_PASS + src
 
 
 def _substitute(text: str, name: str, substitutions: Dict[str, str]) -> str:
@@ -124,7 +153,7 @@ def load(cu_file: str, variant: str = "", substitutions: Optional[Dict[str, str]
     files = {h.name: h.read_text() for h in sorted(CSRC.iterdir()) if h.suffix in (".h", ".cuh")}
     for header, subs in header_substitutions.items():
         files[header] = _substitute(files[header], header, subs)
-    files[f"{stem}_emu.cpp"] = rewrite(_substitute(path.read_text(), path.name, substitutions or {}), library)
+    files[f"{stem}_emu.cpp"] = rewrite(_substitute(path.read_text(), path.name, substitutions or {}), library, files)
     for stale in sources.iterdir():  # a header since removed from csrc/ must not stay includable
         if stale.name not in files:
             stale.unlink()

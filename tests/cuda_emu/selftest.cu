@@ -8,6 +8,7 @@
 
 #include "block_reduce.cuh"
 #include "cuda_launch.cuh"
+#include "orbit_math.h"
 
 namespace projkernels {
 namespace {
@@ -58,6 +59,12 @@ __global__ void __launch_bounds__(kThreads) unwritten_kernel(float* __restrict__
   out[threadIdx.x] = reinterpret_cast<const float*>(smem_raw)[threadIdx.x];
 }
 
+// The bound of the orbit loops as a kernel sees it: the device branch of loop_bound (nvcc's device
+// pass, which build.py reproduces), where unrolled classes loop to their array bound.
+__global__ void loop_bound_kernel(int64_t* __restrict__ out, int maxg, int G) {
+  if (threadIdx.x == 0) out[0] = loop_bound(maxg, G);
+}
+
 at::Tensor block_sums(const at::Tensor& x) {
   const CudaCall call(x.device());
   at::Tensor out = at::empty({x.numel() / kThreads}, x.options());
@@ -106,6 +113,14 @@ at::Tensor unwritten(const at::Tensor& like, int64_t shared_bytes) {
   return out;
 }
 
+int64_t device_loop_bound(int64_t maxg, int64_t G) {
+  const CudaCall call(c10::Device(c10::kCPU));
+  int64_t out = -1;
+  loop_bound_kernel<<<1, 32, 0, call.stream>>>(&out, static_cast<int>(maxg), static_cast<int>(G));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 }  // namespace projkernels
 
@@ -116,4 +131,5 @@ TORCH_LIBRARY_IMPL(projkernels_C, CUDA, m) {
   m.impl("neighbour", &projkernels::neighbour);
   m.impl("unwritten", &projkernels::unwritten);
   m.impl("unwritten_static", &projkernels::unwritten_static);
+  m.impl("device_loop_bound", &projkernels::device_loop_bound);
 }
