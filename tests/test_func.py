@@ -298,3 +298,19 @@ def test_steerable_symmetry_under_a_transform_says_what_is_supported():
     w = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     with pytest.raises(NotImplementedError, match="steerable symmetry"):
         grad(lambda x: pk.projected_penalty(x, sym))(w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jvp_of_a_nearly_equivariant_float32_weight_keeps_its_relative_precision(backend):
+    # 2 <W - P W, dW> from the kernel's deviations: a difference of energies would lose every digit here.
+    w = (_pw(_w()) + 1e-5 * _w(seed=5)).float()
+    d = (_pw(_w(seed=6)) + _w(seed=8)).float()
+    expected = 2 * ((w.double() - _pw(w.double())) * d.double()).sum()
+    _, t = jvp(lambda x: pk.projected_penalty(x, *SPEC, backend=backend), (w,), (d,))
+    assert t.dtype == torch.float32
+    # float32 orbit means leave ~1e-3 relative on deviations of 1e-5; 2 <W, dW> - 2 <P W, dW> in float32
+    # is off by ~3e-2 on this weight.
+    torch.testing.assert_close(t.double(), expected, rtol=1e-2, atol=0)
+    with fwAD.dual_level():
+        pen = pk.projected_penalty(fwAD.make_dual(w, d), *SPEC, backend=backend)
+        torch.testing.assert_close(fwAD.unpack_dual(pen).tangent, t)
