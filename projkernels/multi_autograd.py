@@ -98,7 +98,10 @@ class MultiPenaltyFunction(torch.autograd.Function):
             return out
 
         gp, ge = coefficient(g_total_pen, g_pen), coefficient(g_total_eq, g_eq)
-        grads = MultiGradientFunction.apply(table, ctx.kernels, ctx.buf_dtype, x, gp, ge, *weights)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient as a node of its own
+            grads = MultiGradientFunction.apply(table, ctx.kernels, ctx.buf_dtype, x, gp, ge, *weights)
+        else:  # the usual first-order backward: no node to record, so none of its host cost
+            grads = _gradient_parts(table, ctx.kernels, x, gp, ge, weights)
         return (None, None, None, *(g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads)))
 
 
