@@ -5,34 +5,39 @@ already the global value: it is computed locally, with no collective, and DDP's 
 (identical) penalty gradients over ranks leaves them as they are.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps every parameter as a DTensor sharded along a
-dim (dim 0 by default) of a 1-D device mesh.  The orbits of a weight never leave one
-(out-field, in-field) block, so a shard that holds whole output fields (dim 0) or whole input fields
-(dim 1) has a penalty of its own, and the global penalty is the sum over ranks of the local ones:
-each rank computes its part on its local shard (no weight is gathered) and one all-reduce of one
-scalar per call adds them (``sum_over_ranks``).  A shard that would cut through a field is refused
-with the recipe to avoid it (``local_shard``); torch.chunk's uneven split (what FSDP2 pads) and
-empty shards are handled.
+dim (dim 0 by default) over a 1-D device mesh, or under HSDP over the shard dim of a 2-D mesh
+(``Replicate() x Shard(0)``: every replica holds the same shards).  The orbits of a weight never
+leave one (out-field, in-field) block, so a shard that holds whole output fields (dim 0) or whole
+input fields (dim 1) has a penalty of its own, and the global penalty is the sum over ranks of the
+local ones: each rank computes its part on its local shard (no weight is gathered) and one
+all-reduce of one scalar per call adds them (``sum_over_ranks``) over the shard dim's group
+(``process_group``).  Meshes are compared by that group's layout, not as objects: torch's recipe
+without ``mesh=`` builds a new default mesh at every ``fully_shard`` call, all over the same ranks.
+A shard that would cut through a field is refused with the recipe to avoid it (``local_shard``);
+torch.chunk's uneven split (what FSDP2 pads) and empty shards are handled.
 
 Gradients.  The penalty's gradient reaches the sharded parameters directly, beside FSDP2's
 reduce-scatter, which turns the ranks' task gradients into ``sum_r g_r / D`` (D, the gradient divide
 factor, is the world size by default: the average).  Every rank's loss holds the same global
 penalty, so the objective FSDP2 differentiates is ``(1 / D) sum_r loss_r``, whose gradient through
-the penalty on a rank's own shard is ``(world / D) dP / dW_local``.  The all-reduce's backward is
-therefore the identity times ``world / D`` (1 by default), with no collective: exactly the gradient
-of the single-process penalty.  (``torch.distributed.nn.functional.all_reduce`` would all-reduce the
+the penalty on a rank's own shard is ``(world / D) dP / dW_local`` (world: every rank of the mesh,
+HSDP's replicas included, as in FSDP2's default D).  The all-reduce's backward is therefore the
+identity times ``world / D`` (1 by default), with no collective: exactly the gradient of the
+single-process penalty.  (``torch.distributed.nn.functional.all_reduce`` would all-reduce the
 gradient as well and give ``world`` times that.)  This assumes what the value already needs: every
 rank adds the penalty to its loss with the same coefficient.
 """
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["unwrap", "is_dtensor", "local_shard", "sum_over_ranks", "fsdp_params", "grad_scale",
-           "single_weight_error"]
+__all__ = ["unwrap", "is_dtensor", "local_shard", "shard_mesh_dim", "process_group", "sum_over_ranks",
+           "fsdp_params", "grad_scale", "single_weight_error"]
 
 
 def _loaded(module: str, name: str):
@@ -203,13 +208,27 @@ def sum_over_ranks(local: torch.Tensor, group, scale: float = 1.0) -> torch.Tens
     return _SumOverRanks.apply(local, group, scale)
 
 
+# DeviceMesh -> {mesh dim: _shard_groups' key}.  ``mesh.mesh`` is rebuilt from the mesh's layout at
+# every access (about half a millisecond), too slow for every penalty call of a model with a mesh per
+# block.  A DeviceMesh hashes and compares by value, so equal meshes share an entry (same key).
+_SHARD_GROUPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _shard_groups(mesh, mesh_dim: int) -> tuple:
     """What the penalty's sum over the ranks depends on, for a DTensor sharded along ``mesh_dim`` of
     ``mesh``: the mesh's device type and its ranks grouped as that dim groups them (one group per
     replica).  Two meshes that agree on it are the same for the penalty whatever their Python
     objects and dim names (``fully_shard`` without ``mesh=`` builds a new default mesh at every call)."""
-    ranks = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.mesh.shape[mesh_dim])
-    return mesh.device_type, tuple(sorted(tuple(g) for g in ranks.tolist()))
+    try:
+        per_dim = _SHARD_GROUPS.setdefault(mesh, {})
+    except TypeError:  # a mesh that cannot be weakly referenced: no cache
+        per_dim = {}
+    key = per_dim.get(mesh_dim)
+    if key is None:
+        layout = mesh.mesh
+        ranks = layout.movedim(mesh_dim, -1).reshape(-1, layout.shape[mesh_dim])
+        key = per_dim[mesh_dim] = (mesh.device_type, tuple(sorted(tuple(g) for g in ranks.tolist())))
+    return key
 
 
 def process_group(tensors: List[torch.Tensor], label: str = "model"):
