@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 import projkernels as pk
-from projkernels.multi import multi_penalty
+from projkernels.dispatch.multi import multi_penalty
 
 import baselines as bl
 

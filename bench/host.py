@@ -110,7 +110,7 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
 
     # The same public op called through torch.ops with its table and geometry as Python arguments
     # (the route before bound calls, csrc/python_calls.cpp): what the argument conversion costs.
-    from projkernels.config import config_for
+    from projkernels.dispatch.config import config_for
     bound = config_for(w, *SPEC, "auto").ops.penalty_energy.__self__
     boxed, table, geometry = torch.ops.projkernels_C.penalty_energy.default, bound.table, bound.geometry
     t = interleaved({
@@ -143,7 +143,7 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
 
     ops = torch.ops.projkernels_C
     small = [x.detach() for x in ws]
-    sa = pk.multi.plan_for(pk.multi_inputs.collect(items)[1], "auto").groups[0][1]
+    sa = pk.dispatch.multi.plan_for(pk.dispatch.multi_inputs.collect(items)[1], "auto").groups[0][1]
     s_offsets, s_inv_stab, s_geometry = sa.offsets, sa.inv_stab, sa.geometry  # read once (properties build lists)
     ones20, zeros20 = torch.ones(N_WEIGHTS), torch.zeros(N_WEIGHTS)
 
@@ -231,8 +231,8 @@ def breakdown(number: int = 200, rounds: int = 7) -> List[tuple]:
     small = [x.detach() for x in ws]
     ops = torch.ops.projkernels_C
     op = ops.multi_penalty.default
-    weights, key = pk.multi_inputs.collect(items)
-    a = pk.multi.plan_for(key, "auto").groups[0][1]
+    weights, key = pk.dispatch.multi_inputs.collect(items)
+    a = pk.dispatch.multi.plan_for(key, "auto").groups[0][1]
     # The bound call's tables as Python objects, read once (each property read builds a new list).
     offsets, inv_stab, consts, geometry = a.offsets, a.inv_stab, a.consts, a.geometry
     ones, zeros = torch.ones(N_WEIGHTS), torch.zeros(N_WEIGHTS)
@@ -240,8 +240,8 @@ def breakdown(number: int = 200, rounds: int = 7) -> List[tuple]:
     stacked = torch.stack(ws).square().sum()
     parts = {
         "multi_penalty fwd+bwd, total": lambda: torch.autograd.grad(pk.multi_penalty(items)[0], ws),
-        "Python: collect(items), the cache key": lambda: pk.multi_inputs.collect(items),
-        "Python: plan_for(key), a cache hit": lambda: pk.multi.plan_for(key, "auto"),
+        "Python: collect(items), the cache key": lambda: pk.dispatch.multi_inputs.collect(items),
+        "Python: plan_for(key), a cache hit": lambda: pk.dispatch.multi.plan_for(key, "auto"),
         "public op forward through torch.ops, no autograd node (weights detached)":
             lambda: op(small, offsets, inv_stab, consts, geometry),
         "public op forward, bound call, no autograd node (weights detached)": lambda: a(small),
@@ -260,7 +260,7 @@ def breakdown(number: int = 200, rounds: int = 7) -> List[tuple]:
     t = interleaved(parts, number, rounds)
     # The kernels' own rate, on one large weight of the same kind (per-call costs amortised away).
     big = torch.randn(256, 256, 3, 3, generator=g)
-    b = pk.multi.plan_for(pk.multi_inputs.collect([(big, *SPEC)])[1], "auto").groups[0][1]
+    b = pk.dispatch.multi.plan_for(pk.dispatch.multi_inputs.collect([(big, *SPEC)])[1], "auto").groups[0][1]
     b_offsets, b_inv_stab, b_geometry = b.offsets, b.inv_stab, b.geometry
     k = interleaved({
         "fwd": lambda: ops.multi_forward([big], b_offsets, b_inv_stab, b_geometry),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import baselines as bl  # bench/ is on sys.path through bench/conftest.py
-from projkernels.reference import brute_force_project
+from projkernels.backends.reference import brute_force_project
 
 
 @pytest.mark.parametrize("shape,group,in_rep,out_rep", [

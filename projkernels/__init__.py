@@ -1,17 +1,19 @@
-"""projkernels: the exact projection penalty ||W - P(W)||^2 for approximately equivariant networks."""
+"""projkernels: the exact projection penalty ||W - P(W)||^2 for approximately equivariant networks.
+
+The public names are all here; the layout below them is described in docs/design.md ("The map")."""
 from .api import equivariant_energy, penalty_and_energy, project, projected_penalty, spectrum
 from .backends import available_backends, load_optional_backends
 from .groups import FiniteGroup, get_group, irrep_names, register_group
 from .orbits import orbit_table
+from .dispatch.multi import multi_penalty, register_multi_backend
+from .model import (Symmetry, attach_regular_gcnn, attach_symmetries, attach_symmetry, attached_layers,
+                    detach_symmetry, equivariance_report, format_report, get_symmetry, model_penalty, project_)
+from .decay import equivariance_decay
+# Steerable symmetries (escnn bases): ``projkernels.steerable`` is the function; the module is
+# ``projkernels.symmetry.steerable``.
+from .symmetry.steerable import SteerableSymmetry, steerable
 
 __version__ = "0.1.0"
-
-load_optional_backends()
-
-from .multi import multi_penalty, register_multi_backend  # noqa: E402  (after the backends: "auto" sees them)
-from .model import (Symmetry, attach_regular_gcnn, attach_symmetries, attach_symmetry,  # noqa: E402
-                    attached_layers, detach_symmetry, equivariance_report, format_report, get_symmetry,
-                    model_penalty, project_)
 
 __all__ = [
     # single weights
@@ -21,9 +23,6 @@ __all__ = [
     "attached_layers", "detach_symmetry", "get_symmetry", "Symmetry", "equivariance_report", "format_report",
     # groups, tables, backends
     "get_group", "register_group", "FiniteGroup", "orbit_table", "available_backends", "register_multi_backend",
+    "equivariance_decay",
+    "steerable", "SteerableSymmetry",
 ]
-from .decay import equivariance_decay; __all__.append("equivariance_decay")  # noqa: E402,E702
-# Steerable symmetries (escnn bases).  Note: the name ``projkernels.steerable`` is the function; the
-# module is reached as ``from projkernels.steerable import ...``.
-from .steerable import SteerableSymmetry, steerable  # noqa: E402
-__all__ += ["steerable", "SteerableSymmetry"]

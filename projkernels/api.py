@@ -1,28 +1,29 @@
 """The public single-weight functions.
 
-Each call looks its configuration up in the validate-once cache (projkernels/config.py); a hit is
-one dictionary lookup, and the call is then ``cfg.ops.f(weight, *cfg.op_args)``: for a native
-backend ("cpp", "cuda") one public ``projkernels_C`` op, whose autograd is C++ (csrc/autograd.cpp);
-for the others one node of the eager Python route (projkernels/eager.py).  docs/design.md, "Layers
+Each call looks its configuration up in the validate-once cache (projkernels/dispatch/config.py); a
+hit is one dictionary lookup, and the call is then ``cfg.ops.f(weight, *cfg.op_args)``: for a
+native backend ("cpp", "cuda") one public ``projkernels_C`` op, whose autograd is C++
+(csrc/autograd.cpp); for the others one node of the Python autograd (projkernels/library/autograd.py).  docs/design.md, "Layers
 from API to kernel", walks through the layers.
 
-Under torch.compile every backend goes through the Python custom ops of projkernels/ops.py (their
+Under torch.compile every backend goes through the Python custom ops of
+projkernels/library/custom_ops.py (their
 fake kernels build the table from the weight's shape, so the first call compiles without an eager
 warm-up), and ``fullgraph=True`` holds.  With ``dynamic=True`` each weight shape still gets its own graph: the
 orbit table (which entries form an orbit) is a function of the shape, so the shape is specialised.
 
 Under torch.func transforms (and forward-mode AD) the eager call raises, and the ``hook`` lines hand
-the call to projkernels/functional.py; the eager path itself checks nothing.
+the call to projkernels/library/functional.py; the eager path itself checks nothing.
 """
 from __future__ import annotations
 
 import torch
 
-from . import functional, ops
-from .config import CONFIGS, config_for
-from .groups import group_name_for_ops
+from .dispatch.config import CONFIGS, config_for
 from .distributed import is_dtensor, single_weight_error
-from .steerable import SteerableSymmetry
+from .groups import group_name_for_ops
+from .library import custom_ops as ops, functional
+from .symmetry import kind_of
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -30,7 +31,7 @@ __all__ = ["projected_penalty", "equivariant_energy", "penalty_and_energy", "pro
 
 def _config(weight, group, in_rep, out_rep, backend):
     if torch.compiler.is_compiling():
-        if isinstance(group, SteerableSymmetry):  # hook: steerable bases trace as plain PyTorch
+        if not kind_of(group).custom_ops:  # a kind traced through its own calls (steerable bases)
             return config_for(weight, group, in_rep, out_rep, backend)
         return _COMPILED
     if type(weight) not in _PLAIN and is_dtensor(weight):
@@ -45,7 +46,7 @@ def _config(weight, group, in_rep, out_rep, backend):
 
 
 class _Compiled:
-    """Under torch.compile every backend goes through the Python custom ops of projkernels/ops.py:
+    """Under torch.compile every backend goes through the Python custom ops (library/custom_ops.py):
     opaque to the tracer, with fake kernels that build the table from the shape alone, and the
     native kernels behind them at run time.  (The host cost those ops add is what compilation and
     CUDA graphs remove.)"""
@@ -65,7 +66,7 @@ def penalty_and_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", 
     if cfg is not _COMPILED:
         try:
             return cfg.ops.penalty_energy(weight, *cfg.op_args)
-        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (projkernels/functional.py)
+        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (library/functional.py)
             if not functional.transformed():
                 raise
         return functional.penalty_energy(weight, cfg)
@@ -78,7 +79,7 @@ def projected_penalty(weight, group="C4", in_rep="trivial", out_rep="trivial", *
     if cfg is not _COMPILED:
         try:
             return cfg.ops.penalty_energy(weight, *cfg.op_args)[0]
-        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (projkernels/functional.py)
+        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (library/functional.py)
             if not functional.transformed():
                 raise
         return functional.penalty_energy(weight, cfg)[0]
@@ -96,7 +97,7 @@ def project(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend=
     if cfg is not _COMPILED:
         try:
             return cfg.ops.project(weight, *cfg.op_args)
-        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (projkernels/functional.py)
+        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (library/functional.py)
             if not functional.transformed():
                 raise
         return functional.project(weight, cfg)

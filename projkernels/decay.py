@@ -13,13 +13,14 @@ give exactly the update of the penalty in the loss; for other optimizers "couple
 the penalty in the loss, and "decoupled" shrinks the non-equivariant part by the factor
 ``1 - 2 lr lambda_perp`` whatever the optimizer's preconditioning.  Regular-field biases join the
 ``lambda_perp`` term as in ``model_penalty`` (their deviation from the per-field mean);
-``lambda_G`` acts on weights only.  Layers with a steerable symmetry (projkernels/steerable.py)
-get the same update from their own projection (weights: the block projection, biases: each output
+``lambda_G`` acts on weights only.  Layers whose symmetry kind has no orbit table (steerable
+symmetries, projkernels/symmetry/steerable.py) get the same update from their own projection (weights: the block projection, biases: each output
 field's trivial-isotypic part), one layer at a time, computed in the accumulation dtype.
 
-All attached finite-group tensors are updated by one fused in-place pass per step (``projkernels_C::multi_decay_``
-and ``multi_decay_grad_``: one CPU parallel loop, or one CUDA launch, for all layers and dtypes);
-the Triton route launches one kernel per tensor; the reference route is plain tensor code.  The
+All attached finite-group tensors are updated by one in-place pass per step through the backend's
+decay slot (projkernels/backends/registry.py): ``projkernels_C::multi_decay_`` and ``multi_decay_grad_``
+on the compiled backends (one CPU parallel loop, or one CUDA launch, for all layers and dtypes), one
+Triton kernel per tensor, or plain tensor code on the reference backend.  The
 math is float32 for half-precision tensors (float64 for float64) and the result is deterministic.
 
 Mixed precision.  ``torch.amp.GradScaler.step(optimizer)`` unscales the gradients (``unscale_``)
@@ -45,12 +46,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import distributed as D
-from .backends import BACKENDS, check_backend_name
-from .groups import get_group
+from .api import project
+from .backends.registry import BACKENDS, AUTO_ORDER, Backend, check_backend_name, register_backend, resolve
+from .dispatch.config import config_for
 from .model import _check_lambda, attached_layers
-from .orbits import OrbitTable, acc_dtype, orbit_table
-from . import reference as R
-from .steerable import SteerableSymmetry, config as steerable_config
+from .orbits import OrbitTable, acc_dtype
+from .symmetry import kind_of
 
 __all__ = ["equivariance_decay", "EquivarianceDecay", "DecayBackend", "register_decay_backend",
            "decay_backends", "apply_decay_", "MODES"]
@@ -62,110 +63,35 @@ MODES = ("decoupled", "coupled")
 
 @dataclass(frozen=True)
 class DecayBackend:
-    """``apply(targets, weights, tables, coef_dev, coef_mean)`` sets, for every l,
-    ``targets[l] += coef_dev[l] (W_l - P W_l) + coef_mean[l] P W_l`` in place, with ``W_l = weights[l]``
-    (``weights=None``: the targets themselves).  Targets are contiguous; the tables are the layers'
-    ``OrbitTable``s (a bias is described as an (n, 1) weight with regular output fields)."""
+    """A backend with only a decay slot, for ``register_decay_backend``: ``apply(targets, weights,
+    tables, coef_dev, coef_mean)`` sets, for every l, ``targets[l] += coef_dev[l] (W_l - P W_l) +
+    coef_mean[l] P W_l`` in place, with ``W_l = weights[l]`` (``weights=None``: the targets
+    themselves).  Targets are contiguous; the tables are the layers' ``OrbitTable``s (a bias is
+    described as an (n, 1) weight with regular output fields)."""
     name: str
     apply: Callable
     why_unavailable: Callable[[torch.device], Optional[str]]
 
 
-DECAY_BACKENDS: Dict[str, DecayBackend] = {}
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
-
-
 def register_decay_backend(backend: DecayBackend) -> None:
-    DECAY_BACKENDS[backend.name] = backend
-
-
-def _reference_apply(targets, weights, tables, coef_dev, coef_mean) -> None:
-    # Plain tensor code, one layer at a time: P W from the orbit means (the reference projection),
-    # then the update in the accumulation dtype, rounded once into the target.
-    for i, (t, table) in enumerate(zip(targets, tables)):
-        w = t if weights is None else weights[i]
-        acc = R.acc_dtype(t.dtype)
-        pw = R.project(w, table).reshape(t.shape)
-        old, wa = t.to(acc), w.to(acc)
-        # Near the dtype's largest finite value W - P W can overflow where the update does not:
-        # there, the same update on scaled values (reference.finite_or_rescaled).
-        new = R.finite_or_rescaled(old + coef_dev[i] * (wa - pw) + coef_mean[i] * pw,
-                                   lambda d: old * d + coef_dev[i] * (wa * d - pw * d) + coef_mean[i] * (pw * d))
-        t.copy_(new)
-
-
-register_decay_backend(DecayBackend("reference", _reference_apply, lambda device: None))
-
-
-def _native_apply(targets, weights, tables, coef_dev, coef_mean) -> None:
-    ops = torch.ops.projkernels_C
-    from .native import multi_op_args  # the penalty's multi ops take the same tables (cached per layer list)
-    offsets, _, geometry = multi_op_args(tuple(tables), str(targets[0].device))
-    if weights is None:
-        ops.multi_decay_(targets, offsets, geometry, coef_dev, coef_mean)
-    else:
-        ops.multi_decay_grad_(targets, weights, offsets, geometry, coef_dev, coef_mean)
-
-
-def _register_native() -> None:
-    try:
-        from . import native  # noqa: F401  (loads projkernels._C)
-    except ImportError:
-        return
-    if not hasattr(torch.ops.projkernels_C, "multi_decay_"):
-        return  # an extension built before the decay ops: rebuild it
-    # In-place ops with no outputs: their fake (meta) kernels only have to exist, for torch.compile.
-    for op in ("projkernels_C::multi_decay_", "projkernels_C::multi_decay_grad_"):
-        try:
-            torch.library.register_fake(op)(lambda *args, **kwargs: None)
-        except RuntimeError:
-            pass  # already registered (the module was reloaded)
-    register_decay_backend(DecayBackend("cpp", _native_apply, BACKENDS["cpp"].why_unavailable))
-    if "cuda" in BACKENDS:
-        register_decay_backend(DecayBackend("cuda", _native_apply, BACKENDS["cuda"].why_unavailable))
-
-
-def _register_triton() -> None:
-    try:
-        from . import triton_decay
-    except ImportError:
-        return
-    register_decay_backend(DecayBackend("triton", triton_decay.apply, triton_decay.why_unavailable))
-
-
-_register_native()
-_register_triton()
+    """Give backend ``backend.name`` a decay slot (registering a decay-only backend if it is new)."""
+    from dataclasses import replace
+    old = BACKENDS.get(backend.name)
+    if old is None:
+        old = Backend(backend.name, None, None, None, None, backend.why_unavailable)
+    register_backend(replace(old, decay=backend.apply))
 
 
 def decay_backends(device="cpu") -> List[str]:
-    """Names of the decay backends that serve tensors on ``device``, fastest first."""
+    """Names of the backends whose decay slot serves tensors on ``device``, the "auto" order first."""
     device = torch.device(device)
-    order = _AUTO_ORDER.get(device.type, ("reference",)) + ("triton",)
+    order = AUTO_ORDER.get(device.type, ("reference",)) + tuple(BACKENDS)
     out = []
     for n in order:
-        if n in DECAY_BACKENDS and n not in out and DECAY_BACKENDS[n].why_unavailable(device) is None:
+        b = BACKENDS.get(n)
+        if b is not None and n not in out and b.decay is not None and b.why_unavailable(device) is None:
             out.append(n)
     return out
-
-
-def _resolve(backend: str, device: torch.device) -> DecayBackend:
-    if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            b = DECAY_BACKENDS.get(name)
-            if b is not None and b.why_unavailable(device) is None:
-                return b
-        return DECAY_BACKENDS["reference"]
-    b = DECAY_BACKENDS.get(backend)
-    if b is None:
-        why = {"cpp": "the C++ extension projkernels._C is not built (or was built without the decay ops; "
-                      "rebuild it)",
-               "cuda": "the CUDA extension is not built",
-               "triton": "Triton is not installed"}.get(backend, "not registered")
-        raise RuntimeError(f"backend={backend!r} cannot run the decay on {device}: {why}")
-    reason = b.why_unavailable(device)
-    if reason is not None:
-        raise RuntimeError(f"backend={backend!r} cannot run the decay on {device}: {reason}")
-    return b
 
 
 @torch.no_grad()
@@ -189,7 +115,7 @@ def apply_decay_(targets: Sequence[torch.Tensor], weights: Optional[Sequence[tor
     for i, t in enumerate(targets):
         by_device.setdefault(t.device, []).append(i)
     for device, idx in by_device.items():
-        impl = _resolve(backend, device)
+        impl = resolve(backend, device, "decay")
         ts = [targets[i] for i in idx]
         # An in-place kernel on a contiguous copy would update the copy: write such targets back.
         back = [(j, t) for j, t in enumerate(ts) if not t.is_contiguous()]
@@ -197,7 +123,7 @@ def apply_decay_(targets: Sequence[torch.Tensor], weights: Optional[Sequence[tor
             ts[j] = t.contiguous()
         ws = None if weights is None else [weights[i].contiguous() for i in idx]
         single = len(idx) == len(targets)
-        impl.apply(ts, ws, tables if single else [tables[i] for i in idx],
+        impl.decay(ts, ws, tables if single else [tables[i] for i in idx],
                    list(coef_dev) if single else [coef_dev[i] for i in idx],
                    list(coef_mean) if single else [coef_mean[i] for i in idx])
         for j, t in back:
@@ -213,7 +139,7 @@ class _Entry:
     is_bias: bool
     name: str
     sharded: bool = False        # a DTensor: the update acts on its local shard (and its grad's)
-    steerable: Optional[SteerableSymmetry] = None  # updated through this symmetry's projection
+    steerable: object = None     # a symmetry without orbit tables: updated through its projection
     steerable_backend: str = "auto"                  # ... computed by this backend
 
     @property
@@ -225,11 +151,10 @@ def _steerable_update_(target: torch.Tensor, weight: torch.Tensor, e: _Entry, co
                        coef_mean: float) -> None:
     """``target += coef_dev (W - P W) + coef_mean P W`` for a steerable entry, in the accumulation
     dtype (P W of a half weight is computed from its float32 copy, not rounded to half first)."""
-    from .api import project
-    from .steerable_bias import project_bias
     acc = acc_dtype(weight.dtype)
     w = weight.to(acc)
-    pw = project_bias(w, e.steerable, e.name) if e.is_bias else project(w, e.steerable, backend=e.steerable_backend)
+    pw = (kind_of(e.steerable).project_bias(w, e.steerable, "trivial", e.name) if e.is_bias
+          else project(w, e.steerable, backend=e.steerable_backend))
     old = w if target is weight else target.to(acc)
     target.copy_(old + (coef_dev * (w - pw) + coef_mean * pw))  # rounded once, as the fused kernels do
 
@@ -238,9 +163,9 @@ def _bias_table(module: nn.Module, sym) -> Optional[OrbitTable]:
     """The orbit table of a regular-field bias, seen as an (n, 1) weight from a trivial input to
     regular output fields: one orbit per field, P = the field mean (as ``model_penalty``)."""
     bias = getattr(module, "bias", None)
-    if bias is None or sym.out_rep != "regular":
+    if bias is None:
         return None
-    return orbit_table((bias.numel(), 1), get_group(sym.group).name, "trivial", "regular")
+    return kind_of(sym.group).bias_table(bias.numel(), sym.group, sym.out_rep)
 
 
 def _closure_given(args, kwargs) -> bool:
@@ -285,13 +210,12 @@ class EquivarianceDecay:
             # FSDP2 / DTensor: the update of a shard of whole fields is the shard of the update, so
             # every rank decays its own shard with the local shard's table, with no collective.
             w, sh = l.local_weight()
-            entries.append(_Entry(l.weight(), None if w is None else orbit_table(w, l.sym.group, l.sym.in_rep,
+            entries.append(_Entry(l.weight(), None if w is None else kind_of(l.sym.group).table(w, l.sym.group, l.sym.in_rep,
                                                                                    l.sym.out_rep),
                                   False, f"{l.name}.weight", sh))
             if bias and l.bias() is not None and l.sym.out_rep == "regular":
                 b, bsh = l.local_bias()
-                table = None if b is None else orbit_table((b.numel(), 1), get_group(l.sym.group).name,
-                                                           "trivial", "regular")
+                table = None if b is None else kind_of(l.sym.group).bias_table(b.numel(), l.sym.group, "regular")
                 entries.append(_Entry(l.bias(), table, True, f"{l.name}.bias", bsh))
         for name, module, sym in (layers if sharded is None else ()):
             label = name or "(model)"
@@ -302,16 +226,17 @@ class EquivarianceDecay:
                     raise ValueError(f"model: {label}.{pname} is parametrized (torch.nn.utils.parametrize), "
                                      "so the decay, which updates parameters in place, cannot act on it; add "
                                      f"model_penalty(model) to the loss instead, or remove the parametrization")
-            if isinstance(sym.group, SteerableSymmetry):
-                # The decay's backend when one is named, else the one attached with the layer.
+            table = kind_of(sym.group).table(module.weight, sym.group, sym.in_rep, sym.out_rep)
+            if table is None:
+                # No orbit table (steerable symmetries): the layer's own projection, with the decay's
+                # backend when one is named, else the one attached with the layer.
                 b = self.backend if self.backend != "auto" else sym.backend
                 entries.append(_Entry(module.weight, None, False, f"{label}.weight", steerable=sym.group,
                                       steerable_backend=b))
                 if bias and module.bias is not None:
                     entries.append(_Entry(module.bias, None, True, f"{label}.bias", steerable=sym.group))
                 continue
-            entries.append(_Entry(module.weight, orbit_table(module.weight, sym.group, sym.in_rep, sym.out_rep),
-                                  False, f"{label}.weight"))
+            entries.append(_Entry(module.weight, table, False, f"{label}.weight"))
             table = _bias_table(module, sym) if bias else None
             if table is not None:
                 entries.append(_Entry(module.bias, table, True, f"{label}.bias"))
@@ -322,10 +247,10 @@ class EquivarianceDecay:
                                  "attach a symmetry to only one of the layers that share it")
             seen[id(e.param)] = e.name
         for device in {(e.param.to_local() if e.sharded else e.param).device for e in entries if e.steerable is None}:
-            _resolve(self.backend, device)  # an unusable backend fails here, not at the first step
+            resolve(self.backend, device, "decay")  # an unusable backend fails here, not at the first step
         for e in entries:
             if e.steerable is not None and not e.is_bias:
-                steerable_config(e.param, e.steerable, "trivial", "trivial", e.steerable_backend)  # likewise
+                config_for(e.param, e.steerable, "trivial", "trivial", e.steerable_backend)  # likewise
         self._entries: Tuple[_Entry, ...] = tuple(entries)
         self._lambda_G_of = [0.0 if e.is_bias else self.lambda_G for e in entries]
         self._group_of: List[int] = []

@@ -10,7 +10,7 @@ come out (``kind``):
   ``R2Conv``'s or ``R3Conv``'s exported weight has penalty 0 under the symmetry read here.  Other
   reflection axes, or a 3-D gspace whose elements act on R^3 by other matrices (an adjoint),
   relabel the group elements, so this kind rejects them rather than silently mismatching.
-- ``"steerable"``: a ``SteerableSymmetry`` (projkernels/steerable.py) read off the layer's own basis
+- ``"steerable"``: a ``SteerableSymmetry`` (projkernels/symmetry/steerable.py) read off the layer's own basis
   expansion: any gspace escnn builds the layer on (SO(2), O(2), SO(3), O(3), finite ones), any field
   types, and escnn's ``Linear`` on ``no_base_space(G)``.  P is the projection onto the span of the
   very basis the layer expands its filter from, so the layer's exported weight has penalty ~0.
@@ -33,7 +33,7 @@ from torch import nn
 from .groups import get_group
 from .model import Symmetry, attach_symmetry
 from .orbits import orbit_table
-from .steerable import SteerableSymmetry
+from .symmetry.steerable import SteerableSymmetry
 
 __all__ = ["symmetry_from_r2conv", "symmetry_from_r3conv", "symmetry_from_linear", "steerable_from_layer",
            "symmetries_from_escnn", "from_escnn_export", "KINDS"]

@@ -16,7 +16,7 @@ deviation from that mean.  ``model_penalty`` adds that deviation to the ``lambda
 
 For a layer with a steerable symmetry the equivariant biases are those that lie, on every output
 field, in the trivial-isotypic subspace of the field's representation (escnn's own biases live
-there); the projection and its residual come from projkernels/steerable_bias.py and join the same
+there); the projection and its residual come from projkernels/symmetry/bias.py and join the same
 terms (a field with no trivial irrep has its whole bias penalised).
 """
 from __future__ import annotations
@@ -31,20 +31,17 @@ from torch import nn
 
 from . import distributed as D
 from .api import penalty_and_energy, project, spectrum
-from .backends import ON_CHANGE, check_backend_name
-from .multi import multi_penalty, plan_for
-from .multi_inputs import collect
+from .backends.registry import ON_CHANGE, check_backend_name
+from .dispatch.multi import multi_penalty, plan_for
+from .dispatch.multi_inputs import collect
 from .groups import get_group, group_name_for_ops, short_repr as _short
-from .orbits import field_size, orbit_table
-from .steerable import SteerableSymmetry, check_module as steerable_check_module
-from .steerable_bias import (bias_deviation_sq as steerable_bias_deviation_sq, prepare as steerable_bias_prepare,
-                             project_bias as steerable_project_bias)
+from .symmetry import kind_of
+from .symmetry.finite import SUPPORTED_LAYERS, field_deviation_sq as _field_deviation_sq
 
 __all__ = ["Symmetry", "attach_symmetry", "detach_symmetry", "get_symmetry", "attach_symmetries",
            "attach_regular_gcnn", "attached_layers", "model_penalty", "project_", "equivariance_report",
            "format_report", "SUPPORTED_LAYERS"]
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ATTR = "_projkernels_symmetry"
 
 
@@ -105,15 +102,6 @@ def _check_lambda(name: str, value) -> float:
     return value
 
 
-def _check_module(module, name: str = "module") -> None:
-    if not isinstance(module, SUPPORTED_LAYERS):
-        raise TypeError(f"{name}: expected nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(module).__name__}")
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups != 1:
-        # A grouped conv's weight is (out, in/groups, ...): its dim 1 is not the layer's input space.
-        raise ValueError(f"{name}: grouped convolutions (groups={module.groups}) are not supported; "
-                         "use groups=1")
-
-
 def _layer_label(module, name: Optional[str]) -> str:
     """How errors name a layer: its module path when known, always its type and weight shape."""
     weight = getattr(module, "weight", None)
@@ -139,22 +127,10 @@ def attach_symmetry(module: nn.Module, group="C4", in_rep: str = "trivial", out_
     which ``attach_symmetries`` and ``attach_regular_gcnn`` pass), its type and weight shape.
     Returns the stored Symmetry.
     """
-    if isinstance(group, SteerableSymmetry):  # hook: steerable symmetries (Linear, Conv2d, Conv3d)
-        try:
-            steerable_check_module(module, group, backend)
-            if module.bias is not None:
-                steerable_bias_prepare(group, module.bias)
-        except (TypeError, ValueError) as err:
-            raise _name_layer(err, module, name) from None
-        sym = Symmetry(group, "trivial", "trivial", backend)
-        setattr(module, _ATTR, sym)
-        return sym
     try:
-        _check_module(module)
         check_backend_name(backend)  # a misspelt backend fails here, not at the first penalty
-        group_name = group_name_for_ops(group)
-        orbit_table(module.weight, group_name, in_rep, out_rep)
-        sym = Symmetry(get_group(group_name).name, in_rep, out_rep, backend)
+        group, in_rep, out_rep = kind_of(group).attach(module, group, in_rep, out_rep)
+        sym = Symmetry(group, in_rep, out_rep, backend)
     except (TypeError, ValueError) as err:
         raise _name_layer(err, module, name) from None
     setattr(module, _ATTR, sym)
@@ -218,33 +194,12 @@ def attached_layers(model: nn.Module) -> List[Tuple[str, nn.Module, Symmetry]]:
 
 # --- penalties -------------------------------------------------------------------------------
 
-def _regular_fields(vector: Optional[torch.Tensor], sym: Symmetry) -> Optional[torch.Tensor]:
-    """A bias-shaped ``vector`` as a [fields, |G|] view when the output fields are regular; None otherwise."""
-    if vector is None or sym.out_rep != "regular":
-        return None
-    return vector.view(-1, field_size("regular", get_group(sym.group)))
-
-
-def _field_means(fields: torch.Tensor) -> torch.Tensor:
-    """The projection of a [fields, |G|] bias: each regular field replaced by its mean (a bias is
-    equivariant exactly when it is constant on every regular field)."""
-    return fields.mean(dim=1, keepdim=True).expand_as(fields)
-
-
-def _field_deviation_sq(fields: torch.Tensor) -> torch.Tensor:
-    """||b - P(b)||^2 of a [fields, |G|] bias, from its deviations from the field means."""
-    return (fields - _field_means(fields)).square().sum()
-
-
 def _bias_deviation_sq(bias: Optional[torch.Tensor], sym: Symmetry, name: str = "bias") -> Optional[torch.Tensor]:
     """||b - P(b)||^2 of one layer's bias under ``sym``; None when there is no bias or P is the identity
     (trivial output fields of a finite group)."""
     if bias is None:
         return None
-    if isinstance(sym.group, SteerableSymmetry):  # hook: the trivial-isotypic part of each output field
-        return steerable_bias_deviation_sq(bias, sym.group, name)
-    fields = _regular_fields(bias, sym)
-    return None if fields is None else _field_deviation_sq(fields)
+    return kind_of(sym.group).bias_deviation_sq(bias, sym.group, sym.out_rep, name)
 
 
 @torch.no_grad()
@@ -253,12 +208,11 @@ def project_bias_(vector: Optional[torch.Tensor], sym: Symmetry) -> None:
     mean over each regular output field, or for a steerable symmetry each output field's
     trivial-isotypic part.  Trivial output fields of a finite group: nothing to do (every bias is
     equivariant)."""
-    if vector is not None and isinstance(sym.group, SteerableSymmetry):  # hook: steerable biases
-        vector.copy_(steerable_project_bias(vector, sym.group))
+    if vector is None:
         return
-    fields = _regular_fields(vector, sym)
-    if fields is not None:
-        fields.copy_(_field_means(fields))
+    p = kind_of(sym.group).project_bias(vector, sym.group, sym.out_rep)
+    if p is not None:
+        vector.copy_(p)
 
 
 def _check_layers(layers) -> None:
@@ -266,10 +220,7 @@ def _check_layers(layers) -> None:
     replaced after attach_symmetry may no longer fit the declaration)."""
     for name, module, sym in layers:
         try:
-            if isinstance(sym.group, SteerableSymmetry):
-                steerable_check_module(module, sym.group, sym.backend)
-            else:
-                orbit_table(module.weight, sym.group, sym.in_rep, sym.out_rep)
+            kind_of(sym.group).check_layer(module, sym.group, sym.in_rep, sym.out_rep)
         except (TypeError, ValueError) as err:
             raise _name_layer(err, module, name) from None
 
@@ -325,13 +276,15 @@ class _ModelPlan:
             _, key = collect([(weights[i], layers[i][2].group, layers[i][2].in_rep, layers[i][2].out_rep) for i in idx])
             self.weight_plans.append((idx if len(by_backend) > 1 else None, plan_for(key, backend)))
         # Regular-field biases (by their layer's index), grouped by field size (one concatenation per size).
-        regular = [(i, sym) for i, (_, m, sym) in enumerate(layers) if m.bias is not None and sym.out_rep == "regular"]
-        self.bias_modules = [(i, field_size("regular", get_group(sym.group))) for i, sym in regular]
+        sizes = [None if m.bias is None else kind_of(sym.group).bias_fields(sym.group, sym.out_rep)
+                 for _, m, sym in layers]
+        regular = [(i, layers[i][2]) for i, size in enumerate(sizes) if size is not None]
+        self.bias_modules = [(i, sizes[i]) for i, _ in regular]
         self.with_biases = (self._fused_plan(key, [(biases[i], sym) for i, sym in regular], by_backend)
                             if len(by_backend) == 1 else None)
-        # Biases of steerable layers, one term each (their projections differ layer by layer).
+        # Biases whose projection is their layer's own (steerable layers), one term each.
         self.steerable_biases = [(i, name, sym) for i, (name, m, sym) in enumerate(layers)
-                                 if m.bias is not None and isinstance(sym.group, SteerableSymmetry)]
+                                 if m.bias is not None and kind_of(sym.group).bias_per_layer(sym.group, sym.out_rep)]
         for m in tree:
             _watch(m, self)
 
@@ -663,10 +616,10 @@ def equivariance_report(model: nn.Module) -> List[dict]:
     for name, module, sym in layers:
         w = module.weight.detach()
         pen, eq = penalty_and_energy(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
-        if isinstance(sym.group, SteerableSymmetry):  # hook: no isotypic spectrum; the two energies instead
+        names = kind_of(sym.group).irrep_names(sym.group)
+        if names is None:  # a kind without an isotypic spectrum (steerable): the two energies instead
             names, spec = ("equivariant", "non-equivariant"), (eq, pen)
         else:
-            names = get_group(sym.group).irrep_names
             spec = spectrum(w, sym.group, sym.in_rep, sym.out_rep, backend=sym.backend)
         norm = float(w.double().norm())
         b = None if module.bias is None else module.bias.detach().double()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import projkernels as pk
 from projkernels.orbits import field_size
-from projkernels.reference import brute_force_project
+from projkernels.backends.reference import brute_force_project
 
 from cases import shape_for
 

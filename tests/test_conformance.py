@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 import projkernels as pk
-from projkernels.steerable import BlockType, SteerableSymmetry
+from projkernels.symmetry.steerable import BlockType, SteerableSymmetry
 
 from cases import ALL_CASES, CASES_3D, Oracle, c2_x_c4, case_id, oracle_for, seeded_weight, shape_for
 

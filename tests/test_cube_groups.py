@@ -292,7 +292,7 @@ def test_attach_symmetry_on_conv3d():
                                   ("T", (12, 12, 3, 3, 3), "regular", "regular"), ("T", (2, 3, 4, 4, 4), "trivial", "trivial")],
                          ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}")
 def test_brute_force_and_orbit_forms_agree(case):
-    from projkernels import reference as R
+    from projkernels.backends import reference as R
     from cases import Oracle
 
     group, shape, ir, orr = case

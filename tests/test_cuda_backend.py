@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import projkernels as pk
-from projkernels import reference as R
+from projkernels.backends import reference as R
 from projkernels.orbits import orbit_table
 
-C = pytest.importorskip("projkernels.native", reason="projkernels._C is not built")
+C = pytest.importorskip("projkernels.backends.native", reason="projkernels._C is not built")
 OPS = torch.ops.projkernels_C
 
 pytestmark = [

@@ -1,4 +1,4 @@
-"""The CUDA kernels of csrc/*.cu, run on the CPU over an emulated device (tests/cuda_emu).
+"""The CUDA kernels of csrc/cuda/*.cu, run on the CPU over an emulated device (tests/cuda_emu).
 
 Each .cu file is compiled as it is, with its launches rewritten to run every block and every thread
 of the grid on the CPU (threads as fibers that switch at the barriers and shuffles), and its host
@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from projkernels import reference as R
+from projkernels.backends import reference as R
 from projkernels.orbits import orbit_table
 
-C = pytest.importorskip("projkernels.native", reason="projkernels._C is not built")
+C = pytest.importorskip("projkernels.backends.native", reason="projkernels._C is not built")
 OPS = torch.ops.projkernels_C
-S = importlib.import_module("projkernels.steerable")
+S = importlib.import_module("projkernels.symmetry.steerable")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "cuda_emu"))
 import build as emu  # noqa: E402
@@ -35,7 +35,7 @@ from test_steerable_ops_synthetic import (CASES, FALLBACKS, TOL, _blockwise_expe
                                           fallback_layout, householder, synthetic)
 
 _SHARED_DEFAULT = 48 * 1024
-_STATIC_RESERVE = 1024  # csrc/cuda_launch.cuh kStaticSharedReserve
+_STATIC_RESERVE = 1024  # csrc/cuda/cuda_launch.cuh kStaticSharedReserve
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ _ONE_ORBIT = {"cuda_launch.cuh": {'std::getenv("PROJKERNELS_ORBIT_BATCH")': "nul
 def _finite_lib(variant):
     tiled = {_TILED: '"1"' if variant == "tiled" else "nullptr"}
     batch = _BATCHED if variant == "batched" else _ONE_ORBIT
-    return emu.load("kernels.cu", variant=variant, substitutions=tiled, header_substitutions=batch)
+    return emu.load("orbit_kernels.cu", variant=variant, substitutions=tiled, header_substitutions=batch)
 
 
 @pytest.fixture(scope="module", params=["chunked", "tiled"])
@@ -133,15 +133,15 @@ def test_the_emulated_kernels_are_compiled_as_the_device_pass(selftest):
 
 
 def test_the_rewrite_keeps_every_launch_and_no_cuda_syntax():
-    for name in ("kernels.cu", "multi_kernels.cu", "steerable_kernels.cu"):
-        src = (emu.CSRC / name).read_text()
+    for name in ("orbit_kernels.cu", "multi_kernels.cu", "decay_kernels.cu", "steerable_kernels.cu"):
+        src = (emu.CSRC / "cuda" / name).read_text()
         out = emu.rewrite(src, "lib")
         assert "<<<" not in out and "extern __shared__" not in out and "__shared__" not in out
         assert out.count("::cuda_emu::launch(") == src.count("<<<") > 0
         assert "TORCH_LIBRARY(lib, m)" in out and "projkernels_C, CUDA" not in out
 
 
-# --- steerable kernels (csrc/steerable_kernels.cu) ---------------------------------------------------
+# --- steerable kernels (csrc/cuda/steerable_kernels.cu) ----------------------------------------------
 
 def _gpu_layout(sym, dtype, monkeypatch):
     # The GPU's tiles (2048 elements of work), built for CPU tensors.
@@ -177,7 +177,7 @@ def test_steerable_cuda_fallbacks_below_the_shared_memory_budget(steer, kind, dt
 def test_a_steerable_kernel_without_its_staging_barrier_fails_here(monkeypatch):
     # The emulation is worth its name only if it catches what a GPU would get wrong: the real
     # kernels with the barrier after the staging of the tile removed give NaN.
-    src = (emu.CSRC / "steerable_kernels.cu").read_text()
+    src = (emu.CSRC / "cuda" / "steerable_kernels.cu").read_text()
     barrier = "    s.x = xs;\n  }\n  __syncthreads();\n  return s;"
     assert src.count(barrier) == 1
     mutant = emu.load("steerable_kernels.cu", variant="no_staging_barrier",
@@ -200,7 +200,7 @@ def test_steerable_launch_counts(steer, monkeypatch):
     assert steer.emu_launch_count() == n + 3
 
 
-# --- finite-group kernels (csrc/kernels.cu), chunked and tiled ----------------------------------------
+# --- finite-group kernels (csrc/cuda/orbit_kernels.cu), chunked and tiled ------------------------------
 
 # All but the last (odd sizes) have more orbits than a block has threads (256), so that every warp
 # of a block holds orbits: a block reduction that loses one warp's partial is wrong on each of them.
@@ -264,7 +264,7 @@ def test_finite_cuda_kernels_with_little_shared_memory(finite, case, shared_limi
     _finite_check(finite, *case, torch.float32)
 
 
-# --- the multi-tensor kernels (csrc/multi_kernels.cu) --------------------------------------------------
+# --- the multi-tensor kernels (csrc/cuda/multi_kernels.cu) ---------------------------------------------
 
 # A weight on which every thread of the single-weight kernels walks 4 orbits (C4, float32; 64 bytes
 # a thread, launch_plan.h): one batch of 4 in the forward and two of 2 in the backward when batching
@@ -337,7 +337,7 @@ def test_the_batched_variants_run_the_batched_walk():
     multi = emu.load("multi_kernels.cu", variant="batched_first_orbit_only", header_substitutions=_FIRST_ORBIT_ONLY)
     assert not torch.allclose(multi.multi_forward([w], *args)[0], OPS.multi_forward([w], *args)[0])
     assert not torch.allclose(multi.multi_backward([w], gp, ge, *args)[0], OPS.multi_backward([w], gp, ge, *args)[0])
-    single = emu.load("kernels.cu", variant="batched_first_orbit_only", substitutions={_TILED: "nullptr"},
+    single = emu.load("orbit_kernels.cu", variant="batched_first_orbit_only", substitutions={_TILED: "nullptr"},
                       header_substitutions=_FIRST_ORBIT_ONLY)
     pen = single.fused_forward(w, d.offsets, d.inv_stab, d.basis, d.row_irrep, *t.geometry, False)[0]
     assert not torch.allclose(pen, OPS.multi_forward([w], *args)[0][0])
@@ -388,13 +388,13 @@ def test_multi_cuda_kernels_over_several_launches(multi):
         torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-5)
 
 
-# --- the decay kernels (csrc/decay_kernels.cu) --------------------------------------------------------
+# --- the decay kernels (csrc/cuda/decay_kernels.cu) ---------------------------------------------------
 
 @pytest.fixture(scope="module")
 def decay():
-    # The host code uploads the launch's descriptors through pinned memory, which needs a CUDA
-    # device: here the staging buffer is ordinary memory (the copy to the "device" is then a no-op).
-    return emu.load("decay_kernels.cu", substitutions={".pinned_memory(true)": ".pinned_memory(false)"})
+    # The layers' descriptors travel as a kernel argument (as the multi-tensor ops' do): the host
+    # code runs unchanged here, with nothing uploaded.
+    return emu.load("decay_kernels.cu")
 
 
 def test_decay_cuda_kernels_match_the_cpu_op(decay):
@@ -447,3 +447,31 @@ def test_decay_cuda_kernels_match_the_reference_backend(decay):
             apply_decay_(want, ws, tables, coef_dev, coef_mean, backend="reference")
         for a, b, s in zip(got, want, specs):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{target}, {s[1]}: {m}")
+
+
+def test_decay_cuda_kernels_over_several_launches(decay):
+    # 40 layers of mixed dtypes: two launches of up to 32 layers each (the descriptors are kernel
+    # arguments, a launch's group of them), every order class among them.
+    specs = [FINITE[i % 7] for i in range(40)]
+    dtypes = [(torch.float32, torch.float64, torch.float16, torch.bfloat16)[i % 4] for i in range(40)]
+    g = torch.Generator().manual_seed(10)
+    ws = [torch.randn(s[0], generator=g, dtype=torch.float64).to(dt) for s, dt in zip(specs, dtypes)]
+    grads = [torch.randn(s[0], generator=g, dtype=torch.float64).to(dt) for s, dt in zip(specs, dtypes)]
+    tables = [orbit_table(*s) for s in specs]
+    offsets = [t.device_tables("cpu").offsets for t in tables]
+    geometry = [v for t in tables for v in t.geometry[1:]]
+    coef_dev = [0.9 - 0.01 * i for i in range(40)]
+    coef_mean = [1.0 - 0.005 * i for i in range(40)]
+    got, want = [w.clone() for w in ws], [w.clone() for w in ws]
+    n = decay.emu_launch_count()
+    decay.multi_decay_(got, offsets, geometry, coef_dev, coef_mean)
+    assert decay.emu_launch_count() == n + 2
+    OPS.multi_decay_(want, offsets, geometry, coef_dev, coef_mean)
+    for a, b, w in zip(got, want, ws):
+        assert not torch.equal(a, w)
+        torch.testing.assert_close(a, b)  # the same per-orbit update, nothing summed across orbits
+    got, want = [x.clone() for x in grads], [x.clone() for x in grads]
+    decay.multi_decay_grad_(got, ws, offsets, geometry, coef_dev, coef_mean)
+    OPS.multi_decay_grad_(want, ws, offsets, geometry, coef_dev, coef_mean)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -11,7 +11,7 @@ import projkernels as pk
 from projkernels import decay as D
 from projkernels.model import attach_symmetry
 from projkernels.orbits import orbit_table
-from projkernels.reference import brute_force_project
+from projkernels.backends.reference import brute_force_project
 
 CPU_BACKENDS = D.decay_backends("cpu")
 NATIVE = [b for b in CPU_BACKENDS if b != "reference"]

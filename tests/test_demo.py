@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from projkernels import demo
 from projkernels.model import model_penalty, project_
-from projkernels.multi import multi_penalty
+from projkernels.dispatch.multi import multi_penalty
 
 
 def _tiny(tmp_path, *extra):

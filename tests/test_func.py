@@ -10,9 +10,9 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 
 import projkernels as pk
-from projkernels import functional
+from projkernels.library import functional
 from projkernels.model import Symmetry, attach_regular_gcnn, attach_symmetries, model_penalty
-from projkernels.reference import brute_force_project
+from projkernels.backends.reference import brute_force_project
 
 BACKENDS = ["cpp", "reference"]
 SPEC = ("C4", "regular", "regular")
@@ -116,7 +116,7 @@ class _Spy:
 def _spy(monkeypatch, backend):
     # The batched kernels: the native multi-tensor ops, the reference's batched orbit form.
     if backend == "cpp":
-        import projkernels.native as native
+        import projkernels.backends.native as native
         spies = _Spy(native.multi_forward), _Spy(native.multi_backward)
         monkeypatch.setattr(native, "multi_forward", spies[0])
         monkeypatch.setattr(native, "multi_backward", spies[1])

@@ -19,7 +19,7 @@ import zlib
 import pytest
 import torch
 
-from projkernels import reference as R
+from projkernels.backends import reference as R
 from projkernels.backends import BACKENDS
 from projkernels.orbits import orbit_table
 
@@ -177,7 +177,7 @@ TILE_CASES = [
 @pytest.mark.parametrize("case", TILE_CASES, ids=case_id)
 def test_triton_tiles_cross_program_boundaries(case, monkeypatch):
     device = _triton_device()
-    from projkernels import triton_kernels as K
+    from projkernels.backends.triton import kernels as K
 
     monkeypatch.setattr(K, "_TILE", 64)  # 16 orbits a program: the orbits span many programs
     monkeypatch.setattr(K, "_FINISH_ROWS", 4)
@@ -303,7 +303,7 @@ def test_gpu_bitwise_across_processes(backend, dtype):
 @pytest.mark.gpu
 def test_gpu_cuda_matches_itself_and_multi():
     cuda = _cuda()
-    from projkernels import native as C
+    from projkernels.backends import native as C
 
     ws, ts = [], []
     for i, group in enumerate(["C4", "C65", "D4"]):

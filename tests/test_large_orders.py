@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import projkernels as pk
-from projkernels import config, orbits
+from projkernels import orbits
+from projkernels.dispatch import config
 from projkernels.groups import FiniteGroup, cyclic, dihedral
 
 BACKENDS = [b for b in pk.available_backends("cpu")]

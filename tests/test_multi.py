@@ -7,8 +7,8 @@ import torch
 
 import projkernels as pk
 from projkernels.backends import BACKENDS, register_backend, unregister_backend
-from projkernels.multi import MultiBackend, multi_penalty, multi_table, register_multi_backend
-from projkernels.reference import brute_force_project
+from projkernels.dispatch.multi import MultiBackend, multi_penalty, multi_table, register_multi_backend
+from projkernels.backends.reference import brute_force_project
 
 # A mixed model: several groups (two of order 4, of orders 8 and 3), reps, kernel sizes, ranks.
 SPECS = [

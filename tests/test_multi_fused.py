@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import projkernels as pk
-from projkernels import reference as R
-from projkernels.multi import multi_penalty
+from projkernels.backends import reference as R
+from projkernels.dispatch.multi import multi_penalty
 from projkernels.orbits import orbit_table
 
 from cases import Oracle

@@ -11,11 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch import nn
 
 import projkernels as pk
-import projkernels.reference as R
-from projkernels import config, model as model_mod
+import projkernels.backends.reference as R
+from projkernels import model as model_mod
+from projkernels.dispatch import config
 from projkernels.orbits import orbit_table
 
-C = pytest.importorskip("projkernels.native", reason="projkernels._C is not built")
+C = pytest.importorskip("projkernels.backends.native", reason="projkernels._C is not built")
 from projkernels import _C  # noqa: E402  (built, since projkernels.native imported)
 OPS = torch.ops.projkernels_C
 
@@ -34,7 +35,7 @@ def _single_args(w, group, in_rep, out_rep):
 
 
 def _multi_args(ws, specs):
-    plan = pk.multi.plan_for(pk.multi_inputs.collect([(w, *s[1:]) for w, s in zip(ws, specs)])[1], "cpp")
+    plan = pk.dispatch.multi.plan_for(pk.dispatch.multi_inputs.collect([(w, *s[1:]) for w, s in zip(ws, specs)])[1], "cpp")
     a = plan.groups[0][1]
     return a.offsets, a.inv_stab, a.consts, a.geometry
 
@@ -185,7 +186,7 @@ def test_bound_calls_are_their_own_copies():
     w = _weight((8, 8, 3, 3), torch.float32)
     cfg = config.config_for(w, "C4", "regular", "regular", "cpp")
     assert copy.deepcopy(cfg).ops.penalty_energy.__self__ is cfg.ops.penalty_energy.__self__
-    plan = pk.multi.plan_for(pk.multi_inputs.collect([(w, "C4", "regular", "regular")])[1], "cpp")
+    plan = pk.dispatch.multi.plan_for(pk.dispatch.multi_inputs.collect([(w, "C4", "regular", "regular")])[1], "cpp")
     call = plan.groups[0][1]
     assert copy.copy(call) is call and copy.deepcopy(plan).groups[0][1] is call
 
@@ -348,7 +349,7 @@ def test_model_plan_is_reused_on_an_unchanged_model(monkeypatch):
         raise AssertionError("rebuilt on an unchanged model")
     # No module walk, no plan, no table and no upload on the second call.
     for target, name in ((model_mod, "attached_layers"), (model_mod, "plan_for"), (model_mod, "collect"),
-                         (pk.multi_table.MultiTable, "native_args"), (pk.orbits.OrbitTable, "device_tables")):
+                         (pk.dispatch.multi_table.MultiTable, "native_args"), (pk.orbits.OrbitTable, "device_tables")):
         monkeypatch.setattr(target, name, fail)
     second = pk.model_penalty(m)
     second.backward()
@@ -399,7 +400,7 @@ def _fresh(code: str):
 
 def test_compile_projected_penalty_first_call_fullgraph():
     _fresh("""
-        import torch, projkernels as pk, projkernels.reference as R
+        import torch, projkernels as pk, projkernels.backends.reference as R
         w = torch.randn(8, 8, 3, 3, dtype=torch.float64, requires_grad=True)
         f = torch.compile(lambda w: pk.projected_penalty(w, "D4", "regular", "regular"), fullgraph=True)
         p = f(w)
@@ -414,7 +415,7 @@ def test_compile_dynamic_shapes():
     # The orbit table depends on the shape, so each new shape specialises (one graph per shape):
     # what must hold is that every shape compiles and is right.
     _fresh("""
-        import torch, projkernels as pk, projkernels.reference as R
+        import torch, projkernels as pk, projkernels.backends.reference as R
         f = torch.compile(lambda w: pk.projected_penalty(w, "C4", "regular", "regular"), dynamic=True, fullgraph=True)
         for n in (4, 8, 12):
             w = torch.randn(n, n, 3, 3, dtype=torch.float64)
@@ -425,7 +426,7 @@ def test_compile_dynamic_shapes():
 
 def test_compile_multi_and_model_penalty_fullgraph():
     _fresh("""
-        import torch, projkernels as pk, projkernels.reference as R
+        import torch, projkernels as pk, projkernels.backends.reference as R
         from torch import nn
         ws = [torch.randn(8, 8, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
         f = torch.compile(lambda *ws: pk.multi_penalty([(w, "C4", "regular", "regular") for w in ws])[0], fullgraph=True)

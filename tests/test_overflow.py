@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import projkernels as pk
-from projkernels import reference as R
+from projkernels.backends import reference as R
 from projkernels.decay import apply_decay_, decay_backends
 from projkernels.orbits import orbit_table
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import projkernels as pk
-from projkernels import reference as R
+from projkernels.backends import reference as R
 from projkernels.orbits import orbit_table
 
 from cases import ALL_CASES, Oracle, c2_x_c4, case_id, seeded_weight

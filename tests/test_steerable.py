@@ -20,7 +20,7 @@ from escnn import gspaces, nn as enn  # noqa: E402
 from escnn.group import o2_group, so2_group, so3_group  # noqa: E402
 
 import projkernels as pk  # noqa: E402
-from projkernels.steerable import SteerableSymmetry  # noqa: E402
+from projkernels.symmetry.steerable import SteerableSymmetry  # noqa: E402
 
 
 def triton_device() -> str:
@@ -349,7 +349,7 @@ def test_compiles_in_one_graph():
 
 def test_without_escnn_the_error_says_what_to_install(monkeypatch):
     import builtins
-    from projkernels.steerable import _escnn
+    from projkernels.symmetry.steerable import _escnn
     real = builtins.__import__
 
     def no_escnn(name, *args, **kwargs):

@@ -24,7 +24,7 @@ import projkernels as pk  # noqa: E402
 from projkernels.escnn_interop import (from_escnn_export, steerable_from_layer, symmetries_from_escnn,  # noqa: E402
                                        symmetry_from_linear, symmetry_from_r2conv, symmetry_from_r3conv)
 from projkernels.model import Symmetry, attached_layers, get_symmetry  # noqa: E402
-from projkernels.steerable import SteerableSymmetry  # noqa: E402
+from projkernels.symmetry.steerable import SteerableSymmetry  # noqa: E402
 
 
 def _small_radius(d):
@@ -311,7 +311,7 @@ def test_a_bias_with_no_trivial_irrep_is_penalised_whole():
 
 
 def test_steerable_bias_dtypes_compile_and_errors():
-    from projkernels.steerable_bias import bias_deviation_sq, project_bias
+    from projkernels.symmetry.bias import bias_deviation_sq, project_bias
     layer, oracle = bias_case("so2")
     sym = steerable_from_layer(layer)
     P = oracle(layer.out_type)

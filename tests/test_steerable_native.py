@@ -19,9 +19,9 @@ from escnn import gspaces, nn as enn  # noqa: E402
 from escnn.group import so2_group  # noqa: E402
 
 import projkernels as pk  # noqa: E402
-from projkernels.steerable import SteerableConfig, _config_on  # noqa: E402
+from projkernels.symmetry.steerable import SteerableConfig, _config_on  # noqa: E402
 
-C = pytest.importorskip("projkernels.native", reason="projkernels._C is not built")
+C = pytest.importorskip("projkernels.backends.native", reason="projkernels._C is not built")
 if not hasattr(torch.ops.projkernels_C, "steerable_penalty_energy"):
     pytest.skip("projkernels._C was built without the steerable ops", allow_module_level=True)
 OPS = torch.ops.projkernels_C
@@ -117,7 +117,7 @@ def test_auto_keeps_to_the_routes_that_have_run_on_a_gpu(monkeypatch):
     # backend="cuda" is opt-in until its kernels' GPU tests have passed: "auto" never picks it, even
     # where the extension has its CUDA kernels (made to look so here).
     import importlib
-    steerable = importlib.import_module("projkernels.steerable")  # the module (pk.steerable is its function)
+    steerable = importlib.import_module("projkernels.symmetry.steerable")  # the module (pk.steerable is its function)
     monkeypatch.setattr(steerable, "_native_ready", lambda name, device: None)
     assert steerable.resolve_backend("auto", torch.device("cuda")) in ("triton", "reference")
     assert steerable.resolve_backend("cuda", torch.device("cuda")) == "cuda"  # still there when named
@@ -303,7 +303,7 @@ def test_multi_penalty_and_model_penalty_take_the_compiled_route():
     pk.attach_symmetry(conv, sym)
     pk.attach_symmetry(lin, "C4", "regular", "regular")
     items = [(lin.weight, "C4", "regular", "regular"), (conv.weight, sym, "trivial", "trivial")]
-    plan = pk.multi.plan_for(pk.multi_inputs.collect(items)[1], "auto")
+    plan = pk.dispatch.multi.plan_for(pk.dispatch.multi_inputs.collect(items)[1], "auto")
     (cfg,) = plan.cfgs
     assert isinstance(cfg, SteerableConfig) and cfg.backend_name == "cpp"
     total, _, per, _ = pk.multi_penalty(items)

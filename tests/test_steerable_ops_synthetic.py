@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from projkernels.steerable import BlockType, _native_layout
+from projkernels.symmetry.steerable import BlockType, _native_layout
 
-C = pytest.importorskip("projkernels.native", reason="projkernels._C is not built")
+C = pytest.importorskip("projkernels.backends.native", reason="projkernels._C is not built")
 if not hasattr(torch.ops.projkernels_C, "steerable_penalty_energy"):
     pytest.skip("projkernels._C was built without the steerable ops", allow_module_level=True)
 OPS = torch.ops.projkernels_C

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed")
 
 import projkernels as pk  # noqa: E402
-from projkernels import reference  # noqa: E402
+from projkernels.backends import reference  # noqa: E402
 from projkernels.backends import BACKENDS, resolve  # noqa: E402
 from projkernels.orbits import orbit_table  # noqa: E402
 
@@ -61,7 +61,7 @@ def test_availability_says_why():
 def test_launch_config_is_fixed_by_the_problem():
     # The configuration fixes the order of every sum, so it may depend on the group order only:
     # nothing timed, nothing about the device or the weight's size.
-    from projkernels import triton_kernels as K
+    from projkernels.backends.triton import kernels as K
 
     for order in (1, 2, 3, 4, 8, 16, 48, 64, 65, 128, 512):
         block, warps = K.launch_config(order)
@@ -77,7 +77,7 @@ def test_launch_config_is_fixed_by_the_problem():
 def test_partial_sums_over_many_rows(monkeypatch):
     # The finishing program adds the per-program rows in steps; make the step tiny so that a small
     # weight walks through several of them, the path that large weights take on a GPU.
-    from projkernels import triton_kernels as K
+    from projkernels.backends.triton import kernels as K
 
     monkeypatch.setattr(K, "_FINISH_ROWS", 2)
     monkeypatch.setattr(K, "_TILE", 128)  # 16 orbits a program: several rows from a small weight
@@ -181,13 +181,13 @@ def test_gpu_cuda_device_guard():
 def test_gpu_opcheck(dtype):
     w = _weight((8, 16, 3, 3), dtype, seed=11).requires_grad_(True)
     args = ("D4", "trivial", "regular", "triton")
-    torch.library.opcheck(pk.ops.penalty_energy, (w,) + args)
-    torch.library.opcheck(pk.ops.project, (w,) + args)
-    torch.library.opcheck(pk.ops.spectrum, (w.detach(),) + args)
+    torch.library.opcheck(pk.library.custom_ops.penalty_energy, (w,) + args)
+    torch.library.opcheck(pk.library.custom_ops.project, (w,) + args)
+    torch.library.opcheck(pk.library.custom_ops.spectrum, (w.detach(),) + args)
     acc = reference.acc_dtype(dtype)
     gp = torch.tensor(0.5, dtype=acc, device=DEVICE)
     ge = torch.tensor(2.0, dtype=acc, device=DEVICE)
-    torch.library.opcheck(pk.ops.penalty_energy_backward, (w.detach(), gp, ge) + args)
+    torch.library.opcheck(pk.library.custom_ops.penalty_energy_backward, (w.detach(), gp, ge) + args)
 
 
 @gpu

@@ -22,9 +22,9 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed")
 
 import projkernels as pk  # noqa: E402
-from projkernels import reference as R  # noqa: E402
-from projkernels import triton_backend as TB  # noqa: E402
-from projkernels import triton_kernels as K  # noqa: E402
+from projkernels.backends import reference as R  # noqa: E402
+from projkernels.backends.triton import finite as TB  # noqa: E402
+from projkernels.backends.triton import kernels as K  # noqa: E402
 from projkernels.orbits import orbit_table  # noqa: E402
 
 from cases import (TRITON_DEVICE, TRITON_INTERPRET, TRITON_SKIP_REASON, Oracle, case_id, seeded_weight,  # noqa: E402
@@ -321,7 +321,7 @@ _AOT_SCRIPT = """
 import re, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from projkernels import triton_kernels as K
+from projkernels.backends.triton import kernels as K
 from projkernels.orbits import orbit_table
 
 dtype = getattr(torch, sys.argv[1])

@@ -167,7 +167,7 @@ static void chunk_walk_with_threads() {
     CHECK_CLOSE(eq, eq1, 1e-6);
     // The gradient walk writes exactly the chunk's entries.
     std::vector<float> grad(w.size(), -7.0f);
-    d.grad = grad.data();
+    d.out = grad.data();
     for (int64_t t = 0; t < T; ++t) pk::chunk_gradient<0, float, float>(d, offs, 1 + t, 11, T, 1.0f, 0.5f);
     for (int64_t id = 0; id < 12; ++id) {
       const int64_t b = id / 2, base = (b / 2) * 16 + (b % 2) * 8 + (id % 2) * 4;
@@ -218,9 +218,9 @@ static void batched_walk_of_class() {
         pk::chunk_energies<K, false, float, float, float>(d, offs.data(), first + t, last, T, pen1, eq1);
         pk::chunk_energies<K, false, float, float, float, float, B>(d, offs.data(), first + t, last, T, penb, eqb);
         CHECK(penb == pen1 && eqb == eq1);
-        d.grad = g1.data();
+        d.out = g1.data();
         pk::chunk_gradient<K, float, float>(d, offs.data(), first + t, last, T, 0.8f, -0.3f);
-        d.grad = gb.data();
+        d.out = gb.data();
         pk::chunk_gradient<K, float, float, B>(d, offs.data(), first + t, last, T, 0.8f, -0.3f);
       }
       CHECK(g1 == gb);
@@ -366,7 +366,7 @@ static void tiles_emulated() {
   double pen_global = 0, eq_global = 0;
   pk::chunk_energies<2, false, double, double, double>(d, offs.data(), 0, d.n_orbits, 1, pen_global, eq_global);
   std::vector<double> grad_global(w.size(), -7.0), grad_tiled(w.size(), -9.0);
-  d.grad = grad_global.data();
+  d.out = grad_global.data();
   pk::chunk_gradient<2, double, double>(d, offs.data(), 0, d.n_orbits, 1, 0.8, -0.3);
 
   double pen_tiles = 0, eq_tiles = 0;

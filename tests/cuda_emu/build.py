@@ -1,4 +1,4 @@
-"""Builds a CUDA source of csrc/ as a CPU torch extension over the emulated device (cuda_emu.h).
+"""Builds a CUDA source of csrc/cuda/ as a CPU torch extension over the emulated device (cuda_emu.h).
 
 ``load("steerable_kernels.cu")`` rewrites the file (the launches ``k<<<grid, block, shared,
 stream>>>(args)`` into ``cuda_emu::launch`` calls that evaluate the arguments once, dynamic shared
@@ -25,6 +25,10 @@ from typing import Dict, Optional
 
 HERE = Path(__file__).resolve().parent
 CSRC = Path(os.environ.get("PROJKERNELS_EMU_CSRC", HERE.parents[1] / "csrc")).resolve()
+# Where the build finds the CUDA sources, and the headers they include (csrc/ by role: the shared
+# math in include/, the CUDA-only headers next to the kernels in cuda/).
+_KERNEL_DIR = "cuda"
+_HEADER_DIRS = ("include", "cuda")
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w:, ]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]*?\w)\s+(\w+)\[\]\s*;")
@@ -131,7 +135,7 @@ def _substitute(text: str, name: str, substitutions: Dict[str, str]) -> str:
 
 def load(cu_file: str, variant: str = "", substitutions: Optional[Dict[str, str]] = None,
          header_substitutions: Optional[Dict[str, Dict[str, str]]] = None, verbose: bool = False):
-    """Compile ``cu_file`` (a file of csrc/, or a path) for the emulated device and return its ops,
+    """Compile ``cu_file`` (a file of csrc/cuda/, or a path) for the emulated device and return its ops,
     ``torch.ops.projkernels_emu_<stem>[_<variant>]``.  ``substitutions`` replace text of the source
     before the rewrite (a variant's switch); ``header_substitutions`` ({header of csrc/: {old:
     new}}) do the same in that header of the copy of csrc/ the build compiles.  A variant name stands
@@ -140,17 +144,18 @@ def load(cu_file: str, variant: str = "", substitutions: Optional[Dict[str, str]
     import torch
     from torch.utils import cpp_extension
 
-    path = Path(cu_file) if os.sep in cu_file else CSRC / cu_file
+    path = Path(cu_file) if os.sep in cu_file else CSRC / _KERNEL_DIR / cu_file
     stem = path.stem + (f"_{variant}" if variant else "")
     library = f"projkernels_emu_{stem}"
     build = Path(os.environ.get("PROJKERNELS_EMU_BUILD", HERE.parents[1] / "build" / "cuda_emu")) / stem
     build.mkdir(parents=True, exist_ok=True)
-    # The build compiles a copy of csrc/ (its headers, substituted where asked, and the rewritten
-    # source), so every quoted include of the copy finds the copy.
+    # The build compiles a copy of csrc/'s headers, flattened into one folder (substituted where
+    # asked), and the rewritten source, so every quoted include of the copy finds the copy.
     sources = build / "csrc"
     sources.mkdir(exist_ok=True)
     header_substitutions = dict(header_substitutions or {})
-    files = {h.name: h.read_text() for h in sorted(CSRC.iterdir()) if h.suffix in (".h", ".cuh")}
+    files = {h.name: h.read_text() for d in _HEADER_DIRS for h in sorted((CSRC / d).iterdir())
+             if h.suffix in (".h", ".cuh")}
     for header, subs in header_substitutions.items():
         files[header] = _substitute(files[header], header, subs)
     files[f"{stem}_emu.cpp"] = rewrite(_substitute(path.read_text(), path.name, substitutions or {}), library, files)

@@ -1,8 +1,4 @@
-"""The ``backend="triton"`` implementation (registers itself on import).
-
-Serves CUDA tensors, and CPU tensors when the process was started with ``TRITON_INTERPRET=1``
-(Triton's interpreter: slow, meant for tests).  Importing this module without Triton installed
-raises ImportError, which ``load_optional_backends`` takes as "not installed".
+"""The "triton" backend's finite-group slots (single weight, and many weights layer by layer).
 
 ``PROJKERNELS_TILED=1`` in the environment (read once, when this module is imported; the same
 switch as the CUDA backend's tiles) sends every weight whose field blocks fit a program's tile to
@@ -18,31 +14,13 @@ from typing import Optional
 
 import torch
 
-from . import triton_kernels as K  # raises ImportError without triton
-from .backends import Backend, register_backend
-from .orbits import OrbitTable
+from . import kernels as K  # raises ImportError without triton
+from ...orbits import OrbitTable
 
-__all__ = ["forward", "backward", "project", "spectrum", "unavailable", "uses_tiles", "TILED"]
+__all__ = ["forward", "backward", "project", "spectrum", "uses_tiles", "TILED"]
 
 # Off by default: the tiles are for measuring against the chunked kernels (bench/gpu_check.sh).
 TILED = os.environ.get("PROJKERNELS_TILED") == "1"
-
-
-def unavailable(device) -> Optional[str]:
-    device = torch.device(device)
-    if device.type == "cpu":
-        if K.INTERPRET:
-            return None
-        return ("Triton kernels run on CUDA tensors; CPU tensors are served only under Triton's "
-                "interpreter (start the process with TRITON_INTERPRET=1; slow, meant for tests)")
-    if device.type == "cuda":
-        if K.INTERPRET:
-            return ("TRITON_INTERPRET=1 is set, so the Triton kernels run on the CPU only; "
-                    "unset it to run them on the GPU")
-        if not torch.cuda.is_available():
-            return "CUDA is not available (no GPU, or torch was built without CUDA)"
-        return None
-    return f"Triton kernels run on CUDA tensors only, not on {device.type!r} tensors"
 
 
 _TILE_PLANS: "weakref.WeakKeyDictionary[OrbitTable, dict]" = weakref.WeakKeyDictionary()
@@ -100,7 +78,3 @@ def backward(w: torch.Tensor, table: OrbitTable, grad_pen: torch.Tensor, grad_eq
 def project(w: torch.Tensor, table: OrbitTable) -> torch.Tensor:
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     return _apply(w, table, None, None, out_dtype=acc)
-
-
-register_backend(Backend(name="triton", forward=forward, backward=backward, project=project,
-                         spectrum=spectrum, why_unavailable=unavailable))

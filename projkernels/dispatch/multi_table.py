@@ -4,7 +4,7 @@
 serves two routes:
 
 - the concatenated route (``buckets``, ``orbit_of``): the weights as one flat buffer, all orbits of
-  the layers whose groups share an order in one gather (projkernels/multi_reference.py);
+  the layers whose groups share an order in one gather (projkernels/backends/reference/multi.py);
 - the native multi-tensor op (``native_args``): per-layer device tables, the per-layer geometry and
   the [2, L] constants, uploaded once per (device, dtype) and then reused by every call.
 """
@@ -17,7 +17,7 @@ from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
-from .orbits import OrbitTable, acc_dtype, orbit_table
+from ..orbits import OrbitTable, acc_dtype, orbit_table
 
 __all__ = ["MultiTable", "OrderBucket", "NativeMultiArgs", "multi_table"]
 
@@ -98,6 +98,10 @@ class MultiTable:
                 [g for t in self.tables for g in t.geometry[1:]])
         return self._device_cache[key]
 
+    def subset(self, idx: Sequence[int]) -> "MultiTable":
+        """The table of layers ``idx`` only (for example the layers of one dtype), cached."""
+        return _from_tables(tuple(self.tables[i] for i in idx))
+
     def on(self, device: torch.device, dtype: torch.dtype):
         """(buckets, orbit_of, numels) with indices on ``device`` and inv_stab in ``dtype``, cached."""
         key = (str(device), dtype)
@@ -111,7 +115,11 @@ class MultiTable:
 
 @functools.lru_cache(maxsize=64)
 def _cached_multi_table(key: Tuple[Tuple[Tuple[int, ...], str, str, str], ...]) -> MultiTable:
-    tables = tuple(orbit_table(shape, group, in_rep, out_rep) for shape, group, in_rep, out_rep in key)
+    return _from_tables(tuple(orbit_table(shape, group, in_rep, out_rep) for shape, group, in_rep, out_rep in key))
+
+
+@functools.lru_cache(maxsize=64)
+def _from_tables(tables: Tuple[OrbitTable, ...]) -> MultiTable:
     numels = tuple(int(torch.Size(t.shape).numel()) for t in tables)
     starts = (0,) + tuple(itertools.accumulate(numels))[:-1]
     return MultiTable(tables, numels, starts)

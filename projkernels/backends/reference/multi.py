@@ -2,7 +2,7 @@
 
 Layers whose groups have the same order share one gather (the orbit width is |G|), and one segment
 reduction turns per-orbit partials into per-layer values, however many layers there are.  It is the
-"reference" backend's multi-tensor kernels, registered on import.
+"reference" backend's multi-tensor slot (over projkernels/dispatch/multi_table.py's ``MultiTable``).
 """
 from __future__ import annotations
 
@@ -10,19 +10,17 @@ from typing import Tuple
 
 import torch
 
-from .backends import MultiKernels, register_multi_kernels
-from .multi_table import MultiTable, OrderBucket
-from .orbits import acc_dtype
-from .reference import UP, finite_or_rescaled, orbit_mean
+from ...orbits import acc_dtype
+from .finite import UP, finite_or_rescaled, orbit_mean
 
 __all__ = ["reference_multi_forward", "reference_multi_backward"]
 
 
-def _orbit_rows(buffer: torch.Tensor, bucket: OrderBucket, acc: torch.dtype) -> torch.Tensor:
+def _orbit_rows(buffer: torch.Tensor, bucket, acc: torch.dtype) -> torch.Tensor:
     return buffer.index_select(0, bucket.index.reshape(-1)).view(-1, bucket.order).to(acc)
 
 
-def reference_multi_forward(buffer: torch.Tensor, table: MultiTable) -> Tuple[torch.Tensor, torch.Tensor]:
+def reference_multi_forward(buffer: torch.Tensor, table) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-layer (penalty, eq_energy) in the accumulation dtype, penalty from deviations."""
     acc = acc_dtype(buffer.dtype)
     sums = torch.zeros(table.n_layers, 2, dtype=acc, device=buffer.device)
@@ -36,7 +34,7 @@ def reference_multi_forward(buffer: torch.Tensor, table: MultiTable) -> Tuple[to
     return sums[:, 0], sums[:, 1]
 
 
-def reference_multi_backward(buffer: torch.Tensor, table: MultiTable, grad_penalty: torch.Tensor,
+def reference_multi_backward(buffer: torch.Tensor, table, grad_penalty: torch.Tensor,
                              grad_eq: torch.Tensor) -> torch.Tensor:
     """2 gp_l (W - P W) + 2 ge_l P W for every layer l, over the buffer, in the accumulation dtype.
 
@@ -52,6 +50,3 @@ def reference_multi_backward(buffer: torch.Tensor, table: MultiTable, grad_penal
     ge = torch.repeat_interleave(2 * grad_eq.to(acc), numels, output_size=n)
     w = buffer.to(acc)
     return finite_or_rescaled(gp * (w - pw) + ge * pw, lambda d: gp * (w * d - pw * d) + ge * (pw * d))
-
-
-register_multi_kernels("reference", MultiKernels(reference_multi_forward, reference_multi_backward, concatenated=True))

@@ -23,7 +23,7 @@ from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 
-from .orbits import acc_dtype
+from ..orbits import acc_dtype
 from .steerable import SteerableSymmetry, _orthonormal
 
 __all__ = ["trivial_bases", "prepare", "bias_deviation_sq", "project_bias"]

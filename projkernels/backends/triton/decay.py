@@ -6,26 +6,20 @@ takes the orbit means and writes the update back.  All values of a tile are load
 is stored, so an entry listed several times in its orbit gets the same value each time, and the
 in-place update (target = W) reads the old W only.  Math in float32 (float64 for float64 tensors).
 
-Serves CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (tests).  Importing this module
-without Triton raises ImportError.
+The "triton" backend's decay slot; it serves the devices ``kernels.why_unavailable`` allows.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import Optional
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _DOWN, _UP, _any_not_finite, _load_orbits, _not_finite, _orbit_mean
+from .kernels import INTERPRET, _DOWN, _UP, _any_not_finite, _load_orbits, _not_finite, _orbit_mean
 
-__all__ = ["apply", "why_unavailable", "INTERPRET"]
+__all__ = ["apply"]
 
-# triton.jit picks the interpreter when it decorates, so the mode is fixed at import.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -51,22 +45,6 @@ def _decay_kernel(t_ptr, w_ptr, offsets_ptr, n_orbits, opb, c_in, stride_out, st
         new = tl.where(_not_finite(new),
                        (old * _DOWN + (coef_dev[:, None] * (f * _DOWN - m_s) + coef_mean[:, None] * m_s)) * _UP, new)
     tl.store(t_ptr + addr, new.to(t_ptr.dtype.element_ty), mask=mask)
-
-
-def why_unavailable(device) -> Optional[str]:
-    device = torch.device(device)
-    if device.type == "cpu":
-        if INTERPRET:
-            return None
-        return ("Triton kernels run on CUDA tensors; CPU tensors are served only under Triton's "
-                "interpreter (start the process with TRITON_INTERPRET=1; slow, meant for tests)")
-    if device.type == "cuda":
-        if INTERPRET:
-            return "TRITON_INTERPRET=1 is set, so the Triton kernels run on the CPU only; unset it to use the GPU"
-        if not torch.cuda.is_available():
-            return "CUDA is not available (no GPU, or torch was built without CUDA)"
-        return None
-    return f"Triton kernels run on CUDA tensors only, not on {device.type!r} tensors"
 
 
 def _block(n_orbits: int, gp: int) -> int:

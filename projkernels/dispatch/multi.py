@@ -6,33 +6,35 @@ configuration (every layer's shape, dtype, device, group and reps, and the backe
 the first call validates it, builds the layers' ``MultiTable`` (projkernels/multi_table.py) and
 picks the route, later calls go straight to it:
 
-- native backends ("cpp", "cuda"): one ``projkernels_C::multi_penalty`` op per dtype present (one
-  for the usual single-dtype model), autograd in C++, tables resident on the device; on CUDA the
-  op copies nothing from the host (its layer descriptors are kernel arguments), so a training step
-  that calls it can be captured in a CUDA graph as it is;
+- a backend whose multi slot binds its own op (the compiled "cpp" and "cuda":
+  ``projkernels_C::multi_penalty``, autograd in C++, tables resident on the device;
+  projkernels/backends/native.py);
 - a backend with Python multi-tensor kernels (the concatenated "reference" route of
-  projkernels/multi_reference.py, or one registered with ``register_multi_backend``): through
-  ``MultiPenaltyFunction`` (projkernels/multi_autograd.py);
-- a single-weight backend without multi-tensor kernels (for example "triton"): layer by layer.
+  projkernels/backends/reference/multi.py, or one registered with ``register_multi_backend``):
+  through ``MultiPenaltyFunction`` (projkernels/library/multi_autograd.py);
+- a single-weight backend without multi-tensor kernels (for example "triton"): layer by layer;
+- items whose symmetry kind is not fused into one table (steerable symmetries): each through its
+  single-weight configuration (``MixedPlan``).
 
-``backend="auto"`` walks the same per-device order as the single-weight API (``backends.AUTO_ORDER``).
+The backend comes from the one resolver, ``backends.resolve(backend, device, "multi")``.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import functional, multi_reference  # noqa: F401  (multi_reference registers the reference route's kernels)
-from .backends import (AUTO_ORDER, BACKENDS, ON_CHANGE, MultiKernels, check_backend_name, register_multi_kernels, resolve,
-                       why_unavailable)
-from .multi_autograd import MultiPenaltyFunction, per_layer
+from ..backends.registry import ON_CHANGE, MultiKernels, check_backend_name, register_multi_kernels, resolve
+from ..groups import group_name_for_ops
+from ..library import custom_ops, functional
+from ..library.multi_autograd import MultiPenaltyFunction, per_layer
+from ..orbits import acc_dtype
+from ..symmetry import kind_of
+from .config import config_on
 from .multi_inputs import collect, validate
 from .multi_table import MultiTable, multi_table
-from .orbits import acc_dtype
-from .steerable import MixedPlan, SteerableSymmetry
 
 __all__ = ["multi_penalty", "MultiTable", "multi_table", "MultiBackend", "register_multi_backend", "MultiPlan",
            "plan_for"]
@@ -55,20 +57,6 @@ def register_multi_backend(backend: MultiBackend) -> None:
                            backend.unavailable)
 
 
-def _choose(backend: str, device: torch.device):
-    """(the backend ``backend`` names on ``device``, its multi-tensor kernels)."""
-    if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if why_unavailable(name, device) is None:
-                chosen = BACKENDS[name]
-                break
-        else:
-            chosen = BACKENDS["reference"]
-    else:
-        chosen = resolve(backend, device)  # the clear RuntimeError when it cannot serve the device
-    return chosen, (chosen.multi if chosen.multi is not None else per_layer(chosen.name))
-
-
 class MultiPlan:
     """A validated configuration of layers and what a call on it runs (built once, then cached)."""
 
@@ -76,48 +64,58 @@ class MultiPlan:
         self.table, self.kernels = table, kernels
         self.buf_dtype = functools.reduce(torch.promote_types, dtypes)
         self.acc = functools.reduce(torch.promote_types, (acc_dtype(d) for d in dtypes))
-        self.native = kernels.native
-        self.groups: List[Tuple[List[int], object]] = []  # (layer indices, the op bound to their tables)
-        self.inverse: Optional[torch.Tensor] = None
-        if self.native:
-            # projkernels_C::multi_penalty bound to the layers' device tables (csrc/python_calls.cpp):
-            # a call converts the weights from Python, not the 2 L table tensors.
-            from ._C import MultiCall
-            by_dtype: Dict[torch.dtype, List[int]] = {}
-            for i, d in enumerate(dtypes):
-                by_dtype.setdefault(d, []).append(i)
-            for d, idx in by_dtype.items():
-                sub = table if len(by_dtype) == 1 else multi_table(
-                    [(t.shape, t.group.name, *_reps(t)) for t in (table.tables[i] for i in idx)])
-                a = sub.native_args(device, d)
-                self.groups.append((idx, MultiCall(a.offsets, a.inv_stab, a.consts, a.geometry)))
-            if len(by_dtype) > 1:
-                order = [i for idx, _ in self.groups for i in idx]
-                self.inverse = torch.argsort(torch.tensor(order)).to(device)
+        self.native = kernels.bind is not None
+        # The backend's own whole-model op bound to the layers' tables (the compiled backends).
+        self.call = kernels.bind(table, device, dtypes) if self.native else None
 
     def run(self, weights: List[torch.Tensor]):
         try:
-            if not self.native:
+            if self.call is None:
                 return MultiPenaltyFunction.apply(self.table, self.kernels, self.buf_dtype, *weights)
-            if self.inverse is None:
-                return self.groups[0][1](weights)
-            # One op per dtype; the per-layer results are put back into the caller's order.
-            outs = [call([weights[i] for i in idx]) for idx, call in self.groups]
-        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (projkernels/functional.py)
+            return self.call(weights)
+        except RuntimeError:  # hook: torch.func transforms and forward-mode AD (projkernels/library/functional.py)
             if not functional.transformed():
                 raise
             return functional.multi_penalty(self, weights)
-        acc = self.acc
-        total_pen = functools.reduce(torch.add, (o[0].to(acc) for o in outs))
-        total_eq = functools.reduce(torch.add, (o[1].to(acc) for o in outs))
-        pen = torch.cat([o[2].to(acc) for o in outs]).index_select(0, self.inverse)
-        eq = torch.cat([o[3].to(acc) for o in outs]).index_select(0, self.inverse)
-        return total_pen, total_eq, pen, eq
 
 
+class MixedPlan:
+    """``multi_penalty`` over items of which some have a symmetry kind that is not fused into one
+    table (steerable symmetries): those go through their single-weight configurations, the others
+    through one fused plan; per-layer results in the callers' order."""
 
-def _reps(t) -> Tuple[str, str]:
-    return ("trivial" if t.field_in == 1 else "regular"), ("trivial" if t.field_out == 1 else "regular")
+    def __init__(self, key: tuple, backend: str, fused_plan):
+        self.single = [i for i, k in enumerate(key) if not kind_of(k[3]).multi_fused]
+        self.fused = [i for i, k in enumerate(key) if kind_of(k[3]).multi_fused]
+        self.cfgs = []
+        for i in self.single:
+            try:
+                self.cfgs.append(config_on(*key[i], backend))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"items[{i}]: {e}") from None
+        # As for every multi-tensor call: float64 when any weight is float64.
+        self.acc = functools.reduce(torch.promote_types, (acc_dtype(k[1]) for k in key))
+        self.fused_plan = fused_plan([key[i] for i in self.fused]) if self.fused else None
+        self.device = torch.device(key[0][2])
+        self.inverse = torch.argsort(torch.tensor(self.single + self.fused)).to(self.device)  # uploaded once
+        for i, k in enumerate(key):
+            if k[2] != key[0][2]:
+                raise ValueError(f"items[{i}]: weight is on {k[2]}, but items[0] is on {key[0][2]}; "
+                                 "all weights must be on one device")
+
+    def run(self, weights):
+        pens, eqs = [], []
+        for i, cfg in zip(self.single, self.cfgs):
+            p, e = cfg.ops.penalty_energy(weights[i], *cfg.op_args)
+            pens.append(p.to(self.acc))
+            eqs.append(e.to(self.acc))
+        if self.fused_plan is not None:
+            _, _, p, e = self.fused_plan.run([weights[i] for i in self.fused])
+            pens.extend(p.to(self.acc).unbind(0))
+            eqs.extend(e.to(self.acc).unbind(0))
+        pen = torch.stack(pens).index_select(0, self.inverse)
+        eq = torch.stack(eqs).index_select(0, self.inverse)
+        return pen.sum(), eq.sum(), pen, eq
 
 
 _PLANS: Dict[tuple, MultiPlan] = {}
@@ -133,13 +131,14 @@ def plan_for(key: tuple, backend: str) -> MultiPlan:
     except (KeyError, TypeError):
         pass
     with functional.untransformed():  # under torch.func transforms the tables are still plain tensors
-        if any(isinstance(k[3], SteerableSymmetry) for k in key):  # hook: steerable symmetries (their own route)
-            plan = MixedPlan(key, backend, lambda finite: plan_for(tuple(finite), backend))
+        check_backend_name(backend)
+        if not all(kind_of(k[3]).multi_fused for k in key):
+            plan = MixedPlan(key, backend, lambda fused: plan_for(tuple(fused), backend))
         else:
-            check_backend_name(backend)
             specs = validate(key)
             device = torch.device(key[0][2])
-            impl, kernels = _choose(backend, device)
+            impl = resolve(backend, device, "multi")  # the clear RuntimeError when it cannot serve the device
+            kernels = impl.multi if impl.multi is not None else per_layer(impl.name)
             plan = MultiPlan(multi_table(specs), device, [k[1] for k in key], kernels)
             plan.backend = impl  # the single-weight kernels, for the torch.func route
     try:
@@ -186,15 +185,19 @@ def multi_penalty(items, *, backend: str = "auto"):
 
 
 def _compiled_multi_penalty(weights, key, backend):
-    # Under torch.compile: one Python custom op per layer (projkernels/ops.py), opaque to the
-    # tracer, tables built from shapes by their fake kernels; the compiled graph (and CUDA graphs)
-    # remove the per-layer host cost that these ops have in eager mode.
-    from . import ops
-    from .groups import group_name_for_ops
+    # Under torch.compile: one Python custom op per layer (projkernels/library/custom_ops.py), opaque
+    # to the tracer, tables built from shapes by their fake kernels; the compiled graph (and CUDA
+    # graphs) remove the per-layer host cost that these ops have in eager mode.  A kind without
+    # custom ops (steerable symmetries) is traced through its own configuration's calls.
     check_backend_name(backend)
-    from .api import penalty_and_energy
-    pairs = [penalty_and_energy(w, g, a, b, backend=backend) if isinstance(g, SteerableSymmetry)  # hook: steerable
-             else ops.penalty_energy(w, group_name_for_ops(g), a, b, backend) for w, (_, _, _, g, a, b) in zip(weights, key)]
+    pairs = []
+    for w, k in zip(weights, key):
+        g, a, b = k[3:]
+        if kind_of(g).custom_ops:
+            pairs.append(custom_ops.penalty_energy(w, group_name_for_ops(g), a, b, backend))
+        else:
+            cfg = config_on(*k, backend)
+            pairs.append(cfg.ops.penalty_energy(w, *cfg.op_args))
     acc = functools.reduce(torch.promote_types, (acc_dtype(w.dtype) for w in weights))
     pen = torch.stack([p.to(acc) for p, _ in pairs])
     eq = torch.stack([e.to(acc) for _, e in pairs])

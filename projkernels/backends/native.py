@@ -3,7 +3,7 @@
 Importing ``projkernels._C`` loads the library whose static initialisers register the
 ``projkernels_C::`` ops.  Two layers of ops:
 
-Public ops (csrc/public_ops.cpp, autograd in csrc/autograd.cpp), what the API calls:
+Public ops (csrc/public_ops.cpp, autograd in csrc/autograd.cpp), what the configurations bind:
 
     penalty_energy(weight, table[], geometry[]) -> (penalty, eq_energy)
     penalty_energy_backward(weight, grad_penalty, grad_eq, table[], geometry[]) -> dW
@@ -16,7 +16,7 @@ Public ops (csrc/public_ops.cpp, autograd in csrc/autograd.cpp), what the API ca
 
 The steerable ops (csrc/steerable_ops.cpp, CUDA kernels in csrc/steerable_kernels.cu) take the
 same arguments, with ``table`` and ``geometry`` the layout of ``SteerableSymmetry.layout(device,
-dtype).native``, and return the same shapes (so they share the fake kernels below):
+dtype).native``, and return the same shapes (so they share the fake kernels of projkernels/library/fakes.py):
 
     steerable_penalty_energy(weight, table[], geometry[]) -> (penalty, eq_energy)
     steerable_penalty_energy_backward(weight, grad_penalty, grad_eq, table[], geometry[]) -> dW
@@ -24,7 +24,7 @@ dtype).native``, and return the same shapes (so they share the fake kernels belo
 
 ``table`` is ``OrbitTable.device_tables(device, dtype)`` as a list (with ``spectrum=False`` for every op
 but ``spectrum``, so that the isotypic basis is built only for the spectrum) and ``geometry`` is
-``OrbitTable.geometry``; the multi-tensor arguments come from ``multi_table.NativeMultiArgs``.
+``OrbitTable.geometry``; the multi-tensor arguments come from ``MultiTable.native_args`` (projkernels/dispatch/multi_table.py).
 Their autograd is registered in C++ for the Autograd key (double backward included), and the
 dispatcher picks the CPU or CUDA kernel.  penalty_energy is the training op: it computes no
 spectrum.
@@ -56,12 +56,15 @@ from typing import List, Optional, Sequence
 import torch
 
 try:
-    from . import _C  # noqa: F401  (imported for its side effect: the op registrations)
+    from .. import _C  # noqa: F401  (imported for its side effect: the op registrations)
 except ImportError as exc:  # not built, or built against another torch
     raise ImportError(f"projkernels._C is not available: {exc}") from exc
 
-from .backends import Backend, MultiKernels, register_backend
-from .orbits import OrbitTable, acc_dtype
+from ..library.autograd import Calls
+from ..library.fakes import register_native_fakes
+from ..orbits import OrbitTable, acc_dtype
+from ..symmetry.steerable import no_spectrum
+from .registry import Backend, MultiKernels, SteerableKernels, register_backend
 
 __all__ = ["WITH_CUDA", "OPS", "fused_forward", "fused_backward", "multi_forward", "multi_backward", "forward",
            "backward", "project", "spectrum", "multi_op_args"]
@@ -70,79 +73,7 @@ OPS = torch.ops.projkernels_C
 WITH_CUDA: bool = bool(OPS.cuda_enabled())
 
 
-# --- fake (meta) kernels, for torch.compile and opcheck ------------------------------------------
-
-def _scalar(t: torch.Tensor) -> torch.Tensor:
-    return t.new_empty((), dtype=acc_dtype(t.dtype))
-
-
-def _like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("projkernels_C::fused_forward")
-def _fused_forward_fake(weight, offsets, inv_stab, basis, row_irrep, n_irreps, c_out, c_in, stride_out,
-                        stride_in, with_spectrum=True):
-    torch._check(n_irreps >= 1, lambda: f"fused_forward: n_irreps must be positive, got {n_irreps}")
-    return _scalar(weight), _scalar(weight), weight.new_empty((n_irreps,), dtype=acc_dtype(weight.dtype))
-
-
-@torch.library.register_fake("projkernels_C::fused_backward")
-def _fused_backward_fake(weight, grad_penalty, grad_eq, offsets, inv_stab, c_out, c_in, stride_out, stride_in):
-    return _like(weight)
-
-
-@torch.library.register_fake("projkernels_C::multi_forward")
-def _multi_forward_fake(weights, offsets, inv_stab, geometry):
-    torch._check(len(weights) >= 1, lambda: "multi_forward: weights is empty")
-    acc = acc_dtype(weights[0].dtype)
-    n = len(weights)
-    return weights[0].new_empty((n,), dtype=acc), weights[0].new_empty((n,), dtype=acc)
-
-
-@torch.library.register_fake("projkernels_C::multi_backward")
-def _multi_backward_fake(weights, grad_penalty, grad_eq, offsets, inv_stab, geometry):
-    torch._check(len(weights) >= 1, lambda: "multi_backward: weights is empty")
-    return [_like(w) for w in weights]
-
-
-@torch.library.register_fake("projkernels_C::penalty_energy")
-def _penalty_energy_fake(weight, table, geometry):
-    return _scalar(weight), _scalar(weight)
-
-
-@torch.library.register_fake("projkernels_C::penalty_energy_backward")
-def _penalty_energy_backward_fake(weight, grad_penalty, grad_eq, table, geometry):
-    return _like(weight)
-
-
-@torch.library.register_fake("projkernels_C::project")
-def _project_fake(weight, table, geometry):
-    return _like(weight)
-
-
-if hasattr(OPS, "steerable_penalty_energy"):  # an extension built with the steerable ops
-    torch.library.register_fake("projkernels_C::steerable_penalty_energy")(_penalty_energy_fake)
-    torch.library.register_fake("projkernels_C::steerable_penalty_energy_backward")(_penalty_energy_backward_fake)
-    torch.library.register_fake("projkernels_C::steerable_project")(_project_fake)
-
-
-@torch.library.register_fake("projkernels_C::spectrum")
-def _spectrum_fake(weight, table, geometry):
-    return weight.new_empty((geometry[0],), dtype=acc_dtype(weight.dtype))
-
-
-@torch.library.register_fake("projkernels_C::multi_penalty")
-def _multi_penalty_fake(weights, offsets, inv_stab, consts, geometry):
-    torch._check(len(weights) >= 1, lambda: "multi_penalty: weights is empty")
-    n, w = len(weights), weights[0]
-    acc = acc_dtype(w.dtype)
-    return _scalar(w), _scalar(w), w.new_empty((n,), dtype=acc), w.new_empty((n,), dtype=acc)
-
-
-@torch.library.register_fake("projkernels_C::multi_penalty_backward")
-def _multi_penalty_backward_fake(weights, grad_penalty, grad_eq, offsets, inv_stab, consts, geometry):
-    return [_like(w) for w in weights]
+register_native_fakes(OPS)
 
 
 # --- thin wrappers over the raw ops, taking an OrbitTable (tests and tools) -----------------------
@@ -219,11 +150,110 @@ def _cuda_why_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
-# native=True: whole models go through the public multi-tensor op (one call per dtype, autograd in
-# C++), never through Python multi-tensor kernels, so there are none to give.
-_MULTI = MultiKernels(forward=None, backward=None, concatenated=False, native=True)
-register_backend(Backend("cpp", forward, backward, project, spectrum, _cpp_why_unavailable, multi=_MULTI,
-                         native=True))
+# --- the slots' bindings ---------------------------------------------------------------------------
+
+def bind(table: OrbitTable, device, dtype):
+    """A configuration's calls: the public C++ ops bound to its device tables (csrc/python_calls.cpp).
+    A call converts only the weight from Python, not the table, so the host cost is close to a native
+    op's.  The training calls are bound to the tables without the isotypic basis; the spectrum binds
+    the full tables on its first call (_LazySpectrum), so a penalty never builds the basis."""
+    from .._C import SingleCall
+    bound = SingleCall("penalty_energy", "project", "spectrum",
+                       list(table.device_tables(device, dtype, spectrum=False)), table.geometry)
+    return Calls(bound.penalty_energy, bound.project, _LazySpectrum(table, device, dtype)), ()
+
+
+class _LazySpectrum:
+    """A configuration's spectrum call: the public ``spectrum`` op bound to the full device tables
+    (the isotypic basis included), bound on the first call and kept.  Immutable in effect, so copies
+    share it, like the bound calls."""
+    __slots__ = ("_table", "_device", "_dtype", "_call")
+
+    def __init__(self, table: OrbitTable, device, dtype):
+        self._table, self._device, self._dtype, self._call = table, device, dtype, None
+
+    def __call__(self, weight):
+        call = self._call
+        if call is None:
+            from .._C import SingleCall
+            t = self._table
+            call = self._call = SingleCall("penalty_energy", "project", "spectrum",
+                                           list(t.device_tables(self._device, self._dtype)), t.geometry).spectrum
+        return call(weight)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def bind_multi(table, device, dtypes):
+    """The whole-model op bound to the layers' device tables: ``run(weights) -> (total_penalty,
+    total_eq, penalty [L], eq [L])``, one ``projkernels_C::multi_penalty`` per dtype present (one
+    for the usual single-dtype model), autograd in C++.  On CUDA the op copies nothing from the host
+    (its layer descriptors are kernel arguments), so a step that calls it can be captured in a CUDA
+    graph as it is."""
+    from .._C import MultiCall
+    by_dtype = {}
+    for i, d in enumerate(dtypes):
+        by_dtype.setdefault(d, []).append(i)
+    groups = []
+    for d, idx in by_dtype.items():
+        a = (table if len(by_dtype) == 1 else table.subset(idx)).native_args(device, d)
+        groups.append((idx, MultiCall(a.offsets, a.inv_stab, a.consts, a.geometry)))
+    if len(groups) == 1:
+        return groups[0][1]
+    order = [i for idx, _ in groups for i in idx]
+    inverse = torch.argsort(torch.tensor(order)).to(device)
+    acc = functools.reduce(torch.promote_types, (acc_dtype(d) for d in dtypes))
+
+    def run(weights):
+        # One op per dtype; the per-layer results are put back into the caller's order.
+        outs = [call([weights[i] for i in idx]) for idx, call in groups]
+        total_pen = functools.reduce(torch.add, (o[0].to(acc) for o in outs))
+        total_eq = functools.reduce(torch.add, (o[1].to(acc) for o in outs))
+        pen = torch.cat([o[2].to(acc) for o in outs]).index_select(0, inverse)
+        eq = torch.cat([o[3].to(acc) for o in outs]).index_select(0, inverse)
+        return total_pen, total_eq, pen, eq
+    return run
+
+
+def decay_apply(targets, weights, tables, coef_dev, coef_mean) -> None:
+    """The decay slot: one fused in-place pass for all layers and dtypes (``multi_decay_`` /
+    ``multi_decay_grad_``), over the tables the penalty's multi ops take (cached per layer list)."""
+    offsets, _, geometry = multi_op_args(tuple(tables), str(targets[0].device))
+    if weights is None:
+        OPS.multi_decay_(targets, offsets, geometry, coef_dev, coef_mean)
+    else:
+        OPS.multi_decay_grad_(targets, weights, offsets, geometry, coef_dev, coef_mean)
+
+
+def bind_steerable(sym, device, dtype):
+    """A steerable configuration's calls: the ``projkernels_C::steerable_*`` ops bound to the layout
+    resident on the device (``Layout.native``); under torch.compile the ops themselves, with the
+    table and geometry as arguments (the tracer cannot enter a bound call)."""
+    compiled = sym.layout(device, acc_dtype(dtype)).native
+    if torch.compiler.is_compiling():
+        return Calls(OPS.steerable_penalty_energy.default, OPS.steerable_project.default, no_spectrum), \
+            (compiled.table, compiled.geometry)
+    from .._C import SingleCall
+    bound = SingleCall("steerable_penalty_energy", "steerable_project", "", list(compiled.table),
+                       list(compiled.geometry))
+    return Calls(bound.penalty_energy, bound.project, no_spectrum), ()
+
+
+def _register(name: str, why) -> None:
+    steer = None
+    if hasattr(OPS, "steerable_penalty_energy"):  # an extension built with the steerable ops
+        # The CUDA kernels of the steerable ops are built and tested on the CPU side only so far:
+        # "auto" keeps to the routes that have run on a GPU until their GPU tests have passed.
+        steer = SteerableKernels(bind_steerable, auto=name != "cuda")
+    register_backend(Backend(name, forward, backward, project, spectrum, why,
+                             multi=MultiKernels(None, None, concatenated=False, bind=bind_multi), bind=bind,
+                             decay=decay_apply if hasattr(OPS, "multi_decay_") else None, steerable=steer))
+
+
+_register("cpp", _cpp_why_unavailable)
 if WITH_CUDA:
-    register_backend(Backend("cuda", forward, backward, project, spectrum, _cuda_why_unavailable, multi=_MULTI,
-                             native=True))
+    _register("cuda", _cuda_why_unavailable)

@@ -1,9 +1,9 @@
-"""The Python custom ops behind the public API under torch.compile, for every backend, with fake
-kernels and autograd.
+"""The torch.compile custom ops (``projkernels::``) behind the public API, for every backend, with
+their autograd; their fake kernels are in projkernels/library/fakes.py.
 
-Eager calls do not come here: projkernels/api.py calls a native backend's C++ ops (autograd in
-C++) or a Python backend's eager route (projkernels/eager.py), which costs a third of these ops'
-host time.  Groups and representations travel as strings, so these ops are opaque to
+Eager calls do not come here: projkernels/api.py calls a configuration's bound calls (a native
+backend's C++ ops, or the Python autograd of projkernels/library/autograd.py), which cost a third of
+these ops' host time.  Groups and representations travel as strings, so these ops are opaque to
 ``torch.compile``; the orbit table is looked up inside them (the API validated the arguments
 already), and the fake kernels build it from the shape alone.
 """
@@ -14,11 +14,10 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .backends import resolve
-from .eager import coefficient_grads
-from .groups import get_group
-from .orbits import orbit_table
-from .orbits import acc_dtype
+from ..backends.registry import resolve
+from ..orbits import acc_dtype, orbit_table
+from .autograd import coefficient_grads
+from .fakes import register_custom_op_fakes
 
 __all__ = ["penalty_energy", "penalty_energy_backward", "project", "spectrum"]
 
@@ -28,27 +27,10 @@ def _setup(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str):
     return table, resolve(backend, weight.device), weight.contiguous()
 
 
-def _fake_table(weight: Tensor, group: str, in_rep: str, out_rep: str) -> None:
-    # Built from the shape with fake tensors switched off: the table is real data, not a traced value.
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    with unset_fake_temporarily():
-        orbit_table(tuple(int(s) for s in weight.shape), group, in_rep, out_rep)
-
-
-def _scalar(weight: Tensor) -> Tensor:
-    return weight.new_empty((), dtype=acc_dtype(weight.dtype))
-
-
 @torch.library.custom_op("projkernels::penalty_energy", mutates_args=())
 def penalty_energy(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str) -> Tuple[Tensor, Tensor]:
     table, impl, w = _setup(weight, group, in_rep, out_rep, backend)
     return impl.forward(w, table)
-
-
-@penalty_energy.register_fake
-def _(weight, group, in_rep, out_rep, backend):
-    _fake_table(weight, group, in_rep, out_rep)
-    return _scalar(weight), _scalar(weight)
 
 
 @torch.library.custom_op("projkernels::penalty_energy_backward", mutates_args=())
@@ -57,11 +39,6 @@ def penalty_energy_backward(weight: Tensor, grad_penalty: Tensor, grad_eq: Tenso
     table, impl, w = _setup(weight, group, in_rep, out_rep, backend)
     acc = acc_dtype(weight.dtype)
     return impl.backward(w, table, grad_penalty.to(acc), grad_eq.to(acc)).to(weight.dtype)
-
-
-@penalty_energy_backward.register_fake
-def _(weight, grad_penalty, grad_eq, group, in_rep, out_rep, backend):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 def _pe_setup_context(ctx, inputs, output):
@@ -103,12 +80,6 @@ def project(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str)
     return impl.project(w, table).to(weight.dtype)
 
 
-@project.register_fake
-def _(weight, group, in_rep, out_rep, backend):
-    _fake_table(weight, group, in_rep, out_rep)
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
 def _proj_setup_context(ctx, inputs, output):
     ctx.config = inputs[1:]
 
@@ -127,7 +98,4 @@ def spectrum(weight: Tensor, group: str, in_rep: str, out_rep: str, backend: str
     return impl.spectrum(w, table)
 
 
-@spectrum.register_fake
-def _(weight, group, in_rep, out_rep, backend):
-    _fake_table(weight, group, in_rep, out_rep)
-    return weight.new_empty((len(get_group(group).irrep_names),), dtype=acc_dtype(weight.dtype))
+register_custom_op_fakes(penalty_energy, penalty_energy_backward, project, spectrum)

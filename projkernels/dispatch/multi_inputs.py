@@ -5,8 +5,8 @@ from typing import List, Tuple
 
 import torch
 
-from .groups import group_name_for_ops
-from .orbits import check_weight, orbit_table
+from ..groups import group_name_for_ops
+from ..orbits import check_weight, orbit_table
 
 __all__ = ["collect", "validate"]
 

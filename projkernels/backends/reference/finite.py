@@ -14,11 +14,11 @@ from typing import Tuple
 
 import torch
 
-from .groups import FiniteGroup, get_group
-from .orbits import OrbitTable, acc_dtype, field_size  # acc_dtype: the one accumulation rule
+from ...groups import FiniteGroup, get_group
+from ...orbits import OrbitTable, acc_dtype, field_size  # acc_dtype: the one accumulation rule
 
 __all__ = ["acc_dtype", "brute_force_project", "orbit_values", "forward", "backward", "project", "spectrum",
-           "spectral_spectrum", "basis_spectrum"]
+           "spectral_spectrum", "basis_spectrum", "decay_apply"]
 
 
 # --- ground truth ------------------------------------------------------------------------------
@@ -190,3 +190,19 @@ def basis_spectrum(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
 
 # The reference backend's spectrum: the general route (any finite group given as data).
 spectrum = basis_spectrum
+
+
+def decay_apply(targets, weights, tables, coef_dev, coef_mean) -> None:
+    """The decay slot: ``targets[l] += coef_dev[l] (W_l - P W_l) + coef_mean[l] P W_l`` in place, one
+    layer at a time: P W from the orbit means, then the update in the accumulation dtype, rounded
+    once into the target."""
+    for i, (t, table) in enumerate(zip(targets, tables)):
+        w = t if weights is None else weights[i]
+        acc = acc_dtype(t.dtype)
+        pw = project(w, table).reshape(t.shape)
+        old, wa = t.to(acc), w.to(acc)
+        # Near the dtype's largest finite value W - P W can overflow where the update does not:
+        # there, the same update on scaled values.
+        new = finite_or_rescaled(old + coef_dev[i] * (wa - pw) + coef_mean[i] * pw,
+                                 lambda d: old * d + coef_dev[i] * (wa * d - pw * d) + coef_mean[i] * (pw * d))
+        t.copy_(new)

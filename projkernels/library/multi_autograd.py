@@ -16,9 +16,8 @@ import functools
 
 import torch
 
-from .backends import BACKENDS, MultiKernels
-from .multi_table import MultiTable
-from .orbits import acc_dtype
+from ..backends.registry import BACKENDS, MultiKernels
+from ..orbits import acc_dtype
 
 __all__ = ["MultiPenaltyFunction", "MultiGradientFunction", "per_layer"]
 
@@ -67,7 +66,7 @@ class MultiPenaltyFunction(torch.autograd.Function):
     """(total_penalty, total_eq, penalty [L], eq [L]) through ``kernels``; see multi.multi_penalty."""
 
     @staticmethod
-    def forward(ctx, table: MultiTable, kernels: MultiKernels, buf_dtype: torch.dtype, *weights):
+    def forward(ctx, table, kernels: MultiKernels, buf_dtype: torch.dtype, *weights):
         x = _kernel_input(kernels, weights, buf_dtype)
         # The weights themselves are saved as well as the kernels' input: the gradient node of the
         # backward takes them as inputs, so that a backward with create_graph=True reaches them.
@@ -111,7 +110,7 @@ class MultiGradientFunction(torch.autograd.Function):
     (gp, ge), to any order."""
 
     @staticmethod
-    def forward(ctx, table: MultiTable, kernels: MultiKernels, buf_dtype: torch.dtype, x, gp, ge, *weights):
+    def forward(ctx, table, kernels: MultiKernels, buf_dtype: torch.dtype, x, gp, ge, *weights):
         ctx.save_for_backward(gp, ge, *weights)
         ctx.table, ctx.kernels, ctx.buf_dtype, ctx.x = table, kernels, buf_dtype, x
         return tuple(_gradient_parts(table, kernels, x, gp, ge, weights))
@@ -142,7 +141,7 @@ class MultiGradientFunction(torch.autograd.Function):
         return (None, None, None, None, grad_gp, grad_ge, *grad_w)
 
 
-def _gradient_parts(table: MultiTable, kernels: MultiKernels, x, gp, ge, weights):
+def _gradient_parts(table, kernels: MultiKernels, x, gp, ge, weights):
     """The kernels' backward over ``x``, cut into the weights' shapes and dtypes."""
     gp, ge = gp.detach(), ge.detach()
     if kernels.concatenated:

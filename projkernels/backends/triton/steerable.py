@@ -1,4 +1,4 @@
-"""The Triton route of steerable symmetries (projkernels/steerable.py).
+"""The "triton" backend's steerable slot (projkernels/symmetry/steerable.py).
 
 One launch per block type t.  A program takes ``BB`` consecutive blocks of that type and gathers
 them straight from the weight (each block's elements sit at ``base[b] + elem[e]``) in steps of
@@ -18,33 +18,18 @@ on CPU tensors through Triton's interpreter.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from .eager import coefficient_grads
-from .triton_kernels import INTERPRET
-from .orbits import acc_dtype
-from .steerable import SteerableSymmetry
+from ...library.autograd import EAGER, Calls
+from ...orbits import acc_dtype
+from ...symmetry.steerable import SteerableSymmetry, no_spectrum
 
-__all__ = ["penalty_energy", "project", "why_unavailable", "launch_block"]
+__all__ = ["SteerableCalls", "bind", "launch_block"]
 
 _BB = 32   # blocks per program
 _MC = 64   # block elements per step of the loop over m: tiles stay small for any block size
-
-
-def why_unavailable(device) -> Optional[str]:
-    device = torch.device(device)
-    if device.type == "cpu":
-        return None if INTERPRET else ("Triton kernels run on CUDA tensors; CPU tensors are served only under "
-                                       "Triton's interpreter (start the process with TRITON_INTERPRET=1)")
-    if device.type == "cuda":
-        if INTERPRET:
-            return "TRITON_INTERPRET=1 is set, so the Triton kernels run on the CPU only"
-        return None if torch.cuda.is_available() else "CUDA is not available"
-    return f"Triton kernels run on CUDA tensors only, not on {device.type!r} tensors"
 
 
 def launch_block(m: int):
@@ -174,43 +159,6 @@ def _write(w: torch.Tensor, sym: SteerableSymmetry, ab: torch.Tensor, out_dtype:
     return out
 
 
-class _PenaltyEnergy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, sym):
-        ctx.sym = sym
-        ctx.save_for_backward(w)
-        return _forward(w, sym)
-
-    @staticmethod
-    def backward(ctx, g_pen, g_eq):
-        (w,) = ctx.saved_tensors
-        return _Gradient.apply(w, g_pen, g_eq, ctx.sym), None
-
-
-class _Gradient(torch.autograd.Function):
-    """d/dW ||W - PW||^2 = 2 (W - PW), d/dW ||PW||^2 = 2 PW: ``2 g_pen (W - PW) + 2 g_eq PW`` in one
-    write pass.  Linear in W (the same pass applied to the incoming gradient) and in (g_pen, g_eq)
-    (coefficients 2 (W - PW) and 2 PW), so its backward is this node and the projection again:
-    differentiable to any order."""
-
-    @staticmethod
-    def forward(ctx, w, g_pen, g_eq, sym):
-        ctx.sym = sym
-        ctx.save_for_backward(w, g_pen, g_eq)
-        ab = torch.stack([2 * g_pen.reshape(()).to(torch.float64), 2 * g_eq.reshape(()).to(torch.float64)])
-        return _write(w, sym, ab, w.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        w, g_pen, g_eq = ctx.saved_tensors
-        grad_w = grad_gp = grad_ge = None
-        if ctx.needs_input_grad[0]:
-            grad_w = _Gradient.apply(grad, g_pen, g_eq, ctx.sym)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_gp, grad_ge = coefficient_grads(grad, w, _Project.apply(w, ctx.sym), g_pen.dtype, g_eq.dtype)
-        return grad_w, grad_gp, grad_ge, None
-
-
 _PROJECT_AB = {}
 
 
@@ -223,21 +171,26 @@ def _project_ab(device, dtype) -> torch.Tensor:
     return ab
 
 
-class _Project(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, sym):
-        ctx.sym = sym
-        return _write(w, sym, _project_ab(w.device, acc_dtype(w.dtype)), w.dtype)
+class SteerableCalls:
+    """A steerable configuration's calls on the Triton backend (library/autograd.py's protocol): the
+    forward pass, and the write pass as the gradient (``a = 2 g_pen, b = 2 g_eq``) and as the
+    projection (``a = 0, b = 1``)."""
+    __slots__ = ("sym",)
 
-    @staticmethod
-    def backward(ctx, g):
-        # P is self-adjoint: the gradient of <G, P W> is P G (a node again, for double backward).
-        return _Project.apply(g, ctx.sym), None
+    def __init__(self, sym):
+        self.sym = sym
+
+    def forward(self, w):
+        pen, eq = _forward(w, self.sym)
+        return pen, eq, None
+
+    def gradient(self, w, g_pen, g_eq, saved):
+        ab = torch.stack([2 * g_pen.reshape(()).to(torch.float64), 2 * g_eq.reshape(()).to(torch.float64)])
+        return _write(w, self.sym, ab, w.dtype)
+
+    def project(self, w):
+        return _write(w, self.sym, _project_ab(w.device, acc_dtype(w.dtype)), w.dtype)
 
 
-def penalty_energy(w, sym, _geometry=None):
-    return _PenaltyEnergy.apply(w, sym)
-
-
-def project(w, sym, _geometry=None):
-    return _Project.apply(w, sym)
+def bind(sym, device, dtype):
+    return Calls(EAGER.penalty_energy, EAGER.project, no_spectrum), (SteerableCalls(sym),)

@@ -37,13 +37,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .orbits import acc_dtype
+from ...orbits import acc_dtype
 
-__all__ = ["INTERPRET", "launch_config", "reduce_orbits", "apply_orbits", "TilePlan", "plan_tiles", "reduce_tiles",
+__all__ = ["INTERPRET", "why_unavailable", "launch_config", "reduce_orbits", "apply_orbits", "TilePlan", "plan_tiles", "reduce_tiles",
            "apply_tiles"]
 
 # triton.jit picks the interpreter when it decorates, so the mode is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(device) -> Optional[str]:
+    """None when the Triton kernels (every slot of the "triton" backend) can serve ``device``."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        if INTERPRET:
+            return None
+        return ("Triton kernels run on CUDA tensors; CPU tensors are served only under Triton's "
+                "interpreter (start the process with TRITON_INTERPRET=1; slow, meant for tests)")
+    if device.type == "cuda":
+        if INTERPRET:
+            return ("TRITON_INTERPRET=1 is set, so the Triton kernels run on the CPU only; "
+                    "unset it to run them on the GPU")
+        if not torch.cuda.is_available():
+            return "CUDA is not available (no GPU, or torch was built without CUDA)"
+        return None
+    return f"Triton kernels run on CUDA tensors only, not on {device.type!r} tensors"
 
 # A tile of about this many values keeps 16 values per thread at 4 warps: enough loads in flight
 # to hide latency, few enough registers not to spill.

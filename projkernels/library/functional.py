@@ -5,7 +5,7 @@ The eager routes cannot run under functorch transforms: the native ops carry C++
 functorch cannot see through, and whose kernels read the storage that functorch's wrapper tensors do
 not have), and the eager Python nodes have no ``setup_context``, ``jvp`` or ``vmap``.  Checking for a
 transform before every call would cost every eager call, so the dispatch points (projkernels/api.py,
-``MultiPlan.run`` in projkernels/multi.py) call the eager route as before and come here only when it
+``MultiPlan.run`` in projkernels/dispatch/multi.py) call the eager route as before and come here only when it
 raised while a transform or a forward-mode dual level is active (``transformed``): the common eager
 path pays nothing.
 
@@ -36,7 +36,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.autograd.forward_ad as _fwad
 
-from .orbits import OrbitTable, _cached_table, acc_dtype
+from ..orbits import OrbitTable, _cached_table, acc_dtype
 
 __all__ = ["transformed", "untransformed", "penalty_energy", "project", "multi_penalty"]
 
@@ -91,7 +91,7 @@ class _Layer:
             p, e = impl.forward(w[0].contiguous(), self.table)
             return p.reshape(1), e.reshape(1)
         if impl.native:
-            from . import native
+            from ..backends import native
             return native.multi_forward(list(w.contiguous().unbind(0)), [self.table] * n)
         pairs = [impl.forward(x.contiguous(), self.table) for x in w.unbind(0)]  # no batched kernel
         return torch.stack([p for p, _ in pairs]), torch.stack([e for _, e in pairs])
@@ -105,7 +105,7 @@ class _Layer:
         if n == 1:
             return impl.backward(w[0].contiguous(), self.table, gp[0], ge[0]).to(w.dtype).unsqueeze(0)
         if impl.native:
-            from . import native
+            from ..backends import native
             return torch.stack(native.multi_backward(list(w.contiguous().unbind(0)), [self.table] * n, gp, ge))
         return torch.stack([impl.backward(x.contiguous(), self.table, a, b).to(w.dtype)
                             for x, a, b in zip(w.unbind(0), gp.unbind(0), ge.unbind(0))])
@@ -272,8 +272,7 @@ class _Project(torch.autograd.Function):
 # --- the entry points of the dispatch hooks ----------------------------------------------------------
 
 def _layer_of(cfg) -> _Layer:
-    from .config import Config
-    if not isinstance(cfg, Config):
+    if not isinstance(cfg.table, OrbitTable):
         raise NotImplementedError(
             "projkernels: torch.func transforms and forward-mode AD are supported for finite groups; a steerable "
             "symmetry's ops have reverse-mode autograd only (call them outside the transform)")
@@ -281,7 +280,7 @@ def _layer_of(cfg) -> _Layer:
 
 
 def penalty_energy(weight: torch.Tensor, cfg):
-    """``(penalty, eq_energy)`` of one weight of configuration ``cfg`` (projkernels/config.py)."""
+    """``(penalty, eq_energy)`` of one weight of configuration ``cfg`` (projkernels/dispatch/config.py)."""
     pen, eq = _PenaltyEnergy.apply(weight.unsqueeze(0), _layer_of(cfg))
     return pen.squeeze(0), eq.squeeze(0)
 

@@ -41,12 +41,10 @@ import functools
 
 import torch
 
-from .eager import coefficient_grads
-from .orbits import acc_dtype  # the one accumulation-dtype rule
+from ..orbits import acc_dtype  # the one accumulation-dtype rule
 
-__all__ = ["steerable", "SteerableSymmetry", "BlockType", "is_steerable", "STEERABLE_BACKENDS"]
+__all__ = ["steerable", "SteerableSymmetry", "BlockType", "Layout", "check_module", "no_spectrum"]
 
-STEERABLE_BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 _RANK_RTOL = 1e-6  # singular values below this fraction of the largest are sampling noise, not basis
 
 
@@ -59,10 +57,6 @@ def _escnn():
                           "pip install projkernels[escnn]") from e
     import escnn
     return escnn
-
-
-def is_steerable(group) -> bool:
-    return isinstance(group, SteerableSymmetry)
 
 
 @dataclass(frozen=True, eq=False)
@@ -426,263 +420,10 @@ def steerable(in_type, out_type, kernel_size: Optional[int] = None, **basis_opti
     return sym
 
 
-# --- the reference route -----------------------------------------------------------------------
 
-def _blocks(w3: torch.Tensor, mb: Member) -> torch.Tensor:
-    """The [n_out, n_in, d_out, d_in, S] view of a type's blocks in ``w3`` ([C_out, C_in, S]): evenly
-    spaced fields are windows of an unfold (plain views, so torch.compile traces them)."""
-    n_o, n_i, d_o, d_i, _ = mb.view
-    o0, so, i0, si = mb.strided
-    v = w3.narrow(0, o0, (n_o - 1) * so + d_o).unfold(0, d_o, max(so, 1))       # [n_o, C_in, S, d_o]
-    v = v.narrow(1, i0, (n_i - 1) * si + d_i).unfold(1, d_i, max(si, 1))        # [n_o, n_i, S, d_o, d_i]
-    return v.permute(0, 1, 3, 4, 2)
-
-
-def _flat(w3: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    # W flattened in ``acc`` plus one zero that padding indices point at
-    return torch.cat([w3.reshape(-1).to(acc), w3.new_zeros(1, dtype=acc)])
-
-
-def _gather(w3: torch.Tensor, g: GroupLayout, acc: torch.dtype, flat=None) -> torch.Tensor:
-    """The group's blocks as a [T, n_blocks_max, m] tile in ``acc`` (the copy converts half types)."""
-    if g.index is not None:
-        flat = _flat(w3, acc) if flat is None else flat
-        return flat[g.index].view(len(g.members), g.n_blocks, g.m)
-    x = (torch.zeros if g.padded else torch.empty)(len(g.members), g.n_blocks, g.m, dtype=acc, device=w3.device)
-    for j, mb in enumerate(g.members):
-        x[j, :mb.n_blocks].view(mb.view).copy_(_blocks(w3, mb))
-    return x
-
-
-def _scatter(buf: torch.Tensor, shape3, g: GroupLayout, val: torch.Tensor) -> None:
-    """Write a [T, n_blocks_max, m] tile back to the blocks' places in ``buf`` (W flattened plus one
-    element that padding writes land on)."""
-    if g.index is not None:
-        buf.index_put_((g.index,), val.reshape(-1))
-        return
-    out3 = buf[:-1].view(shape3)
-    for j, mb in enumerate(g.members):
-        _blocks(out3, mb).copy_(val[j, :mb.n_blocks].view(mb.view))
-
-
-def _pieces(w3: torch.Tensor, g: GroupLayout, acc: torch.dtype, flat=None):
-    """(X, C, PX) of one group: the blocks, their coefficients C = X Q_t and projections C Q_t^T."""
-    x = _gather(w3, g, acc, flat)              # [T, n_blocks, m]
-    c = torch.bmm(x, g.q)                # [T, n_blocks, r]
-    return x, c, torch.bmm(c, g.q.transpose(1, 2))
-
-
-def _write(lay: Layout, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """P W shaped and typed like ``weight`` (every element is written once: the blocks partition W)."""
-    w3 = weight.reshape(lay.shape3)
-    buf = torch.empty(lay.numel + 1, dtype=acc, device=weight.device)
-    flat = _flat(w3, acc) if lay.flat else None
-    for g in lay.groups:
-        _, _, px = _pieces(w3, g, acc, flat)
-        _scatter(buf, lay.shape3, g, px)
-    return buf[:-1].reshape(weight.shape).to(weight.dtype)
-
-
-class _RefPenaltyEnergy(torch.autograd.Function):
-    """Forward: per block the residual's squared norm (never ||W||^2 - ||Q^T W||^2) and ||C||^2.
-    Backward: 2 g_pen (W - P W) + 2 g_eq P W = 2 g_pen W + 2 (g_eq - g_pen) P W in one write pass,
-    from the forward's P W (kept: it saves the two matrix products again, half the work), through
-    ``_RefGradient`` so that double backward works."""
-
-    @staticmethod
-    def forward(ctx, weight, sym):
-        acc = acc_dtype(weight.dtype)
-        lay = sym.layout(weight.device, acc)
-        w3 = weight.reshape(lay.shape3)
-        flat = _flat(w3, acc) if lay.flat else None
-        pen = eq = None
-        pxs = []
-        for g in lay.groups:
-            x, c, px = _pieces(w3, g, acc, flat)
-            p, e = (x - px).square().sum(), c.square().sum()
-            pen = p if pen is None else pen + p
-            eq = e if eq is None else eq + e
-            pxs.append(px)
-        ctx.sym = sym
-        ctx.save_for_backward(weight, *pxs)
-        return pen, eq
-
-    @staticmethod
-    def backward(ctx, g_pen, g_eq):
-        weight, *pxs = ctx.saved_tensors
-        return _RefGradient.apply(weight, g_pen, g_eq, ctx.sym, pxs), None
-
-
-def _ref_gradient(weight, sym, g_pen, g_eq, pxs=None) -> torch.Tensor:
-    """2 g_pen (W - P W) + 2 g_eq P W in the accumulation dtype; ``pxs``: the groups' P W tiles when
-    the caller holds them, else they are formed here."""
-    acc = acc_dtype(weight.dtype)
-    lay = sym.layout(weight.device, acc)
-    a, b = 2 * g_pen.to(acc), 2 * (g_eq.to(acc) - g_pen.to(acc))
-    if pxs is None:
-        w3 = weight.reshape(lay.shape3)
-        flat = _flat(w3, acc) if lay.flat else None
-        pxs = [_pieces(w3, g, acc, flat)[2] for g in lay.groups]
-    # W's own term is elementwise; only P W needs the block scatter.
-    buf = torch.empty(lay.numel + 1, dtype=acc, device=weight.device)
-    for g, px in zip(lay.groups, pxs):
-        _scatter(buf, lay.shape3, g, b * px)
-    return buf[:-1].reshape(weight.shape).add_(weight.to(acc) * a)
-
-
-class _RefGradient(torch.autograd.Function):
-    """dW = 2 g_pen (W - P W) + 2 g_eq P W in the weight's dtype.  Linear in W (the same map applied
-    to the incoming gradient) and in (g_pen, g_eq) (coefficients 2 (W - P W) and 2 P W), so its
-    backward is this node and the projection again: differentiable to any order.  ``pxs`` (the
-    forward's P W, or None) only saves work; autograd does not see it."""
-
-    @staticmethod
-    def forward(ctx, weight, g_pen, g_eq, sym, pxs):
-        ctx.sym = sym
-        ctx.save_for_backward(weight, g_pen, g_eq)
-        return _ref_gradient(weight, sym, g_pen, g_eq, pxs).to(weight.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, g_pen, g_eq = ctx.saved_tensors
-        grad_w = grad_gp = grad_ge = None
-        if ctx.needs_input_grad[0]:
-            grad_w = _RefGradient.apply(grad, g_pen, g_eq, ctx.sym, None)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_gp, grad_ge = coefficient_grads(grad, weight, _RefProject.apply(weight, ctx.sym), g_pen.dtype,
-                                                 g_eq.dtype)
-        return grad_w, grad_gp, grad_ge, None, None
-
-
-class _RefProject(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, sym):
-        acc = acc_dtype(weight.dtype)
-        ctx.sym = sym
-        return _write(sym.layout(weight.device, acc), weight, acc)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # P is self-adjoint: the gradient of <G, P W> is P G (a node again, for double backward).
-        return _RefProject.apply(grad, ctx.sym), None
-
-
-def reference_penalty_energy(weight: torch.Tensor, sym: SteerableSymmetry):
-    return _RefPenaltyEnergy.apply(weight, sym)
-
-
-def reference_project(weight: torch.Tensor, sym: SteerableSymmetry) -> torch.Tensor:
-    return _RefProject.apply(weight, sym)
-
-
-# --- dispatch --------------------------------------------------------------------------------------
-
-def check_backend(backend) -> None:
-    if backend not in STEERABLE_BACKENDS:
-        raise ValueError(f"backend: {backend!r} does not serve steerable symmetries; they are served by "
-                         f"{', '.join(repr(b) for b in STEERABLE_BACKENDS)}")
-
-
-def _triton_ready(device: torch.device) -> Optional[str]:
-    try:
-        from . import steerable_triton
-    except ImportError as e:
-        return f"triton cannot be imported: {e}"
-    return steerable_triton.why_unavailable(device)
-
-
-def _native_ready(backend: str, device: torch.device) -> Optional[str]:
-    """None when the compiled backend ``backend`` ("cpp" or "cuda") can serve ``device``, else why not."""
-    from .backends import why_unavailable
-    why = why_unavailable(backend, device)
-    if why is None and not hasattr(torch.ops.projkernels_C, "steerable_penalty_energy"):
-        why = "projkernels._C was built without the steerable ops (rebuild the extension)"
-    return why
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    check_backend(backend)
-    if backend == "auto":
-        if device.type == "cuda":
-            # The CUDA kernels of the steerable ops are built and tested on the CPU side only so far;
-            # "auto" keeps to the routes that have run on a GPU until their GPU tests have passed
-            # (tests/test_steerable_ops_synthetic.py, tests/test_steerable_native.py, marked gpu).
-            return "triton" if _triton_ready(device) is None else "reference"
-        return "cpp" if device.type == "cpu" and _native_ready("cpp", device) is None else "reference"
-    why = {"triton": _triton_ready, "cpp": functools.partial(_native_ready, "cpp"),
-           "cuda": functools.partial(_native_ready, "cuda")}.get(backend, lambda d: None)(device)
-    if why is not None:
-        raise RuntimeError(f"backend={backend!r} cannot serve this steerable symmetry on {device}: {why}")
-    return backend
-
-
-class SteerableOps(NamedTuple):
-    penalty_energy: object
-    project: object
-    spectrum: object
-
-
-class SteerableConfig:
-    """A configuration of the public API for a steerable symmetry: like every configuration, the
-    API calls ``ops.penalty_energy(weight, *op_args)`` / ``ops.project(...)`` directly.  For the
-    compiled backends these are the ``projkernels_C::steerable_*`` ops bound to the layout resident on
-    the device (``Layout.native``: its table and geometry; ``projkernels._C.SingleCall``), and
-    ``op_args`` is empty; under torch.compile, the ops themselves with the table and geometry as
-    ``op_args``."""
-
-    def __init__(self, sym: SteerableSymmetry, backend: str, device=None, dtype=None):
-        self.symmetry, self.backend_name = sym, backend
-        self.op_args = (sym, None)
-        if backend in ("cpp", "cuda"):
-            from . import native  # noqa: F401  (the ops' fake kernels, for torch.compile)
-            compiled = sym.layout(device, acc_dtype(dtype)).native
-            if torch.compiler.is_compiling():
-                # Traced: the ops themselves (the tracer cannot enter a bound call).
-                o = torch.ops.projkernels_C
-                self.op_args = (compiled.table, compiled.geometry)
-                self.ops = SteerableOps(o.steerable_penalty_energy.default, o.steerable_project.default,
-                                        _no_spectrum)
-            else:
-                from ._C import SingleCall
-                bound = SingleCall("steerable_penalty_energy", "steerable_project", "", list(compiled.table),
-                                   list(compiled.geometry))
-                self.op_args = ()
-                self.ops = SteerableOps(bound.penalty_energy, bound.project, _no_spectrum)
-        elif backend == "triton":
-            from . import steerable_triton
-            self.ops = SteerableOps(steerable_triton.penalty_energy, steerable_triton.project, _no_spectrum)
-        else:
-            self.ops = SteerableOps(_ref_penalty_energy, _ref_project, _no_spectrum)
-
-
-def _ref_penalty_energy(weight, sym, _geometry):
-    return reference_penalty_energy(weight, sym)
-
-
-def _ref_project(weight, sym, _geometry):
-    return reference_project(weight, sym)
-
-
-def _no_spectrum(weight, *_args):
+def no_spectrum(weight, *_args):
     raise NotImplementedError("spectrum: isotypic energies are defined for the finite groups only; for a "
                               "steerable symmetry use penalty_and_energy")
-
-
-def config(weight, sym: SteerableSymmetry, in_rep, out_rep, backend) -> SteerableConfig:
-    """Validate a call with a steerable symmetry (the API's slow path)."""
-    sym.check_weight(weight)
-    return _config_on(weight.shape, weight.dtype, weight.device, sym, in_rep, out_rep, backend)
-
-
-def _config_on(shape, dtype, device, sym, in_rep, out_rep, backend) -> SteerableConfig:
-    """A configuration from the weight's shape, dtype and device (no tensor data)."""
-    if in_rep != "trivial" or out_rep != "trivial":
-        raise ValueError(f"in_rep/out_rep: a steerable symmetry carries its own field types; leave them at "
-                         f"'trivial', got {in_rep!r}, {out_rep!r}")
-    sym.check_weight(torch.empty(shape, dtype=dtype, device="meta"))
-    device = torch.device(device)
-    sym.layout(device, acc_dtype(dtype))  # on the device now, not inside the first op
-    return SteerableConfig(sym, resolve_backend(backend, device), device, dtype)
 
 
 # --- whole models ---------------------------------------------------------------------------------
@@ -691,10 +432,9 @@ def module_kind(sym: SteerableSymmetry) -> str:
     return {0: "nn.Linear", 2: "nn.Conv2d", 3: "nn.Conv3d"}[sym.spatial_dims]
 
 
-def check_module(module, sym: SteerableSymmetry, backend: str = "auto") -> None:
+def check_module(module, sym: SteerableSymmetry) -> None:
     """``attach_symmetry``'s check of a layer (and backend) against a steerable symmetry."""
     from torch import nn
-    check_backend(backend)
     layer = {0: nn.Linear, 2: nn.Conv2d, 3: nn.Conv3d}[sym.spatial_dims]
     if not isinstance(module, layer):
         raise TypeError(f"module: this steerable symmetry describes an {module_kind(sym)} weight, got "
@@ -702,45 +442,3 @@ def check_module(module, sym: SteerableSymmetry, backend: str = "auto") -> None:
     if getattr(module, "groups", 1) != 1:
         raise ValueError(f"module: grouped convolutions (groups={module.groups}) are not supported; use groups=1")
     sym.check_weight(module.weight, "module.weight")
-
-
-class MixedPlan:
-    """``multi_penalty`` over items of which some have steerable symmetries: those go through their
-    own route, the others through the finite-group plan; per-layer results in the callers' order."""
-
-    def __init__(self, key: tuple, backend: str, finite_plan):
-        check_backend(backend)
-        self.steer = [i for i, k in enumerate(key) if is_steerable(k[3])]
-        self.finite = [i for i, k in enumerate(key) if not is_steerable(k[3])]
-        self.cfgs = []
-        for i in self.steer:
-            shape, dtype, device, sym, a, b = key[i]
-            try:
-                self.cfgs.append(_config_on(shape, dtype, device, sym, a, b, backend))
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"items[{i}]: {e}") from None
-        dtypes = [k[1] for k in key]
-        # As for every multi-tensor call: float64 when any weight is float64.
-        self.acc = functools.reduce(torch.promote_types, (acc_dtype(d) for d in dtypes))
-        self.finite_plan = finite_plan([key[i] for i in self.finite]) if self.finite else None
-        order = self.steer + self.finite
-        self.device = torch.device(key[0][2])
-        self.inverse = torch.argsort(torch.tensor(order)).to(self.device)  # uploaded once, not per call
-        for i, k in enumerate(key):
-            if k[2] != key[0][2]:
-                raise ValueError(f"items[{i}]: weight is on {k[2]}, but items[0] is on {key[0][2]}; "
-                                 "all weights must be on one device")
-
-    def run(self, weights):
-        pens, eqs = [], []
-        for i, cfg in zip(self.steer, self.cfgs):
-            p, e = cfg.ops.penalty_energy(weights[i], *cfg.op_args)
-            pens.append(p.to(self.acc))
-            eqs.append(e.to(self.acc))
-        if self.finite_plan is not None:
-            _, _, p, e = self.finite_plan.run([weights[i] for i in self.finite])
-            pens.extend(p.to(self.acc).unbind(0))
-            eqs.extend(e.to(self.acc).unbind(0))
-        pen = torch.stack(pens).index_select(0, self.inverse)
-        eq = torch.stack(eqs).index_select(0, self.inverse)
-        return pen.sum(), eq.sum(), pen, eq
