@@ -128,8 +128,9 @@ def attach_symmetry(module: nn.Module, group="C4", in_rep: str = "trivial", out_
     Returns the stored Symmetry.
     """
     try:
-        check_backend_name(backend)  # a misspelt backend fails here, not at the first penalty
-        group, in_rep, out_rep = kind_of(group).attach(module, group, in_rep, out_rep)
+        kind = kind_of(group)
+        check_backend_name(backend, kind.slot)  # a misspelt backend fails here, not at the first penalty
+        group, in_rep, out_rep = kind.attach(module, group, in_rep, out_rep)
         sym = Symmetry(group, in_rep, out_rep, backend)
     except (TypeError, ValueError) as err:
         raise _name_layer(err, module, name) from None

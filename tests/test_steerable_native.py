@@ -19,7 +19,7 @@ from escnn import gspaces, nn as enn  # noqa: E402
 from escnn.group import so2_group  # noqa: E402
 
 import projkernels as pk  # noqa: E402
-from projkernels.symmetry.steerable import SteerableConfig, _config_on  # noqa: E402
+from projkernels.dispatch.config import config_on  # noqa: E402
 
 C = pytest.importorskip("projkernels.backends.native", reason="projkernels._C is not built")
 if not hasattr(torch.ops.projkernels_C, "steerable_penalty_energy"):
@@ -105,7 +105,7 @@ def test_cpp_agrees_with_the_reference_in_every_dtype(name, dtype):
 def test_auto_picks_cpp_on_cpu_and_the_nodes_are_the_cpp_ones():
     sym, _ = case("o2_conv2d")
     w = _random(sym, seed=23).requires_grad_()
-    assert _config_on(w.shape, w.dtype, w.device, sym, "trivial", "trivial", "auto").backend_name == "cpp"
+    assert config_on(w.shape, w.dtype, w.device, sym, "trivial", "trivial", "auto").backend.name == "cpp"
     pen = pk.projected_penalty(w, sym)
     assert "SteerPenaltyEnergyFn" in pen.grad_fn.name()
     assert "SteerProjectFn" in pk.project(w, sym).grad_fn.name()
@@ -116,11 +116,12 @@ def test_auto_picks_cpp_on_cpu_and_the_nodes_are_the_cpp_ones():
 def test_auto_keeps_to_the_routes_that_have_run_on_a_gpu(monkeypatch):
     # backend="cuda" is opt-in until its kernels' GPU tests have passed: "auto" never picks it, even
     # where the extension has its CUDA kernels (made to look so here).
-    import importlib
-    steerable = importlib.import_module("projkernels.symmetry.steerable")  # the module (pk.steerable is its function)
-    monkeypatch.setattr(steerable, "_native_ready", lambda name, device: None)
-    assert steerable.resolve_backend("auto", torch.device("cuda")) in ("triton", "reference")
-    assert steerable.resolve_backend("cuda", torch.device("cuda")) == "cuda"  # still there when named
+    from projkernels.backends import native, registry
+    monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
+    native._register("cuda", lambda device: None)  # registered as an extension with CUDA kernels would be
+    cuda = torch.device("cuda")
+    assert registry.resolve("auto", cuda, "steerable").name in ("triton", "reference")
+    assert registry.resolve("cuda", cuda, "steerable").name == "cuda"  # still there when named
 
 
 # --- gradients ------------------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def test_multi_penalty_and_model_penalty_take_the_compiled_route():
     items = [(lin.weight, "C4", "regular", "regular"), (conv.weight, sym, "trivial", "trivial")]
     plan = pk.dispatch.multi.plan_for(pk.dispatch.multi_inputs.collect(items)[1], "auto")
     (cfg,) = plan.cfgs
-    assert isinstance(cfg, SteerableConfig) and cfg.backend_name == "cpp"
+    assert cfg.table is sym and cfg.backend.name == "cpp"
     total, _, per, _ = pk.multi_penalty(items)
     ref = pk.projected_penalty(conv.weight, sym, backend="reference")
     torch.testing.assert_close(per[1], ref.detach(), rtol=1e-12, atol=0)

@@ -136,10 +136,16 @@ def backend_names():
     return ("auto",) + BUILTIN + tuple(n for n in BACKENDS if n not in BUILTIN)
 
 
-def check_backend_name(backend) -> str:
+def check_backend_name(backend, slot: str = "single") -> str:
+    """``backend`` if it names a backend ("auto", a built-in one, or a registered one), else the error
+    (for the steerable slot it lists the backends that serve it)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected one of {backend_names()} (str), got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS and backend not in BUILTIN:
+        if slot == "steerable":
+            names = [n for n in backend_names() if n in BUILTIN + ("auto",) or BACKENDS[n].fills(slot)]
+            raise ValueError(f"backend: {short_repr(backend)} does not serve steerable symmetries; they are served by "
+                             f"{', '.join(repr(b) for b in names)}")
         raise ValueError(f"backend: unknown backend {short_repr(backend)}; expected one of {backend_names()}")
     return backend
 
@@ -178,7 +184,7 @@ def why_unavailable(name: str, device, slot: str = "single") -> Optional[str]:
 
 def resolve(backend: str, device, slot: str = "single") -> Backend:
     """The backend that serves ``slot`` on ``device``; a clear RuntimeError if an explicit one cannot."""
-    check_backend_name(backend)
+    check_backend_name(backend, slot)
     device = torch.device(device)
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):

@@ -59,8 +59,8 @@ def _build(key: tuple) -> Config:
             return CONFIGS[key]
         except (KeyError, TypeError):
             pass
-    check_backend_name(backend)
     kind = kind_of(group)
+    check_backend_name(backend, kind.slot)
     desc = kind.describe(shape, dtype, device, group, in_rep, out_rep)
     impl = resolve(backend, device, kind.slot)
     ops, op_args = kind.bind(impl, desc, device, dtype)
