@@ -143,7 +143,7 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
 
     ops = torch.ops.projkernels_C
     small = [x.detach() for x in ws]
-    sa = pk.dispatch.multi.plan_for(pk.dispatch.multi_inputs.collect(items)[1], "auto").groups[0][1]
+    sa = pk.dispatch.multi.plan_for(pk.dispatch.multi_inputs.collect(items)[1], "auto").call
     s_offsets, s_inv_stab, s_geometry = sa.offsets, sa.inv_stab, sa.geometry  # read once (properties build lists)
     ones20, zeros20 = torch.ones(N_WEIGHTS), torch.zeros(N_WEIGHTS)
 
@@ -177,7 +177,7 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
     params = [m.weight for m in model] + [m.bias for m in model if pk.get_symmetry(m).out_rep == "regular"]
     weights = [m.weight.detach() for m in model]
     plan = pk.model._model_plan(model)[0].weight_plans[0][1]
-    a = plan.groups[0][1]
+    a = plan.call
     m_offsets, m_inv_stab, m_geometry = a.offsets, a.inv_stab, a.geometry  # read once (properties build lists)
     gp, ge = torch.ones(len(weights)), torch.zeros(len(weights))  # what model_penalty passes (lambda_G = 0)
 
@@ -232,7 +232,7 @@ def breakdown(number: int = 200, rounds: int = 7) -> List[tuple]:
     ops = torch.ops.projkernels_C
     op = ops.multi_penalty.default
     weights, key = pk.dispatch.multi_inputs.collect(items)
-    a = pk.dispatch.multi.plan_for(key, "auto").groups[0][1]
+    a = pk.dispatch.multi.plan_for(key, "auto").call
     # The bound call's tables as Python objects, read once (each property read builds a new list).
     offsets, inv_stab, consts, geometry = a.offsets, a.inv_stab, a.consts, a.geometry
     ones, zeros = torch.ones(N_WEIGHTS), torch.zeros(N_WEIGHTS)
@@ -260,7 +260,7 @@ def breakdown(number: int = 200, rounds: int = 7) -> List[tuple]:
     t = interleaved(parts, number, rounds)
     # The kernels' own rate, on one large weight of the same kind (per-call costs amortised away).
     big = torch.randn(256, 256, 3, 3, generator=g)
-    b = pk.dispatch.multi.plan_for(pk.dispatch.multi_inputs.collect([(big, *SPEC)])[1], "auto").groups[0][1]
+    b = pk.dispatch.multi.plan_for(pk.dispatch.multi_inputs.collect([(big, *SPEC)])[1], "auto").call
     b_offsets, b_inv_stab, b_geometry = b.offsets, b.inv_stab, b.geometry
     k = interleaved({
         "fwd": lambda: ops.multi_forward([big], b_offsets, b_inv_stab, b_geometry),

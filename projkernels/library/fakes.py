@@ -137,3 +137,8 @@ def register_custom_op_fakes(penalty_energy, penalty_energy_backward, project, s
     penalty_energy_backward.register_fake(_op_penalty_energy_backward)
     project.register_fake(_op_project)
     spectrum.register_fake(_op_spectrum)
+
+
+# The extension names this module as the home of its fakes (``set_python_module`` in
+# csrc/ops/schemas.cpp): importing it registers those of the ops already loaded.
+register_native_fakes(torch.ops.projkernels_C)
