@@ -1,7 +1,9 @@
 """Build of projkernels: the pure-Python package, plus the C++/CUDA extension where it can be built.
 
-The extension ``projkernels._C`` registers the ``projkernels_C::`` ops (csrc/ops.cpp, and the CUDA
-kernels of csrc/kernels.cu and csrc/multi_kernels.cu when nvcc and a CUDA build of torch are there).
+The extension ``projkernels._C`` registers the ``projkernels_C::`` ops: their schemas and public ops
+(csrc/ops/), CPU kernels (csrc/cpu/), autograd (csrc/autograd/) and Python bindings (csrc/python/),
+with the shared headers of csrc/include/; and the CUDA kernels of csrc/cuda/ when nvcc and a CUDA
+build of torch are there.
 Environment switches:
 
     PROJKERNELS_NO_EXT=1   pure-Python package only (reference backend, Triton if installed)
@@ -28,11 +30,17 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "projkernels._C"
-# The raw kernels' schemas and CPU kernels, the public ops over them, and their autograd; the decay
-# ops; the steerable ops (schemas, CPU kernels and autograd in one file); the Python module with the
-# eager API's bound calls.
-CPP_SOURCES = ["ops.cpp", "public_ops.cpp", "autograd.cpp", "decay_ops.cpp", "steerable_ops.cpp", "python_calls.cpp"]
-CUDA_SOURCES = ["kernels.cu", "multi_kernels.cu", "decay_kernels.cu", "steerable_kernels.cu"]
+# csrc/ by role (docs/design.md, "csrc by role"): the schemas of every op and the public ops' thin
+# kernels; the CPU kernels; the autograd; the Python module with the eager API's bound calls.  The
+# headers (csrc/include/) hold the math that the CPU and CUDA kernels share.
+CPP_SOURCES = [
+    "ops/schemas.cpp", "ops/public_ops.cpp",
+    "cpu/orbit_kernels.cpp", "cpu/decay_kernels.cpp", "cpu/steerable_kernels.cpp",
+    "autograd/autograd.cpp",
+    "python/python_calls.cpp",
+]
+CUDA_SOURCES = ["cuda/orbit_kernels.cu", "cuda/multi_kernels.cu", "cuda/decay_kernels.cu", "cuda/steerable_kernels.cu"]
+INCLUDE_DIRS = [os.path.join(HERE, "csrc", "include")]
 
 
 def _env(name: str) -> str:
@@ -107,7 +115,7 @@ def _extensions():
         return cpp_extension.CppExtension(
             NAME,
             sources=[os.path.join(csrc, f) for f in CPP_SOURCES],
-            include_dirs=[os.path.join(HERE, "csrc")],
+            include_dirs=INCLUDE_DIRS,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
         )
@@ -117,7 +125,7 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             NAME,
             sources=[os.path.join(csrc, f) for f in CPP_SOURCES + CUDA_SOURCES],
-            include_dirs=[os.path.join(HERE, "csrc")],
+            include_dirs=INCLUDE_DIRS,
             define_macros=macros + [("PROJKERNELS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         )

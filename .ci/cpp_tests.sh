@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Configure, build and run the CMake/CTest unit tests (the shared kernel headers: orbit_math.h,
-# static_switch.h, multi_math.h, launch_plan.h; and the ops library).
+# Configure, build and run the CMake/CTest unit tests (the shared kernel headers of csrc/include:
+# orbit_math.h, static_switch.h, layer_desc.h, multi_math.h, launch_plan.h, steerable_math.h; and the
+# ops library).
 # Exits non-zero if any step fails.  Env: BUILD_DIR (default build/cmake), PYTHON (default python3),
 # JOBS (default 2), PROJKERNELS_BUILD_OPS=OFF to skip the libtorch part.
 set -euo pipefail

@@ -1,13 +1,17 @@
 // Autograd of the public projkernels_C ops, registered for the Autograd key, so a forward and
-// backward through the compiled backends never enters Python.
+// backward through the compiled backends never enters Python.  One family of autograd Functions
+// (SingleWeight<Kind>) serves the single-weight ops of every symmetry kind: the finite groups'
+// penalty_energy / penalty_energy_backward / project and the steerable_* ones, which share their
+// math and differ only in the ops they call (the Kind).  The multi-tensor ops have their own pair.
 //
 // Each function runs its op below autograd (AutoDispatchBelowADInplaceOrView) in forward, and its
-// backward calls public ops again through the dispatcher: when the graph of the backward is being
-// recorded (create_graph=True) those calls record their own nodes, which is what makes double
-// backward work.  The gradients used:
+// backward calls public ops again through the dispatcher (public_ops.h): when the graph of the
+// backward is being recorded (create_graph=True) those calls record their own nodes, which is what
+// makes double backward work.  The gradients used:
 //   penalty_energy:          dW = 2 g_pen (W - P W) + 2 g_eq P W                  (penalty_energy_backward)
-//   penalty_energy_backward: linear in W (same map on the incoming gradient G), and in (g_pen, g_eq)
-//                            with coefficients 2 <G, W - P W> and 2 <G, P W>
+//   penalty_energy_backward: linear in W with the self-adjoint map 2 g_pen (I - P) + 2 g_eq P, so its
+//                            VJP on G is the same map of G; in (g_pen, g_eq) its VJP is
+//                            (2 <G, W - P W>, 2 <G, P W>)
 //   project:                 P is an orthogonal projector, so self-adjoint: the VJP is P(G)
 //   multi_penalty:           per layer as penalty_energy, g_pen[l] = g_total_pen + g_per_layer_pen[l]
 // An unused output's gradient stays undefined (materialize_grads off) and is replaced by the table's
@@ -17,9 +21,14 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include "op_common.h"  // records, coefficient_grads, SingleTable
+#include <initializer_list>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "op_checks.h"  // acc_type_of: the one accumulation rule on the C++ side
 #include "public_ops.h"
+#include "tables.h"
 
 namespace projkernels {
 namespace {
@@ -30,6 +39,199 @@ using at::TensorList;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// True when an op's Autograd kernel must record a node: grad mode on and some input requiring
+// grad.  Otherwise (inference, and every call made by a backward that does not build a graph) the
+// op runs below autograd directly, without a context to fill.
+//
+// The ops implement reverse mode only: an input carrying a forward-mode tangent (a dual tensor of
+// torch.autograd.forward_ad) is refused here, where the tangent would otherwise be dropped silently.
+bool records(std::initializer_list<const Tensor*> tensors, TensorList lists = {}) {
+  constexpr const char* no_forward_ad =
+      "projkernels: an input carries a forward-mode tangent (torch.autograd.forward_ad); the penalty ops "
+      "support reverse mode only (backward, torch.autograd.grad)";
+  bool any = false;
+  for (const Tensor* t : tensors) {
+    if (!t->defined()) continue;
+    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), no_forward_ad);
+    any = any || t->requires_grad();
+  }
+  for (const Tensor& t : lists) {
+    TORCH_CHECK(!t._fw_grad(/*level=*/0).defined(), no_forward_ad);
+    any = any || t.requires_grad();
+  }
+  return any && at::GradMode::is_enabled();
+}
+
+// The gradients of a write op "2 g_pen (W - P W) + 2 g_eq P W" with respect to (g_pen, g_eq),
+// given the incoming G and P W: 2 <G, W - P W> and 2 <G, P W>, in the accumulation dtype.
+std::pair<Tensor, Tensor> coefficient_grads(const Tensor& G, const Tensor& weight, const Tensor& pw) {
+  const auto acc = acc_type_of(weight.scalar_type());
+  const Tensor g = G.to(acc), w = weight.to(acc), p = pw.to(acc);
+  return {2 * (g * (w - p)).sum(), 2 * (g * p).sum()};
+}
+
+// --- single weight: one family for every symmetry kind ------------------------------------------
+
+// A single-weight op's table and geometry as they travel to Function::apply: wrapped in a struct, so
+// that autograd does not take the tables for inputs (they are constants: no edges, no input
+// metadata, no gradient slots); kept in the context for the backward.
+struct SingleTable {
+  TensorList table;
+  IntArrayRef geometry;
+};
+
+void save_table(AutogradContext* ctx, const SingleTable& t) {
+  ctx->saved_data["table"] = t.table.vec();
+  ctx->saved_data["geometry"] = t.geometry.vec();
+}
+
+std::pair<std::vector<Tensor>, std::vector<int64_t>> load_table(AutogradContext* ctx) {
+  return {ctx->saved_data["table"].toTensorVector(), ctx->saved_data["geometry"].toIntVector()};
+}
+
+// The symmetry kinds: the public ops a kind's autograd calls, the prefix of their names, and where
+// its table keeps the zero (read by name, tables.h).
+struct FiniteGroup {
+  static constexpr const char* kPrefix = "";
+  static std::tuple<Tensor, Tensor> penalty_energy(const Tensor& w, TensorList t, IntArrayRef g) {
+    return public_ops::penalty_energy(w, t, g);
+  }
+  static Tensor backward(const Tensor& w, const Tensor& gp, const Tensor& ge, TensorList t, IntArrayRef g) {
+    return public_ops::penalty_energy_backward(w, gp, ge, t, g);
+  }
+  static Tensor project(const Tensor& w, TensorList t, IntArrayRef g) { return public_ops::project(w, t, g); }
+  static const Tensor& zero(TensorList t, IntArrayRef g) { return orbit_table(t, g, "projkernels_C::penalty_energy").zero; }
+};
+
+struct Steerable {
+  static constexpr const char* kPrefix = "steerable_";
+  static std::tuple<Tensor, Tensor> penalty_energy(const Tensor& w, TensorList t, IntArrayRef g) {
+    return public_ops::steerable_penalty_energy(w, t, g);
+  }
+  static Tensor backward(const Tensor& w, const Tensor& gp, const Tensor& ge, TensorList t, IntArrayRef g) {
+    return public_ops::steerable_penalty_energy_backward(w, gp, ge, t, g);
+  }
+  static Tensor project(const Tensor& w, TensorList t, IntArrayRef g) { return public_ops::steerable_project(w, t, g); }
+  static const Tensor& zero(TensorList t, IntArrayRef g) {
+    return steer_table(t, g, "projkernels_C::steerable_penalty_energy").zero;
+  }
+};
+
+template <typename Kind>
+struct SingleWeight {
+  class BackwardFn : public torch::autograd::Function<BackwardFn> {
+   public:
+    static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& grad_penalty,
+                                 const Tensor& grad_eq, const SingleTable& t) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      ctx->save_for_backward({weight, grad_penalty, grad_eq});
+      save_table(ctx, t);
+      return {Kind::backward(weight, grad_penalty, grad_eq, t.table, t.geometry)};
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+      const auto saved = ctx->get_saved_variables();
+      const Tensor &weight = saved[0], &gp = saved[1], &ge = saved[2];
+      const auto [table, geometry] = load_table(ctx);
+      variable_list out(4);
+      const Tensor& G = grads[0];
+      if (!G.defined()) return out;
+      if (ctx->needs_input_grad(0)) out[0] = Kind::backward(G, gp, ge, table, geometry);
+      if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+        const auto [dgp, dge] = coefficient_grads(G, weight, Kind::project(weight, table, geometry));
+        out[1] = dgp.to(gp.scalar_type()).reshape(gp.sizes());
+        out[2] = dge.to(ge.scalar_type()).reshape(ge.sizes());
+      }
+      return out;
+    }
+  };
+
+  class PenaltyEnergyFn : public torch::autograd::Function<PenaltyEnergyFn> {
+   public:
+    static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& t) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      ctx->set_materialize_grads(false);
+      ctx->save_for_backward({weight});
+      save_table(ctx, t);
+      auto [pen, eq] = Kind::penalty_energy(weight, t.table, t.geometry);
+      return {pen, eq};
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+      variable_list out(2);
+      if (!grads[0].defined() && !grads[1].defined()) return out;
+      const auto [table, geometry] = load_table(ctx);
+      const Tensor& zero = Kind::zero(table, geometry);  // an unused output's gradient
+      const Tensor gp = grads[0].defined() ? grads[0] : zero;
+      const Tensor ge = grads[1].defined() ? grads[1] : zero;
+      // Through the dispatcher with autograd: records BackwardFn under create_graph.
+      out[0] = Kind::backward(ctx->get_saved_variables()[0], gp, ge, table, geometry);
+      return out;
+    }
+  };
+
+  class ProjectFn : public torch::autograd::Function<ProjectFn> {
+   public:
+    static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& t) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      save_table(ctx, t);
+      return {Kind::project(weight, t.table, t.geometry)};
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+      variable_list out(2);
+      if (grads[0].defined()) {
+        const auto [table, geometry] = load_table(ctx);
+        out[0] = Kind::project(grads[0], table, geometry);
+      }
+      return out;
+    }
+  };
+
+  // --- the Autograd-key kernels ---
+
+  static std::tuple<Tensor, Tensor> penalty_energy(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+    if (!records({&weight})) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return Kind::penalty_energy(weight, table, geometry);
+    }
+    auto r = PenaltyEnergyFn::apply(weight, SingleTable{table, geometry});
+    return {r[0], r[1]};
+  }
+
+  static Tensor penalty_energy_backward(const Tensor& weight, const Tensor& gp, const Tensor& ge, TensorList table,
+                                        IntArrayRef geometry) {
+    if (!records({&weight, &gp, &ge})) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return Kind::backward(weight, gp, ge, table, geometry);
+    }
+    return BackwardFn::apply(weight, gp, ge, SingleTable{table, geometry})[0];
+  }
+
+  static Tensor project(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+    if (!records({&weight})) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return Kind::project(weight, table, geometry);
+    }
+    return ProjectFn::apply(weight, SingleTable{table, geometry})[0];
+  }
+
+  static void register_kernels(torch::Library& m) {
+    const std::string p = Kind::kPrefix;
+    m.impl((p + "penalty_energy").c_str(), &SingleWeight::penalty_energy);
+    m.impl((p + "penalty_energy_backward").c_str(), &SingleWeight::penalty_energy_backward);
+    m.impl((p + "project").c_str(), &SingleWeight::project);
+  }
+};
+
+Tensor spectrum_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
+  // A report, not a training quantity: computed below autograd, its result carries no gradient.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return public_ops::spectrum(weight, table, geometry);
+}
+
+// --- multi-tensor -------------------------------------------------------------------------------
+
 // The multi-tensor tables travel to Function::apply wrapped in this struct, as a single weight's do
 // in SingleTable (op_common.h), so that autograd does not take them for inputs.
 struct MultiTableArgs {
@@ -37,77 +239,6 @@ struct MultiTableArgs {
   const Tensor& consts;
   IntArrayRef geometry;
 };
-
-class PenaltyEnergyBackwardFn : public torch::autograd::Function<PenaltyEnergyBackwardFn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& grad_penalty,
-                               const Tensor& grad_eq, const SingleTable& t) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({weight, grad_penalty, grad_eq});
-    save_table(ctx, t);
-    return {public_ops::penalty_energy_backward(weight, grad_penalty, grad_eq, t.table, t.geometry)};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &weight = saved[0], &gp = saved[1], &ge = saved[2];
-    const auto [table, geometry] = load_table(ctx);
-    variable_list out(4);
-    const Tensor& G = grads[0];
-    if (!G.defined()) return out;
-    if (ctx->needs_input_grad(0)) out[0] = public_ops::penalty_energy_backward(G, gp, ge, table, geometry);
-    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
-      auto [dgp, dge] = coefficient_grads(G, weight, public_ops::project(weight, table, geometry));
-      out[1] = dgp.to(gp.scalar_type()).reshape(gp.sizes());
-      out[2] = dge.to(ge.scalar_type()).reshape(ge.sizes());
-    }
-    return out;
-  }
-};
-
-class PenaltyEnergyFn : public torch::autograd::Function<PenaltyEnergyFn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& t) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({weight});
-    save_table(ctx, t);
-    auto [pen, eq] = public_ops::penalty_energy(weight, t.table, t.geometry);
-    return {pen, eq};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(2);
-    if (!grads[0].defined() && !grads[1].defined()) return out;
-    const auto [table, geometry] = load_table(ctx);
-    const Tensor& zero = table[4];
-    const Tensor gp = grads[0].defined() ? grads[0] : zero;
-    const Tensor ge = grads[1].defined() ? grads[1] : zero;
-    // Through the dispatcher with autograd: records PenaltyEnergyBackwardFn under create_graph.
-    out[0] = public_ops::penalty_energy_backward(ctx->get_saved_variables()[0], gp, ge, table, geometry);
-    return out;
-  }
-};
-
-class ProjectFn : public torch::autograd::Function<ProjectFn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& t) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    save_table(ctx, t);
-    return {public_ops::project(weight, t.table, t.geometry)};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(2);
-    if (grads[0].defined()) {
-      const auto [table, geometry] = load_table(ctx);
-      out[0] = public_ops::project(grads[0], table, geometry);
-    }
-    return out;
-  }
-};
-
-// --- multi-tensor -------------------------------------------------------------------------------
 
 struct MultiSaved {
   std::vector<Tensor> offsets, inv_stab;
@@ -205,42 +336,7 @@ class MultiPenaltyFn : public torch::autograd::Function<MultiPenaltyFn> {
   }
 };
 
-// --- Autograd-key kernels -----------------------------------------------------------------------
-
-std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  if (!records({&weight})) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return public_ops::penalty_energy(weight, table, geometry);
-  }
-  auto r = PenaltyEnergyFn::apply(weight, SingleTable{table, geometry});
-  return {r[0], r[1]};
-}
-
-Tensor penalty_energy_backward_autograd(const Tensor& weight, const Tensor& grad_penalty, const Tensor& grad_eq,
-                                        TensorList table, IntArrayRef geometry) {
-  if (!records({&weight, &grad_penalty, &grad_eq})) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return public_ops::penalty_energy_backward(weight, grad_penalty, grad_eq, table, geometry);
-  }
-  return PenaltyEnergyBackwardFn::apply(weight, grad_penalty, grad_eq, SingleTable{table, geometry})[0];
-}
-
-Tensor project_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  if (!records({&weight})) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return public_ops::project(weight, table, geometry);
-  }
-  return ProjectFn::apply(weight, SingleTable{table, geometry})[0];
-}
-
-Tensor spectrum_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  // A report, not a training quantity: computed below autograd, its result carries no gradient.
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static const auto h = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("projkernels_C::spectrum", "")
-                            .typed<Tensor(const Tensor&, TensorList, IntArrayRef)>();
-  return h.call(weight, table, geometry);
-}
+// --- multi-tensor Autograd-key kernels ---
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> multi_penalty_autograd(TensorList weights, TensorList offsets,
                                                                   TensorList inv_stab, const Tensor& consts,
@@ -268,9 +364,8 @@ std::vector<Tensor> multi_penalty_backward_autograd(TensorList weights, const Te
 }  // namespace projkernels
 
 TORCH_LIBRARY_IMPL(projkernels_C, Autograd, m) {
-  m.impl("penalty_energy", &projkernels::penalty_energy_autograd);
-  m.impl("penalty_energy_backward", &projkernels::penalty_energy_backward_autograd);
-  m.impl("project", &projkernels::project_autograd);
+  projkernels::SingleWeight<projkernels::FiniteGroup>::register_kernels(m);
+  projkernels::SingleWeight<projkernels::Steerable>::register_kernels(m);
   m.impl("spectrum", &projkernels::spectrum_autograd);
   m.impl("multi_penalty", &projkernels::multi_penalty_autograd);
   m.impl("multi_penalty_backward", &projkernels::multi_penalty_backward_autograd);

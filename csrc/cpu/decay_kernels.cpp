@@ -1,5 +1,5 @@
-// The equivariance-decay ops: schemas and CPU kernels (CUDA kernels in decay_kernels.cu, per-orbit
-// math in decay_math.h).
+// CPU kernels of the equivariance-decay ops (schemas in ops/schemas.cpp, CUDA kernels in
+// cuda/decay_kernels.cu, per-orbit math in decay_math.h).
 //
 //   multi_decay_(weights[], offsets[], geometry, coef_dev[], coef_mean[])
 //       W_l <- W_l + coef_dev[l] (W_l - P W_l) + coef_mean[l] P W_l          for every layer l, in place
@@ -44,7 +44,7 @@ void with_dtype(int32_t code, Fn&& fn) {
 }
 
 template <bool IN_PLACE>
-void run_cpu(DecayArgs& a) {
+void run_cpu(LayerArgs& a) {
   const int64_t L = static_cast<int64_t>(a.layers.size());
   std::vector<Chunk> chunks(assign_chunks(a.layers.data(), L, kCpuChunk));
   list_chunks(a.layers.data(), L, kCpuChunk, chunks.data());
@@ -52,7 +52,7 @@ void run_cpu(DecayArgs& a) {
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
-      const Layer& d = a.layers[ch.layer];
+      const LayerDesc& d = a.layers[ch.layer];
       with_dtype(d.dtype, [&](auto s) {
         using scalar_t = decltype(s);
         using acc_t = at::opmath_type<scalar_t>;
@@ -64,28 +64,19 @@ void run_cpu(DecayArgs& a) {
 
 void multi_decay_cpu(at::TensorList weights, at::TensorList offsets, at::IntArrayRef geometry,
                      at::ArrayRef<double> coef_dev, at::ArrayRef<double> coef_mean) {
-  DecayArgs a = check_decay(weights, nullptr, offsets, geometry, coef_dev, coef_mean, "projkernels_C::multi_decay_");
+  LayerArgs a = check_decay(weights, nullptr, offsets, geometry, coef_dev, coef_mean, "projkernels_C::multi_decay_");
   run_cpu<true>(a);
 }
 
 void multi_decay_grad_cpu(at::TensorList grads, at::TensorList weights, at::TensorList offsets,
                           at::IntArrayRef geometry, at::ArrayRef<double> coef_dev, at::ArrayRef<double> coef_mean) {
-  DecayArgs a = check_decay(grads, &weights, offsets, geometry, coef_dev, coef_mean, "projkernels_C::multi_decay_grad_");
+  LayerArgs a = check_decay(grads, &weights, offsets, geometry, coef_dev, coef_mean, "projkernels_C::multi_decay_grad_");
   run_cpu<false>(a);
 }
 
 }  // namespace
 }  // namespace decay
 }  // namespace projkernels
-
-TORCH_LIBRARY_FRAGMENT(projkernels_C, m) {
-  m.def(
-      "multi_decay_(Tensor(a!)[] weights, Tensor[] offsets, int[] geometry, float[] coef_dev, float[] coef_mean) "
-      "-> ()");
-  m.def(
-      "multi_decay_grad_(Tensor(a!)[] grads, Tensor[] weights, Tensor[] offsets, int[] geometry, float[] coef_dev, "
-      "float[] coef_mean) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(projkernels_C, CPU, m) {
   m.impl("multi_decay_", &projkernels::decay::multi_decay_cpu);

@@ -1,10 +1,8 @@
-// Schemas of the projkernels_C ops and their CPU kernels.
-//
-// fused_forward reads every weight entry once and returns (penalty, eq_energy, spectrum); the
-// spectrum needs |G| dot products of length |G| per orbit, so training calls skip it with
-// with_spectrum=False (the third output is then zeros).  fused_backward reads W once and writes dW
-// once.  Both take the orbit table of projkernels/orbits.py (OrbitTable.device_tables).
-// The public ops built on these (penalty_energy, project, ...) are in public_ops.cpp.
+// CPU kernels of the raw finite-group ops (schemas in ops/schemas.cpp): fused_forward and
+// fused_backward over one weight, multi_forward and multi_backward over many.  The per-orbit math is
+// orbit_math.h, the chunk walks multi_math.h, the tile plan launch_plan.h: the CUDA kernels and the
+// C++ unit tests run the same code.  The public ops built on these (penalty_energy, project, ...)
+// are in ops/public_ops.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -193,7 +191,7 @@ at::Tensor fused_backward_cpu(const at::Tensor& weight, const at::Tensor& grad_p
 // The single-layer chunk size, so that each layer's result equals fused_forward's bit for bit.
 constexpr int64_t kMultiChunk = kChunk;
 
-std::vector<Chunk> plan(MultiArgs& a) {
+std::vector<Chunk> plan(LayerArgs& a) {
   const int64_t L = static_cast<int64_t>(a.layers.size());
   std::vector<Chunk> chunks(assign_chunks(a.layers.data(), L, kMultiChunk));
   list_chunks(a.layers.data(), L, kMultiChunk, chunks.data());
@@ -203,7 +201,7 @@ std::vector<Chunk> plan(MultiArgs& a) {
 // fn(scalar_tag, c, chunk, layer) for every chunk c, in parallel over chunks, in the weights' dtype
 // (scalar_tag: a value of that dtype, for its type).
 template <typename Fn>
-void for_each_chunk(const MultiArgs& a, const std::vector<Chunk>& chunks, Fn&& fn) {
+void for_each_chunk(const LayerArgs& a, const std::vector<Chunk>& chunks, Fn&& fn) {
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_cpu", [&] {
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -224,7 +222,7 @@ std::vector<double> read_per_layer(const at::Tensor& g, int64_t L) {
 
 std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at::TensorList offsets,
                                                      at::TensorList inv_stab, at::IntArrayRef geometry) {
-  MultiArgs a = check_multi_forward(weights, offsets, inv_stab, geometry);
+  LayerArgs a = check_multi_forward(weights, offsets, inv_stab, geometry);
   const std::vector<Chunk> chunks = plan(a);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size()), L = static_cast<int64_t>(a.layers.size());
   std::vector<double> partials(2 * n_chunks, 0.0);
@@ -263,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at:
 std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Tensor& grad_penalty,
                                            const at::Tensor& grad_eq, at::TensorList offsets, at::TensorList inv_stab,
                                            at::IntArrayRef geometry) {
-  MultiArgs a = check_multi_backward(weights, grad_penalty, grad_eq, offsets, inv_stab, geometry);
+  LayerArgs a = check_multi_backward(weights, grad_penalty, grad_eq, offsets, inv_stab, geometry);
   const std::vector<Chunk> chunks = plan(a);
   const int64_t L = static_cast<int64_t>(a.layers.size());
   std::vector<at::Tensor> out = multi_grad_outputs(a);
@@ -282,36 +280,8 @@ std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Ten
   return out;
 }
 
-bool cuda_enabled() {
-#ifdef PROJKERNELS_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 }  // namespace projkernels
-
-TORCH_LIBRARY(projkernels_C, m) {
-  m.set_python_module("projkernels.native");
-  m.def(
-      "fused_forward(Tensor weight, Tensor offsets, Tensor inv_stab, Tensor basis, Tensor row_irrep, "
-      "int n_irreps, int c_out, int c_in, int stride_out, int stride_in, bool with_spectrum=True) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "fused_backward(Tensor weight, Tensor grad_penalty, Tensor grad_eq, Tensor offsets, Tensor inv_stab, "
-      "int c_out, int c_in, int stride_out, int stride_in) -> Tensor");
-  // Whole-model ops over L weights of one dtype on one device (multi_math.h): per-layer penalty and
-  // eq_energy [L] in the accumulation dtype, and every layer's dW.  geometry holds (c_out, c_in,
-  // stride_out, stride_in) per weight; grad_penalty and grad_eq hold one value per weight.
-  m.def("multi_forward(Tensor[] weights, Tensor[] offsets, Tensor[] inv_stab, int[] geometry) -> (Tensor, Tensor)");
-  m.def(
-      "multi_backward(Tensor[] weights, Tensor grad_penalty, Tensor grad_eq, Tensor[] offsets, Tensor[] inv_stab, "
-      "int[] geometry) -> Tensor[]");
-  // Whether this build carries the CUDA kernels (PROJKERNELS_WITH_CUDA at compile time).
-  m.def("cuda_enabled() -> bool", &projkernels::cuda_enabled);
-}
 
 TORCH_LIBRARY_IMPL(projkernels_C, CPU, m) {
   m.impl("fused_forward", &projkernels::fused_forward_cpu);

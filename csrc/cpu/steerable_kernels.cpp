@@ -1,6 +1,6 @@
-// The steerable ops of projkernels_C: schemas, CPU kernels and C++ autograd.  The per-block math
-// is steerable_math.h (shared with the CUDA kernels of steerable_kernels.cu), the argument layout
-// steerable_checks.h.
+// CPU kernels of the steerable ops of projkernels_C (schemas in ops/schemas.cpp, autograd in
+// autograd/autograd.cpp).  The per-block math is steerable_math.h (shared with the CUDA kernels of
+// cuda/steerable_kernels.cu), the argument layout steerable_checks.h.
 //
 //   steerable_penalty_energy(weight, table[], geometry[]) -> (penalty, eq_energy)
 //   steerable_penalty_energy_backward(weight, grad_penalty, grad_eq, table[], geometry[])
@@ -11,27 +11,18 @@
 // otherwise).  The CPU kernels run the tiles of the layout in parallel (at::parallel_for), each
 // tile's sums in double, and add the tiles' partials in tile order: the result does not depend on
 // the number of threads.
-//
-// Autograd (registered for the Autograd key, so double backward works):
-//   penalty_energy:          dW = backward(W, g_pen, g_eq)
-//   penalty_energy_backward: linear in W with the self-adjoint map 2 g_pen (I - P) + 2 g_eq P, so
-//                            its VJP on G is the same map of G; in (g_pen, g_eq) its VJP is
-//                            (2 <G, W - P W>, 2 <G, P W>)
-//   project:                 P is self-adjoint: the VJP is P G
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/grad_mode.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
-#include "op_common.h"  // read_scalar, op_handle, records, coefficient_grads, SingleTable
+#include "op_common.h"  // read_scalar
 #include "steerable_checks.h"
 #include "steerable_math.h"
 
@@ -318,148 +309,11 @@ Tensor project_cpu(const Tensor& weight, TensorList table, IntArrayRef geometry)
   return write_cpu(weight, a, 0.0, 1.0);
 }
 
-// --- dispatcher calls (the Autograd key first when grad mode records) ----------------------------
-
-using PESig = std::tuple<Tensor, Tensor>(const Tensor&, TensorList, IntArrayRef);
-using BackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, TensorList, IntArrayRef);
-using ProjectSig = Tensor(const Tensor&, TensorList, IntArrayRef);
-
-std::tuple<Tensor, Tensor> call_penalty_energy(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  static const auto h = op_handle<PESig>("projkernels_C::steerable_penalty_energy");
-  return h.call(weight, table, geometry);
-}
-
-Tensor call_backward(const Tensor& weight, const Tensor& gp, const Tensor& ge, TensorList table, IntArrayRef geometry) {
-  static const auto h = op_handle<BackwardSig>("projkernels_C::steerable_penalty_energy_backward");
-  return h.call(weight, gp, ge, table, geometry);
-}
-
-Tensor call_project(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  static const auto h = op_handle<ProjectSig>("projkernels_C::steerable_project");
-  return h.call(weight, table, geometry);
-}
-
-// --- autograd ------------------------------------------------------------------------------------
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-class SteerBackwardFn : public torch::autograd::Function<SteerBackwardFn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& gp, const Tensor& ge,
-                               const SingleTable& l) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({weight, gp, ge});
-    save_table(ctx, l);
-    return {call_backward(weight, gp, ge, l.table, l.geometry)};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &weight = saved[0], &gp = saved[1], &ge = saved[2];
-    const auto [table, geometry] = load_table(ctx);
-    variable_list out(4);
-    const Tensor& G = grads[0];
-    if (!G.defined()) return out;
-    if (ctx->needs_input_grad(0)) out[0] = call_backward(G, gp, ge, table, geometry);
-    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
-      const auto [dgp, dge] = coefficient_grads(G, weight, call_project(weight, table, geometry));
-      out[1] = dgp.to(gp.scalar_type()).reshape(gp.sizes());
-      out[2] = dge.to(ge.scalar_type()).reshape(ge.sizes());
-    }
-    return out;
-  }
-};
-
-class SteerPenaltyEnergyFn : public torch::autograd::Function<SteerPenaltyEnergyFn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& l) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({weight});
-    save_table(ctx, l);
-    auto [pen, eq] = call_penalty_energy(weight, l.table, l.geometry);
-    return {pen, eq};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(2);
-    if (!grads[0].defined() && !grads[1].defined()) return out;
-    const auto [table, geometry] = load_table(ctx);
-    const Tensor& zero = table[3];  // an unused output's gradient: the layout's cached zero
-    const Tensor gp = grads[0].defined() ? grads[0] : zero;
-    const Tensor ge = grads[1].defined() ? grads[1] : zero;
-    // Through the dispatcher with autograd: records SteerBackwardFn under create_graph.
-    out[0] = call_backward(ctx->get_saved_variables()[0], gp, ge, table, geometry);
-    return out;
-  }
-};
-
-class SteerProjectFn : public torch::autograd::Function<SteerProjectFn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& l) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    save_table(ctx, l);
-    return {call_project(weight, l.table, l.geometry)};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(2);
-    if (grads[0].defined()) {
-      const auto [table, geometry] = load_table(ctx);
-      out[0] = call_project(grads[0], table, geometry);
-    }
-    return out;
-  }
-};
-
-std::tuple<Tensor, Tensor> penalty_energy_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  if (!records({&weight})) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return call_penalty_energy(weight, table, geometry);
-  }
-  auto r = SteerPenaltyEnergyFn::apply(weight, SingleTable{table, geometry});
-  return {r[0], r[1]};
-}
-
-Tensor penalty_energy_backward_autograd(const Tensor& weight, const Tensor& gp, const Tensor& ge, TensorList table,
-                                        IntArrayRef geometry) {
-  if (!records({&weight, &gp, &ge})) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return call_backward(weight, gp, ge, table, geometry);
-  }
-  return SteerBackwardFn::apply(weight, gp, ge, SingleTable{table, geometry})[0];
-}
-
-Tensor project_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
-  if (!records({&weight})) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return call_project(weight, table, geometry);
-  }
-  return SteerProjectFn::apply(weight, SingleTable{table, geometry})[0];
-}
-
 }  // namespace
 }  // namespace projkernels
-
-TORCH_LIBRARY_FRAGMENT(projkernels_C, m) {
-  // table = [q, fields, desc, zero, half, qt], geometry = [c_out, c_in, S, descriptor rows]
-  // (csrc/steerable_checks.h); built once per device and dtype by projkernels/steerable.py.
-  m.def("steerable_penalty_energy(Tensor weight, Tensor[] table, int[] geometry) -> (Tensor, Tensor)");
-  m.def(
-      "steerable_penalty_energy_backward(Tensor weight, Tensor grad_penalty, Tensor grad_eq, Tensor[] table, "
-      "int[] geometry) -> Tensor");
-  m.def("steerable_project(Tensor weight, Tensor[] table, int[] geometry) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(projkernels_C, CPU, m) {
   m.impl("steerable_penalty_energy", &projkernels::penalty_energy_cpu);
   m.impl("steerable_penalty_energy_backward", &projkernels::penalty_energy_backward_cpu);
   m.impl("steerable_project", &projkernels::project_cpu);
-}
-
-TORCH_LIBRARY_IMPL(projkernels_C, Autograd, m) {
-  m.impl("steerable_penalty_energy", &projkernels::penalty_energy_autograd);
-  m.impl("steerable_penalty_energy_backward", &projkernels::penalty_energy_backward_autograd);
-  m.impl("steerable_project", &projkernels::project_autograd);
 }

@@ -1,4 +1,4 @@
-// The fixed-order block reduction of the CUDA kernels (kernels.cu, multi_kernels.cu).  The tree
+// The fixed-order block reduction of the CUDA kernels (orbit_kernels.cu, multi_kernels.cu).  The tree
 // depends only on the block size, so a sum comes out bit for bit the same on every run.
 #pragma once
 

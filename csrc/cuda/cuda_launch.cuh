@@ -7,11 +7,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <vector>
 
+#include "layer_desc.h"
 #include "orbit_math.h"  // batch_orbits
 
 namespace projkernels {
@@ -58,6 +62,49 @@ bool orbit_batching() {
   return on;
 }
 }  // namespace
+
+// --- the layers of one launch, as a kernel argument -----------------------------------------------
+//
+// Nothing is copied from the host: the ops over many layers (the multi-tensor penalty, the decay)
+// pass the layers' descriptors as a kernel argument, a fixed-size struct of up to kLayersPerLaunch
+// descriptors passed by value; a call on more layers makes one launch per group of kLayersPerLaunch
+// layers.  Kernel arguments are recorded by value when a CUDA graph captures the launch, so the ops
+// can be captured, and a call costs no host-to-device copy.  Every block owns one chunk and finds
+// its layer among the launch's layers (layer_of_chunk), so all its threads see one layer.
+
+// Layers per launch.  4 KiB of kernel arguments is what every driver accepts (the 32 KiB that CUDA
+// 12.1+ allows on Volta and later also needs a driver of that release), so one launch carries 32
+// descriptors (3.5 KiB) and the rest of its arguments.
+constexpr int kLayersPerLaunch = 32;
+
+// One launch's layers: descriptors of layers [first_layer, first_layer + n_layers) of the call,
+// whose chunks are [chunk_base, chunk_base + grid size) of the call's chunk list.
+struct LaunchLayers {
+  LayerDesc layers[kLayersPerLaunch];
+  int64_t chunk_base;
+  int32_t first_layer;
+  int32_t n_layers;
+};
+static_assert(sizeof(LaunchLayers) + 64 <= 4096, "kernel arguments must fit in 4 KiB");
+
+// Calls launch(p, n_chunks) once per group of up to kLayersPerLaunch layers, with the group's
+// descriptors and chunk count (assign_chunks has set the chunk ranges).  Host work only.
+template <typename Launch>
+void for_each_launch(const std::vector<LayerDesc>& layers, int64_t chunk_orbits, const char* op, Launch&& launch) {
+  const int64_t L = static_cast<int64_t>(layers.size());
+  for (int64_t l0 = 0; l0 < L; l0 += kLayersPerLaunch) {
+    const int64_t n = std::min<int64_t>(kLayersPerLaunch, L - l0);
+    LaunchLayers p{};
+    std::copy_n(layers.data() + l0, n, p.layers);
+    p.chunk_base = layers[l0].chunk_begin;
+    p.first_layer = static_cast<int32_t>(l0);
+    p.n_layers = static_cast<int32_t>(n);
+    const int64_t n_chunks = layers[l0 + n - 1].chunk_end - p.chunk_base;
+    TORCH_CHECK(n_chunks <= std::numeric_limits<int32_t>::max(), op, ": too many orbits for one launch (", n_chunks,
+                " chunks of ", chunk_orbits, ")");
+    if (n_chunks > 0) launch(p, static_cast<unsigned>(n_chunks));
+  }
+}
 
 // The forward's and the backward's batch for group-order class K (1: one orbit at a time).
 constexpr int forward_batch(int K) { return batch_orbits(K, 16); }

@@ -1,12 +1,10 @@
-// CUDA kernels of the multi-tensor ops (schemas in ops.cpp, shared math in multi_math.h).
+// CUDA kernels of the multi-tensor ops (schemas in ops/schemas.cpp, shared math in multi_math.h).
 //
-// Nothing is copied from the host: the per-layer descriptors (weight and gradient addresses, table
-// addresses, geometry, chunk ranges) travel as a kernel argument, a fixed-size struct of up to
-// kLayersPerLaunch layers passed by value; a call on more layers makes one launch per group of
-// kLayersPerLaunch layers.  Kernel arguments are recorded by value when a CUDA graph captures the
-// launch, so the ops can be captured, and a call costs no host-to-device copy.  Every block owns
-// one chunk and finds its layer among the launch's layers, so all its threads see one layer: one
-// group order, one geometry, no divergence between layers.
+// Nothing is copied from the host: the per-layer descriptors (layer_desc.h) travel as a kernel
+// argument, up to kLayersPerLaunch layers a launch (LaunchLayers, cuda_launch.cuh), so the ops can be
+// captured in a CUDA graph.  Every block owns one chunk and finds its layer among the launch's
+// layers, so all its threads see one layer: one group order, one geometry, no divergence between
+// layers.
 //
 // Forward: one launch over all chunks writes a (penalty, eq_energy) pair per chunk through the fixed
 // block tree; one second-stage launch (a block per layer) adds each layer's chunk pairs in a fixed
@@ -41,20 +39,7 @@ constexpr int multi_batch(int batch) {
   return batch < kChunkOrbits / kThreads ? batch : static_cast<int>(kChunkOrbits / kThreads);
 }
 
-// Layers per launch.  4 KiB of kernel arguments is what every driver accepts (the 32 KiB that CUDA
-// 12.1+ allows on Volta and later also needs a driver of that release), so one launch carries 32
-// descriptors (3 KiB) and the rest of its arguments.
-constexpr int kLayersPerLaunch = 32;
-
-// One launch's layers: descriptors of layers [first_layer, first_layer + n_layers) of the call,
-// whose chunks are [chunk_base, chunk_base + grid size) of the call's chunk list.
-struct LaunchLayers {
-  LayerDesc layers[kLayersPerLaunch];
-  int64_t chunk_base;
-  int32_t first_layer;
-  int32_t n_layers;
-};
-static_assert(sizeof(LaunchLayers) + 64 <= 4096, "kernel arguments must fit in 4 KiB");
+// LaunchLayers, kLayersPerLaunch and for_each_launch: cuda_launch.cuh (shared with the decay).
 
 template <typename scalar_t, bool BATCHED>
 __global__ void __launch_bounds__(kThreads)
@@ -117,29 +102,10 @@ multi_backward_kernel(const __grid_constant__ LaunchLayers p, const at::opmath_t
   });
 }
 
-// Calls launch(p, n_chunks) once per group of up to kLayersPerLaunch layers, with the group's
-// descriptors and chunk count (assign_chunks has set the chunk ranges).  Host work only.
-template <typename Launch>
-void for_each_launch(const MultiArgs& a, const char* op, Launch&& launch) {
-  const int64_t L = static_cast<int64_t>(a.layers.size());
-  for (int64_t l0 = 0; l0 < L; l0 += kLayersPerLaunch) {
-    const int64_t n = std::min<int64_t>(kLayersPerLaunch, L - l0);
-    LaunchLayers p{};
-    std::copy_n(a.layers.data() + l0, n, p.layers);
-    p.chunk_base = a.layers[l0].chunk_begin;
-    p.first_layer = static_cast<int32_t>(l0);
-    p.n_layers = static_cast<int32_t>(n);
-    const int64_t n_chunks = a.layers[l0 + n - 1].chunk_end - p.chunk_base;
-    TORCH_CHECK(n_chunks <= std::numeric_limits<int32_t>::max(), op, ": too many orbits for one launch (", n_chunks,
-                " chunks of ", kChunkOrbits, ")");
-    launch(p, static_cast<unsigned>(n_chunks));
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(at::TensorList weights, at::TensorList offsets,
                                                       at::TensorList inv_stab, at::IntArrayRef geometry) {
   constexpr const char* op = "projkernels_C::multi_forward";
-  MultiArgs a = check_multi_forward(weights, offsets, inv_stab, geometry);
+  LayerArgs a = check_multi_forward(weights, offsets, inv_stab, geometry);
   const CudaCall call(a.device);
   const int64_t L = static_cast<int64_t>(a.layers.size());
   const int64_t total_chunks = assign_chunks(a.layers.data(), L, kChunkOrbits);
@@ -150,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cuda(at::TensorList weights, at
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for_each_launch(a, op, [&](const LaunchLayers& p, unsigned n_chunks) {
+    for_each_launch(a.layers, kChunkOrbits, op, [&](const LaunchLayers& p, unsigned n_chunks) {
       auto kernel = orbit_batching() ? multi_forward_kernel<scalar_t, true> : multi_forward_kernel<scalar_t, false>;
       kernel<<<n_chunks, kThreads, 0, call.stream>>>(p, partials.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -166,7 +132,7 @@ std::vector<at::Tensor> multi_backward_cuda(at::TensorList weights, const at::Te
                                             const at::Tensor& grad_eq, at::TensorList offsets, at::TensorList inv_stab,
                                             at::IntArrayRef geometry) {
   constexpr const char* op = "projkernels_C::multi_backward";
-  MultiArgs a = check_multi_backward(weights, grad_penalty, grad_eq, offsets, inv_stab, geometry);
+  LayerArgs a = check_multi_backward(weights, grad_penalty, grad_eq, offsets, inv_stab, geometry);
   const CudaCall call(a.device);
   assign_chunks(a.layers.data(), static_cast<int64_t>(a.layers.size()), kChunkOrbits);
   std::vector<at::Tensor> out = multi_grad_outputs(a);
@@ -177,7 +143,7 @@ std::vector<at::Tensor> multi_backward_cuda(at::TensorList weights, const at::Te
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "multi_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for_each_launch(a, op, [&](const LaunchLayers& p, unsigned n_chunks) {
+    for_each_launch(a.layers, kChunkOrbits, op, [&](const LaunchLayers& p, unsigned n_chunks) {
       auto kernel = orbit_batching() ? multi_backward_kernel<scalar_t, true> : multi_backward_kernel<scalar_t, false>;
       kernel<<<n_chunks, kThreads, 0, call.stream>>>(p, gp.const_data_ptr<acc_t>(), gp.stride(0),
                                                     ge.const_data_ptr<acc_t>(), ge.stride(0));

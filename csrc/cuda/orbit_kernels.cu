@@ -1,4 +1,5 @@
-// CUDA kernels of the single-weight ops (schemas in ops.cpp).  The per-orbit math is
+// CUDA kernels of the single-weight ops (schemas in ops/schemas.cpp, CPU kernels in
+// cpu/orbit_kernels.cpp).  The per-orbit math is
 // orbit_math.h, the chunk walks multi_math.h, the launch plan launch_plan.h: the CPU kernels and
 // the C++ unit tests run the same code.
 //
@@ -271,7 +272,7 @@ tiled_backward_kernel(const LayerDesc d, const TilePlan tp, const at::opmath_typ
     chunk_gradient_in_place<K, scalar_t, acc_t>(tile_desc(d, s.t, s.tile, s.tile), s.offs, threadIdx.x, s.n_local,
                                                 blockDim.x, two_pen, two_eq);
     __syncthreads();
-    scalar_t* out = static_cast<scalar_t*>(d.grad);
+    scalar_t* out = static_cast<scalar_t*>(d.out);
     copy_segments(static_cast<const scalar_t*>(s.tile), s.t.pitch,
                   out + tile_global_index(s.t, 0, 0, d.stride_out, tp.row_len, d.stride_in), tp.row_len, tp.so,
                   s.t.pitch);

@@ -1,5 +1,6 @@
-// CUDA kernels of the steerable ops (schemas, CPU kernels and autograd in steerable_ops.cpp; the
-// per-block math in steerable_math.h, argument checks in steerable_checks.h).
+// CUDA kernels of the steerable ops (schemas in ops/schemas.cpp, CPU kernels in
+// cpu/steerable_kernels.cpp, autograd in autograd/autograd.cpp; the per-block math in
+// steerable_math.h, argument checks in steerable_checks.h).
 //
 // One launch covers every block type: CUDA block i takes global tile i (a run of consecutive
 // blocks of one type, steerable_math.h) and finds its type from the descriptor rows.  It stages in
@@ -282,7 +283,7 @@ at::Tensor project_cuda(const at::Tensor& weight, at::TensorList table, at::IntA
   constexpr const char* op = "projkernels_C::steerable_project";
   const SteerArgs a = check_steerable(weight, table, geometry, op);
   // P W is the write with g_pen = 0, g_eq = 1/2: the layout's cached constants, no new tensors.
-  return write_cuda(weight, a, table[3], table[4], op);
+  return write_cuda(weight, a, a.zero, a.half, op);
 }
 
 }  // namespace

@@ -9,31 +9,19 @@
 #include <string>
 #include <vector>
 
-#include "decay_math.h"
+#include "layer_desc.h"
+#include "op_checks.h"  // LayerArgs, dtype_code
 #include "orbit_math.h"
 
 namespace projkernels {
 namespace decay {
 
-inline int32_t dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kF32;
-    case at::kDouble: return kF64;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    default: return -1;
-  }
-}
-
-// The descriptors of one call (chunk ranges not yet assigned).
-struct DecayArgs {
-  std::vector<Layer> layers;
-  c10::Device device{at::kCPU};
-};
-
+// The descriptors of one call (chunk ranges not yet assigned): a LayerArgs (op_checks.h) whose
+// `keep` is empty, the targets being the caller's own contiguous tensors.
+//
 // targets: the tensors updated in place; weights: the tensors P is taken of (nullptr: the targets
 // themselves, the decoupled step).  geometry lists (c_out, c_in, stride_out, stride_in) per layer.
-inline DecayArgs check_decay(at::TensorList targets, const at::TensorList* weights, at::TensorList offsets,
+inline LayerArgs check_decay(at::TensorList targets, const at::TensorList* weights, at::TensorList offsets,
                              at::IntArrayRef geometry, at::ArrayRef<double> coef_dev,
                              at::ArrayRef<double> coef_mean, const char* op) {
   const int64_t L = static_cast<int64_t>(targets.size());
@@ -50,7 +38,7 @@ inline DecayArgs check_decay(at::TensorList targets, const at::TensorList* weigh
   TORCH_CHECK(static_cast<int64_t>(coef_dev.size()) == L && static_cast<int64_t>(coef_mean.size()) == L, op,
               ": coef_dev and coef_mean must hold one value per tensor (", L, "), got ", coef_dev.size(), " and ",
               coef_mean.size());
-  DecayArgs a;
+  LayerArgs a;
   TORCH_CHECK(targets[0].defined(), op, ": ", what, "[0] is undefined");
   a.device = targets[0].device();
   a.layers.reserve(L);
@@ -104,9 +92,9 @@ inline DecayArgs check_decay(at::TensorList targets, const at::TensorList* weigh
       TORCH_CHECK(lo >= 0 && last_base + hi < t.numel(), name, ": offsets in [", lo, ", ", hi,
                   "] reach outside the tensor (", t.numel(), " entries)");
     }
-    Layer d{};
-    d.target = t.data_ptr();
-    d.weight = weights ? w.const_data_ptr() : d.target;
+    LayerDesc d{};
+    d.out = t.data_ptr();
+    d.weight = weights ? w.const_data_ptr() : d.out;
     d.offsets = o.const_data_ptr<int32_t>();
     d.coef_dev = coef_dev[l];
     d.coef_mean = coef_mean[l];

@@ -1,5 +1,5 @@
-// Equivariance decay: the per-orbit update shared by the CPU (decay_ops.cpp) and CUDA
-// (decay_kernels.cu) implementations of the projkernels_C::multi_decay_ ops.
+// Equivariance decay: the per-orbit update shared by the CPU (cpu/decay_kernels.cpp) and CUDA
+// (cuda/decay_kernels.cu) implementations of the projkernels_C::multi_decay_ ops.
 //
 // One call updates the "target" tensors of many layers in place from their weights:
 //
@@ -18,34 +18,14 @@
 
 #include <cstdint>
 
-#include "multi_math.h"
+#include "layer_desc.h"
 #include "orbit_math.h"
 
 namespace projkernels {
 namespace decay {
 
-// The dtypes the decay serves; the code travels in the layer descriptor.
-enum DType : int32_t { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
-
-// One layer as the kernels read it.  Pointers are device pointers on CUDA, host pointers on CPU.
-struct Layer {
-  void* target;             // contiguous, updated in place (W itself, or W.grad)
-  const void* weight;       // contiguous, same dtype and shape; equal to target for the in-place update
-  const int32_t* offsets;   // [orbits_per_block, G], relative to a block's first entry
-  double coef_dev;          // multiplies W - P W
-  double coef_mean;         // multiplies P W
-  int64_t c_in;
-  int64_t stride_out;
-  int64_t stride_in;
-  int64_t orbits_per_block;
-  int64_t n_orbits;         // orbits_per_block * c_out * c_in
-  int64_t chunk_begin;      // this layer's chunks are [chunk_begin, chunk_end) of the chunk list
-  int64_t chunk_end;
-  int32_t G;
-  int32_t dtype;            // a DType
-};
-
-// Chunks, assign_chunks and list_chunks: multi_math.h, shared with the penalty's multi-tensor ops.
+// Each layer is a LayerDesc (layer_desc.h): its target is `out`, its coefficients coef_dev and
+// coef_mean, its dtype code `dtype`.  Chunks, assign_chunks and list_chunks: layer_desc.h too.
 
 // old + (coef_dev (f_g - mean) + coef_mean mean), the update of one entry.  Where it is not finite
 // although its inputs are (f_g - mean overflows for values near the largest finite value of
@@ -105,11 +85,11 @@ PK_HOST_DEVICE inline void decay_orbit_streamed(const scalar_t* w, scalar_t* tar
 // of static_switch.h (GROUP_ORDER_SWITCH): an array of array_bound(K) values per orbit, or streamed
 // for K == 0.
 template <int K, bool IN_PLACE, typename scalar_t, typename acc_t>
-PK_HOST_DEVICE inline void decay_chunk(const Layer& d, int64_t first, int64_t last, int64_t step) {
+PK_HOST_DEVICE inline void decay_chunk(const LayerDesc& d, int64_t first, int64_t last, int64_t step) {
   if (first >= last) return;
   const int G = order_of(K, d.G);
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
-  scalar_t* target = static_cast<scalar_t*>(d.target);
+  scalar_t* target = static_cast<scalar_t*>(d.out);
   const acc_t c_dev = static_cast<acc_t>(d.coef_dev), c_mean = static_cast<acc_t>(d.coef_mean);
   OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
   for (int64_t id = first; id < last; id += step, it.advance(step)) {

@@ -162,7 +162,7 @@ template <typename Desc>
 PK_HOST_DEVICE inline Desc tile_desc(const Desc& d, const Tile& t, const void* tile_weight, void* tile_grad) {
   Desc local = d;
   local.weight = tile_weight;
-  local.grad = tile_grad;
+  local.out = tile_grad;
   local.c_in = t.width;
   local.stride_out = 0;
   local.n_orbits = t.width * d.orbits_per_block;

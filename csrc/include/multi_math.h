@@ -1,5 +1,6 @@
-// The whole-model (multi-tensor) ops: per-layer descriptors, the chunk list, and the per-chunk math
-// shared by the CPU kernel (ops.cpp) and the CUDA kernels (multi_kernels.cu).
+// The chunk walks of the penalty ops: the per-chunk math over one layer descriptor (layer_desc.h),
+// shared by the CPU kernels (cpu/orbit_kernels.cpp) and the CUDA kernels (cuda/multi_kernels.cu,
+// cuda/orbit_kernels.cu).
 //
 // A call covers L weights of one dtype.  Each layer's orbits are cut into chunks of a fixed number
 // of orbits (the last chunk of a layer may be shorter); a chunk never spans two layers, so the
@@ -13,80 +14,12 @@
 #include <cstdint>
 
 #include "launch_plan.h"
+#include "layer_desc.h"
 #include "orbit_math.h"
 
 namespace projkernels {
 
-// One weight as every kernel reads it (the single-weight ops build one, the multi-tensor ops one
-// per layer).  Pointers are device pointers on CUDA, host pointers on CPU.
-struct LayerDesc {
-  const void* weight;        // contiguous, the call's dtype
-  void* grad;                // dW (backward only), contiguous, the call's dtype
-  const int32_t* offsets;    // [orbits_per_block, G]
-  const double* inv_stab;    // [orbits_per_block]
-  int64_t c_in;
-  int64_t stride_out;
-  int64_t stride_in;
-  int64_t orbits_per_block;
-  int64_t n_orbits;          // orbits_per_block * c_out * c_in
-  int64_t chunk_begin;       // this layer's chunks are [chunk_begin, chunk_end) of the chunk list
-  int64_t chunk_end;
-  int32_t G;
-  int32_t unused;
-};
-
-// Orbits [first, last) of layer `layer`.
-struct Chunk {
-  int64_t first;
-  int64_t last;
-  int32_t layer;
-  int32_t unused;
-};
-
-// Sets every layer's chunk range and returns the number of chunks.  Desc: any layer descriptor with
-// n_orbits, chunk_begin and chunk_end (LayerDesc here, the decay's Layer in decay_math.h).
-template <typename Desc>
-inline int64_t assign_chunks(Desc* layers, int64_t n_layers, int64_t chunk_orbits) {
-  int64_t n = 0;
-  for (int64_t l = 0; l < n_layers; ++l) {
-    layers[l].chunk_begin = n;
-    n += ceil_div(layers[l].n_orbits, chunk_orbits);
-    layers[l].chunk_end = n;
-  }
-  return n;
-}
-
-// Orbits [first, last) of chunk c of layer d (d.chunk_begin <= c < d.chunk_end).
-struct ChunkRange {
-  int64_t first;
-  int64_t last;
-};
-PK_HOST_DEVICE inline ChunkRange chunk_range(const LayerDesc& d, int64_t c, int64_t chunk_orbits) {
-  const int64_t first = (c - d.chunk_begin) * chunk_orbits;
-  return ChunkRange{first, first + chunk_orbits < d.n_orbits ? first + chunk_orbits : d.n_orbits};
-}
-
-// The index in layers[0, n_layers) of the layer owning chunk c, for a chunk of one of these layers
-// (chunk ranges ascend with the layer index).  A CUDA block runs it on descriptors passed as a kernel
-// argument: every thread reads the same words, so the scan costs a few broadcast loads.
-PK_HOST_DEVICE inline int layer_of_chunk(const LayerDesc* layers, int n_layers, int64_t c) {
-  int j = 0;
-  while (j + 1 < n_layers && layers[j].chunk_end <= c) ++j;
-  return j;
-}
-
-// Writes the chunk list of layers whose ranges assign_chunks set.
-template <typename Desc>
-inline void list_chunks(const Desc* layers, int64_t n_layers, int64_t chunk_orbits, Chunk* chunks) {
-  for (int64_t l = 0; l < n_layers; ++l) {
-    const Desc& d = layers[l];
-    for (int64_t c = d.chunk_begin; c < d.chunk_end; ++c) {
-      const int64_t first = (c - d.chunk_begin) * chunk_orbits;
-      const int64_t last = first + chunk_orbits < d.n_orbits ? first + chunk_orbits : d.n_orbits;
-      chunks[c] = Chunk{first, last, static_cast<int32_t>(l), 0};
-    }
-  }
-}
+// LayerDesc, Chunk and the chunk list: layer_desc.h (shared with the decay and the single-weight ops).
 
 // pen += penalty part and eq += energy part of the orbits first, first + step, ... < last of one
 // layer (and, with ROWS, row_energy[r] += its row energies).  A CPU task walks a whole chunk
@@ -154,7 +87,7 @@ template <int K, typename scalar_t, typename acc_t, int B = 1>
 PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
                                           int64_t last, int64_t step, acc_t two_pen, acc_t two_eq) {
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
-  scalar_t* out = static_cast<scalar_t*>(d.grad);
+  scalar_t* out = static_cast<scalar_t*>(d.out);
   const int G = order_of(K, d.G);
   if (first >= last) return;
   OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
@@ -183,12 +116,12 @@ PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __r
     write_orbit_gradient<K>(w, out, it.base, offsets + it.orbit * G, G, two_pen, two_eq);
 }
 
-// chunk_gradient in place (d.weight == d.grad, a tile in shared memory); array classes only.
+// chunk_gradient in place (d.weight == d.out, a tile in shared memory); array classes only.
 template <int K, typename scalar_t, typename acc_t>
 PK_HOST_DEVICE inline void chunk_gradient_in_place(const LayerDesc& d, const int32_t* __restrict__ offsets,
                                                    int64_t first, int64_t last, int64_t step, acc_t two_pen,
                                                    acc_t two_eq) {
-  scalar_t* buf = static_cast<scalar_t*>(d.grad);
+  scalar_t* buf = static_cast<scalar_t*>(d.out);
   const int G = order_of(K, d.G);
   if (first >= last) return;
   OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);

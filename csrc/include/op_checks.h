@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "multi_math.h"
+#include "layer_desc.h"
 #include "orbit_math.h"
 
 namespace projkernels {
@@ -26,6 +26,17 @@ struct OrbitArgs {
 
 inline at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The descriptor's dtype code (layer_desc.h) of a weight's dtype; -1 for a dtype the kernels lack.
+inline int32_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kDouble: return kF64;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    default: return -1;
+  }
 }
 
 inline void check_weight(const at::Tensor& weight, const char* op) {
@@ -115,22 +126,23 @@ inline void check_grad(const at::Tensor& weight, const at::Tensor& g, const char
   check_same_device(weight, g, name, op);
 }
 
-// The validated arguments of a multi-tensor op: per-layer descriptors (chunk ranges not yet set)
-// over contiguous tensors that `keep` holds alive for as long as the descriptors are used.
-struct MultiArgs {
+// The validated arguments of a multi-tensor op (the penalty's, the decay's): per-layer descriptors
+// (chunk ranges not yet set) over contiguous tensors that `keep` holds alive for as long as the
+// descriptors are used (the decay's tensors are the caller's own, already contiguous).
+struct LayerArgs {
   std::vector<at::Tensor> keep;
   std::vector<LayerDesc> layers;
   at::ScalarType dtype = at::kFloat;
   c10::Device device{at::kCPU};
 };
 
-// The kernels' parameter struct (LayerDesc, multi_math.h) for one validated weight, shared by the
-// single-weight and multi-tensor ops on both devices.  w: the contiguous weight the table describes;
-// grad: dW's storage (backward) or nullptr.
-inline LayerDesc describe(const OrbitArgs& t, const at::Tensor& w, void* grad) {
+// The layer descriptor (layer_desc.h) of one validated weight, shared by the single-weight and
+// multi-tensor penalty ops on both devices.  w: the contiguous weight the table describes; out: the
+// storage of dW or P W (the gradient ops), or nullptr.
+inline LayerDesc describe(const OrbitArgs& t, const at::Tensor& w, void* out) {
   LayerDesc d{};
   d.weight = w.const_data_ptr();
-  d.grad = grad;
+  d.out = out;
   d.offsets = t.offsets.const_data_ptr<int32_t>();
   d.inv_stab = t.inv_stab.const_data_ptr<double>();
   d.c_in = t.c_in;
@@ -139,11 +151,12 @@ inline LayerDesc describe(const OrbitArgs& t, const at::Tensor& w, void* grad) {
   d.orbits_per_block = t.orbits_per_block;
   d.n_orbits = t.n_orbits();
   d.G = static_cast<int32_t>(t.G);
+  d.dtype = dtype_code(w.scalar_type());
   return d;
 }
 
 // geometry lists (c_out, c_in, stride_out, stride_in) for every layer, flattened.
-inline MultiArgs check_multi(at::TensorList weights, at::TensorList offsets, at::TensorList inv_stab,
+inline LayerArgs check_multi(at::TensorList weights, at::TensorList offsets, at::TensorList inv_stab,
                              at::IntArrayRef geometry, const char* op) {
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(L >= 1, op, ": weights is empty; pass at least one weight");
@@ -154,7 +167,7 @@ inline MultiArgs check_multi(at::TensorList weights, at::TensorList offsets, at:
               ": geometry must hold (c_out, c_in, stride_out, stride_in) per weight, i.e. ", 4 * L,
               " ints, got ", geometry.size());
   TORCH_CHECK(L <= INT32_MAX, op, ": too many weights (", L, ")");
-  MultiArgs a;
+  LayerArgs a;
   check_weight(weights[0], op);
   a.dtype = weights[0].scalar_type();
   a.device = weights[0].device();
@@ -191,7 +204,7 @@ inline MultiArgs check_multi(at::TensorList weights, at::TensorList offsets, at:
 // descriptor pointed at its output.  Each dW has its own storage (outputs of an op must not alias
 // one another: torch.compile's fake kernels and tensor hooks rely on it).  On the CPU they are
 // allocated without dispatching an op per layer.
-inline std::vector<at::Tensor> multi_grad_outputs(MultiArgs& a) {
+inline std::vector<at::Tensor> multi_grad_outputs(LayerArgs& a) {
   const int64_t L = static_cast<int64_t>(a.layers.size());
   const bool cpu = a.device.is_cpu();
   std::vector<at::Tensor> out;
@@ -200,12 +213,12 @@ inline std::vector<at::Tensor> multi_grad_outputs(MultiArgs& a) {
     const at::Tensor& w = a.keep[3 * l];
     out.push_back(cpu ? at::detail::empty_cpu(w.sizes(), a.dtype, /*pin_memory=*/false, std::nullopt)
                       : at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous)));
-    a.layers[l].grad = out.back().mutable_data_ptr();
+    a.layers[l].out = out.back().mutable_data_ptr();
   }
   return out;
 }
 
-inline void check_multi_grad(const MultiArgs& a, const at::Tensor& g, const char* name, const char* op) {
+inline void check_multi_grad(const LayerArgs& a, const at::Tensor& g, const char* name, const char* op) {
   const int64_t L = static_cast<int64_t>(a.layers.size());
   TORCH_CHECK(g.dim() == 1 && g.size(0) == L, op, ": ", name, " must have shape [", L, "] (one value per weight), got ",
               g.sizes());
@@ -235,15 +248,15 @@ inline OrbitArgs check_fused_backward(const at::Tensor& weight, const at::Tensor
   return check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
 }
 
-inline MultiArgs check_multi_forward(at::TensorList weights, at::TensorList offsets, at::TensorList inv_stab,
+inline LayerArgs check_multi_forward(at::TensorList weights, at::TensorList offsets, at::TensorList inv_stab,
                                      at::IntArrayRef geometry) {
   return check_multi(weights, offsets, inv_stab, geometry, "projkernels_C::multi_forward");
 }
 
-inline MultiArgs check_multi_backward(at::TensorList weights, const at::Tensor& grad_penalty, const at::Tensor& grad_eq,
+inline LayerArgs check_multi_backward(at::TensorList weights, const at::Tensor& grad_penalty, const at::Tensor& grad_eq,
                                       at::TensorList offsets, at::TensorList inv_stab, at::IntArrayRef geometry) {
   constexpr const char* op = "projkernels_C::multi_backward";
-  MultiArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
+  LayerArgs a = check_multi(weights, offsets, inv_stab, geometry, op);
   check_multi_grad(a, grad_penalty, "grad_penalty", op);
   check_multi_grad(a, grad_eq, "grad_eq", op);
   return a;

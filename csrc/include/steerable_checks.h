@@ -1,7 +1,7 @@
-// Argument checks of the steerable ops, shared by the CPU (steerable_ops.cpp) and CUDA
-// (steerable_kernels.cu) kernels.  Cheap invariants only: dtypes, devices, sizes, and the
+// Argument checks of the steerable ops, shared by the CPU (cpu/steerable_kernels.cpp) and CUDA
+// (cuda/steerable_kernels.cu) kernels.  Cheap invariants only: dtypes, devices, sizes, and the
 // descriptor rows read from `geometry` (host ints).  The layout's contents were built and checked
-// once by projkernels/steerable.py; device tensors are never read here (that would sync).
+// once by projkernels/symmetry/steerable.py; device tensors are never read here (that would sync).
 //
 //   table    = [q, fields, desc, zero, half, qt]
 //     q      1-D, the accumulation dtype: every Q_t ([m, r] row-major) concatenated: the CPU kernels' C
@@ -22,41 +22,43 @@
 
 #include "op_checks.h"  // acc_type_of, check_weight
 #include "steerable_math.h"
+#include "tables.h"
 
 namespace projkernels {
 
-constexpr int64_t kSteerTableSize = 6;
+static_assert(SteerTableRef::kGeometryHead == kSteerGeometryHead, "one geometry head");
 
 struct SteerArgs {
   std::vector<SteerType> types;
   int64_t c_out = 0, c_in = 0, S = 0;
   int64_t n_tiles = 0, max_m = 0, max_r = 0;
   at::Tensor q, fields, desc, qt;
+  at::Tensor zero, half;  // 0-dim, the accumulation dtype: project = write(0, 1/2)
   const int64_t* desc_host = nullptr;  // geometry's descriptor rows
 };
 
 inline SteerArgs check_steerable(const at::Tensor& weight, at::TensorList table, at::IntArrayRef geometry,
                                  const char* op) {
   check_weight(weight, op);
-  TORCH_CHECK(static_cast<int64_t>(table.size()) == kSteerTableSize, op,
-              ": table must be [q, fields, desc, zero, half, qt], got ", table.size(), " tensors");
-  const int64_t g = static_cast<int64_t>(geometry.size());
-  TORCH_CHECK(g > kSteerGeometryHead && (g - kSteerGeometryHead) % kSteerDescWidth == 0, op,
-              ": geometry must be [c_out, c_in, S] followed by ", kSteerDescWidth, " ints per block type, got ", g,
-              " ints");
+  const SteerTableRef tab = steer_table(table, geometry, op);
+  const int64_t rows = static_cast<int64_t>(tab.rows.size());
+  TORCH_CHECK(rows > 0 && rows % kSteerDescWidth == 0, op, ": geometry must be [c_out, c_in, S] followed by ",
+              kSteerDescWidth, " ints per block type, got ", geometry.size(), " ints");
   SteerArgs a;
-  a.c_out = geometry[0];
-  a.c_in = geometry[1];
-  a.S = geometry[2];
+  a.c_out = tab.c_out;
+  a.c_in = tab.c_in;
+  a.S = tab.S;
   TORCH_CHECK(a.c_out >= 1 && a.c_in >= 1 && a.S >= 1, op, ": c_out, c_in and S must be positive, got ", a.c_out,
               ", ", a.c_in, ", ", a.S);
   TORCH_CHECK(weight.numel() == a.c_out * a.c_in * a.S, op, ": weight has ", weight.numel(),
               " entries but the layout describes c_out * c_in * S = ", a.c_out, " * ", a.c_in, " * ", a.S);
   const auto acc = acc_type_of(weight.scalar_type());
-  a.q = table[0];
-  a.fields = table[1];
-  a.desc = table[2];
-  a.qt = table[5];
+  a.q = tab.q;
+  a.fields = tab.fields;
+  a.desc = tab.desc;
+  a.qt = tab.qt;
+  a.zero = tab.zero;
+  a.half = tab.half;
   TORCH_CHECK(a.q.dim() == 1 && a.q.scalar_type() == acc && a.q.is_contiguous(), op,
               ": q must be a contiguous 1-D tensor of the accumulation dtype ", acc, ", got ", a.q.scalar_type(),
               " of shape ", a.q.sizes());
@@ -66,18 +68,19 @@ inline SteerArgs check_steerable(const at::Tensor& weight, at::TensorList table,
   TORCH_CHECK(a.fields.dim() == 1 && a.fields.scalar_type() == at::kLong && a.fields.is_contiguous(), op,
               ": fields must be a contiguous 1-D int64 tensor, got ", a.fields.scalar_type(), " of shape ",
               a.fields.sizes());
-  const int64_t T = (g - kSteerGeometryHead) / kSteerDescWidth;
+  const int64_t T = rows / kSteerDescWidth;
   TORCH_CHECK(a.desc.scalar_type() == at::kLong && a.desc.dim() == 2 && a.desc.size(0) == T &&
                   a.desc.size(1) == kSteerDescWidth && a.desc.is_contiguous(),
               op, ": desc must be a contiguous int64 tensor [", T, ", ", kSteerDescWidth, "], got ",
               a.desc.scalar_type(), " of shape ", a.desc.sizes());
-  for (int64_t i = 0; i < kSteerTableSize; ++i) {
-    static const char* names[] = {"q", "fields", "desc", "zero", "half", "qt"};
-    TORCH_CHECK(table[i].device() == weight.device(), op, ": ", names[i], " is on ", table[i].device(),
-                " but weight is on ", weight.device(), "; pass the symmetry's layout for the weight's device");
+  const at::Tensor* entries[] = {&tab.q, &tab.fields, &tab.desc, &tab.zero, &tab.half, &tab.qt};
+  for (size_t i = 0; i < SteerTableRef::kTableSize; ++i) {
+    TORCH_CHECK(entries[i]->device() == weight.device(), op, ": ", SteerTableRef::kNames[i], " is on ",
+                entries[i]->device(), " but weight is on ", weight.device(),
+                "; pass the symmetry's layout for the weight's device");
   }
 
-  a.desc_host = geometry.data() + kSteerGeometryHead;
+  a.desc_host = tab.rows.data();
   a.types.reserve(T);
   int64_t blocks = 0, tiles = 0;
   for (int64_t t = 0; t < T; ++t) {

@@ -1,15 +1,15 @@
-// Per-block math of the steerable ops (steerable_ops.cpp on the CPU, steerable_kernels.cu on the
-// GPU), as __host__ __device__ functions, so the CPU tests run the addressing and the formulas that
+// Per-block math of the steerable ops (cpu/steerable_kernels.cpp on the CPU, cuda/steerable_kernels.cu
+// on the GPU), as __host__ __device__ functions, so the CPU tests run the addressing and the formulas that
 // the CUDA kernels use.
 //
-// A steerable symmetry (projkernels/steerable.py) splits the weight [C_out, C_in, S] into blocks
+// A steerable symmetry (projkernels/symmetry/steerable.py) splits the weight [C_out, C_in, S] into blocks
 // W[out field, in field]: d_out x d_in x S numbers, flattened to m in (out channel, in channel,
 // kernel position) order.  Every block of one type t is projected by the same Q_t (m x r_t,
 // orthonormal columns): C = Q_t^T W_b, P W_b = Q_t C.  The penalty is the squared norm of the
 // residual W_b - Q_t C, summed element by element (never ||W_b||^2 - ||C||^2).
 //
 // The layout arrives as one descriptor row of kSteerDescWidth int64 per type (built once per
-// device and dtype by projkernels/steerable.py, `_native_layout`): its blocks are numbered
+// device and dtype by projkernels/symmetry/steerable.py, `_native_layout`): its blocks are numbered
 // b = (out field index) * n_in + (in field index), cut into tiles of blocks_per_tile consecutive
 // blocks, and tile_begin is the global number of the type's first tile.  A tile is the unit of work
 // (one CUDA block, one CPU task) and of the fixed-order reduction: partial sums per tile, added in
@@ -103,7 +103,7 @@ PK_HOST_DEVICE inline acc_t steer_write_value(acc_t x, acc_t px, acc_t two_pen, 
 
 // One block gathered into x[0 .. m) (converted to acc_t), walking its d_out rows of d_in * S
 // contiguous elements without divisions.  For one thread per block (the CPU kernels, which then
-// form C and P X for all of a tile's blocks at once: steerable_ops.cpp, with the same sums in the
+// form C and P X for all of a tile's blocks at once: cpu/steerable_kernels.cpp, with the same sums in the
 // same order as steer_projected).
 template <typename scalar_t, typename acc_t>
 PK_HOST_DEVICE inline void steer_gather(const scalar_t* w, int64_t base, int64_t d_out, int64_t d_in, int64_t c_in,
