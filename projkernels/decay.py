@@ -47,7 +47,8 @@ from torch.nn.utils import parametrize
 
 from . import distributed as D
 from .api import project
-from .backends.registry import BACKENDS, AUTO_ORDER, Backend, check_backend_name, register_backend, resolve
+from .backends.registry import (BACKENDS, Backend, available_backends, check_backend_name, register_backend,
+                                resolve)
 from .dispatch.config import config_for
 from .model import _check_lambda, attached_layers
 from .orbits import OrbitTable, acc_dtype
@@ -84,14 +85,7 @@ def register_decay_backend(backend: DecayBackend) -> None:
 
 def decay_backends(device="cpu") -> List[str]:
     """Names of the backends whose decay slot serves tensors on ``device``, the "auto" order first."""
-    device = torch.device(device)
-    order = AUTO_ORDER.get(device.type, ("reference",)) + tuple(BACKENDS)
-    out = []
-    for n in order:
-        b = BACKENDS.get(n)
-        if b is not None and n not in out and b.decay is not None and b.why_unavailable(device) is None:
-            out.append(n)
-    return out
+    return available_backends(device, "decay", auto_first=True)
 
 
 @torch.no_grad()

@@ -36,6 +36,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .symmetry import kind_of
+
 __all__ = ["unwrap", "is_dtensor", "local_shard", "shard_mesh_dim", "process_group", "sum_over_ranks",
            "fsdp_params", "grad_scale", "single_weight_error"]
 
@@ -323,9 +325,8 @@ def sharded_layers(model: nn.Module, layers) -> Optional[List[ShardedLayer]]:
                   or is_dtensor(getattr(m, "bias", None)) for _, m, _ in layers)
     if not sharded:
         return None
-    from .groups import FiniteGroup
     for name, _, sym in layers:
-        if not isinstance(sym.group, (str, FiniteGroup)):
+        if not kind_of(sym.group).shardable:
             raise NotImplementedError(f"layer {name!r}: a {type(sym.group).__name__} on a sharded (DTensor / FSDP2) "
                                       "model is not supported; the sharded penalty serves finite groups")
     return [ShardedLayer(n, m, s, fsdp) for n, m, s in layers]

@@ -17,7 +17,7 @@ from projkernels.dispatch import config
 from projkernels.orbits import orbit_table
 
 C = pytest.importorskip("projkernels.backends.native", reason="projkernels._C is not built")
-from projkernels import _C  # noqa: E402  (built, since projkernels.native imported)
+from projkernels import _C  # noqa: E402  (built, since projkernels.backends.native imported)
 OPS = torch.ops.projkernels_C
 
 SPECS = [((8, 4, 3, 3), "D4", "trivial", "regular"), ((8, 8, 3, 3), "C4", "regular", "regular"),
@@ -193,7 +193,7 @@ def test_bound_calls_are_their_own_copies():
 
 def test_forward_mode_ad_is_refused_by_the_ops_not_dropped():
     # The C++ ops implement reverse mode only; a dual weight used to come back without its tangent.  The
-    # public functions carry the tangent through projkernels/functional.py (tests/test_func.py).
+    # public functions carry the tangent through projkernels/library/functional.py (tests/test_func.py).
     import torch.autograd.forward_ad as fwAD
     w = _weight((8, 8, 3, 3), torch.float64)
     table = orbit_table(w, "C4", "regular", "regular")

@@ -308,7 +308,7 @@ def test_environment_switch_is_read_at_import(value, expected):
         env["PROJKERNELS_TILED"] = value
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                          env.get("PYTHONPATH", "")])
-    script = ("import torch, projkernels.triton_backend as TB; from projkernels.orbits import orbit_table;"
+    script = ("import torch, projkernels.backends.triton.finite as TB; from projkernels.orbits import orbit_table;"
               "w = torch.zeros(8, 8, 3, 3); print(TB.TILED, TB.uses_tiles(w, orbit_table(w, 'C4', 'regular', 'regular')))")
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

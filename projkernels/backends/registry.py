@@ -199,7 +199,12 @@ def resolve(backend: str, device, slot: str = "single") -> Backend:
     return BACKENDS[backend]
 
 
-def available_backends(device="cpu", slot: str = "single"):
-    """Names of the backends that can serve ``slot`` on ``device``."""
+def available_backends(device="cpu", slot: str = "single", auto_first: bool = False):
+    """Names of the backends that can serve ``slot`` on ``device`` (``auto_first``: those of the
+    device's "auto" order first, in that order)."""
     device = torch.device(device)
-    return [n for n in backend_names()[1:] if why_unavailable(n, device, slot) is None]
+    names = backend_names()[1:]
+    if auto_first:
+        first = AUTO_ORDER.get(device.type, ("reference",))
+        names = first + tuple(n for n in names if n not in first)
+    return [n for n in names if why_unavailable(n, device, slot) is None]

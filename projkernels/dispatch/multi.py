@@ -3,7 +3,7 @@
 A model has tens of weights; calling ``penalty_and_energy`` per weight costs tens of small launches
 and tens of autograd nodes per step.  ``multi_penalty`` takes them all at once.  A call looks its
 configuration (every layer's shape, dtype, device, group and reps, and the backend) up in a cache;
-the first call validates it, builds the layers' ``MultiTable`` (projkernels/multi_table.py) and
+the first call validates it, builds the layers' ``MultiTable`` (projkernels/dispatch/multi_table.py) and
 picks the route, later calls go straight to it:
 
 - a backend whose multi slot binds its own op (the compiled "cpp" and "cuda":

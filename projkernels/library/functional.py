@@ -118,7 +118,7 @@ class _Layer:
         return self.impl.project(flat, self.folded(n)).to(w.dtype).reshape(w.shape)
 
 
-# --- the reference backend on a stack: the orbit form of projkernels/reference.py with a leading dim ---
+# --- the reference backend on a stack: the orbit form of projkernels/backends/reference/finite.py with a leading dim ---
 
 def _orbits(w: torch.Tensor, table: OrbitTable):
     acc = acc_dtype(w.dtype)

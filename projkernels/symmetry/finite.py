@@ -41,6 +41,7 @@ class FiniteKind:
     """The symmetry protocol (projkernels/symmetry/__init__.py) for finite groups."""
     slot = "single"          # the backend slot that serves one weight
     multi_fused = True       # many weights go through one multi-tensor table
+    shardable = True         # served on sharded (DTensor / FSDP2) models
     custom_ops = True        # under torch.compile: the Python custom ops, the group passed by name
 
     def describe(self, shape, dtype, device, group, in_rep, out_rep):

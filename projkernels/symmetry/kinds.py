@@ -22,6 +22,7 @@ class SteerableKind:
     description; biases project onto each output field's trivial-isotypic part."""
     slot = "steerable"
     multi_fused = False      # one configuration per layer inside a multi-tensor call
+    shardable = False        # served on sharded (DTensor / FSDP2) models
     custom_ops = False       # under torch.compile: traced through its own calls
 
     def describe(self, shape, dtype, device, sym, in_rep, out_rep):

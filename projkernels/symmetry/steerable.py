@@ -23,14 +23,14 @@ Weight layout: ``nn.Linear`` ``[out_type.size, in_type.size]``, ``nn.Conv2d``
 ``[out_type.size, in_type.size, k, k]``, ``nn.Conv3d`` ``[out_type.size, in_type.size, k, k, k]``:
 the layout of escnn's expanded filter (fields occupy consecutive channels, in field-type order).
 
-Backends: "cpp" and "cuda" (the compiled ops ``projkernels_C::steerable_*``, csrc/steerable_ops.cpp
-and csrc/steerable_kernels.cu: one pass over tiles of blocks fixed by the layout, autograd in C++ with
-double backward; they take ``Layout.native``, resident on the device), "reference" (block types of
-equal size batched: one gather, two batched matmuls; the backward is one write pass from the forward's
-P W) and "triton" (one program per tile of blocks of one type, Q_t loaded once per program;
-projkernels/steerable_triton.py).  "auto" picks Triton on CUDA tensors, else the reference route
-(backend="cuda" is opt-in until its kernels' GPU tests have run), and cpp on CPU tensors when the
-extension is built, else the reference route.
+This module describes the symmetry and its device layouts; the backends' steerable slots compute
+with them: "cpp" and "cuda" (the compiled ops ``projkernels_C::steerable_*``, projkernels/backends/native.py:
+one pass over tiles of blocks fixed by the layout, autograd in C++ with double backward; they take
+``Layout.native``, resident on the device), "reference" (projkernels/backends/reference/steerable.py:
+block types of equal size batched, one gather, two batched matmuls) and "triton" (one program per tile of
+blocks of one type, Q_t loaded once per program; projkernels/backends/triton/steerable.py).  "auto"
+picks Triton on CUDA tensors, else the reference route (backend="cuda" is opt-in until its kernels' GPU
+tests have run), and cpp on CPU tensors when the extension is built, else the reference route.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ pass, whose orbit means are reductions too, writes the same bits as well.  Any g
 the tile shrinks to 16 orbits as ``GP`` grows.
 
 Tiled kernels (``reduce_tiles`` / ``apply_tiles``, ``plan_tiles``; the backend takes them when
-``PROJKERNELS_TILED=1``, projkernels/triton_backend.py): a program owns a tile of whole
+``PROJKERNELS_TILED=1``, projkernels/backends/triton/finite.py): a program owns a tile of whole
 (out-field, in-field) blocks of one out-field row, a contiguous slab of the weight, loads it with
 contiguous (vectorisable) loads, resolves its orbits with a gather from the register tile, and the
 write pass stores the tile back contiguously.  One row of partial sums per tile, the same second
