@@ -77,10 +77,15 @@ def test_one_autograd_function_family_for_the_single_weight_ops():
                       if "torch::autograd::Function<" in _text([p]))
     assert autograd == ["autograd/autograd.cpp"]
     text = _text([CSRC / "autograd" / "autograd.cpp"])
-    functions = re.findall(r"class\s+(\w+)\s*:\s*public\s+torch::autograd::Function<", text)
-    # One templated family (penalty_energy, its backward, project) for every symmetry kind, and the
-    # multi-tensor pair.
-    assert sorted(functions) == ["BackwardFn", "MultiPenaltyBackwardFn", "MultiPenaltyFn", "PenaltyEnergyFn",
-                                 "ProjectFn"]
-    assert len(re.findall(r"template\s*<typename Kind>\s*struct\s+SingleWeight\b", text)) == 1
-    assert "SingleWeight<projkernels::FiniteGroup>" in text and "SingleWeight<projkernels::Steerable>" in text
+    # Written once: the three nodes of a single-weight op and its Autograd-key kernels, templates over
+    # the symmetry kind; each kind only names its instances (the node names a graph shows).
+    for family in ("PenaltyEnergyNode", "BackwardNode", "ProjectNode"):
+        assert len(re.findall(r"template\s*<typename Kind, typename Self>\s*class\s+%s\b" % family, text)) == 1
+    assert len(re.findall(r"\bstruct\s+SingleWeight\s*\{", text)) == 1
+    direct = re.findall(r"class\s+(\w+)\s*:\s*public\s+torch::autograd::Function<(\w+)>", text)
+    assert sorted(direct) == [("BackwardNode", "Self"), ("MultiPenaltyBackwardFn", "MultiPenaltyBackwardFn"),
+                              ("MultiPenaltyFn", "MultiPenaltyFn"), ("PenaltyEnergyNode", "Self"),
+                              ("ProjectNode", "Self")]
+    instances = re.findall(r"class\s+(\w+)\s*:\s*public\s+(\w+Node)<(\w+),\s*\1>\s*\{\s*\}", text)
+    assert {kind for _, _, kind in instances} == {"FiniteGroup", "Steerable"} and len(instances) == 6
+    assert text.count("SingleWeight<FiniteGroup,") == 1 and text.count("SingleWeight<Steerable,") == 1

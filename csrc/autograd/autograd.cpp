@@ -1,8 +1,10 @@
 // Autograd of the public projkernels_C ops, registered for the Autograd key, so a forward and
 // backward through the compiled backends never enters Python.  One family of autograd Functions
-// (SingleWeight<Kind>) serves the single-weight ops of every symmetry kind: the finite groups'
-// penalty_energy / penalty_energy_backward / project and the steerable_* ones, which share their
-// math and differ only in the ops they call (the Kind).  The multi-tensor ops have their own pair.
+// (PenaltyEnergyNode, BackwardNode, ProjectNode, and SingleWeight's Autograd-key kernels, each
+// written once as a template over the Kind) serves the single-weight ops of every symmetry kind: the
+// finite groups' penalty_energy / penalty_energy_backward / project and the steerable_* ones, which
+// share their math and differ only in the ops they call (the Kind).  The multi-tensor ops have
+// their own pair.
 //
 // Each function runs its op below autograd (AutoDispatchBelowADInplaceOrView) in forward, and its
 // backward calls public ops again through the dispatcher (public_ops.h): when the graph of the
@@ -117,85 +119,98 @@ struct Steerable {
   }
 };
 
-template <typename Kind>
+// The three nodes of a single-weight op, written once for every kind.  Self is the named node
+// (below), so that a graph shows which op recorded it (grad_fn.name()).
+template <typename Kind, typename Self>
+class BackwardNode : public torch::autograd::Function<Self> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& grad_penalty,
+                               const Tensor& grad_eq, const SingleTable& t) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({weight, grad_penalty, grad_eq});
+    save_table(ctx, t);
+    return {Kind::backward(weight, grad_penalty, grad_eq, t.table, t.geometry)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &weight = saved[0], &gp = saved[1], &ge = saved[2];
+    const auto [table, geometry] = load_table(ctx);
+    variable_list out(4);
+    const Tensor& G = grads[0];
+    if (!G.defined()) return out;
+    if (ctx->needs_input_grad(0)) out[0] = Kind::backward(G, gp, ge, table, geometry);
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      const auto [dgp, dge] = coefficient_grads(G, weight, Kind::project(weight, table, geometry));
+      out[1] = dgp.to(gp.scalar_type()).reshape(gp.sizes());
+      out[2] = dge.to(ge.scalar_type()).reshape(ge.sizes());
+    }
+    return out;
+  }
+};
+
+template <typename Kind, typename Self>
+class PenaltyEnergyNode : public torch::autograd::Function<Self> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& t) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({weight});
+    save_table(ctx, t);
+    auto [pen, eq] = Kind::penalty_energy(weight, t.table, t.geometry);
+    return {pen, eq};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(2);
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const auto [table, geometry] = load_table(ctx);
+    const Tensor& zero = Kind::zero(table, geometry);  // an unused output's gradient
+    const Tensor gp = grads[0].defined() ? grads[0] : zero;
+    const Tensor ge = grads[1].defined() ? grads[1] : zero;
+    // Through the dispatcher with autograd: records the kind's backward node under create_graph.
+    out[0] = Kind::backward(ctx->get_saved_variables()[0], gp, ge, table, geometry);
+    return out;
+  }
+};
+
+template <typename Kind, typename Self>
+class ProjectNode : public torch::autograd::Function<Self> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& t) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save_table(ctx, t);
+    return {Kind::project(weight, t.table, t.geometry)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(2);
+    if (grads[0].defined()) {
+      const auto [table, geometry] = load_table(ctx);
+      out[0] = Kind::project(grads[0], table, geometry);
+    }
+    return out;
+  }
+};
+
+// The named nodes of each kind.
+class PenaltyEnergyFn : public PenaltyEnergyNode<FiniteGroup, PenaltyEnergyFn> {};
+class PenaltyEnergyBackwardFn : public BackwardNode<FiniteGroup, PenaltyEnergyBackwardFn> {};
+class ProjectFn : public ProjectNode<FiniteGroup, ProjectFn> {};
+class SteerPenaltyEnergyFn : public PenaltyEnergyNode<Steerable, SteerPenaltyEnergyFn> {};
+class SteerBackwardFn : public BackwardNode<Steerable, SteerBackwardFn> {};
+class SteerProjectFn : public ProjectNode<Steerable, SteerProjectFn> {};
+
+// The Autograd-key kernels of a kind's three ops: below autograd when nothing records, else through
+// the kind's nodes.
+template <typename Kind, typename PenaltyEnergyFnT, typename BackwardFnT, typename ProjectFnT>
 struct SingleWeight {
-  class BackwardFn : public torch::autograd::Function<BackwardFn> {
-   public:
-    static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& grad_penalty,
-                                 const Tensor& grad_eq, const SingleTable& t) {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      ctx->save_for_backward({weight, grad_penalty, grad_eq});
-      save_table(ctx, t);
-      return {Kind::backward(weight, grad_penalty, grad_eq, t.table, t.geometry)};
-    }
-
-    static variable_list backward(AutogradContext* ctx, variable_list grads) {
-      const auto saved = ctx->get_saved_variables();
-      const Tensor &weight = saved[0], &gp = saved[1], &ge = saved[2];
-      const auto [table, geometry] = load_table(ctx);
-      variable_list out(4);
-      const Tensor& G = grads[0];
-      if (!G.defined()) return out;
-      if (ctx->needs_input_grad(0)) out[0] = Kind::backward(G, gp, ge, table, geometry);
-      if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
-        const auto [dgp, dge] = coefficient_grads(G, weight, Kind::project(weight, table, geometry));
-        out[1] = dgp.to(gp.scalar_type()).reshape(gp.sizes());
-        out[2] = dge.to(ge.scalar_type()).reshape(ge.sizes());
-      }
-      return out;
-    }
-  };
-
-  class PenaltyEnergyFn : public torch::autograd::Function<PenaltyEnergyFn> {
-   public:
-    static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& t) {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      ctx->set_materialize_grads(false);
-      ctx->save_for_backward({weight});
-      save_table(ctx, t);
-      auto [pen, eq] = Kind::penalty_energy(weight, t.table, t.geometry);
-      return {pen, eq};
-    }
-
-    static variable_list backward(AutogradContext* ctx, variable_list grads) {
-      variable_list out(2);
-      if (!grads[0].defined() && !grads[1].defined()) return out;
-      const auto [table, geometry] = load_table(ctx);
-      const Tensor& zero = Kind::zero(table, geometry);  // an unused output's gradient
-      const Tensor gp = grads[0].defined() ? grads[0] : zero;
-      const Tensor ge = grads[1].defined() ? grads[1] : zero;
-      // Through the dispatcher with autograd: records BackwardFn under create_graph.
-      out[0] = Kind::backward(ctx->get_saved_variables()[0], gp, ge, table, geometry);
-      return out;
-    }
-  };
-
-  class ProjectFn : public torch::autograd::Function<ProjectFn> {
-   public:
-    static variable_list forward(AutogradContext* ctx, const Tensor& weight, const SingleTable& t) {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      save_table(ctx, t);
-      return {Kind::project(weight, t.table, t.geometry)};
-    }
-
-    static variable_list backward(AutogradContext* ctx, variable_list grads) {
-      variable_list out(2);
-      if (grads[0].defined()) {
-        const auto [table, geometry] = load_table(ctx);
-        out[0] = Kind::project(grads[0], table, geometry);
-      }
-      return out;
-    }
-  };
-
-  // --- the Autograd-key kernels ---
-
   static std::tuple<Tensor, Tensor> penalty_energy(const Tensor& weight, TensorList table, IntArrayRef geometry) {
     if (!records({&weight})) {
       at::AutoDispatchBelowADInplaceOrView guard;
       return Kind::penalty_energy(weight, table, geometry);
     }
-    auto r = PenaltyEnergyFn::apply(weight, SingleTable{table, geometry});
+    auto r = PenaltyEnergyFnT::apply(weight, SingleTable{table, geometry});
     return {r[0], r[1]};
   }
 
@@ -205,7 +220,7 @@ struct SingleWeight {
       at::AutoDispatchBelowADInplaceOrView guard;
       return Kind::backward(weight, gp, ge, table, geometry);
     }
-    return BackwardFn::apply(weight, gp, ge, SingleTable{table, geometry})[0];
+    return BackwardFnT::apply(weight, gp, ge, SingleTable{table, geometry})[0];
   }
 
   static Tensor project(const Tensor& weight, TensorList table, IntArrayRef geometry) {
@@ -213,7 +228,7 @@ struct SingleWeight {
       at::AutoDispatchBelowADInplaceOrView guard;
       return Kind::project(weight, table, geometry);
     }
-    return ProjectFn::apply(weight, SingleTable{table, geometry})[0];
+    return ProjectFnT::apply(weight, SingleTable{table, geometry})[0];
   }
 
   static void register_kernels(torch::Library& m) {
@@ -223,6 +238,9 @@ struct SingleWeight {
     m.impl((p + "project").c_str(), &SingleWeight::project);
   }
 };
+
+using FiniteGroupAutograd = SingleWeight<FiniteGroup, PenaltyEnergyFn, PenaltyEnergyBackwardFn, ProjectFn>;
+using SteerableAutograd = SingleWeight<Steerable, SteerPenaltyEnergyFn, SteerBackwardFn, SteerProjectFn>;
 
 Tensor spectrum_autograd(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   // A report, not a training quantity: computed below autograd, its result carries no gradient.
@@ -364,8 +382,8 @@ std::vector<Tensor> multi_penalty_backward_autograd(TensorList weights, const Te
 }  // namespace projkernels
 
 TORCH_LIBRARY_IMPL(projkernels_C, Autograd, m) {
-  projkernels::SingleWeight<projkernels::FiniteGroup>::register_kernels(m);
-  projkernels::SingleWeight<projkernels::Steerable>::register_kernels(m);
+  projkernels::FiniteGroupAutograd::register_kernels(m);
+  projkernels::SteerableAutograd::register_kernels(m);
   m.impl("spectrum", &projkernels::spectrum_autograd);
   m.impl("multi_penalty", &projkernels::multi_penalty_autograd);
   m.impl("multi_penalty_backward", &projkernels::multi_penalty_backward_autograd);
