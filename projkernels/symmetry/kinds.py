@@ -75,4 +75,4 @@ STEERABLE = SteerableKind()
 
 def kind_of(group):
     """The kind of ``group`` (a group name, a ``FiniteGroup``, or a ``SteerableSymmetry``)."""
-    return STEERABLE if type(group) is SteerableSymmetry else FINITE
+    return STEERABLE if isinstance(group, SteerableSymmetry) else FINITE
