@@ -1,14 +1,17 @@
 // Unit tests of the code every kernel shares beyond the per-orbit formulas (no torch needed): the
 // group-order switch and its classes (static_switch.h), the streamed class against the array
 // classes, the orbit walk with the CUDA grid-stride step (orbit_math.h), the chunk walks
-// (multi_math.h) and the launch plan (launch_plan.h), all run on the CPU.
+// (multi_math.h), the layer descriptor that the penalty and the decay share (layer_desc.h,
+// decay_math.h) and the launch plan (launch_plan.h), all run on the CPU.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <vector>
 
+#include "decay_math.h"
 #include "launch_plan.h"
+#include "layer_desc.h"
 #include "multi_math.h"
 #include "orbit_math.h"
 #include "checks.h"
@@ -416,6 +419,45 @@ static void tiles_emulated() {
   CHECK(pk::remap_offset(L.row_len() + 5, tp.row_len, L.stride_in(), tp.so, 48, &v) && v == 48 + 5);
 }
 
+// One descriptor for the penalty's gradient and the decay: the decay's update with coefficients
+// (c_dev, c_mean) writes target + c_dev (W - P W) + c_mean P W, which is the gradient walk's
+// 2 g_pen (W - P W) + 2 g_eq P W plus the target, for g_pen = c_dev / 2 and g_eq = c_mean / 2, on
+// the same LayerDesc; in place (out == weight) it reads the old W only.
+static void decay_and_gradient_share_the_descriptor() {
+  const int G = 4;
+  std::vector<double> w(6 * 8), target(6 * 8), grad(6 * 8);
+  for (size_t i = 0; i < w.size(); ++i) {
+    w[i] = value(static_cast<int64_t>(i));
+    target[i] = value(static_cast<int64_t>(i) + 1000);
+  }
+  const int32_t offs[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+  const double inv_stab[2] = {1.0, 1.0};
+  pk::LayerDesc d{};
+  d.weight = w.data();
+  d.offsets = offs;
+  d.inv_stab = inv_stab;
+  d.c_in = 2;
+  d.stride_out = 16;
+  d.stride_in = 8;
+  d.orbits_per_block = 2;
+  d.n_orbits = 12;
+  d.G = G;
+  d.dtype = pk::kF64;
+  d.coef_dev = 0.3;
+  d.coef_mean = -0.7;
+  d.out = grad.data();
+  pk::chunk_gradient<4, double, double>(d, offs, 0, 12, 1, 0.3, -0.7);
+  std::vector<double> updated = target;
+  d.out = updated.data();
+  pk::decay::decay_chunk<4, false, double, double>(d, 0, 12, 1);
+  for (size_t i = 0; i < w.size(); ++i) CHECK_CLOSE(updated[i], target[i] + grad[i], 1e-12);
+  std::vector<double> in_place = w;
+  d.weight = in_place.data();
+  d.out = in_place.data();
+  pk::decay::decay_chunk<4, true, double, double>(d, 0, 12, 1);
+  for (size_t i = 0; i < w.size(); ++i) CHECK_CLOSE(in_place[i], w[i] + grad[i], 1e-12);
+}
+
 int main() {
   tiles_emulated();
   group_order_classes();
@@ -427,6 +469,7 @@ int main() {
   chunk_walk_with_threads();
   batched_walks();
   multi_chunks_by_lookup();
+  decay_and_gradient_share_the_descriptor();
   chunk_plan();
   shared_plan();
   if (failures) {
