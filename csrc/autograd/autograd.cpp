@@ -251,7 +251,7 @@ Tensor spectrum_autograd(const Tensor& weight, TensorList table, IntArrayRef geo
 // --- multi-tensor -------------------------------------------------------------------------------
 
 // The multi-tensor tables travel to Function::apply wrapped in this struct, as a single weight's do
-// in SingleTable (op_common.h), so that autograd does not take them for inputs.
+// in SingleTable (above), so that autograd does not take them for inputs.
 struct MultiTableArgs {
   TensorList offsets, inv_stab;
   const Tensor& consts;
