@@ -5,7 +5,7 @@
   permutations.  For an orthogonal action sum_g ||W - Pi_g W||^2 = 2|G| ||W - P W||^2, so this is the
   same number as the projection penalty.
 - ``compiled_gather_penalty``: ``torch.compile`` of the pure-PyTorch orbit-gather code of
-  ``projkernels.reference`` (gather orbit rows, subtract the mean, square, sum), and
+  ``projkernels.backends.reference`` (gather orbit rows, subtract the mean, square, sum), and
   ``compiled_group_loop``: ``torch.compile`` of the eager loop.
 - ``DenseBasis``: the published route: a dense orthonormal basis Q (N x D) of the equivariant
   subspace, penalty = ||w||^2 - ||Q^T w||^2.  The published code orthonormalises an escnn basis by

@@ -30,7 +30,7 @@ TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PROJKERNELS_CUDA=1 timeout 150 \
   python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || status=1
 fi
 tail -3 "$OUT/build.log"
-python3 -c "import projkernels as pk, projkernels.native as c; print(pk.__file__, 'cuda:', c.WITH_CUDA, pk.available_backends('cuda'))" \
+python3 -c "import projkernels as pk, projkernels.backends.native as c; print(pk.__file__, 'cuda:', c.WITH_CUDA, pk.available_backends('cuda'))" \
   >> "$OUT/build.log" 2>&1 || status=1
 
 if [ -z "${SKIP_TESTS:-}" ]; then  # SKIP_TESTS=1: timings only
@@ -56,8 +56,8 @@ cat > "$OUT/timings.py" <<'PY'
 import json, sys
 import torch
 import projkernels  # noqa: F401  (registers the backends)
-from projkernels import native as C
-from projkernels import triton_kernels as K
+from projkernels.backends import native as C
+from projkernels.backends.triton import kernels as K
 from projkernels.orbits import orbit_table
 
 dev = torch.device("cuda")
