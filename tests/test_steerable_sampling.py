@@ -112,7 +112,7 @@ def test_large_cutoff_basis_is_exactly_grid_equivariant(group, kind, k, cutoff, 
     assert worst <= 1e-24
 
 
-@pytest.mark.parametrize("group,k,cutoff", [("C4", 5, 10.0), ("C8", 5, 10.0)])
+@pytest.mark.parametrize("group,k,cutoff", [("C4", 3, 10.0), ("C8", 5, 10.0)])
 def test_mixed_fields_commute_with_quarter_turns(group, k, cutoff):
     """Mixed trivial / regular / 2-d irrep fields: conv2d(P(W)) commutes with the quarter turns to
     float64 rounding.  C8 acts exactly on the grid only through its C4 subgroup: its basis lies inside
