@@ -60,12 +60,12 @@ _SIGNAL_RTOL = 1e-5
 
 
 def _escnn():
+    from .install_hints import escnn_hint
     try:
         import escnn.nn  # noqa: F401
         import escnn.gspaces  # noqa: F401
     except ImportError as e:
-        raise ImportError("projkernels.steerable needs escnn, an optional extra: "
-                          "pip install projkernels[escnn]") from e
+        raise ImportError(f"projkernels.steerable needs escnn, an optional dependency: {escnn_hint()}") from e
     import escnn
     return escnn
 
