@@ -21,6 +21,7 @@ is installed with a warning; so is it when the extension fails to compile.  Inst
 importable by the build, hence no build isolation).
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,18 @@ import warnings
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    """The version, written once: ``__version__`` in projkernels/__init__.py (read as text, since
+    importing the package would need the extension this build makes)."""
+    with open(os.path.join(HERE, "projkernels", "__init__.py"), encoding="utf-8") as fh:
+        m = re.search(r'^__version__ = "([^"]+)"', fh.read(), flags=re.M)
+    if m is None:
+        raise RuntimeError("projkernels/__init__.py: no line __version__ = \"...\"")
+    return m.group(1)
+
+
 NAME = "projkernels._C"
 # csrc/ by role (docs/design.md, "csrc by role"): the schemas of every op and the public ops' thin
 # kernels; the CPU kernels; the autograd; the Python module with the eager API's bound calls.  The
@@ -170,8 +183,18 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="projkernels",
-    version="0.1.0",
+    version=_version(),
     description="Exact projection penalty ||W - P(W)||^2 for approximately equivariant networks",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    author="projkernels contributors",
+    license="BSD-3-Clause",
+    license_files=["LICENSE", "NOTICE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: C++",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["projkernels", "projkernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
@@ -180,6 +203,11 @@ setup(
         "test": ["pytest", "pytest-benchmark", "ninja", "matplotlib", "triton"],
         "triton": ["triton"],
         "escnn": ["escnn"],
+        "lightning": ["lightning"],  # projkernels.integrations.lightning
+        "tensorboard": ["tensorboard"],  # projkernels.integrations.tensorboard (torch's SummaryWriter needs it)
+        "docs": ["mkdocs", "mkdocstrings[python]"],  # the documentation site (mkdocs build --strict)
+        # CI: the integrations' tests, the docs build and the source archive
+        "dev": ["lightning", "tensorboard", "mkdocs", "mkdocstrings[python]", "build", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

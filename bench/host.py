@@ -125,7 +125,7 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
     row("its public op called through torch.ops, fwd (table converted per call)", t["torch.ops fwd"],
         t["native fwd"], "(w*w).sum()")
 
-    # The Python backends' route (projkernels/eager.py), measured on the reference backend: its
+    # The Python backends' route (projkernels/library/autograd.py), measured on the reference backend: its
     # host cost over the backend's own kernels is what the Triton backend pays on a GPU too.
     cfg = config_for(w, *SPEC, "reference")
     zero = torch.zeros(())

@@ -195,8 +195,8 @@ def steerable_from_layer(layer, name: str = "layer") -> SteerableSymmetry:
     Why the layer's basis and not its options: escnn folds ``frequencies_cutoff``, ``maximum_offset``
     and a custom ``basis_filter`` into one filter closure and keeps only the derived rings, sigmas
     and maximum frequency, and the sampling grid also depends on ``dilation``; the layer's sampled
-    basis is the one thing that holds all of them, so P is built from it (float64, as for
-    ``steerable()``).  Layers with equal field types, kernel size and sampled basis share one symmetry
+    basis is the one thing that holds all of them, so P is built from it: its analytic basis sampled
+    again in float64 at the layer's own points, as for ``steerable()`` (docs/steerable.md, Sampling).  Layers with equal field types, kernel size and sampled basis share one symmetry
     object (so they share the configuration caches); the layer itself is not kept.
     """
     enn = _escnn().nn

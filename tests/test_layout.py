@@ -30,8 +30,8 @@ FLOORS = [
     ["dispatch", "dispatch.*"],                                         # 7: configurations, plans
     ["api"],                                                            # 8: single weights
     ["model"],                                                          # 9: whole models
-    ["decay", "escnn_interop", "integrations", "integrations.*"],       # 10: optimizer, interop
-    ["", "__main__", "demo", "demo.*"],                                 # 11: the package, CLI, demo
+    ["decay", "escnn_interop"],                                         # 10: optimizer, interop
+    ["", "__main__", "demo", "demo.*", "integrations", "integrations.*"],  # 11: the package and its users
 ]
 
 # The classes that tell symmetry kinds apart; only projkernels/symmetry/ may test for them.

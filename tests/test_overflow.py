@@ -80,7 +80,7 @@ def _check_values(got, want, dtype, what, atol=0.0):
 def test_an_equivariant_weight_near_the_max_has_penalty_zero_and_projects_to_itself(backend, case, dtype):
     w = _equivariant(case, dtype).requires_grad_()
     pen, eq = pk.penalty_and_energy(w, *case[1:], backend=backend)
-    assert float(pen) == 0.0, f"penalty of an exactly equivariant weight: {float(pen)}"
+    assert float(pen.detach()) == 0.0, f"penalty of an exactly equivariant weight: {float(pen.detach())}"
     # ||P W||^2 = ||W||^2: inf where it exceeds the accumulation dtype's range, exact otherwise.
     true_eq = float((w.detach().double() * DOWN).square().sum()) * UP * UP
     if true_eq > _acc_max(dtype):
@@ -162,3 +162,31 @@ def test_multi_tensor_penalty_of_weights_near_the_max(backend, dtype):
     want_p = _expected_project(b.detach(), CASES[1])
     _check_values(b.grad, 0.5 * (b.detach().double() - want_p) + 0.25 * want_p, dtype, "multi gradient",
                   atol=TOL[dtype] * float(b.detach().double().abs().max()))
+
+
+def test_the_emulated_cuda_kernels_near_the_max():
+    # The .cu kernels share the per-orbit math of the CPU ops (csrc/orbit_math.h, decay_math.h), run
+    # here on the emulated device (tests/test_cuda_emulated.py; one small case: each build takes minutes).
+    pytest.importorskip("projkernels.backends.native", reason="projkernels._C is not built")
+    import test_cuda_emulated as E
+    ops = E._finite_lib("chunked")
+    case, dtype = CASES[0], torch.float32
+    t = orbit_table(*case)
+    d = t.device_tables("cpu", dtype)
+    eqw = _equivariant(case, dtype)
+    pen, eq, spec = ops.fused_forward(eqw, d.offsets, d.inv_stab, d.basis, d.row_irrep, *t.geometry, True)
+    assert float(pen) == 0.0 and not bool(spec.isnan().any()) and bool((spec[1:] == 0).all()), spec.tolist()
+    p = ops.fused_backward(eqw, d.zero, d.half, d.offsets, d.inv_stab, *t.geometry[1:])
+    assert torch.equal(p, eqw), "P W != W for an exactly equivariant weight"
+    w = _non_equivariant(case, dtype)
+    want_p = _expected_project(w, case)
+    atol = TOL[dtype] * float(w.double().abs().max())
+    _check_values(ops.fused_backward(w, d.zero, d.half, d.offsets, d.inv_stab, *t.geometry[1:]), want_p, dtype,
+                  "emulated P W", atol=atol)
+    gp, ge = torch.tensor(0.25), torch.tensor(0.125)
+    _check_values(ops.fused_backward(w, gp, ge, d.offsets, d.inv_stab, *t.geometry[1:]),
+                  0.5 * (w.double() - want_p) + 0.25 * want_p, dtype, "emulated gradient", atol=atol)
+    decay = E.emu.load("decay_kernels.cu", substitutions={".pinned_memory(true)": ".pinned_memory(false)"})
+    target = w.clone()
+    decay.multi_decay_([target], [d.offsets], t.geometry[1:], [-0.2], [-0.05])
+    _check_values(target, w.double() - 0.2 * (w.double() - want_p) - 0.05 * want_p, dtype, "emulated decay", atol=atol)

@@ -144,12 +144,14 @@ def test_matches_the_dense_projection_of_the_layer_basis(name):
     w = _random(sym)
     pw = (P @ w.reshape(-1)).reshape(w.shape)
     pen, eq = pk.penalty_and_energy(w, sym)
-    assert float(pen) == pytest.approx(float((w - pw).square().sum()), rel=1e-9)
-    assert float(eq) == pytest.approx(float(pw.square().sum()), rel=1e-9, abs=1e-12)
-    torch.testing.assert_close(pk.project(w, sym), pw, rtol=0, atol=1e-12)
+    # The oracle expands escnn's float32 samples; projkernels samples the same analytic basis in float64
+    # (tests/test_steerable_sampling.py), so the two spans agree to escnn's float32 sampling error.
+    assert float(pen) == pytest.approx(float((w - pw).square().sum()), rel=1e-6)
+    assert float(eq) == pytest.approx(float(pw.square().sum()), rel=1e-6, abs=1e-12)
+    torch.testing.assert_close(pk.project(w, sym), pw, rtol=0, atol=1e-5)
     # the dense basis built from projkernels' blocks spans the same space
     q = sym.dense_basis()
-    torch.testing.assert_close(q @ q.T, P, rtol=0, atol=1e-12)
+    torch.testing.assert_close(q @ q.T, P, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["so2_conv2d", "c4_regular_conv2d", "so3_linear"])
@@ -357,8 +359,11 @@ def test_without_escnn_the_error_says_what_to_install(monkeypatch):
             raise ImportError("No module named 'escnn'")
         return real(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_escnn)
-    with pytest.raises(ImportError, match=r"pip install projkernels\[escnn\]"):
+    # projkernels is on no package index, so "pip install projkernels[escnn]" cannot work: the hint
+    # names escnn itself.
+    with pytest.raises(ImportError, match=r"needs escnn.*pip install escnn") as info:
         _escnn()
+    assert "projkernels[" not in str(info.value)
 
 
 def test_equivariance_report_lists_steerable_layers():

@@ -108,11 +108,12 @@ def test_the_layer_weight_has_zero_penalty_and_the_same_space(name):
     # the symmetry's space is the layer's own: its dense projection, independently built
     P = _dense_projection(layer)
     q = sym.dense_basis()
-    torch.testing.assert_close(q @ q.T, P, rtol=0, atol=1e-10)
+    # P expands escnn's float32 samples, the symmetry samples the same analytic basis in float64
+    torch.testing.assert_close(q @ q.T, P, rtol=0, atol=1e-6)
     if name in ("so2_irreps", "o2_irreps", "so3_irreps"):
         # non-vacuous: with escnn's default options the layer would span another space
         qd = pk.steerable(layer.in_type, layer.out_type, layer.kernel_size).dense_basis()
-        assert float((qd @ qd.T - P).norm()) > 0.1  # against ~1e-10 above
+        assert float((qd @ qd.T - P).norm()) > 0.1  # against ~1e-7 above
 
 
 def test_kind_chooses_between_the_group_average_and_the_layer_basis():

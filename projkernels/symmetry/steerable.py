@@ -39,22 +39,31 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import functools
 
+import numpy as np
 import torch
 
 from ..orbits import acc_dtype  # the one accumulation-dtype rule
 
 __all__ = ["steerable", "SteerableSymmetry", "BlockType", "Layout", "check_module", "no_spectrum"]
 
-_RANK_RTOL = 1e-6  # singular values below this fraction of the largest are sampling noise, not basis
+_RANK_RTOL = 1e-6  # _orthonormal's tolerance, for well-conditioned inputs (the bias' trivial parts)
+# The rank of a layer's basis, sampled in float64 (_block_types): a singular value below _NOISE_RTOL of
+# the layer's largest is noise, one above _SIGNAL_RTOL is basis, and one in between is an ambiguous
+# spectrum that raises.  Measured over 2-D and 3-D gspaces, kernel sizes 3-7 and frequencies_cutoff up
+# to 14: noise <= 3.1e-15 from the float64 sampling, and <= 1.3e-9 where escnn's coupling coefficients,
+# which it stores in float32, should cancel on the grid (octaOnR3, kernel 3, cutoff 6); basis >= 8.5e-4
+# (C4, kernel 7).  escnn's own float32 sampling puts noise at 1e-6 to 4e-6, which a cut at 1e-6 kept.
+_NOISE_RTOL = 1e-7
+_SIGNAL_RTOL = 1e-5
 
 
 def _escnn():
+    from ..install_hints import escnn_hint
     try:
         import escnn.nn  # noqa: F401
         import escnn.gspaces  # noqa: F401
     except ImportError as e:
-        raise ImportError("projkernels.steerable needs escnn, an optional extra: "
-                          "pip install projkernels[escnn]") from e
+        raise ImportError(f"projkernels.steerable needs escnn, an optional dependency: {escnn_hint()}") from e
     import escnn
     return escnn
 
@@ -131,7 +140,11 @@ class SteerableSymmetry:
         self.spatial_dims = d
         self.weight_shape = (out_type.size, in_type.size) + spatial
         self.numel = out_type.size * in_type.size * (kernel_size ** d if d else 1)
-        self.types = _block_types(module, in_type, out_type)
+        label = (f"steerable({gs.fibergroup}: {_type_label(in_type)} -> {_type_label(out_type)}"
+                 + ("" if kernel_size is None else f", kernel_size={kernel_size}")
+                 + ("" if basis_options is None else "".join(f", {k}={v!r}" for k, v in basis_options.items()))
+                 + (f", from a {type(layer).__name__} layer" if layer is not None else "") + ")")
+        self.types = _block_types(module, in_type, out_type, label)
         self.dim = sum(t.n_blocks * t.rank for t in self.types)
         self._device_cache: Dict[tuple, object] = {}
         for acc in (torch.float32, torch.float64):
@@ -219,27 +232,127 @@ def _fields(ft) -> Dict[str, List[int]]:
     return by_name
 
 
-def _block_types(module, in_type, out_type) -> List[BlockType]:
+def _block_types(module, in_type, out_type, label: str) -> List[BlockType]:
+    """Q_t of every block type, from escnn's analytic basis sampled again in float64.
+
+    Why not escnn's ``sampled_basis``: escnn samples in float32, and with a large ``frequencies_cutoff``
+    its elements alias on the grid into combinations of the others (or vanish there), so their float32
+    residue (1e-6 to 4e-6 of the largest singular value) is kept as basis by any cut near 1e-6, and P(W)
+    then leaves the grid-equivariant space (a 5x5 C4-invariant kernel at cutoff 10 got 9 dimensions of
+    the 7 that exist).  In float64 that residue is ~1e-15 (1e-9 where escnn's float32-stored coupling
+    coefficients should cancel), and the spectrum has a gap of at least five orders.
+
+    The rank is decided once for the layer: every block type's singular values (of the unnormalised
+    samples, whose elements are O(1): a radial profile <= 1 times harmonics and coupling coefficients)
+    are compared with the largest over all types.  That is what one SVD of the whole dense basis would
+    decide, since the dense basis is block diagonal up to a permutation and its singular values are
+    the union of the types'; a per-type reference (each type's own largest) could split them
+    differently near a threshold, and the required gap (nothing between _NOISE_RTOL and _SIGNAL_RTOL)
+    keeps the decision away from any threshold.
+    """
     be = module.basisexpansion
     sizes_in = {r.name: r.size for r in in_type.representations}
     sizes_out = {r.name: r.size for r in out_type.representations}
     in_fields, out_fields = _fields(in_type), _fields(out_type)
     pairs = set(be._representations_pairs)  # (in name, out name) pairs with a non-empty basis
     s = max(1, int(getattr(be, "S", 1)))
+    svds, resampled = {}, True
+    for i_name in in_fields:
+        for o_name in out_fields:
+            if (i_name, o_name) in pairs:
+                block = getattr(be, f"block_expansion_{be._escape_pair((i_name, o_name))}")
+                b = _sample_float64(be, block, label, (i_name, o_name))
+                if b is None:  # not re-sampleable: escnn's own float32 samples (docs/steerable.md, Sampling)
+                    resampled = False
+                    b = block.sampled_basis.detach().to("cpu", torch.float64).reshape(block.sampled_basis.shape[0], -1)
+                # [n_basis, d_out * d_in * S]: the layout of the block of the expanded filter
+                svds[(i_name, o_name)] = torch.linalg.svd(b.T, full_matrices=False)[:2]
+    top = max((float(sv[0]) for _, sv in svds.values() if sv.numel()), default=0.0)
     types = []
     for o_name, o_offs in out_fields.items():
         for i_name, i_offs in in_fields.items():
             d_o, d_i = sizes_out[o_name], sizes_in[i_name]
             m = d_o * d_i * s
-            if (i_name, o_name) in pairs:
-                sampled = getattr(be, f"block_expansion_{be._escape_pair((i_name, o_name))}").sampled_basis
-                # [n_basis, d_out, d_in, S]: the layout of the block of the expanded filter
-                b = sampled.detach().to("cpu", torch.float64).reshape(sampled.shape[0], m)
-                q = _orthonormal(b.T)
+            if (i_name, o_name) in svds:
+                u, sv = svds[(i_name, o_name)]
+                q = u[:, :_basis_rank(sv, top, resampled, label, (i_name, o_name))].contiguous()
             else:
                 q = torch.zeros(m, 0, dtype=torch.float64)  # no equivariant map between these fields
             types.append(BlockType(o_name, i_name, d_o, d_i, tuple(o_offs), tuple(i_offs), q))
     return types
+
+
+def _to_float64(module, seen: set, saved: list) -> None:
+    """Switch the floating tensors of an escnn kernel basis (and its sub-bases) to float64 in place,
+    recording the originals in ``saved`` for ``_restore``.  Not ``module.double()``: torch's walk over
+    children compares them with ``==``, and escnn's bases compare their buffers, which fails on a
+    mixed-dtype tree halfway through.  Not a deep copy either: escnn's groups do not all survive one."""
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    for tensors in (module._buffers, module._parameters):
+        for name, t in tensors.items():
+            if t is not None and t.is_floating_point() and t.dtype != torch.float64:
+                saved.append((tensors, name, t))
+                tensors[name] = t.detach().to(torch.float64)
+    for child in module._modules.values():
+        if child is not None:
+            _to_float64(child, seen, saved)
+
+
+def _sample_float64(be, block, label: str, pair) -> Optional[torch.Tensor]:
+    """[n_basis, d_out * d_in * S] float64 samples of the analytic basis ``block.basis`` at escnn's
+    points ``be.points``, for the elements escnn kept (``block._mask``), unnormalised; None where the
+    block holds no analytic basis to sample.  The escnn objects are left as they were (the basis is
+    shared between layers: escnn caches it)."""
+    basis, mask, points = getattr(block, "basis", None), getattr(block, "_mask", None), getattr(be, "points", None)
+    if basis is None or mask is None or points is None or not hasattr(basis, "sample"):
+        return None
+    stored = block.sampled_basis.detach().to("cpu", torch.float64)
+    saved: list = []
+    try:
+        _to_float64(basis, set(), saved)
+        raw = basis.sample(torch.as_tensor(np.asarray(points), dtype=torch.float64))   # [S, n, d_out, d_in]
+    except (RuntimeError, TypeError):
+        return None  # a basis whose sampling is float32-only
+    finally:
+        for tensors, name, t in saved:
+            tensors[name] = t
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    raw = raw.detach().permute(1, 2, 3, 0)
+    if raw.shape[0] != mask.numel() or raw[mask].shape != stored.shape:
+        return None
+    b = raw[mask].reshape(stored.shape[0], -1)
+    # The float64 sample must be escnn's basis: element by element (escnn normalises each, so compare
+    # directions) wherever an element is not mostly float32 residue in escnn's copy.
+    flat = stored.reshape(stored.shape[0], -1)
+    nb, ns = b.norm(dim=1), flat.norm(dim=1)
+    big = nb >= 1e-3 * float(nb.max())
+    dev = (b[big] / nb[big, None] - flat[big] / ns[big, None]).norm(dim=1)
+    if dev.numel() and float(dev.max()) > 1e-3:
+        raise ValueError(f"{label}: the basis of the pair (in {pair[0]!r}, out {pair[1]!r}) sampled again in float64 "
+                         f"differs from escnn's sampled basis (direction error {float(dev.max()):.1e}); was the "
+                         "layer's basis expansion changed after it was built?")
+    return b
+
+
+def _basis_rank(sv: torch.Tensor, top: float, resampled: bool, label: str, pair) -> int:
+    """How many of one block type's singular values ``sv`` (descending) are basis, against ``top``, the
+    largest over the layer (see _block_types)."""
+    if top <= 0:
+        return 0
+    rel = sv / top
+    if not resampled:
+        # escnn's float32 samples: their noise reaches 4e-6 of the largest, and no gap can be required
+        return int((rel > 1e-5).sum())
+    unclear = rel[(rel >= _NOISE_RTOL) & (rel <= _SIGNAL_RTOL)]
+    if unclear.numel():
+        raise ValueError(
+            f"{label}: the basis of the pair (in {pair[0]!r}, out {pair[1]!r}) has no clear rank: singular values "
+            f"{', '.join(f'{float(v):.1e}' for v in unclear[:4])} of the largest lie between noise (below "
+            f"{_NOISE_RTOL:.0e}) and clear basis directions (above {_SIGNAL_RTOL:.0e}); change frequencies_cutoff, "
+            "rings or sigma so that escnn's basis elements are not nearly dependent on the grid")
+    return int((rel > _SIGNAL_RTOL).sum())
 
 
 def _orthonormal(b: torch.Tensor) -> torch.Tensor:

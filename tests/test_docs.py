@@ -1,0 +1,65 @@
+"""Every ```python block of the documentation (docs/*.md and README.md) runs.
+
+The blocks of one page run in order in one fresh process, sharing their names, as a reader runs
+them.  A block whose first line is ``# docs-test: skip (<reason>)`` is not run (a fragment, or a
+block that needs a GPU, escnn or more ranks): each such block is reported as a skipped test with its
+reason, so the count shows in pytest's summary.  README's blocks are the files under examples/
+(tests/test_examples.py) and run here as well, from the page.
+"""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SKIP = re.compile(r"^# docs-test: skip \((.+)\)\s*$")
+PAGES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))) + ["README.md"]
+
+
+def python_blocks(path):
+    """(line number, code) of every ```python block of the Markdown file ``path``."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as fh:
+        text = fh.read()
+    return [(text[:m.start()].count("\n") + 1, m.group(1))
+            for m in re.finditer(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)]
+
+
+def _split(path):
+    run, skipped = [], []
+    for line, code in python_blocks(path):
+        m = SKIP.match(code.splitlines()[0]) if code.strip() else None
+        (skipped if m else run).append((line, m.group(1) if m else code))
+    return run, skipped
+
+
+RUN = [p for p in PAGES if _split(p)[0]]
+SKIPPED = [(p, line, reason) for p in PAGES for line, reason in _split(p)[1]]
+
+
+def test_the_pages_have_blocks_and_the_marker_is_honoured():
+    assert RUN, "no documentation page has a python block"
+    assert "docs/guide.md" in RUN and "docs/integrations.md" in RUN
+    # the parser: a marked block is skipped with its reason, an unmarked one runs
+    assert SKIP.match("# docs-test: skip (needs a GPU)").group(1) == "needs a GPU"
+    assert SKIP.match("# docs-test: skip") is None
+
+
+@pytest.mark.parametrize("page", RUN)
+def test_page_blocks_run(page, tmp_path):
+    run, _ = _split(page)
+    # One script: each block under a banner naming its line, so a failure points at the block.
+    script = "\n".join(f"print('--- {page}:{line}', flush=True)\n{code}" for line, code in run)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MPLBACKEND="Agg")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=600)
+    last = [l for l in out.stdout.splitlines() if l.startswith(f"--- {page}:")]
+    assert out.returncode == 0, f"block at {last[-1][4:] if last else page} failed:\n{out.stderr[-3000:]}"
+    assert len(last) == len(run)
+
+
+@pytest.mark.parametrize("page,line,reason", SKIPPED, ids=[f"{p}:{l}" for p, l, _ in SKIPPED])
+def test_marked_block(page, line, reason):
+    pytest.skip(f"{page}:{line} marked docs-test: skip ({reason})")
