@@ -109,7 +109,7 @@ def measure(number: int = 2000, rounds: int = 7) -> List[dict]:
                      "ratio": ours / base, "target": target, "note": note})
 
     # The same public op called through torch.ops with its table and geometry as Python arguments
-    # (the route before bound calls, csrc/python_calls.cpp): what the argument conversion costs.
+    # (the route before bound calls, csrc/python/python_calls.cpp): what the argument conversion costs.
     from projkernels.dispatch.config import config_for
     bound = config_for(w, *SPEC, "auto").ops.penalty_energy.__self__
     boxed, table, geometry = torch.ops.projkernels_C.penalty_energy.default, bound.table, bound.geometry

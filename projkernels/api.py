@@ -3,7 +3,7 @@
 Each call looks its configuration up in the validate-once cache (projkernels/dispatch/config.py); a
 hit is one dictionary lookup, and the call is then ``cfg.ops.f(weight, *cfg.op_args)``: for a
 native backend ("cpp", "cuda") one public ``projkernels_C`` op, whose autograd is C++
-(csrc/autograd.cpp); for the others one node of the Python autograd (projkernels/library/autograd.py).  docs/design.md, "Layers
+(csrc/autograd/autograd.cpp); for the others one node of the Python autograd (projkernels/library/autograd.py).  docs/design.md, "Layers
 from API to kernel", walks through the layers.
 
 Under torch.compile every backend goes through the Python custom ops of
@@ -39,7 +39,8 @@ def _config(weight, group, in_rep, out_rep, backend):
         # a full weight and reach a kernel that would gather it, or fail deep inside.
         raise single_weight_error("the single-weight functions")
     try:
-        return CONFIGS[(weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend)]
+        # The layout too: a sparse weight of a cached dense shape must reach the checks, not a kernel.
+        return CONFIGS[(weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend, weight.layout)]
     except (KeyError, AttributeError, TypeError):
         with functional.untransformed():  # hook: under torch.func transforms the tables are still plain tensors
             return config_for(weight, group, in_rep, out_rep, backend)

@@ -197,7 +197,7 @@ class DeviceTables(NamedTuple):
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation (and result) dtype for weights of ``dtype``: float64 stays float64, float32
     and the half types accumulate in float32 (a small penalty is not rounded away).  The one place
-    this rule is written in Python; the C++ side has ``acc_type_of`` in csrc/op_checks.h."""
+    this rule is written in Python; the C++ side has ``acc_type_of`` in csrc/include/op_checks.h."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -168,3 +168,15 @@ def test_install_hints_name_commands_that_work_from_a_checkout():
     assert root is not None  # the tests run from the source tree
     assert install_hints.extension_hint() == f"cd {root} && pip install --no-build-isolation -e ."
     assert "PROJKERNELS_CUDA=1" in install_hints.extension_hint(cuda=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_sparse_weight_after_a_dense_one_of_its_shape_is_still_refused(backend):
+    # The configuration cache is keyed by shape: without the layout in the key, a sparse weight would
+    # reuse the dense weight's entry and reach a kernel instead of the check.
+    if backend not in pk.available_backends("cpu"):
+        pytest.skip(f"{backend} not available")
+    w = torch.randn(12, 12)
+    pk.projected_penalty(w, "C4", "regular", "regular", backend=backend)
+    with pytest.raises(TypeError, match=r"weight: expected a dense \(strided\) tensor"):
+        pk.projected_penalty(w.to_sparse(), "C4", "regular", "regular", backend=backend)

@@ -1,4 +1,4 @@
-"""What is specific to the CUDA backend ("cuda", csrc/kernels.cu), GPU only: large shapes, offset tables
+"""What is specific to the CUDA backend ("cuda", csrc/cuda/orbit_kernels.cu), GPU only: large shapes, offset tables
 beyond shared memory, streams, bitwise reproducibility, raw-op opcheck.  torch.compile: tests/test_cpp_backend.py.  Values and
 gradients on the case matrix are checked through the public API in tests/test_conformance.py."""
 import pytest

@@ -1,6 +1,6 @@
 """Kernel paths that only some problems take, against the float64 reference.
 
-* every group-order class of the one switch (csrc/static_switch.h): the exact orders 1, 2, 4, 8,
+* every group-order class of the one switch (csrc/include/static_switch.h): the exact orders 1, 2, 4, 8,
   16, the array classes (other orders up to 64) and the streamed class (any larger order), on the
   cpp backend here and on the cuda backend on a GPU;
 * the Triton kernels on shapes whose orbits cross program boundaries, and on large group orders

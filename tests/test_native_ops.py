@@ -108,7 +108,7 @@ def test_public_op_checks_its_argument_counts():
         OPS.penalty_energy(w[:4], table, geometry)
 
 
-# --- bound calls (csrc/python_calls.cpp): what the eager API calls --------------------------------
+# --- bound calls (csrc/python/python_calls.cpp): what the eager API calls --------------------------------
 
 def _log_ops(log):
     class Log(TorchFunctionMode):

@@ -165,7 +165,7 @@ def test_multi_tensor_penalty_of_weights_near_the_max(backend, dtype):
 
 
 def test_the_emulated_cuda_kernels_near_the_max():
-    # The .cu kernels share the per-orbit math of the CPU ops (csrc/orbit_math.h, decay_math.h), run
+    # The .cu kernels share the per-orbit math of the CPU ops (csrc/include/orbit_math.h, decay_math.h), run
     # here on the emulated device (tests/test_cuda_emulated.py; one small case: each build takes minutes).
     pytest.importorskip("projkernels.backends.native", reason="projkernels._C is not built")
     import test_cuda_emulated as E

@@ -1,5 +1,5 @@
-"""The compiled route of steerable symmetries: backends "cpp" (csrc/steerable_ops.cpp) and "cuda"
-(csrc/steerable_kernels.cu).
+"""The compiled route of steerable symmetries: backends "cpp" (csrc/cpu/steerable_kernels.cpp) and "cuda"
+(csrc/cuda/steerable_kernels.cu).
 
 Oracles: the dense projection of the escnn layer's own expansion (tests/test_steerable.py builds
 it from the layer, not from projkernels' blocks), the dense basis assembled from the block types

@@ -192,11 +192,11 @@ def test_cuda_ops_match_the_dense_projection_and_the_cpu(name, dtype):
 # --- the CUDA kernels' shared-memory fallbacks ------------------------------------------------------
 #
 # A CUDA block puts its tile's coefficients, then Q_t^T, then the tile's blocks in shared memory where
-# each fits next to the ones before (steer_staging in csrc/steerable_math.h), within a budget of B
+# each fits next to the ones before (steer_staging in csrc/include/steerable_math.h), within a budget of B
 # numbers of the accumulation dtype, and reads the rest from global memory; coefficients beyond B go
 # to a global scratch buffer.  These layouts are sized from B so that each fallback is taken.
 
-_STATIC_SHARED_RESERVE = 1024  # bytes the kernels leave for static shared memory (csrc/cuda_launch.cuh)
+_STATIC_SHARED_RESERVE = 1024  # bytes the kernels leave for static shared memory (csrc/cuda/cuda_launch.cuh)
 FALLBACKS = ["coefficients", "blocks_q_shared", "blocks_global"]
 
 

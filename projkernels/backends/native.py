@@ -3,7 +3,7 @@
 Importing ``projkernels._C`` loads the library whose static initialisers register the
 ``projkernels_C::`` ops.  Two layers of ops:
 
-Public ops (csrc/public_ops.cpp, autograd in csrc/autograd.cpp), what the configurations bind:
+Public ops (csrc/ops/public_ops.cpp, autograd in csrc/autograd/autograd.cpp), what the configurations bind:
 
     penalty_energy(weight, table[], geometry[]) -> (penalty, eq_energy)
     penalty_energy_backward(weight, grad_penalty, grad_eq, table[], geometry[]) -> dW
@@ -14,7 +14,7 @@ Public ops (csrc/public_ops.cpp, autograd in csrc/autograd.cpp), what the config
     multi_penalty_backward(weights[], grad_penalty [L], grad_eq [L], offsets[], inv_stab[], consts,
                            geometry[]) -> dW[]
 
-The steerable ops (csrc/steerable_ops.cpp, CUDA kernels in csrc/steerable_kernels.cu) take the
+The steerable ops (csrc/cpu/steerable_kernels.cpp, CUDA kernels in csrc/cuda/steerable_kernels.cu) take the
 same arguments, with ``table`` and ``geometry`` the layout of ``SteerableSymmetry.layout(device,
 dtype).native``, and return the same shapes (so they share the fake kernels of projkernels/library/fakes.py):
 
@@ -29,7 +29,7 @@ Their autograd is registered in C++ for the Autograd key (double backward includ
 dispatcher picks the CPU or CUDA kernel.  penalty_energy is the training op: it computes no
 spectrum.
 
-Raw kernels (csrc/ops.cpp, csrc/kernels.cu, csrc/multi_kernels.cu), which the public ops call:
+Raw kernels (csrc/cpu/orbit_kernels.cpp, csrc/cuda/orbit_kernels.cu, csrc/cuda/multi_kernels.cu), which the public ops call:
 
     fused_forward(weight, offsets, inv_stab, basis, row_irrep, n_irreps, c_out, c_in, stride_out,
                   stride_in, with_spectrum=True) -> (penalty, eq_energy, spectrum)
@@ -153,7 +153,7 @@ def _cuda_why_unavailable(device: torch.device) -> Optional[str]:
 # --- the slots' bindings ---------------------------------------------------------------------------
 
 def bind(table: OrbitTable, device, dtype):
-    """A configuration's calls: the public C++ ops bound to its device tables (csrc/python_calls.cpp).
+    """A configuration's calls: the public C++ ops bound to its device tables (csrc/python/python_calls.cpp).
     A call converts only the weight from Python, not the table, so the host cost is close to a native
     op's.  The training calls are bound to the tables without the isotypic basis; the spectrum binds
     the full tables on its first call (_LazySpectrum), so a penalty never builds the basis."""

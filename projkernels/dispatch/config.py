@@ -42,7 +42,7 @@ _MAX_CONFIGS = 4096
 
 def config_for(weight, group, in_rep, out_rep, backend) -> Config:
     """The configuration of this call, validated and built on a miss (the slow path)."""
-    kind_of(group).check_weight(weight, group)
+    kind_of(group).check_weight(weight, group)  # a dense (strided) weight from here on
     return _build((weight.shape, weight.dtype, weight.device, group, in_rep, out_rep, backend))
 
 
@@ -53,6 +53,7 @@ def config_on(shape, dtype, device, group, in_rep, out_rep, backend) -> Config:
 
 def _build(key: tuple) -> Config:
     shape, dtype, device, group, in_rep, out_rep, backend = key
+    key = key + (torch.strided,)  # the layout, as the API's lookup keys it (only dense weights get here)
     compiling = torch.compiler.is_compiling()
     if not compiling:
         try:

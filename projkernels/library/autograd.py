@@ -13,7 +13,7 @@ route keeps its P W tiles), or None.  The gradient is linear in W (the same map 
 incoming gradient) and in (g_p, g_e) (coefficients 2 (W - P W) and 2 P W), and P is self-adjoint, so
 every derivative is one of these Functions again: double backward works to any order.
 
-The compiled backends bind public C++ ops instead (their autograd is C++: csrc/autograd.cpp); under
+The compiled backends bind public C++ ops instead (their autograd is C++: csrc/autograd/autograd.cpp); under
 torch.func transforms the calls go through projkernels/library/functional.py, and under
 torch.compile through projkernels/library/custom_ops.py.
 """

@@ -2,7 +2,7 @@
 a registered Python backend, a single-weight backend applied layer by layer).
 
 The native backends do not come here: their multi-tensor op carries its autograd in C++
-(csrc/autograd.cpp).
+(csrc/autograd/autograd.cpp).
 
 Double backward: the gradient 2 gp_l (W_l - P W_l) + 2 ge_l P W_l is linear in the weights (the
 same map applied to the incoming gradient) and in the coefficients (gp, ge) (with coefficients

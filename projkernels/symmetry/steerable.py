@@ -180,6 +180,9 @@ class SteerableSymmetry:
                              f"weight shape {self.weight_shape} (out_type.size, in_type.size, *kernel)")
         if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"{argument}: dtype {weight.dtype} is not supported (float16, bfloat16, float32, float64)")
+        if weight.layout != torch.strided:
+            raise TypeError(f"{argument}: expected a dense (strided) tensor, got layout {weight.layout}; "
+                            "convert it first (weight.to_dense())")
 
     def layout(self, device, acc: torch.dtype) -> "Layout":
         """The device-resident form (Q_t in ``acc``, index tensors), built once per (device, dtype)."""
@@ -396,7 +399,7 @@ class GroupLayout(NamedTuple):
 
 
 class NativeLayout(NamedTuple):
-    """The arguments of the compiled ops (csrc/steerable_checks.h describes them): ``table`` =
+    """The arguments of the compiled ops (csrc/include/steerable_checks.h describes them): ``table`` =
     [q, fields, desc, zero, half, qt] on the device, ``geometry`` = [c_out, c_in, S, descriptor rows]."""
     table: List[torch.Tensor]
     geometry: List[int]
@@ -414,7 +417,7 @@ class Layout(NamedTuple):
 _SMALL_GROUP = 1 << 16  # elements: below this a group is gathered with one index op
 # Elements of work per tile of the compiled ops (one CUDA block, one CPU task): a function of the
 # block size and the device type alone, so the partition of every sum is the same on any machine of
-# that type (and so are the bits, up to the CPU kernels' instruction set: csrc/steerable_ops.cpp).
+# that type (and so are the bits, up to the CPU kernels' instruction set: csrc/cpu/steerable_kernels.cpp).
 # On a GPU it also bounds a tile's coefficients (blocks_per_tile * r <= blocks_per_tile * m) to this
 # many numbers when m is below it, well within a CUDA block's shared memory.  A CPU task computes its
 # tile as two small matrix products in which every row of Q_t read from cache serves all the tile's
@@ -480,7 +483,7 @@ def _native_layout(sym: SteerableSymmetry, device: torch.device, acc: torch.dtyp
     """Every Q_t concatenated (and every Q_t^T, for the CPU kernels' P X and the CUDA kernels), the
     fields' channel offsets and one descriptor row per type
     (d_out, d_in, r, n_out, n_in, q offset, fields offset, blocks per tile, first tile), as
-    csrc/steerable_math.h reads them."""
+    csrc/include/steerable_math.h reads them."""
     c_out, c_in = sym.weight_shape[:2]
     s = sym.numel // (c_out * c_in)
     qs, qts, fields, rows = [], [], [], []

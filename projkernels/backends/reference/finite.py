@@ -50,7 +50,7 @@ def brute_force_project(weight: torch.Tensor, group="C4", in_rep="trivial", out_
 
 # --- values near the dtype's largest finite value -------------------------------------------------
 #
-# As in the kernels (csrc/orbit_math.h): the orbit sum of values near the largest finite value
+# As in the kernels (csrc/include/orbit_math.h): the orbit sum of values near the largest finite value
 # overflows although the mean does not, and f - mean overflows for such values of opposite signs.
 # The usual expressions stay; only where a result is not finite is it computed again on values
 # scaled by DOWN = 2^-16 (exact; 2^16 >= any group order) and scaled back by UP, so finite results

@@ -305,7 +305,7 @@ def apply_orbits(w: torch.Tensor, table, grad_pen=None, grad_eq=None, out_dtype=
 # In a contiguous weight the blocks fi0 .. fi0 + width - 1 of out-field row fo are ``so`` segments
 # of ``pitch = width * stride_in`` contiguous entries, segment a at fo * stride_out + a * row_len +
 # fi0 * stride_in (row_len = c_in * stride_in, so = the out-field size), the geometry of the CUDA
-# tiles (csrc/launch_plan.h).  A tiled program loads its tile as one [SO_P * PITCH_P] register tensor,
+# tiles (csrc/include/launch_plan.h).  A tiled program loads its tile as one [SO_P * PITCH_P] register tensor,
 # segment a at a * PITCH_P (SO_P, PITCH_P: so and the widest pitch rounded up to powers of two), with
 # contiguous loads, then resolves the orbits inside the tile.
 #
