@@ -2,7 +2,7 @@
 
 ``PROJKERNELS_TILED=1`` in the environment (read once, when this module is imported; the same
 switch as the CUDA backend's tiles) sends every weight whose field blocks fit a program's tile to
-the tiled kernels (``triton_kernels.plan_tiles``: contiguous loads and stores of whole field blocks,
+the tiled kernels (``backends.triton.kernels.plan_tiles``: contiguous loads and stores of whole field blocks,
 orbits resolved on chip); any other weight, and every weight without the switch, takes the chunked
 kernels.  ``uses_tiles`` says which kernels serve a weight.
 """
