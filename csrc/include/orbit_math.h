@@ -65,6 +65,13 @@ PK_HOST_DEVICE constexpr int loop_bound(int maxg, int G) {
 #endif
 }
 
+// Signed orbit offsets.  A field whose rho(g) are signed permutations (a vector field under quarter
+// turns: (u, v) -> (-v, u)) maps an entry onto minus another, so an orbit entry carries a sign: an
+// offset o >= 0 reads +W[base + o], an offset o < 0 reads -W[base + ~o] (~o = -o - 1 keeps offset 0
+// negatable).  Tables of trivial and regular fields hold no negative offset.
+PK_HOST_DEVICE constexpr int32_t entry_of(int32_t o) { return o < 0 ? ~o : o; }
+PK_HOST_DEVICE constexpr bool negated(int32_t o) { return o < 0; }
+
 // Offsets are relative to a block's first entry; block b = (out-field, in-field) in row-major order
 // starts here in the contiguous weight.
 PK_HOST_DEVICE inline int64_t block_base(int64_t b, int64_t c_in, int64_t stride_out, int64_t stride_in) {
