@@ -153,15 +153,6 @@ def _steerable_update_(target: torch.Tensor, weight: torch.Tensor, e: _Entry, co
     target.copy_(old + (coef_dev * (w - pw) + coef_mean * pw))  # rounded once, as the fused kernels do
 
 
-def _bias_table(module: nn.Module, sym) -> Optional[OrbitTable]:
-    """The orbit table of a regular-field bias, seen as an (n, 1) weight from a trivial input to
-    regular output fields: one orbit per field, P = the field mean (as ``model_penalty``)."""
-    bias = getattr(module, "bias", None)
-    if bias is None:
-        return None
-    return kind_of(sym.group).bias_table(bias.numel(), sym.group, sym.out_rep)
-
-
 def _closure_given(args, kwargs) -> bool:
     # The step pre-hooks receive step's positional arguments with the optimizer itself first.
     return kwargs.get("closure") is not None or (len(args) > 1 and args[1] is not None)
@@ -199,41 +190,36 @@ class EquivarianceDecay:
             raise ValueError("model: no layer has a symmetry attached; call attach_symmetry / attach_symmetries "
                              "/ attach_regular_gcnn first")
         entries: List[_Entry] = []
-        sharded = D.sharded_layers(model, layers)
-        for l in sharded or ():
-            # FSDP2 / DTensor: the update of a shard of whole fields is the shard of the update, so
-            # every rank decays its own shard with the local shard's table, with no collective.
-            w, sh = l.local_weight()
-            entries.append(_Entry(l.weight(), None if w is None else kind_of(l.sym.group).table(w, l.sym.group, l.sym.in_rep,
-                                                                                   l.sym.out_rep),
-                                  False, f"{l.name}.weight", sh))
-            if bias and l.bias() is not None and l.sym.out_rep == "regular":
-                b, bsh = l.local_bias()
-                table = None if b is None else kind_of(l.sym.group).bias_table(b.numel(), l.sym.group, "regular")
-                entries.append(_Entry(l.bias(), table, True, f"{l.name}.bias", bsh))
-        for name, module, sym in (layers if sharded is None else ()):
-            label = name or "(model)"
-            for pname in ("weight", "bias"):
-                if parametrize.is_parametrized(module, pname):
+        # One loop for plain and sharded models.  FSDP2 / DTensor: the update of a shard of whole
+        # fields is the shard of the update, so every rank decays its own shard with the local
+        # shard's table, with no collective (a rank whose shard is empty keeps an inactive entry).
+        params, sharded = D.layer_params(model, layers)
+        for l in params:
+            sym, kind = l.sym, kind_of(l.sym.group)
+            for pname in ("weight", "bias") if not sharded else ():
+                if parametrize.is_parametrized(l.module, pname):
                     # module.weight is then recomputed from the parametrization's own parameters at
                     # every access: an in-place update of it would be lost.
-                    raise ValueError(f"model: {label}.{pname} is parametrized (torch.nn.utils.parametrize), "
+                    raise ValueError(f"model: {l.name}.{pname} is parametrized (torch.nn.utils.parametrize), "
                                      "so the decay, which updates parameters in place, cannot act on it; add "
                                      f"model_penalty(model) to the loss instead, or remove the parametrization")
-            table = kind_of(sym.group).table(module.weight, sym.group, sym.in_rep, sym.out_rep)
-            if table is None:
+            w, sh = l.local_weight()
+            table = None if w is None else kind.table(w, sym.group, sym.in_rep, sym.out_rep)
+            if w is not None and table is None:
                 # No orbit table (steerable symmetries): the layer's own projection, with the decay's
                 # backend when one is named, else the one attached with the layer.
                 b = self.backend if self.backend != "auto" else sym.backend
-                entries.append(_Entry(module.weight, None, False, f"{label}.weight", steerable=sym.group,
+                entries.append(_Entry(l.weight(), None, False, f"{l.name}.weight", steerable=sym.group,
                                       steerable_backend=b))
-                if bias and module.bias is not None:
-                    entries.append(_Entry(module.bias, None, True, f"{label}.bias", steerable=sym.group))
+                if bias and l.bias() is not None:
+                    entries.append(_Entry(l.bias(), None, True, f"{l.name}.bias", steerable=sym.group))
                 continue
-            entries.append(_Entry(module.weight, table, False, f"{label}.weight"))
-            table = _bias_table(module, sym) if bias else None
-            if table is not None:
-                entries.append(_Entry(module.bias, table, True, f"{label}.bias"))
+            entries.append(_Entry(l.weight(), table, False, f"{l.name}.weight", sh))
+            full_bias = l.bias() if bias else None
+            if full_bias is not None and kind.bias_table(full_bias.numel(), sym.group, sym.out_rep) is not None:
+                b, bsh = l.local_bias()
+                entries.append(_Entry(full_bias, None if b is None else kind.bias_table(b.numel(), sym.group, sym.out_rep),
+                                      True, f"{l.name}.bias", bsh))
         seen: Dict[int, str] = {}
         for e in entries:
             if id(e.param) in seen:

@@ -39,7 +39,7 @@ from torch import nn
 from .symmetry import kind_of
 
 __all__ = ["unwrap", "is_dtensor", "local_shard", "shard_mesh_dim", "process_group", "sum_over_ranks",
-           "fsdp_params", "grad_scale", "single_weight_error"]
+           "fsdp_params", "grad_scale", "single_weight_error", "LayerParams", "layer_params", "sharded_layers"]
 
 
 def _loaded(module: str, name: str):
@@ -268,19 +268,29 @@ def single_weight_error(fn: str) -> TypeError:
 
 # --- whole models ---------------------------------------------------------------------------
 
-class ShardedLayer:
-    """One attached layer of a model with sharded parameters: where its weight and bias are read
-    (FSDP2's sharded parameter when FSDP2 manages it, else the module attribute) and its field sizes."""
-    __slots__ = ("name", "module", "sym", "weight_src", "bias_src", "field_out", "field_in")
+class LayerParams:
+    """One attached layer's parameters: the one description of a layer that the whole-model
+    functions and the decay read.  Where its weight and bias are read (FSDP2's sharded parameter when
+    FSDP2 manages it, else the module attribute), their local shards on this rank (the tensors
+    themselves when they are not DTensors) and the gradient scales of FSDP2's reduction."""
+    __slots__ = ("name", "module", "sym", "weight_src", "bias_src", "_fields")
 
-    def __init__(self, name, module, sym, fsdp: dict):
-        from .groups import get_group
-        from .orbits import field_size
+    def __init__(self, name, module, sym, fsdp: Optional[dict] = None):
+        fsdp = fsdp or {}
         self.name, self.module, self.sym = name or "(model)", module, sym
         self.weight_src = fsdp.get((id(module), "weight"))
         self.bias_src = fsdp.get((id(module), "bias"))
-        g = get_group(sym.group)
-        self.field_out, self.field_in = field_size(sym.out_rep, g), field_size(sym.in_rep, g)
+        self._fields = None
+
+    @property
+    def fields(self):
+        """(field_out, field_in): the field sizes a shard must keep whole (finite groups only)."""
+        if self._fields is None:
+            from .groups import get_group
+            from .orbits import field_size
+            g = get_group(self.sym.group)
+            self._fields = (field_size(self.sym.out_rep, g), field_size(self.sym.in_rep, g))
+        return self._fields
 
     def weight(self) -> torch.Tensor:
         return self.weight_src[0].sharded_param if self.weight_src is not None else self.module.weight
@@ -297,17 +307,18 @@ class ShardedLayer:
         return _scale_of(self.bias_src, self.bias())
 
     def local_weight(self):
-        """(tensor or None, sharded): the local shard of a DTensor weight, else the weight itself."""
+        """(tensor or None, sharded): the local shard of a DTensor weight (None where it is empty),
+        else the weight itself."""
         w = self.weight()
         if is_dtensor(w):
-            return local_shard(w, (self.field_out, self.field_in), f"layer {self.name!r} weight"), True
+            return local_shard(w, self.fields, f"layer {self.name!r} weight"), True
         return w, False
 
     def local_bias(self):
         """(tensor or None, sharded), as ``local_weight``; the bias's fields are the output fields."""
         b = self.bias()
         if is_dtensor(b):
-            return local_shard(b, (self.field_out,), f"layer {self.name!r} bias"), True
+            return local_shard(b, self.fields[:1], f"layer {self.name!r} bias"), True
         return b, False
 
 
@@ -317,19 +328,26 @@ def _scale_of(src, t) -> float:
     return grad_scale(src[1], t.device_mesh.size())
 
 
-def sharded_layers(model: nn.Module, layers) -> Optional[List[ShardedLayer]]:
-    """``ShardedLayer``s of the attached ``layers`` when any of their weights or biases is a
-    DTensor or managed by FSDP2; None for a model without sharded parameters."""
+def layer_params(model: nn.Module, layers) -> Tuple[List[LayerParams], bool]:
+    """``LayerParams`` of the attached ``layers`` (name, module, symmetry), and whether the model
+    has sharded parameters (a DTensor weight or bias, or one that FSDP2 manages); a sharded model
+    must have finite groups on every attached layer."""
     fsdp = fsdp_params(model)
     sharded = any((id(m), "weight") in fsdp or (id(m), "bias") in fsdp or is_dtensor(m.weight)
                   or is_dtensor(getattr(m, "bias", None)) for _, m, _ in layers)
-    if not sharded:
-        return None
-    for name, _, sym in layers:
-        if not kind_of(sym.group).shardable:
-            raise NotImplementedError(f"layer {name!r}: a {type(sym.group).__name__} on a sharded (DTensor / FSDP2) "
-                                      "model is not supported; the sharded penalty serves finite groups")
-    return [ShardedLayer(n, m, s, fsdp) for n, m, s in layers]
+    if sharded:
+        for name, _, sym in layers:
+            if not kind_of(sym.group).shardable:
+                raise NotImplementedError(f"layer {name!r}: a {type(sym.group).__name__} on a sharded (DTensor / "
+                                          "FSDP2) model is not supported; the sharded penalty serves finite groups")
+    return [LayerParams(n, m, s, fsdp) for n, m, s in layers], sharded
+
+
+def sharded_layers(model: nn.Module, layers) -> Optional[List[LayerParams]]:
+    """``LayerParams`` of the attached ``layers`` when the model has sharded parameters; None
+    for a model without them (the whole-model functions then take their fused routes)."""
+    params, sharded = layer_params(model, layers)
+    return params if sharded else None
 
 
 def layer_type_name(module: nn.Module) -> str:

@@ -482,7 +482,7 @@ def _sharded_penalty(layers, lambda_perp, lambda_G, bias) -> torch.Tensor:
             if bsh:
                 dtensors.append(b_glob)
             if b is not None:
-                biases[bsh].append((b, l.field_out, l.bias_scale()))
+                biases[bsh].append((b, l.fields[0], l.bias_scale()))
     scales = {s for _, _, s in parts[True] + biases[True]}
     per_tensor = len(scales) > 1   # FSDP2 groups with different divide factors: scale each tensor
     # From the global dtypes, the same on every rank (the all-reduced scalars must agree).
@@ -664,7 +664,7 @@ def _sharded_report(layers) -> List[dict]:
         if b_glob is not None:
             b, bsh = l.local_bias()
             if b is not None:
-                f = b.detach().double().reshape(-1, l.field_out)
+                f = b.detach().double().reshape(-1, l.fields[0])
                 out = local if bsh else full
                 out[at + 2] += _field_deviation_sq(f).to(device)
                 out[at + 3] += f.square().sum().to(device)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 
 import projkernels as pk
-from projkernels.library import functional
+from projkernels.library import autograd, functional
 from projkernels.model import Symmetry, attach_regular_gcnn, attach_symmetries, model_penalty
 from projkernels.backends.reference import brute_force_project
 
@@ -113,24 +113,37 @@ class _Spy:
         return self if obj is None else functools.partial(self, obj)
 
 
+@pytest.fixture
+def restore_reference():
+    from projkernels.backends import BACKENDS, register_backend
+    original = BACKENDS["reference"]
+    yield
+    register_backend(original)  # the registry's change hooks drop the configurations that held the spies
+
+
 def _spy(monkeypatch, backend):
-    # The batched kernels: the native multi-tensor ops, the reference's batched orbit form.
+    # The batched kernels: the native multi-tensor ops, the reference's stack kernels (its orbit form
+    # with a leading dim), each registered with the backend as its StackKernels.
     if backend == "cpp":
         import projkernels.backends.native as native
         spies = _Spy(native.multi_forward), _Spy(native.multi_backward)
         monkeypatch.setattr(native, "multi_forward", spies[0])
         monkeypatch.setattr(native, "multi_backward", spies[1])
     else:
-        spies = _Spy(functional._reference_forward), _Spy(functional._reference_backward)
-        monkeypatch.setattr(functional, "_reference_forward", spies[0])
-        monkeypatch.setattr(functional, "_reference_backward", spies[1])
-    project_spy = _Spy(functional._Layer._project)
-    monkeypatch.setattr(functional._Layer, "_project", project_spy)
+        from dataclasses import replace
+        from projkernels.backends import BACKENDS, StackKernels, register_backend
+        original = BACKENDS["reference"]
+        k = original.stack
+        spies = _Spy(k.forward), _Spy(k.backward)
+        register_backend(replace(original, stack=StackKernels(spies[0], spies[1], k.project)))  # restored by
+        # the restore_reference fixture
+    project_spy = _Spy(autograd.StackCalls.project)
+    monkeypatch.setattr(autograd.StackCalls, "project", project_spy)
     return spies + (project_spy,)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_vmap_is_one_kernel_call_and_matches_a_loop(backend, monkeypatch):
+def test_vmap_is_one_kernel_call_and_matches_a_loop(backend, monkeypatch, restore_reference):
     fns = _fns(backend)
     wb = _w(batch=(5,))
     wb[2] = _pw(wb[2])  # one exactly equivariant entry: a fold that mixed entries would not keep it at 0

@@ -1,7 +1,6 @@
 """The package's layout, counted in the tree (docs/design.md, "The map"): import floors with no
 circle and no import that runs back up, symmetry kinds told apart only inside projkernels/symmetry/,
-one backend resolver, one file of fake kernels, the penalty family's Python autograd in one module
-(plus the torch.func route), and a backend added from outside the package by name alone."""
+one backend resolver, one file of fake kernels, the penalty family's Python autograd in one module, and a backend added from outside the package by name alone."""
 from __future__ import annotations
 
 import ast
@@ -192,14 +191,13 @@ def test_the_penalty_familys_python_autograd_lives_in_library():
     functions = _defs(lambda n: isinstance(n, ast.ClassDef) and any(
         ast.unparse(b).endswith("autograd.Function") for b in n.bases))
     where = sorted({m for m, _ in functions})
-    # library.autograd: the eager route of every Python backend; library.functional: the torch.func
-    # route; library.multi_autograd: many weights; distributed: the all-reduce and gradient scaling.
-    assert where == ["distributed", "library.autograd", "library.functional", "library.multi_autograd"]
-    # The single-weight family (penalty and energy, their gradient, the projection): the eager route
-    # once, and the torch.func route (stacks of weights, with jvp and vmap rules).
+    # library.autograd: every Python route of one weight or a stack of them (eager and torch.func);
+    # library.multi_autograd: many weights; distributed: the all-reduce and gradient scaling.
+    assert where == ["distributed", "library.autograd", "library.multi_autograd"]
+    # The single-weight family (penalty and energy, their gradient, the projection) once, for the
+    # eager route and the torch.func route alike (stacks of weights go through the same Functions).
     penalty = sorted((m, n) for m, n in functions if m != "library.multi_autograd" and m != "distributed")
-    assert penalty == [(m, n) for m in ("library.autograd", "library.functional")
-                       for n in ("_Gradient", "_PenaltyEnergy", "_Project")]
+    assert penalty == [("library.autograd", n) for n in ("_Gradient", "_PenaltyEnergy", "_Project")]
     custom_ops = [m for m in MODULES if any(isinstance(n, ast.Attribute) and n.attr == "custom_op"
                                             for n in ast.walk(ast.parse(MODULES[m].read_text())))]
     assert custom_ops == ["library.custom_ops"]

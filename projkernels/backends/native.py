@@ -64,7 +64,7 @@ from ..library.autograd import Calls
 from ..library.fakes import register_native_fakes
 from ..orbits import OrbitTable, acc_dtype
 from ..symmetry.steerable import no_spectrum
-from .registry import Backend, MultiKernels, SteerableKernels, register_backend
+from .registry import Backend, MultiKernels, StackKernels, SteerableKernels, register_backend
 
 __all__ = ["WITH_CUDA", "OPS", "fused_forward", "fused_backward", "multi_forward", "multi_backward", "forward",
            "backward", "project", "spectrum", "multi_op_args"]
@@ -243,6 +243,15 @@ def bind_steerable(sym, device, dtype):
     return Calls(bound.penalty_energy, bound.project, no_spectrum), ()
 
 
+def stack_forward(ws: torch.Tensor, table: OrbitTable):
+    """(penalty [N], eq_energy [N]) of a stack of N weights sharing ``table``: one multi-tensor call."""
+    return multi_forward(list(ws.unbind(0)), [table] * ws.shape[0])
+
+
+def stack_backward(ws: torch.Tensor, table: OrbitTable, grad_pen: torch.Tensor, grad_eq: torch.Tensor) -> torch.Tensor:
+    return torch.stack(multi_backward(list(ws.unbind(0)), [table] * ws.shape[0], grad_pen, grad_eq))
+
+
 def _register(name: str, why) -> None:
     steer = None
     if hasattr(OPS, "steerable_penalty_energy"):  # an extension built with the steerable ops
@@ -251,7 +260,8 @@ def _register(name: str, why) -> None:
         steer = SteerableKernels(bind_steerable, auto=name != "cuda")
     register_backend(Backend(name, forward, backward, project, spectrum, why,
                              multi=MultiKernels(None, None, concatenated=False, bind=bind_multi), bind=bind,
-                             decay=decay_apply if hasattr(OPS, "multi_decay_") else None, steerable=steer))
+                             decay=decay_apply if hasattr(OPS, "multi_decay_") else None, steerable=steer,
+                             stack=StackKernels(stack_forward, stack_backward)))
 
 
 _register("cpp", _cpp_why_unavailable)

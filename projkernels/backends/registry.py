@@ -12,7 +12,10 @@ A backend is registered once, by name, with the slots it fills:
   serves many weights layer by layer;
 - ``decay``: ``apply(targets, weights, tables, coef_dev, coef_mean)``, the in-place update of
   projkernels/decay.py;
-- ``steerable``: ``SteerableKernels``, the calls of a steerable symmetry's configuration.
+- ``steerable``: ``SteerableKernels``, the calls of a steerable symmetry's configuration;
+- ``stack`` (optional, no slot of its own): ``StackKernels``, one finite configuration's kernels on a
+  stack ``(N, *shape)`` of its weights in one call, which is how ``torch.func.vmap`` over the penalty
+  family runs (projkernels/library/autograd.py, ``StackCalls``); without them the entries run one by one.
 
 ``why_unavailable(device)`` says, once per backend, whether it can serve tensors on ``device``.
 ``resolve(backend, device, slot)`` is the one place a name becomes a backend: ``"auto"`` takes the
@@ -30,7 +33,7 @@ import torch
 from ..groups import short_repr
 from ..install_hints import extension_hint
 
-__all__ = ["Backend", "MultiKernels", "SteerableKernels", "BACKENDS", "AUTO_ORDER", "SLOTS", "register_backend",
+__all__ = ["Backend", "MultiKernels", "SteerableKernels", "StackKernels", "BACKENDS", "AUTO_ORDER", "SLOTS", "register_backend",
            "register_multi_kernels", "unregister_backend", "resolve", "available_backends", "backend_names",
            "check_backend_name", "why_unavailable", "ON_CHANGE"]
 
@@ -66,6 +69,17 @@ class SteerableKernels:
 
 
 @dataclass(frozen=True)
+class StackKernels:
+    """``forward(ws, table) -> (penalty [N], eq_energy [N])`` and ``backward(ws, table, g_pen [N],
+    g_eq [N]) -> dW`` (stacked like ``ws``) over a contiguous stack ``ws`` of N weights sharing one
+    ``OrbitTable``; ``project(ws, table) -> P ws`` optionally (otherwise the single-weight projection
+    runs once on the stack folded into the output-channel dim)."""
+    forward: Callable
+    backward: Callable
+    project: Optional[Callable] = None
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str
     forward: Optional[Callable]
@@ -77,6 +91,7 @@ class Backend:
     bind: Optional[Callable] = None
     decay: Optional[Callable] = None
     steerable: Optional[SteerableKernels] = None
+    stack: Optional[StackKernels] = None
 
     @property
     def native(self) -> bool:

@@ -18,7 +18,7 @@ from ...groups import FiniteGroup, get_group
 from ...orbits import OrbitTable, acc_dtype, field_size  # acc_dtype: the one accumulation rule
 
 __all__ = ["acc_dtype", "brute_force_project", "orbit_values", "forward", "backward", "project", "spectrum",
-           "spectral_spectrum", "basis_spectrum", "decay_apply"]
+           "spectral_spectrum", "basis_spectrum", "decay_apply", "stack_forward", "stack_backward", "stack_project"]
 
 
 # --- ground truth ------------------------------------------------------------------------------
@@ -206,3 +206,36 @@ def decay_apply(targets, weights, tables, coef_dev, coef_mean) -> None:
         new = finite_or_rescaled(old + coef_dev[i] * (wa - pw) + coef_mean[i] * pw,
                                  lambda d: old * d + coef_dev[i] * (wa * d - pw * d) + coef_mean[i] * (pw * d))
         t.copy_(new)
+
+
+# --- a stack of weights (N, *shape) sharing one table: the orbit form above with a leading dim --------
+# (torch.func.vmap over the penalty family folds a batch into one such call: StackKernels)
+
+def _stack_orbits(w: torch.Tensor, table: OrbitTable):
+    acc = acc_dtype(w.dtype)
+    idx = table.gather_index.to(w.device)
+    f = w.reshape(w.shape[0], -1)[:, idx].to(acc)          # [N, orbits, |G|]
+    inv_stab = table.inv_stab.to(device=w.device, dtype=acc).repeat(table.n_blocks)
+    return f, f.mean(dim=2, keepdim=True), inv_stab, idx
+
+
+def stack_forward(w: torch.Tensor, table: OrbitTable):
+    """(penalty [N], eq_energy [N])."""
+    f, mean, inv_stab, _ = _stack_orbits(w, table)
+    penalty = (inv_stab * (f - mean).square().sum(dim=2)).sum(dim=1)
+    eq_energy = (inv_stab * table.group.order * mean.squeeze(2).square()).sum(dim=1)
+    return penalty, eq_energy
+
+
+def stack_project(w: torch.Tensor, table: OrbitTable) -> torch.Tensor:
+    f, mean, _, idx = _stack_orbits(w, table)
+    out = torch.empty(w.shape[0], w[0].numel(), dtype=f.dtype, device=w.device)
+    out[:, idx.reshape(-1)] = mean.expand_as(f).reshape(w.shape[0], -1)  # repeated entries carry one mean
+    return out.reshape(w.shape)
+
+
+def stack_backward(w: torch.Tensor, table: OrbitTable, gp: torch.Tensor, ge: torch.Tensor) -> torch.Tensor:
+    """2 gp[i] (W_i - P W_i) + 2 ge[i] P W_i in the accumulation dtype."""
+    p = stack_project(w, table)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    return 2 * gp.view(shape) * (w.to(p.dtype) - p) + 2 * ge.view(shape) * p

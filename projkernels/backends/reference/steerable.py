@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...library.autograd import EAGER, Calls, penalty_energy, project
+from ...library.autograd import EAGER, Calls, not_stackable, penalty_energy, project
 from ...orbits import acc_dtype
 from ...symmetry.steerable import GroupLayout, Layout, Member, no_spectrum
 
@@ -116,6 +116,9 @@ class SteerableCalls:
     def project(self, weight):
         acc = acc_dtype(weight.dtype)
         return _write(self.sym.layout(weight.device, acc), weight, acc)
+
+    def stacked(self):
+        raise not_stackable("a steerable symmetry")
 
 
 def bind(sym, device, dtype):

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...library.autograd import EAGER, Calls
+from ...library.autograd import EAGER, Calls, not_stackable
 from ...orbits import acc_dtype
 from ...symmetry.steerable import SteerableSymmetry, no_spectrum
 
@@ -190,6 +190,9 @@ class SteerableCalls:
 
     def project(self, w):
         return _write(w, self.sym, _project_ab(w.device, acc_dtype(w.dtype)), w.dtype)
+
+    def stacked(self):
+        raise not_stackable("a steerable symmetry")
 
 
 def bind(sym, device, dtype):
