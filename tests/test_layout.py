@@ -273,6 +273,26 @@ def test_a_backend_registered_from_outside_serves_by_name(mybackend):
     assert mybackend.calls["decay"] == 1
 
 
+def test_a_registered_backend_without_stack_kernels_serves_torch_func(mybackend):
+    # No StackKernels: a vmapped batch runs entry by entry through its single-weight kernels, and a
+    # hessian (a vmap inside the backward) works on its eager route; both equal the reference's.
+    from torch.func import hessian, vmap
+    spec = ("C4", "regular", "regular")
+    wb = torch.randn(3, 8, 8, 3, 3, dtype=torch.float64)
+    before = mybackend.calls.get("forward", 0)
+    got = vmap(lambda w: pk.projected_penalty(w, *spec, backend="mybackend"))(wb)
+    assert mybackend.calls["forward"] == before + 3
+    want = torch.stack([pk.projected_penalty(w, *spec, backend="reference") for w in wb])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    w = torch.randn(4, 4, dtype=torch.float64)
+    h = hessian(lambda x: pk.projected_penalty(x, "C4", "regular", "trivial", backend="mybackend"))(w)
+    # penalty = ||W - P W||^2, so the Hessian is 2 (I - P): check it on a direction
+    d = torch.randn(4, 4, dtype=torch.float64)
+    hd = torch.einsum("ijkl,kl->ij", h, d)
+    torch.testing.assert_close(hd, 2 * (d - pk.project(d, "C4", "regular", "trivial", backend="reference")),
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_an_unknown_backend_name_is_refused_and_a_registered_one_accepted(mybackend):
     from projkernels.backends import check_backend_name
     assert check_backend_name("mybackend") == "mybackend"
