@@ -216,10 +216,12 @@ class EquivarianceDecay:
                 continue
             entries.append(_Entry(l.weight(), table, False, f"{l.name}.weight", sh))
             full_bias = l.bias() if bias else None
-            if full_bias is not None and kind.bias_table(full_bias.numel(), sym.group, sym.out_rep) is not None:
+            if full_bias is not None:
                 b, bsh = l.local_bias()
-                entries.append(_Entry(full_bias, None if b is None else kind.bias_table(b.numel(), sym.group, sym.out_rep),
-                                      True, f"{l.name}.bias", bsh))
+                table = None if b is None else kind.bias_table(b.numel(), sym.group, sym.out_rep)
+                # A rank whose shard is empty keeps an inactive entry where the others decay the bias.
+                if table is not None or (b is None and kind.bias_table(full_bias.numel(), sym.group, sym.out_rep)):
+                    entries.append(_Entry(full_bias, table, True, f"{l.name}.bias", bsh))
         seen: Dict[int, str] = {}
         for e in entries:
             if id(e.param) in seen:

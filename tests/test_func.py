@@ -313,6 +313,24 @@ def test_steerable_symmetry_under_a_transform_says_what_is_supported():
         grad(lambda x: pk.projected_penalty(x, sym))(w)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jvp_of_a_nearly_equivariant_half_weight_uses_the_kernels_deviations(backend, dtype):
+    # An equivariant half weight with every 7th entry one step of 2^-7 off: W - round(P W) would
+    # drown these deviations in the rounding of P W (the sign of the tangent came out wrong).
+    w = _pw(_w()).to(dtype)
+    w.view(-1)[::7] *= 1 + 2 ** -7
+    d = _w(seed=6).to(dtype)
+    expected = 2 * ((w.double() - _pw(w.double())) * d.double()).sum()
+    _, t = jvp(lambda x: pk.projected_penalty(x, *SPEC, backend=backend), (w,), (d,))
+    assert t.dtype == torch.float32
+    torch.testing.assert_close(t.double(), expected, rtol=1e-3, atol=0)
+    # The same coefficient as a gradient: d/dg_p <vjp(g_p), d> = 2 <W - P W, d>.
+    _, vjp_fn = vjp(lambda x: pk.projected_penalty(x, *SPEC, backend=backend), w)
+    g = grad(lambda gp: (vjp_fn(gp)[0].to(torch.float32) * d.float()).sum())(torch.ones((), dtype=torch.float32))
+    torch.testing.assert_close(g.double(), expected, rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_jvp_of_a_nearly_equivariant_float32_weight_keeps_its_relative_precision(backend):
     # 2 <W - P W, dW> from the kernel's deviations: a difference of energies would lose every digit here.

@@ -60,10 +60,17 @@ def coefficient_grads(grad, weight, pw, pen_dtype, eq_dtype, stack: bool = False
 
 def _coefficients(weight, direction, calls, pen_dtype, eq_dtype):
     """(2 <W - P W, d>, 2 <P W, d>): the derivatives of (penalty, eq_energy) along d, which are also
-    the gradients of _Gradient with respect to its coefficients; P W through _Project, so that these
-    are differentiable again."""
-    return coefficient_grads(direction, weight, _Project.apply(weight, calls), pen_dtype, eq_dtype,
-                             getattr(calls, "stack", False))
+    the gradients of _Gradient with respect to its coefficients.  2 (W - P W) is the kernel's own
+    (_Gradient with coefficients (1, 0)): for a half weight, W - round(P W) would drown a deviation of
+    a few ulps in the rounding of P W.  Both through the Functions, so that they are differentiable
+    again."""
+    stack = getattr(calls, "stack", False)
+    acc = acc_dtype(weight.dtype)
+    n = (weight.shape[0],) if stack else ()
+    dev2 = _gradient(weight, weight.new_ones(n, dtype=acc), weight.new_zeros(n, dtype=acc), calls, None)
+    pw = _project(weight, calls)
+    return (_inner(direction, dev2, acc, stack).to(pen_dtype),
+            (2 * _inner(direction, pw, acc, stack)).to(eq_dtype))
 
 
 def _fold(x: Optional[torch.Tensor], bdim: Optional[int], size: int, stack: bool) -> torch.Tensor:
@@ -105,7 +112,7 @@ class _PenaltyEnergy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_penalty, grad_eq):
         (weight,) = ctx.saved_tensors
-        return _Gradient.apply(weight, grad_penalty, grad_eq, ctx.calls, ctx.saved), None, None
+        return _gradient(weight, grad_penalty, grad_eq, ctx.calls, ctx.saved), None, None
 
     @staticmethod
     def jvp(ctx, tangent, *_):
@@ -115,7 +122,7 @@ class _PenaltyEnergy(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, weight, calls, box):
         b, stack = info.batch_size, getattr(calls, "stack", False)
-        pen, eq = _PenaltyEnergy.apply(_fold(weight, in_dims[0], b, stack), calls.stacked(), _Saved())
+        pen, eq = _penalty_energy(_fold(weight, in_dims[0], b, stack), calls.stacked(), _Saved())
         return (_unfold(pen, b, stack), _unfold(eq, b, stack)), (0, 0)
 
 
@@ -140,7 +147,7 @@ class _Gradient(torch.autograd.Function):
         calls, needs = ctx.calls, ctx.needs_input_grad
         grad_w = grad_gp = grad_ge = None
         if needs[0]:
-            grad_w = _Gradient.apply(grad, grad_penalty, grad_eq, calls, None)
+            grad_w = _gradient(grad, grad_penalty, grad_eq, calls, None)
         if needs[1] or needs[2]:
             grad_gp, grad_ge = _coefficients(weight, grad, calls, grad_penalty.dtype, grad_eq.dtype)
         return grad_w, grad_gp, grad_ge, None, None
@@ -151,18 +158,18 @@ class _Gradient(torch.autograd.Function):
         weight, grad_penalty, grad_eq = ctx.saved_tensors
         out = None
         if d_weight is not None:
-            out = _Gradient.apply(d_weight, grad_penalty, grad_eq, ctx.calls, None)
+            out = _gradient(d_weight, grad_penalty, grad_eq, ctx.calls, None)
         if d_gp is not None or d_ge is not None:
             d_gp = torch.zeros_like(grad_penalty) if d_gp is None else d_gp
             d_ge = torch.zeros_like(grad_eq) if d_ge is None else d_ge
-            t = _Gradient.apply(weight, d_gp, d_ge, ctx.calls, None)
+            t = _gradient(weight, d_gp, d_ge, ctx.calls, None)
             out = t if out is None else out + t
         return out if out is not None else torch.zeros_like(weight)
 
     @staticmethod
     def vmap(info, in_dims, weight, grad_penalty, grad_eq, calls, saved):
         b, stack = info.batch_size, getattr(calls, "stack", False)
-        out = _Gradient.apply(_fold(weight, in_dims[0], b, stack), _fold(grad_penalty, in_dims[1], b, stack),
+        out = _gradient(_fold(weight, in_dims[0], b, stack), _fold(grad_penalty, in_dims[1], b, stack),
                               _fold(grad_eq, in_dims[2], b, stack), calls.stacked(), None)
         return _unfold(out, b, stack), 0
 
@@ -181,16 +188,16 @@ class _Project(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _Project.apply(grad, ctx.calls), None
+        return _project(grad, ctx.calls), None
 
     @staticmethod
     def jvp(ctx, tangent, _):
-        return _Project.apply(tangent, ctx.calls)
+        return _project(tangent, ctx.calls)
 
     @staticmethod
     def vmap(info, in_dims, weight, calls):
         b, stack = info.batch_size, getattr(calls, "stack", False)
-        return _unfold(_Project.apply(_fold(weight, in_dims[0], b, stack), calls.stacked()), b, stack), 0
+        return _unfold(_project(_fold(weight, in_dims[0], b, stack), calls.stacked()), b, stack), 0
 
 
 # torch binds a Function's arguments with inspect.signature on every apply when it has a
@@ -201,12 +208,39 @@ for _fn in (_PenaltyEnergy, _Gradient, _Project):
 del _fn
 
 
+class _TracedPenaltyEnergy(_PenaltyEnergy):
+    jvp = torch.autograd.Function.jvp
+
+
+class _TracedGradient(_Gradient):
+    jvp = torch.autograd.Function.jvp
+
+
+class _TracedProject(_Project):
+    jvp = torch.autograd.Function.jvp
+
+
+# torch.compile (Dynamo) refuses to trace a Function that defines a jvp rule; the routes it traces
+# (a steerable symmetry on a Python backend) take these subclasses, the same rules less jvp (a
+# compiled graph is differentiated in reverse mode).
+def _penalty_energy(*args):
+    return (_TracedPenaltyEnergy if torch.compiler.is_compiling() else _PenaltyEnergy).apply(*args)
+
+
+def _gradient(*args):
+    return (_TracedGradient if torch.compiler.is_compiling() else _Gradient).apply(*args)
+
+
+def _project(*args):
+    return (_TracedProject if torch.compiler.is_compiling() else _Project).apply(*args)
+
+
 def penalty_energy(weight: torch.Tensor, calls):
-    return _PenaltyEnergy.apply(weight, calls, _Saved())
+    return _penalty_energy(weight, calls, _Saved())
 
 
 def project(weight: torch.Tensor, calls) -> torch.Tensor:
-    return _Project.apply(weight, calls)
+    return _project(weight, calls)
 
 
 def spectrum(weight: torch.Tensor, calls) -> torch.Tensor:
@@ -305,6 +339,8 @@ def folded(table, n: int):
     if n == 1:
         return table
     cache = table.__dict__.setdefault("_folded", {})
+    if n not in cache and len(cache) >= 8:
+        cache.clear()  # bounded: each folded table keeps its own device copies
     if n not in cache:
         cache[n] = dataclasses.replace(table, shape=(n * table.shape[0],) + tuple(table.shape[1:]),
                                        c_out=n * table.c_out)
