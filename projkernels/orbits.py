@@ -166,8 +166,9 @@ class OrbitTable:
 
     @property
     def geometry(self) -> List[int]:
-        """[n_irreps, c_out, c_in, stride_out, stride_in], the int arguments of the public ops."""
-        return [len(self.group.irrep_names), self.c_out, self.c_in, self.stride_out, self.stride_in]
+        """[n_irreps, c_out, c_in, stride_out, stride_in, signed], the int arguments of the public ops
+        (``geometry[1:]`` is a layer's entry in the multi-tensor ops' geometry)."""
+        return [len(self.group.irrep_names), self.c_out, self.c_in, self.stride_out, self.stride_in, int(self.signed)]
 
     def device_tables(self, device, dtype: torch.dtype = torch.float32, *, spectrum: bool = True) -> "DeviceTables":
         """The table on ``device`` in the form the compiled ops read it, for weights of ``dtype``.
