@@ -385,3 +385,22 @@ def test_errors_name_the_argument():
         pk.attach_symmetry(m, "C4", "vector", "vector")
     with pytest.raises(ValueError, match=r"items\[0\]: .*in_rep"):
         pk.multi_penalty([(w, "C4", "nope", "vector")])
+
+
+def test_escnn_export_reads_the_group_average_with_the_steerable_bias_projection():
+    # "auto" reads D4's signed-permutation fields as the group average; its bias projection (onto the
+    # fixed space of rho_out) is the steerable route's (onto the trivial-isotypic part), field by field.
+    from projkernels.escnn_interop import from_escnn_export
+    d4 = gspaces.flipRot2dOnR2(4)
+    out = [d4.regular_repr, _irrep(d4, "irrep_1,1"), d4.trivial_repr, _irrep(d4, "irrep_1,0")]
+    layer = _r2(d4, [d4.trivial_repr], out)
+    auto = from_escnn_export(enn.SequentialModule(layer))[0]
+    steer = from_escnn_export(enn.SequentialModule(layer), kind="steerable")[0]
+    assert pk.get_symmetry(auto).group == "D4"
+    b = torch.randn(auto.bias.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        auto.bias.copy_(b)
+        steer.bias.copy_(b)
+    want = float(pk.model_penalty(nn.Sequential(steer)))
+    assert want > 0.1
+    assert float(pk.model_penalty(nn.Sequential(auto))) == pytest.approx(want, rel=1e-9)
