@@ -207,6 +207,10 @@ class EquivarianceDecay:
             entries.append(_Entry(l.weight(), None if w is None else kind_of(l.sym.group).table(w, l.sym.group, l.sym.in_rep,
                                                                                    l.sym.out_rep),
                                   False, f"{l.name}.weight", sh))
+            if bias and l.bias() is not None and kind_of(l.sym.group).bias_per_layer(l.sym.group, l.sym.out_rep):
+                raise NotImplementedError(
+                    f"model: {l.name}.bias lies on {l.sym.out_rep} output fields, whose projection the decay does "
+                    "not serve on sharded (DTensor / FSDP2) models yet; pass bias=False (the weights are decayed)")
             if bias and l.bias() is not None and l.sym.out_rep == "regular":
                 b, bsh = l.local_bias()
                 table = None if b is None else kind_of(l.sym.group).bias_table(b.numel(), l.sym.group, "regular")

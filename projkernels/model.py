@@ -487,6 +487,10 @@ def _sharded_penalty(layers, lambda_perp, lambda_G, bias) -> torch.Tensor:
         dtypes.append(w_glob.dtype)
         if w is not None:
             parts[sh].append((w, l.sym, l.weight_scale()))
+        if bias and l.bias() is not None and kind_of(l.sym.group).bias_per_layer(l.sym.group, l.sym.out_rep):
+            raise NotImplementedError(
+                f"model: layer {l.name!r} has a bias on {l.sym.out_rep} output fields, whose projection is not "
+                "served on sharded (DTensor / FSDP2) models yet; pass bias=False (the weights are penalised)")
         b_glob = l.bias() if bias and l.sym.out_rep == "regular" else None
         if b_glob is not None:
             b, bsh = l.local_bias()

@@ -404,3 +404,18 @@ def test_escnn_export_reads_the_group_average_with_the_steerable_bias_projection
     want = float(pk.model_penalty(nn.Sequential(steer)))
     assert want > 0.1
     assert float(pk.model_penalty(nn.Sequential(auto))) == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_decay_projects_biases_onto_the_fixed_space(backend):
+    _backend_or_skip(backend)
+    m = nn.Conv2d(1, 4, 3)
+    pk.attach_symmetry(m, "C4", "trivial", ["vector", "trivial", "sign"])
+    with torch.no_grad():
+        m.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    handle = pk.equivariance_decay(opt, m, lambda_perp=1.0, backend=backend)
+    opt.step()
+    handle.remove()
+    # b <- b - lr 2 (b - P b): P keeps the trivial field only.
+    torch.testing.assert_close(m.bias.detach(), torch.tensor([0.8, 1.6, 3.0, 3.2]))
