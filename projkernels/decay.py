@@ -216,6 +216,10 @@ class EquivarianceDecay:
                 continue
             entries.append(_Entry(l.weight(), table, False, f"{l.name}.weight", sh))
             full_bias = l.bias() if bias else None
+            if sharded and full_bias is not None and kind.bias_per_layer(sym.group, sym.out_rep):
+                raise NotImplementedError(
+                    f"model: {l.name}.bias lies on {sym.out_rep} output fields, whose projection the decay does "
+                    "not serve on sharded (DTensor / FSDP2) models yet; pass bias=False (the weights are decayed)")
             if full_bias is not None:
                 b, bsh = l.local_bias()
                 table = None if b is None else kind.bias_table(b.numel(), sym.group, sym.out_rep)

@@ -474,7 +474,7 @@ def test_raw_op_rejects_bad_input():
     ops = torch.ops.projkernels_C
     t = orbit_table((8, 8, 3, 3), "C4", "regular", "regular")
     off = t.device_tables("cpu").offsets
-    geo = [t.c_out, t.c_in, t.stride_out, t.stride_in]
+    geo = [t.c_out, t.c_in, t.stride_out, t.stride_in, int(t.signed)]
     w = torch.randn(8, 8, 3, 3)
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.multi_decay_([w.transpose(0, 1)], [off], geo, [0.1], [0.0])
@@ -495,7 +495,7 @@ def test_raw_ops_pass_opcheck():
     ops = torch.ops.projkernels_C
     t = orbit_table((8, 8, 3, 3), "C4", "regular", "regular")
     off = t.device_tables("cpu").offsets
-    geo = [t.c_out, t.c_in, t.stride_out, t.stride_in]
+    geo = [t.c_out, t.c_in, t.stride_out, t.stride_in, int(t.signed)]
     w, g = torch.randn(8, 8, 3, 3), torch.randn(8, 8, 3, 3)
     torch.library.opcheck(ops.multi_decay_, ([w], [off], geo, [-0.1], [0.0]))
     torch.library.opcheck(ops.multi_decay_grad_, ([g], [w], [off], geo, [0.1], [0.2]))

@@ -24,7 +24,7 @@ WITH_CUDA = bool(OPS.cuda_enabled())
 
 def _multi_args(tables, device):
     d = [t.device_tables(device)._asdict() for t in tables]
-    geometry = [g for t in tables for g in (t.c_out, t.c_in, t.stride_out, t.stride_in)]
+    geometry = [g for t in tables for g in (t.c_out, t.c_in, t.stride_out, t.stride_in, int(t.signed))]
     return [x["offsets"] for x in d], [x["inv_stab"] for x in d], geometry
 
 
@@ -44,12 +44,14 @@ class _RawOps:
     def fused_forward(w, t, with_spectrum=True):
         d = t.device_tables(w.device)._asdict()
         return OPS.fused_forward(w, d["offsets"], d["inv_stab"], d["basis"], d["row_irrep"],
-                                 len(t.group.irrep_names), t.c_out, t.c_in, t.stride_out, t.stride_in, with_spectrum)
+                                 len(t.group.irrep_names), t.c_out, t.c_in, t.stride_out, t.stride_in, int(t.signed),
+                                 with_spectrum)
 
     @staticmethod
     def fused_backward(w, t, gp, ge):
         d = t.device_tables(w.device)._asdict()
-        return OPS.fused_backward(w, gp, ge, d["offsets"], d["inv_stab"], t.c_out, t.c_in, t.stride_out, t.stride_in)
+        return OPS.fused_backward(w, gp, ge, d["offsets"], d["inv_stab"], t.c_out, t.c_in, t.stride_out, t.stride_in,
+                                  int(t.signed))
 
 
 C = _RawOps

@@ -118,7 +118,39 @@ void trivial_group() {
   CHECK_CLOSE(pk::energy_part(mean, 1.0, 1), 6.25, 0);
 }
 
+// A signed orbit (a C4 vector field's entry under quarter turns: u -> v -> -u -> -v): entries 1 and 2
+// of w = (9, 1, 2, 9), read as f = (+w1, +w2, -w1, -w2) = (1, 2, -1, -2) by the offsets (0, 1, ~0, ~1).
+// mean 0, so P(W) = 0 there, the penalty is inv_stab * sum f^2 = 1/2 * 10 = 5 = w1^2 + w2^2, and the
+// gradient stored at each entry is s * 2 g_pen (f - mean) = 2 g_pen W (each entry written twice, with
+// the same value).  An orbit read with both signs of one entry (offsets (0, ~0)) has mean 0 too.
+template <int MAXG>
+void signed_orbit() {
+  const double w[4] = {9, 1, 2, 9};
+  const pk::SignedOffset offsets[4] = {{0}, {1}, {~0}, {~1}};
+  double f[MAXG];
+  pk::load_orbit<MAXG>(w, /*base=*/1, offsets, 4, f);
+  CHECK_CLOSE(f[2], -1, 0);
+  CHECK_CLOSE(f[3], -2, 0);
+  const pk::OrbitEnergy<double> e = pk::orbit_energy<MAXG == 4 ? 4 : 0, false, double, double>(w, 1, offsets, 4, 0.5);
+  CHECK_CLOSE(e.pen, 5, 1e-15);
+  CHECK_CLOSE(e.eq, 0, 0);
+  double out[4] = {7, 7, 7, 7};
+  pk::write_orbit_gradient<MAXG == 4 ? 4 : 0>(w, out, 1, offsets, 4, /*two_grad_pen=*/2.0, /*two_grad_eq=*/2.0);
+  CHECK_CLOSE(out[0], 7, 0);  // outside the orbit: untouched
+  CHECK_CLOSE(out[1], 2, 1e-15);
+  CHECK_CLOSE(out[2], 4, 1e-15);
+  CHECK_CLOSE(out[3], 7, 0);
+  // The unsigned encoding of the same four offsets would read 9 (entry ~0 = -1 is outside): the
+  // signed table must only ever be read as SignedOffset.
+  CHECK_CLOSE(pk::entry_of(~1), 1, 0);
+  CHECK_CLOSE(pk::negated(~0) ? 1 : 0, 1, 0);
+  const pk::SignedOffset both[2] = {{0}, {~0}};
+  CHECK_CLOSE((pk::streamed_mean<double>(w + 1, 0, both, 2)), 0, 0);
+}
+
 int main() {
+  signed_orbit<4>();
+  signed_orbit<pk::kMaxArrayOrder>();
   free_orbit<4, double, double>(1e-14);
   free_orbit<pk::kMaxArrayOrder, double, double>(1e-14);
   free_orbit<16, float, float>(1e-6);
