@@ -19,7 +19,7 @@ PKG = Path(pk.__file__).resolve().parent
 # The floors, lowest first: a module may import modules of its own floor or below, never above.
 # Patterns are module names relative to the package (``a.b`` for a/b.py, ``a`` for a/__init__.py).
 FLOORS = [
-    ["groups", "install_hints"],                                        # 0: the groups
+    ["groups", "reps", "install_hints"],                                # 0: the groups, their field types
     ["orbits"],                                                         # 1: orbit tables
     ["library", "library.autograd", "library.fakes"],                   # 2: Python autograd, fakes
     ["symmetry", "symmetry.*"],                                         # 3: symmetry kinds
