@@ -35,12 +35,24 @@ ORDER = 4
 
 @lru_cache(maxsize=None)
 def vector_rep_available() -> bool:
-    """Whether this projkernels accepts ``VELOCITY`` as a field type of ``GROUP``."""
-    from ..api import projected_penalty
+    """Whether this projkernels handles ``VELOCITY`` fields of ``GROUP`` everywhere the benchmark needs
+    them: attaching, ``model_penalty`` (the fused multi-layer route), ``project_`` and the decay."""
+    from torch import nn
+
+    from ..decay import equivariance_decay
+    from ..model import attach_symmetry, model_penalty, project_
     try:
-        projected_penalty(torch.zeros(4, 2, 3, 3), GROUP, VELOCITY, HIDDEN)
-        return True
-    except (ValueError, TypeError, KeyError, NotImplementedError):
+        net = nn.Sequential(nn.Conv2d(2, ORDER, 3, bias=False), nn.Conv2d(ORDER, 2, 3, bias=False))
+        attach_symmetry(net[0], GROUP, VELOCITY, HIDDEN)
+        attach_symmetry(net[1], GROUP, HIDDEN, VELOCITY)
+        model_penalty(net).backward()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        handle = equivariance_decay(opt, net, 1.0)
+        opt.step()
+        handle.remove()
+        project_(net)
+        return bool(model_penalty(net) < 1e-6)
+    except (ValueError, TypeError, KeyError, IndexError, NotImplementedError, RuntimeError):
         return False
 
 
