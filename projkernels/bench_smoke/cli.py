@@ -10,6 +10,7 @@ from typing import List
 
 import torch
 
+from ..backends.registry import available_backends
 from ..demo.train import Progress
 from . import symmetry as sym
 from .data import SmokeConfig, load_or_generate, make_splits
@@ -190,6 +191,8 @@ def main(argv=None) -> dict:
                  "samples": {s: len(splits[s]["x"]) for s in ("train", "validation", "future", "domain")},
                  "simulations": {s: sorted(set(splits[s]["frames"][:, 0].tolist()))
                                  for s in ("train", "validation", "future", "domain")}},
+        "environment": {"torch": torch.__version__, "projkernels_backends": available_backends(args.device),
+                        "threads": torch.get_num_threads()},
         "symmetry": {"group": sym.GROUP, "velocity": sym.VELOCITY, "hidden": sym.HIDDEN, "declared_as": args.mode},
         "metrics": dict(METRICS),
         "selected": selected, "rows": rows, "runs": runs, "size_sweep": size_points,
