@@ -121,10 +121,17 @@ class SmokeCNN(nn.Module):
         return self
 
 
+def _init_std(conv, model, fan_in: int) -> float:
+    """He's std sqrt(2 / fan_in) inside; the last conv (the update to the last frame) 0.1 / sqrt(fan_in).
+    A full-scale last layer starts with an update several times the true one, and the first steps then
+    silence most ReLUs to cancel it: the model ends up predicting the last frame unchanged."""
+    return 0.1 / math.sqrt(fan_in) if conv is model.convs[-1] else math.sqrt(2.0 / fan_in)
+
+
 def build_model(history: int, fields: int, depth: int, mode: str, method: str, device, banks: int = 2) -> SmokeCNN:
-    """The model of ``method`` with an exactly equivariant He-scaled start (see the demo's ``build_model``:
-    projecting a random weight shrinks it, so each projected weight is rescaled); RPP's free path and the
-    relaxed banks' mixing start at zero / equal weights, so every route starts from an equivariant model."""
+    """The model of ``method`` with an exactly equivariant start, rescaled after projection (projecting a
+    random weight shrinks it; see ``_init_std`` for the scales); RPP's free path starts at 1% of its default
+    init and the relaxed banks' mixing weights equal over g, so every route starts (nearly) equivariant."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     kind = {"rpp": "rpp", "relaxed": "relaxed"}.get(method, "plain")
@@ -133,13 +140,13 @@ def build_model(history: int, fields: int, depth: int, mode: str, method: str, d
         if kind == "relaxed":
             for conv in model.convs:
                 fan_in = conv.psi[0, 0].numel()
-                conv.psi.mul_(math.sqrt(2.0 / fan_in) / conv.banks().sum(0).std().clamp_min(1e-12))
+                conv.psi.mul_(_init_std(conv, model, fan_in) / conv.weight().std().clamp_min(1e-12))
             return model
         project_(model)
         for conv in model.convs:
             target = conv.eq if kind == "rpp" else conv
             fan_in = target.weight[0].numel()
-            target.weight.mul_(math.sqrt(2.0 / fan_in) / target.weight.std().clamp_min(1e-12))
+            target.weight.mul_(_init_std(conv, model, fan_in) / target.weight.std().clamp_min(1e-12))
             if target.bias is not None:
                 target.bias.zero_()
             if kind == "rpp":
