@@ -5,6 +5,7 @@ from .api import equivariant_energy, penalty_and_energy, project, projected_pena
 from .backends import available_backends, load_optional_backends
 from .groups import FiniteGroup, get_group, irrep_names, register_group
 from .orbits import orbit_table
+from .reps import register_rep, rep_names
 from .dispatch.multi import multi_penalty, register_multi_backend
 from .model import (Symmetry, attach_regular_gcnn, attach_symmetries, attach_symmetry, attached_layers,
                     detach_symmetry, equivariance_report, format_report, get_symmetry, model_penalty, project_)
@@ -23,6 +24,8 @@ __all__ = [
     "attached_layers", "detach_symmetry", "get_symmetry", "Symmetry", "equivariance_report", "format_report",
     # groups, tables, backends
     "get_group", "register_group", "FiniteGroup", "orbit_table", "available_backends", "register_multi_backend",
+    # field types (signed-permutation representations)
+    "register_rep", "rep_names",
     "equivariance_decay",
     "steerable", "SteerableSymmetry",
 ]

@@ -23,6 +23,7 @@ from .dispatch.config import CONFIGS, config_for
 from .distributed import is_dtensor, single_weight_error
 from .groups import group_name_for_ops
 from .library import custom_ops as ops, functional
+from .reps import canonical_rep
 from .symmetry import kind_of
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -71,7 +72,7 @@ def penalty_and_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", 
             if not functional.transformed():
                 raise
         return functional.penalty_energy(weight, cfg)
-    return ops.penalty_energy(weight, group_name_for_ops(group), in_rep, out_rep, backend)
+    return ops.penalty_energy(weight, group_name_for_ops(group), canonical_rep(in_rep, "in_rep"), canonical_rep(out_rep, "out_rep"), backend)
 
 
 def projected_penalty(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -84,7 +85,7 @@ def projected_penalty(weight, group="C4", in_rep="trivial", out_rep="trivial", *
             if not functional.transformed():
                 raise
         return functional.penalty_energy(weight, cfg)[0]
-    return ops.penalty_energy(weight, group_name_for_ops(group), in_rep, out_rep, backend)[0]
+    return ops.penalty_energy(weight, group_name_for_ops(group), canonical_rep(in_rep, "in_rep"), canonical_rep(out_rep, "out_rep"), backend)[0]
 
 
 def equivariant_energy(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -102,7 +103,7 @@ def project(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend=
             if not functional.transformed():
                 raise
         return functional.project(weight, cfg)
-    return ops.project(weight, group_name_for_ops(group), in_rep, out_rep, backend)
+    return ops.project(weight, group_name_for_ops(group), canonical_rep(in_rep, "in_rep"), canonical_rep(out_rep, "out_rep"), backend)
 
 
 def spectrum(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend="auto"):
@@ -115,4 +116,4 @@ def spectrum(weight, group="C4", in_rep="trivial", out_rep="trivial", *, backend
     if cfg is not _COMPILED:
         return cfg.ops.spectrum(weight, *cfg.op_args)  # records no autograd node
     with torch.no_grad():
-        return ops.spectrum(weight.detach(), group_name_for_ops(group), in_rep, out_rep, backend)
+        return ops.spectrum(weight.detach(), group_name_for_ops(group), canonical_rep(in_rep, "in_rep"), canonical_rep(out_rep, "out_rep"), backend)

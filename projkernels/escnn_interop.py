@@ -6,8 +6,11 @@ come out (``kind``):
 - ``"group_average"``: a finite group's ``(group, in_rep, out_rep)``.  The conventions of
   docs/design.md (Conventions) are escnn's for ``rot2dOnR2(N)``, ``flipRot2dOnR2(N)`` and
   ``flip2dOnR2()`` with the default (vertical) reflection axis, and for ``octaOnR3()`` (group
-  ``"O"``) and ``fullOctaOnR3()`` (``"Oh"``), using ``regular_repr`` / ``trivial_repr`` fields, so an
-  ``R2Conv``'s or ``R3Conv``'s exported weight has penalty 0 under the symmetry read here.  Other
+  ``"O"``) and ``fullOctaOnR3()`` (``"Oh"``), using ``regular_repr`` / ``trivial_repr`` fields or any
+  other field whose matrices are signed permutations that projkernels knows (projkernels/reps.py:
+  the irreps that are signed permutations, quotient reps; checked matrix by matrix), so an
+  ``R2Conv``'s or ``R3Conv``'s exported weight has penalty 0 under the symmetry read here.  A side
+  whose fields are all of one type maps to that type's name, a mixed side to the list of names.  Other
   reflection axes, or a 3-D gspace whose elements act on R^3 by other matrices (an adjoint),
   relabel the group elements, so this kind rejects them rather than silently mismatching.
 - ``"steerable"``: a ``SteerableSymmetry`` (projkernels/symmetry/steerable.py) read off the layer's own basis
@@ -16,7 +19,7 @@ come out (``kind``):
   very basis the layer expands its filter from, so the layer's exported weight has penalty ~0.
 
 ``kind="auto"`` (the default) keeps the group average wherever it applies (a finite group with
-all-regular or all-trivial fields that acts exactly on the kernel) and reads a steerable symmetry
+signed-permutation fields that acts exactly on the kernel) and reads a steerable symmetry
 otherwise; escnn ``Linear`` layers always give a steerable one.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import nn
 from .groups import get_group
 from .model import Symmetry, attach_symmetry
 from .orbits import orbit_table
+from .reps import canonical_rep, rep_names, side_of
 from .symmetry.steerable import SteerableSymmetry
 
 __all__ = ["symmetry_from_r2conv", "symmetry_from_r3conv", "symmetry_from_linear", "steerable_from_layer",
@@ -90,21 +94,34 @@ def _cube_group_name(gspace) -> str:
     return name
 
 
-def _rep_name(field_type, side: str, where: str) -> str:
+def _field_name(rep, group, gspace, side: str, i: int, where: str) -> str:
+    """Our name of an escnn field representation: escnn's name where we know it and its matrices are
+    ours (element by element, in the shared element order), else any of our reps with its matrices."""
+    if rep.is_trivial():
+        return "trivial"
+    if rep.name == gspace.regular_repr.name and rep.size == gspace.fibergroup.order():
+        return "regular"
+    try:
+        theirs = np.stack([np.asarray(rep(e), dtype=np.float64) for e in gspace.fibergroup.elements])
+    except Exception as err:  # noqa: BLE001 - a continuous group has no element list
+        raise ValueError(f"{where}: {side} field {i}: {err}") from None
+    names = rep_names(group)
+    candidates = ([rep.name] if rep.name in names else []) + [n for n in names if n != rep.name]
+    for name in candidates:
+        ours = side_of(group, name).rep
+        if ours.size == rep.size and np.allclose(ours.matrices(), theirs, atol=1e-9):
+            return name
+    raise ValueError(f"{where}: {side} field {i} has representation {rep.name!r}, whose matrices are not signed "
+                     f"permutations projkernels knows for {group.name}; register them with register_rep, or use "
+                     "kind='steerable'")
+
+
+def _rep_name(field_type, side: str, where: str, group_name: str):
+    """One name (every field of that type) or the list of names (a direct sum, escnn's field order)."""
     gspace = field_type.gspace
-    kinds = set()
-    for i, rep in enumerate(field_type.representations):
-        if rep.is_trivial():
-            kinds.add("trivial")
-        elif rep.name == gspace.regular_repr.name and rep.size == gspace.fibergroup.order():
-            kinds.add("regular")
-        else:
-            raise ValueError(f"{where}: {side} field {i} has representation {rep.name!r}; projkernels supports "
-                             "fields that are all trivial_repr or all regular_repr")
-        if len(kinds) > 1:
-            raise ValueError(f"{where}: {side} mixes trivial and regular fields (field {i} is {rep.name!r}); "
-                             "projkernels needs all fields of one side to be of one type")
-    return kinds.pop()
+    group = get_group(group_name)
+    names = [_field_name(rep, group, gspace, side, i, where) for i, rep in enumerate(field_type.representations)]
+    return names[0] if len(set(names)) == 1 else names
 
 
 def _check_kind(kind) -> None:
@@ -113,8 +130,9 @@ def _check_kind(kind) -> None:
 
 
 def _group_average_r2(conv, name: str) -> Symmetry:
-    sym = Symmetry(_group_name(conv.in_type.gspace), _rep_name(conv.in_type, "in_type", name),
-                   _rep_name(conv.out_type, "out_type", name))
+    group = _group_name(conv.in_type.gspace)
+    sym = Symmetry(group, canonical_rep(_rep_name(conv.in_type, "in_type", name, group)),
+                   canonical_rep(_rep_name(conv.out_type, "out_type", name, group)))
     k = conv.kernel_size
     shape = (conv.out_type.size, conv.in_type.size // conv.groups, k, k)
     try:
@@ -129,7 +147,8 @@ def _group_average_r3(conv, name: str) -> Symmetry:
         group = _cube_group_name(conv.in_type.gspace)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
-    sym = Symmetry(group, _rep_name(conv.in_type, "in_type", name), _rep_name(conv.out_type, "out_type", name))
+    sym = Symmetry(group, canonical_rep(_rep_name(conv.in_type, "in_type", name, group)),
+                   canonical_rep(_rep_name(conv.out_type, "out_type", name, group)))
     k = conv.kernel_size
     shape = (conv.out_type.size, conv.in_type.size // getattr(conv, "groups", 1), k, k, k)
     try:
@@ -156,8 +175,8 @@ def _of_kind(layer, name: str, kind: str, group_average) -> Symmetry:
 def symmetry_from_r2conv(conv, name: str = "R2Conv", *, kind: str = "auto") -> Symmetry:
     """The symmetry of an escnn ``R2Conv``, checked against its filter shape (out, in, k, k).
 
-    ``kind="group_average"``: the finite group's ``(group, in_rep, out_rep)`` (C_N / D_N with all-regular
-    or all-trivial fields on each side; ValueError otherwise); ``"steerable"``: the layer's own basis as
+    ``kind="group_average"``: the finite group's ``(group, in_rep, out_rep)`` (C_N / D_N with fields whose
+    matrices are signed permutations projkernels knows, projkernels/reps.py; ValueError otherwise); ``"steerable"``: the layer's own basis as
     a ``SteerableSymmetry`` (any gspace and field types); ``"auto"``: the first where it applies, else
     the second."""
     enn = _escnn().nn
@@ -169,7 +188,7 @@ def symmetry_from_r2conv(conv, name: str = "R2Conv", *, kind: str = "auto") -> S
 def symmetry_from_r3conv(conv, name: str = "R3Conv", *, kind: str = "auto") -> Symmetry:
     """The symmetry of an escnn ``R3Conv``, checked against its filter shape (out, in, k, k, k):
     ``kind`` as for ``symmetry_from_r2conv``; the group average serves ``octaOnR3()`` (``"O"``) and
-    ``fullOctaOnR3()`` (``"Oh"``) with all-regular or all-trivial fields."""
+    ``fullOctaOnR3()`` (``"Oh"``) with signed-permutation fields (the 3-D vector rep among them)."""
     enn = _escnn().nn
     if not isinstance(conv, enn.R3Conv):
         raise TypeError(f"{name}: expected an escnn.nn.R3Conv, got {type(conv).__name__}")

@@ -411,7 +411,16 @@ def _bias_term(plan: _ModelPlan, biases) -> Optional[torch.Tensor]:
         b = torch.cat(fields) if len(fields) > 1 else fields[0]
         t = _field_deviation_sq(b)
         total = t if total is None else total + t.to(total.device)
-    # Biases of steerable layers: one term each (their projections differ layer by layer).
+    t = _per_layer_bias_term(plan, biases)
+    if t is not None:
+        total = t if total is None else total + t.to(total.device)
+    return total
+
+
+def _per_layer_bias_term(plan: _ModelPlan, biases) -> Optional[torch.Tensor]:
+    """The biases whose projection is their layer's own (steerable layers, finite-group fields other
+    than trivial and regular): one term each (their projections differ layer by layer)."""
+    total = None
     for i, name, sym in plan.steerable_biases:
         t = _bias_deviation_sq(biases[i], sym, f"layer {name or '(model)'!r} bias")
         total = t if total is None else total + t.to(total.device)
@@ -451,7 +460,9 @@ def model_penalty(model: nn.Module, lambda_perp: float = 1.0, lambda_G: float = 
         total = lambda_perp * pen
         if lambda_G:
             total = total + lambda_G * eq_per_item[:len(weights)].sum()
-        return total  # (no steerable biases here: a plan with steerable layers is not native)
+        # A plan with steerable layers is not native; finite-group fields other than regular can be.
+        b = _per_layer_bias_term(plan, biases) if plan.steerable_biases else None
+        return total if b is None else total + lambda_perp * b.to(device=total.device, dtype=total.dtype)
     pen, eq = _weight_terms(plan, weights)
     total = lambda_perp * pen
     if lambda_G:

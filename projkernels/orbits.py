@@ -19,28 +19,30 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .groups import FiniteGroup, get_group, short_repr
+from .reps import Side, side_of
 
 __all__ = ["OrbitTable", "DeviceTables", "orbit_table", "REPS", "field_size"]
 
 REPS = ("trivial", "regular")
 
 
-def field_size(rep: str, group: FiniteGroup) -> int:
-    return 1 if rep == "trivial" else group.order
+def field_size(rep, group: FiniteGroup) -> int:
+    """The size of one field of ``rep`` (a name or a direct sum, projkernels/reps.py)."""
+    if rep == "trivial":
+        return 1
+    if rep == "regular":
+        return group.order
+    return side_of(group, rep).size
 
 
-def _check_rep(name: str, rep) -> str:
-    if not isinstance(rep, str):
-        raise TypeError(f"{name}: expected one of {REPS} (str), got {type(rep).__name__}")
-    if rep not in REPS:
-        raise ValueError(f"{name}: unknown representation {short_repr(rep)}; expected one of {REPS}")
-    return rep
+def _check_rep(group: FiniteGroup, name: str, rep):
+    return side_of(group, rep, name)
 
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -117,6 +119,11 @@ class OrbitTable:
     inv_stab: torch.Tensor      # [orbits per block] float64, 1/|Stab| = |O|/|G|
     stride_out: int             # distance between blocks of consecutive out-fields
     stride_in: int              # distance between blocks of consecutive in-fields
+    in_rep: str = "trivial"     # the sides as the ops take them (projkernels/reps.py, canonical strings)
+    out_rep: str = "trivial"
+    # Whether an offset is negative (o < 0: the entry is -W[base + ~o], a field whose rho(g) are signed
+    # permutations): the kernels read signs only for such tables, trivial and regular fields never have one.
+    signed: bool = False
 
     @property
     def n_blocks(self) -> int:
@@ -136,14 +143,32 @@ class OrbitTable:
         return (fo * self.stride_out + fi * self.stride_in).reshape(-1)
 
     @functools.cached_property
+    def entry_offsets(self) -> torch.Tensor:
+        """[orbits per block, |G|] the offsets with their signs removed (~o for o < 0)."""
+        return torch.where(self.offsets < 0, ~self.offsets, self.offsets) if self.signed else self.offsets
+
+    @functools.cached_property
+    def offset_signs(self) -> Optional[torch.Tensor]:
+        """[orbits per block, |G|] int64 +1 / -1, the sign s(g, e) of each entry; None when unsigned."""
+        return torch.where(self.offsets < 0, -1, 1) if self.signed else None
+
+    @functools.cached_property
     def gather_index(self) -> torch.Tensor:
-        """[n_orbits, |G|] flat indices into the contiguous weight (reference backend only)."""
-        return (self.block_bases()[:, None, None] + self.offsets[None]).reshape(-1, self.group.order)
+        """[n_orbits, |G|] flat indices into the contiguous weight (the Python routes; signs: ``gather_signs``)."""
+        return (self.block_bases()[:, None, None] + self.entry_offsets[None]).reshape(-1, self.group.order)
+
+    @functools.cached_property
+    def gather_signs(self) -> Optional[torch.Tensor]:
+        """[n_orbits, |G|] +1 / -1 matching ``gather_index`` (f[g] = sign * W[index]); None when unsigned."""
+        if not self.signed:
+            return None
+        return self.offset_signs[None].expand(self.n_blocks, -1, -1).reshape(-1, self.group.order)
 
     @property
     def geometry(self) -> List[int]:
-        """[n_irreps, c_out, c_in, stride_out, stride_in], the int arguments of the public ops."""
-        return [len(self.group.irrep_names), self.c_out, self.c_in, self.stride_out, self.stride_in]
+        """[n_irreps, c_out, c_in, stride_out, stride_in, signed], the int arguments of the public ops
+        (``geometry[1:]`` is a layer's entry in the multi-tensor ops' geometry)."""
+        return [len(self.group.irrep_names), self.c_out, self.c_in, self.stride_out, self.stride_in, int(self.signed)]
 
     def device_tables(self, device, dtype: torch.dtype = torch.float32, *, spectrum: bool = True) -> "DeviceTables":
         """The table on ``device`` in the form the compiled ops read it, for weights of ``dtype``.
@@ -213,11 +238,9 @@ def _kernel_permutations(group: FiniteGroup, kernel: Tuple[int, ...]) -> np.ndar
     return tau
 
 
-def _channel_permutation(group: FiniteGroup, rep: str) -> np.ndarray:
-    """pi[g, a]: where rho(g) moves component a of a field (regular: a -> g a)."""
-    if rep == "trivial":
-        return np.zeros((group.order, 1), dtype=np.int64)
-    return np.asarray(group.mul, dtype=np.int64)
+def _channel_action(side: Side) -> Tuple[np.ndarray, np.ndarray]:
+    """(pi, sign) [|G|, field size]: rho(g) e_a = sign[g, a] e_{pi[g, a]} (regular: a -> g a, sign 1)."""
+    return side.rep.perm, side.rep.sign
 
 
 # Elements per chunk when comparing [chunk, |G|, k] compositions: bounds the check's memory.
@@ -281,43 +304,83 @@ def _check_regular_action(group: FiniteGroup) -> None:
                              "representation is not a representation")
 
 
+# Entries per step of the general orbit enumeration: bounds its [|G|, step] arrays.
+_ENUM_CHUNK = 1 << 22
+
+
+def _general_orbits(po, so_s, pi, si_s, tau, so, si, k):
+    """Orbits of a signed-permutation action on the block-local entries (a, b, x), listed in full.
+
+    Pi_g moves (a, b, x) to (po[g, a], pi[g, b], tau[g, x]) with the sign so_s[g, a] si_s[g, b]
+    (Pi_g(W) = rho_out(g) T_g(W) rho_in(g)^T, docs/design.md).  Each entry's |G| images are computed
+    at once (vectorised, in chunks of entries); an entry represents its orbit when it is the smallest
+    of its images.  Returns (members, signs), [orbits, |G|]: the images g . e of each representative e
+    and the signs s(g, e)."""
+    n = so * si * k
+    n_g = po.shape[0]
+    step = max(1, _ENUM_CHUNK // n_g)
+    members, signs = [], []
+    for e0 in range(0, n, step):
+        e = np.arange(e0, min(n, e0 + step))
+        a, rest = np.divmod(e, si * k)
+        b, x = np.divmod(rest, k)
+        img = (po[:, a] * si + pi[:, b]) * k + tau[:, x]          # [|G|, chunk]
+        rep = img.min(axis=0) == e
+        members.append(img[:, rep].T)
+        signs.append((so_s[:, a] * si_s[:, b])[:, rep].T)
+    return np.concatenate(members), np.concatenate(signs)
+
+
 @functools.lru_cache(maxsize=256)
 def _cached_table(group: FiniteGroup, in_rep: str, out_rep: str, shape: Tuple[int, ...]) -> OrbitTable:
     """The orbit table in time and memory proportional to its size (orbits x |G|), never |G| x block.
 
-    Pi_g acts on a block-local entry (a, b, x) as (po[g, a], pi[g, b], tau[g, x]); it is a representation
-    because each factor is an action (checked: the kernel action against ``mul``, and ``mul`` itself
-    for regular fields).  A regular field makes the action free, and each orbit then holds exactly one
-    entry whose regular coordinate is 0 (g . 0 = 0 only for g = e): those entries, all of them, are the
-    orbits' smallest entries, so the representatives are known without listing the orbits.
+    Pi_g acts on a block-local entry (a, b, x) as (po[g, a], pi[g, b], tau[g, x]) times a sign; it is a
+    representation because each factor is an action (checked: the kernel action against ``mul``,
+    ``mul`` itself for regular fields, a registered rep when it was registered).  A regular output
+    field makes the action free, and each orbit then holds exactly one entry whose regular coordinate
+    is 0 (g . 0 = 0 only for g = e): those entries, all of them, are the orbits' smallest entries, so
+    the representatives are known without listing the orbits.  Other signed-permutation fields list
+    the orbits in full (``_general_orbits``); an entry of sign -1 is stored as ~offset (orbit_math.h).
     """
-    so, si = field_size(out_rep, group), field_size(in_rep, group)
+    out_side, in_side = side_of(group, out_rep, "out_rep"), side_of(group, in_rep, "in_rep")
+    so, si = out_side.size, in_side.size
     kernel = shape[2:]
     k = int(np.prod(kernel)) if kernel else 1
     tau = _kernel_permutations(group, kernel)
     _check_kernel_action(group, tau, shape)
-    po, pi = _channel_permutation(group, out_rep), _channel_permutation(group, in_rep)
+    po, po_s = _channel_action(out_side)
+    pi, pi_s = _channel_action(in_side)
     if out_rep == "regular" or in_rep == "regular":
         _check_regular_action(group)
+    signs = None
     if out_rep == "regular":
         # Representatives (0, b, x), in increasing order; members[(b, x), g] = (po[g, 0], pi[g, b], tau[g, x]).
         members = ((po[:, 0][None, None, :] * si + pi.T[:, None, :]) * k + tau.T[None, :, :]).reshape(si * k, -1)
         sizes = np.full(si * k, group.order)
-    elif in_rep == "regular":
+        if in_side.rep.signed:
+            signs = np.broadcast_to(pi_s.T[:, None, :], (si, k, group.order)).reshape(si * k, -1)
+    elif in_rep == "regular" and out_rep == "trivial":
         # so == 1: representatives (0, 0, x); members[x, g] = (0, pi[g, 0], tau[g, x]).
         members = pi[:, 0][None, :] * k + tau.T
         sizes = np.full(k, group.order)
-    else:
+    elif in_rep == "trivial" and out_rep == "trivial":
         # Both trivial: the action is tau on the k kernel entries alone, a small [|G|, k] array.
         reps = np.nonzero(tau.min(axis=0) == np.arange(k))[0]
         members = tau[:, reps].T
         ordered = np.sort(members, axis=1)
         sizes = 1 + (np.diff(ordered, axis=1) != 0).sum(axis=1)
+    else:
+        members, signs = _general_orbits(po, po_s, pi, pi_s, tau, so, si, k)
+        ordered = np.sort(members, axis=1)
+        sizes = 1 + (np.diff(ordered, axis=1) != 0).sum(axis=1)
+        if not (signs < 0).any():
+            signs = None
     # Block-local (a, b, x) -> offset in the contiguous weight of shape (so*c_out, si*c_in, *kernel).
     a, rest = np.divmod(members, si * k)
     row_len = shape[1] * k
     offsets = a * row_len + rest
-    if offsets.max() >= 2 ** 31:
+    if offsets.max() >= 2 ** 31 - 1:
         raise ValueError(f"weight: shape {shape} is too large: a field block spans more than 2^31 entries")
     # The bounds the kernels rely on, checked once here rather than on every call: every orbit
     # entry of the last block lies inside the weight.
@@ -326,12 +389,15 @@ def _cached_table(group: FiniteGroup, in_rep: str, out_rep: str, shape: Tuple[in
     numel = int(np.prod(shape))
     if offsets.min() < 0 or last_base + offsets.max() >= numel:
         raise AssertionError(f"orbit table of {group.name} on shape {shape} reaches outside the weight")
+    if signs is not None:
+        offsets = np.where(signs < 0, ~offsets, offsets)
     return OrbitTable(
         group=group, shape=shape, field_out=so, field_in=si,
-        c_out=shape[0] // so, c_in=shape[1] // si,
-        offsets=torch.as_tensor(offsets, dtype=torch.int64),
+        c_out=c_out, c_in=c_in,
+        offsets=torch.as_tensor(np.ascontiguousarray(offsets), dtype=torch.int64),
         inv_stab=torch.as_tensor(sizes / group.order, dtype=torch.float64),
         stride_out=so * row_len, stride_in=si * k,
+        in_rep=in_rep, out_rep=out_rep, signed=signs is not None,
     )
 
 
@@ -343,19 +409,23 @@ def orbit_table(weight_or_shape, group="C4", in_rep="trivial", out_rep="trivial"
     else:
         shape = tuple(int(s) for s in weight_or_shape)
     g = get_group(group)
-    in_rep, out_rep = _check_rep("in_rep", in_rep), _check_rep("out_rep", out_rep)
-    so, si = field_size(out_rep, g), field_size(in_rep, g)
+    in_side, out_side = _check_rep(g, "in_rep", in_rep), _check_rep(g, "out_rep", out_rep)
+    so, si = out_side.size, in_side.size
     if len(shape) not in (2, 3, 4, 5):
         raise ValueError(f"weight: expected 2, 3, 4 or 5 dims (Linear, Conv1d, Conv2d, Conv3d), got shape {shape}")
-    if shape[0] % so or shape[0] == 0:
-        raise ValueError(
-            f"weight: dim 0 (out channels) must be a positive multiple of the {out_rep} field size {so} "
-            f"of {g.name}, i.e. shape ({so}*C_out, ...); got shape {shape}")
-    if shape[1] % si or shape[1] == 0:
-        raise ValueError(
-            f"weight: dim 1 (in channels) must be a positive multiple of the {in_rep} field size {si} "
-            f"of {g.name}, i.e. shape (..., {si}*C_in, ...); got shape {shape}")
+    for dim, side, arg, what in ((0, out_side, "out_rep", "out channels"), (1, in_side, "in_rep", "in channels")):
+        size = side.size
+        if side.count is not None:
+            if shape[dim] != side.count * size:
+                raise ValueError(
+                    f"weight: dim {dim} ({what}) must be {side.count * size}, the size of {arg}={side.text} of "
+                    f"{g.name}; got shape {shape}")
+        elif shape[dim] % size or shape[dim] == 0:
+            where = f"({size}*C_out, ...)" if dim == 0 else f"(..., {size}*C_in, ...)"
+            raise ValueError(
+                f"weight: dim {dim} ({what}) must be a positive multiple of the {side.text} field size {size} "
+                f"of {g.name}, i.e. shape {where}; got shape {shape}")
     if any(s == 0 for s in shape[2:]):
         raise ValueError(f"weight: kernel dims must be positive, got shape {shape}")
     _check_action(g, shape)
-    return _cached_table(g, in_rep, out_rep, shape)
+    return _cached_table(g, in_side.text, out_side.text, shape)

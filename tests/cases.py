@@ -29,7 +29,10 @@ TRITON_SKIP_REASON = ("the Triton kernels need a CUDA device, or TRITON_INTERPRE
 
 
 def field_size(rep, G):
-    # Restated here rather than imported from the orbit machinery under test.
+    # Restated here rather than imported from the orbit machinery under test.  A rep given by its
+    # matrices (an array [|G|, n, n], the signed-permutation fields of tests/test_signed_fields.py) has size n.
+    if not isinstance(rep, str):
+        return rep.shape[1]
     return 1 if rep == "trivial" else G.order
 
 
@@ -69,7 +72,10 @@ def seeded_weight(case, dtype=torch.float64, salt=""):
 # --- the oracle --------------------------------------------------------------------------------
 
 def dense_rep(G, rep, g, fields):
-    """rho(g) on ``fields`` fields as a dense permutation matrix: rho(g) e_h = e_{g h} (regular)."""
+    """rho(g) on ``fields`` fields as a dense permutation matrix: rho(g) e_h = e_{g h} (regular), or
+    the given matrices rho(g) of a rep passed as an array [|G|, n, n] (signs included)."""
+    if not isinstance(rep, str):
+        return torch.block_diag(*([torch.as_tensor(rep[g], dtype=torch.float64)] * fields))
     size = field_size(rep, G)
     rho = torch.zeros(size, size, dtype=torch.float64)
     if rep == "trivial":

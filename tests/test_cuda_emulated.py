@@ -256,6 +256,46 @@ def test_finite_cuda_kernels_match_the_reference(finite, case, dtype):
     _finite_check(finite, *case, dtype)
 
 
+# Signed-permutation fields (negative offsets, read as SignedOffset): the vector rep of C4, a direct sum
+# with regular and 1-D sign fields of D4, the cube's vector -> pseudovector, and C100's sign rep
+# (above the array orders: the streamed orbit math with signs).
+SIGNED = [((16, 16, 3, 3), "C4", "vector", "vector"),
+          ((12, 32, 3, 3), "D4", "vector", ["regular", "vector", "pseudoscalar", "trivial"]),
+          ((9, 9, 3, 3, 3), "Oh", "vector", "pseudovector"),
+          ((200, 300), "C100", "irrep_50", "trivial")]
+SIGNED_IDS = ["C4-vector", "D4-sum", "Oh-pseudovector", "C100-sign"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", SIGNED, ids=SIGNED_IDS)
+def test_finite_cuda_kernels_read_signed_offsets(finite, case, dtype):
+    assert orbit_table(*case).signed
+    _finite_check(finite, *case, dtype)
+
+
+def test_multi_and_decay_cuda_kernels_read_signed_offsets(multi, decay):
+    # Signed and unsigned layers in one launch: the encoding is switched per layer, like the group order.
+    from projkernels.decay import apply_decay_
+    specs = [FINITE[0], SIGNED[0], FINITE[1], SIGNED[1], SIGNED[2], SIGNED[3]]
+    g = torch.Generator().manual_seed(11)
+    ws = [torch.randn(s[0], generator=g, dtype=torch.float64) for s in specs]
+    tables = [orbit_table(*s) for s in specs]
+    offsets = [t.device_tables("cpu").offsets for t in tables]
+    inv_stab = [t.device_tables("cpu").inv_stab for t in tables]
+    geometry = [v for t in tables for v in t.geometry[1:]]
+    pen, eq = multi.multi_forward(ws, offsets, inv_stab, geometry)
+    gp, ge = torch.linspace(0.5, 1.5, len(specs)), torch.linspace(-1, 1, len(specs))
+    dws = multi.multi_backward(ws, gp, ge, offsets, inv_stab, geometry)
+    _check_against_the_reference(pen, eq, dws, ws, tables, gp, ge)
+    coef_dev = [0.9 - 0.05 * i for i in range(len(specs))]
+    coef_mean = [1.0 - 0.01 * i for i in range(len(specs))]
+    got, want = [x.clone() for x in ws], [x.clone() for x in ws]
+    decay.multi_decay_(got, offsets, geometry, coef_dev, coef_mean)
+    apply_decay_(want, None, tables, coef_dev, coef_mean, backend="reference")
+    for a, b, s in zip(got, want, specs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{s[1]}: {m}")
+
+
 @pytest.mark.parametrize("case", [FINITE[0], FINITE[3], FINITE[5]], ids=["C4", "C64", "Oh"])
 def test_finite_cuda_kernels_with_little_shared_memory(finite, case, shared_limit):
     # 2 KiB of shared memory: the offset tables and the spectrum basis are read from global memory,

@@ -70,14 +70,18 @@ def test_rejections_name_the_problem():
     # kind="group_average" insists on a finite (group, in_rep, out_rep); "auto" would read these
     # layers' own bases instead (tests/test_steerable_interop.py)
     gs = gspaces.rot2dOnR2(4)
+    # Fields whose matrices are signed permutations map to their names (a mixed side to a direct sum).
     mixed = enn.FieldType(gs, [gs.regular_repr, gs.trivial_repr])
     conv = enn.R2Conv(enn.FieldType(gs, [gs.trivial_repr]), mixed, 3)
-    with pytest.raises(ValueError, match="field 1"):
-        symmetry_from_r2conv(conv, kind="group_average")
+    assert symmetry_from_r2conv(conv, kind="group_average").out_rep == "(regular + trivial)"
     irrep = enn.FieldType(gs, [gs.irrep(1)])
-    with pytest.raises(ValueError, match="field 0 has representation"):
-        symmetry_from_r2conv(enn.R2Conv(irrep, irrep, 3), kind="group_average")
+    assert symmetry_from_r2conv(enn.R2Conv(irrep, irrep, 3), kind="group_average").in_rep == "irrep_1"
+    # C8's frequency-1 irrep rotates by 45 degrees: not a signed permutation.
     gs8 = gspaces.rot2dOnR2(8)
+    t8 = enn.FieldType(gs8, [gs8.regular_repr, gs8.irrep(1)])
+    with pytest.raises(ValueError, match="field 1 has representation 'irrep_1', whose matrices are not signed"):
+        symmetry_from_r2conv(enn.R2Conv(enn.FieldType(gs8, [gs8.trivial_repr]), t8, 1), kind="group_average")
+    conv = enn.R2Conv(enn.FieldType(gs8, [gs8.trivial_repr]), t8, 3)
     t = enn.FieldType(gs8, [gs8.regular_repr])
     with pytest.raises(ValueError, match="does not act exactly"):
         symmetry_from_r2conv(enn.R2Conv(t, t, 3), kind="group_average")
@@ -130,7 +134,8 @@ def test_r3conv_rejections_name_the_problem():
     from projkernels.escnn_interop import _cube_group_name
 
     gs = gspaces.octaOnR3()
-    mixed = enn.FieldType(gs, [gs.regular_repr, gs.trivial_repr])
+    # O's 2-D irrep is not a signed permutation (regular and trivial fields, or the 3-D vector rep, are).
+    mixed = enn.FieldType(gs, [gs.regular_repr, {ir.name: ir for ir in gs.fibergroup.irreps()}["irrep_2"]])
     with pytest.raises(ValueError, match="enc: .*field 1"):
         symmetry_from_r3conv(enn.R3Conv(enn.FieldType(gs, [gs.trivial_repr]), mixed, 3), name="enc",
                              kind="group_average")

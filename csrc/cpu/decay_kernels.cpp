@@ -56,7 +56,9 @@ void run_cpu(LayerArgs& a) {
       with_dtype(d.dtype, [&](auto s) {
         using scalar_t = decltype(s);
         using acc_t = at::opmath_type<scalar_t>;
-        GROUP_ORDER_SWITCH(d.G, K, [&] { decay_chunk<K, IN_PLACE, scalar_t, acc_t>(d, ch.first, ch.last, 1); });
+        SIGNED_SWITCH(d.signed_offsets, OFF, [&] {
+          GROUP_ORDER_SWITCH(d.G, K, [&] { decay_chunk<K, IN_PLACE, scalar_t, acc_t, OFF>(d, ch.first, ch.last, 1); });
+        });
       });
     }
   });

@@ -27,12 +27,13 @@ namespace {
 // of threads, and chunk partials are summed in chunk order: results are bitwise reproducible.
 constexpr int64_t kChunk = 256;
 
-template <typename scalar_t, int K>
+// off_t: int32_t, or SignedOffset for a table with negative offsets (orbit_math.h, SIGNED_SWITCH).
+template <typename scalar_t, int K, typename off_t = int32_t>
 void forward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, const at::Tensor& basis_acc,
                         bool with_spectrum, std::vector<double>& partials, int64_t n_chunks) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
-  const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
+  const off_t* offs = reinterpret_cast<const off_t*>(t.offsets.const_data_ptr<int32_t>());
   const double* inv_stab = t.inv_stab.const_data_ptr<double>();
   const acc_t* basis = with_spectrum ? basis_acc.const_data_ptr<acc_t>() : nullptr;
   const int G = order_of(K, static_cast<int>(t.G));
@@ -47,7 +48,7 @@ void forward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, const at::Tenso
       const int64_t end = std::min(n, (c + 1) * kChunk);
       OrbitWalk it(c * kChunk, t.orbits_per_block, t.c_in, t.stride_out, t.stride_in);
       for (int64_t id = c * kChunk; id < end; ++id, it.advance(1)) {
-        const int32_t* o = offs + it.orbit * G;
+        const off_t* o = offs + it.orbit * G;
         const acc_t is = static_cast<acc_t>(inv_stab[it.orbit]);
         OrbitEnergy<acc_t> e;
         if (with_spectrum) {
@@ -72,9 +73,9 @@ void forward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
     const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& inv_stab, const at::Tensor& basis,
     const at::Tensor& row_irrep, int64_t n_irreps, int64_t c_out, int64_t c_in, int64_t stride_out,
-    int64_t stride_in, bool with_spectrum) {
-  const OrbitArgs t =
-      check_fused_forward(weight, offsets, inv_stab, basis, row_irrep, n_irreps, c_out, c_in, stride_out, stride_in);
+    int64_t stride_in, int64_t signed_offsets, bool with_spectrum) {
+  const OrbitArgs t = check_fused_forward(weight, offsets, inv_stab, basis, row_irrep, n_irreps, c_out, c_in,
+                                          stride_out, stride_in, signed_offsets != 0);
   const auto acc = acc_type_of(weight.scalar_type());
   const at::Tensor w = weight.contiguous();
   // The basis is only read for the spectrum: the training call converts nothing.
@@ -83,7 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   std::vector<double> partials(n_chunks * (G + 1), 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_forward_cpu", [&] {
-    GROUP_ORDER_SWITCH(G, K, [&] { forward_cpu_kernel<scalar_t, K>(w, t, basis_acc, with_spectrum, partials, n_chunks); });
+    SIGNED_SWITCH(t.signed_offsets, OFF, [&] {
+      GROUP_ORDER_SWITCH(G, K, [&] { forward_cpu_kernel<scalar_t, K, OFF>(w, t, basis_acc, with_spectrum, partials, n_chunks); });
+    });
   });
 
   std::vector<double> total(G + 1, 0.0);
@@ -112,11 +115,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
 // copy the tile's segments into a buffer, write dW over it in place orbit by orbit, copy it back.
 // Bits equal the orbit-by-orbit path (same arithmetic per orbit); running it here puts the tile
 // layout, the offset remapping and the in-place writer under every CPU test.
-template <typename scalar_t, int K>
+template <typename scalar_t, int K, typename off_t>
 void backward_cpu_tiles(const at::Tensor& w, scalar_t* op, const OrbitArgs& t, const TilePlan& tp,
                         at::opmath_type<scalar_t> two_pen, at::opmath_type<scalar_t> two_eq) {
   const int G = order_of(K, static_cast<int>(t.G));
-  const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
+  const off_t* offs = reinterpret_cast<const off_t*>(t.offsets.const_data_ptr<int32_t>());
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   const LayerDesc d = describe(t, w, op);
   const int64_t n_offs = t.orbits_per_block * G;
@@ -141,8 +144,10 @@ void backward_cpu_tiles(const at::Tensor& w, scalar_t* op, const OrbitArgs& t, c
       for (int64_t a = 0; a < tp.so; ++a)
         std::copy_n(wp + tile_global_index(tile, a, 0, t.stride_out, tp.row_len, t.stride_in), tile.pitch,
                     buf.data() + a * tile.pitch);
-      chunk_gradient_in_place<K, scalar_t>(tile_desc(d, tile, buf.data(), buf.data()), tile_offs.data(), 0, n_local, 1,
-                                           two_pen, two_eq);
+      // The remapped offsets keep the table's encoding (remap_offset), so they are read as off_t too.
+      chunk_gradient_in_place<K, scalar_t>(tile_desc(d, tile, buf.data(), buf.data()),
+                                           reinterpret_cast<const off_t*>(tile_offs.data()), 0, n_local, 1, two_pen,
+                                           two_eq);
       for (int64_t a = 0; a < tp.so; ++a)
         std::copy_n(buf.data() + a * tile.pitch, tile.pitch,
                     op + tile_global_index(tile, a, 0, t.stride_out, tp.row_len, t.stride_in));
@@ -150,19 +155,19 @@ void backward_cpu_tiles(const at::Tensor& w, scalar_t* op, const OrbitArgs& t, c
   });
 }
 
-template <typename scalar_t, int K>
+template <typename scalar_t, int K, typename off_t = int32_t>
 void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pen, double grad_eq, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const int32_t* offs = t.offsets.const_data_ptr<int32_t>();
+  const off_t* offs = reinterpret_cast<const off_t*>(t.offsets.const_data_ptr<int32_t>());
   const int G = order_of(K, static_cast<int>(t.G));
   const acc_t two_pen = static_cast<acc_t>(2 * grad_pen), two_eq = static_cast<acc_t>(2 * grad_eq);
 
   if constexpr (K != 0) {  // the streamed class would read entries it already wrote
     const TilePlan tp = plan_tiles(t.c_out, t.c_in, t.stride_out, t.stride_in, t.orbits_per_block, G,
                                    static_cast<int64_t>(sizeof(scalar_t)));
-    if (tp.ok) return backward_cpu_tiles<scalar_t, K>(w, op, t, tp, two_pen, two_eq);
+    if (tp.ok) return backward_cpu_tiles<scalar_t, K, off_t>(w, op, t, tp, two_pen, two_eq);
   }
   at::parallel_for(0, t.n_orbits(), kChunk, [&](int64_t i0, int64_t i1) {
     OrbitWalk it(i0, t.orbits_per_block, t.c_in, t.stride_out, t.stride_in);
@@ -173,15 +178,17 @@ void backward_cpu_kernel(const at::Tensor& w, const OrbitArgs& t, double grad_pe
 
 at::Tensor fused_backward_cpu(const at::Tensor& weight, const at::Tensor& grad_penalty, const at::Tensor& grad_eq,
                               const at::Tensor& offsets, const at::Tensor& inv_stab, int64_t c_out, int64_t c_in,
-                              int64_t stride_out, int64_t stride_in) {
-  const OrbitArgs t =
-      check_fused_backward(weight, grad_penalty, grad_eq, offsets, inv_stab, c_out, c_in, stride_out, stride_in);
+                              int64_t stride_out, int64_t stride_in, int64_t signed_offsets) {
+  const OrbitArgs t = check_fused_backward(weight, grad_penalty, grad_eq, offsets, inv_stab, c_out, c_in, stride_out,
+                                           stride_in, signed_offsets != 0);
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
   // check_grad guarantees one value; read in place rather than through .item() (an op dispatch each).
   const double gp = read_scalar(grad_penalty), ge = read_scalar(grad_eq);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_backward_cpu", [&] {
-    GROUP_ORDER_SWITCH(t.G, K, [&] { backward_cpu_kernel<scalar_t, K>(w, t, gp, ge, out); });
+    SIGNED_SWITCH(t.signed_offsets, OFF, [&] {
+      GROUP_ORDER_SWITCH(t.G, K, [&] { backward_cpu_kernel<scalar_t, K, OFF>(w, t, gp, ge, out); });
+    });
   });
   return out;
 }
@@ -231,8 +238,11 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_cpu(at::TensorList weights, at:
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     double pen = 0, eq = 0;
-    GROUP_ORDER_SWITCH(d.G, K, [&] {
-      chunk_energies<K, false, scalar_t, acc_t, double>(d, d.offsets, ch.first, ch.last, 1, pen, eq);
+    SIGNED_SWITCH(d.signed_offsets, OFF, [&] {
+      GROUP_ORDER_SWITCH(d.G, K, [&] {
+        chunk_energies<K, false, scalar_t, acc_t, double>(d, reinterpret_cast<const OFF*>(d.offsets), ch.first, ch.last,
+                                                          1, pen, eq);
+      });
     });
     partials[2 * c] = pen;
     partials[2 * c + 1] = eq;
@@ -275,7 +285,12 @@ std::vector<at::Tensor> multi_backward_cpu(at::TensorList weights, const at::Ten
     using acc_t = at::opmath_type<scalar_t>;
     // As fused_backward: 2 * grad in double, then rounded to acc_t.
     const acc_t two_pen = static_cast<acc_t>(2 * gpp[ch.layer]), two_eq = static_cast<acc_t>(2 * gep[ch.layer]);
-    GROUP_ORDER_SWITCH(d.G, K, [&] { chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, ch.first, ch.last, 1, two_pen, two_eq); });
+    SIGNED_SWITCH(d.signed_offsets, OFF, [&] {
+      GROUP_ORDER_SWITCH(d.G, K, [&] {
+        chunk_gradient<K, scalar_t, acc_t>(d, reinterpret_cast<const OFF*>(d.offsets), ch.first, ch.last, 1, two_pen,
+                                           two_eq);
+      });
+    });
   });
   return out;
 }

@@ -33,7 +33,11 @@ template <bool IN_PLACE, typename scalar_t>
 __device__ __forceinline__ void decay_block(const LayerDesc& d, const ChunkRange& r) {
   using acc_t = at::opmath_type<scalar_t>;
   // The block's group order is uniform across the block, so the switch never diverges.
-  GROUP_ORDER_SWITCH(d.G, K, [&] { decay_chunk<K, IN_PLACE, scalar_t, acc_t>(d, r.first + threadIdx.x, r.last, blockDim.x); });
+  SIGNED_SWITCH(d.signed_offsets, OFF, [&] {
+    GROUP_ORDER_SWITCH(d.G, K, [&] {
+      decay_chunk<K, IN_PLACE, scalar_t, acc_t, OFF>(d, r.first + threadIdx.x, r.last, blockDim.x);
+    });
+  });
 }
 
 template <bool IN_PLACE>

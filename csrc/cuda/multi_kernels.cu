@@ -50,10 +50,13 @@ multi_forward_kernel(const __grid_constant__ LaunchLayers p, double* __restrict_
   const LayerDesc d = p.layers[layer_of_chunk(p.layers, p.n_layers, c)];
   const ChunkRange r = chunk_range(d, c, kChunkOrbits);
   acc_t pen = 0, eq = 0;
-  // G is uniform across the block (a chunk never spans two layers), so the switch never diverges.
-  GROUP_ORDER_SWITCH(d.G, K, [&] {
-    chunk_energies<K, false, scalar_t, acc_t, acc_t, acc_t, BATCHED ? multi_batch(forward_batch(K)) : 1>(
-        d, d.offsets, r.first + threadIdx.x, r.last, blockDim.x, pen, eq);
+  // G and the table's encoding are uniform across the block (a chunk never spans two layers), so the
+  // switches never diverge.
+  SIGNED_SWITCH(d.signed_offsets, OFF, [&] {
+    GROUP_ORDER_SWITCH(d.G, K, [&] {
+      chunk_energies<K, false, scalar_t, acc_t, acc_t, acc_t, BATCHED ? multi_batch(forward_batch(K)) : 1>(
+          d, reinterpret_cast<const OFF*>(d.offsets), r.first + threadIdx.x, r.last, blockDim.x, pen, eq);
+    });
   });
   double v = block_sum(static_cast<double>(pen), scratch);
   if (threadIdx.x == 0) partials[2 * c] = v;
@@ -96,9 +99,11 @@ multi_backward_kernel(const __grid_constant__ LaunchLayers p, const at::opmath_t
   const ChunkRange r = chunk_range(d, c, kChunkOrbits);
   const int64_t l = p.first_layer + j;
   const acc_t two_pen = acc_t(2) * grad_pen[l * pen_stride], two_eq = acc_t(2) * grad_eq[l * eq_stride];
-  GROUP_ORDER_SWITCH(d.G, K, [&] {
-    chunk_gradient<K, scalar_t, acc_t, BATCHED ? multi_batch(backward_batch(K)) : 1>(
-        d, d.offsets, r.first + threadIdx.x, r.last, blockDim.x, two_pen, two_eq);
+  SIGNED_SWITCH(d.signed_offsets, OFF, [&] {
+    GROUP_ORDER_SWITCH(d.G, K, [&] {
+      chunk_gradient<K, scalar_t, acc_t, BATCHED ? multi_batch(backward_batch(K)) : 1>(
+          d, reinterpret_cast<const OFF*>(d.offsets), r.first + threadIdx.x, r.last, blockDim.x, two_pen, two_eq);
+    });
   });
 }
 

@@ -76,8 +76,8 @@ __device__ __forceinline__ int64_t chunk_last(int64_t chunk_orbits, int64_t n_or
 // Sums over the orbits first, first + blockDim, ... < last of this thread (threadIdx.x added by the
 // caller), reduced over the block by the fixed tree into column j of one partial: col[j * n_parts]
 // for j = 0 (penalty), 1 (eq energy) and, with SPECTRUM, 1 + r (row r).
-template <typename scalar_t, int K, bool SPECTRUM, int B = 1>
-__device__ __forceinline__ void reduce_orbits(const LayerDesc& d, const int32_t* __restrict__ offs,
+template <typename scalar_t, int K, bool SPECTRUM, int B = 1, typename off_t = int32_t>
+__device__ __forceinline__ void reduce_orbits(const LayerDesc& d, const off_t* __restrict__ offs,
                                               const at::opmath_type<scalar_t>* __restrict__ bas, int64_t first,
                                               int64_t last, double* __restrict__ col, int64_t n_parts,
                                               double* scratch) {
@@ -113,7 +113,8 @@ __device__ __forceinline__ void reduce_orbits(const LayerDesc& d, const int32_t*
   }
 }
 
-template <typename scalar_t, int K, bool SPECTRUM, int B = 1>
+// off_t: int32_t, or SignedOffset for a table with negative offsets (orbit_math.h, SIGNED_SWITCH).
+template <typename scalar_t, int K, bool SPECTRUM, int B = 1, typename off_t = int32_t>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(const LayerDesc d, const at::opmath_type<scalar_t>* __restrict__ basis, int64_t chunk_orbits,
                int64_t n_chunks, SharedPlan plan, double* __restrict__ partials) {
@@ -122,10 +123,11 @@ forward_kernel(const LayerDesc d, const at::opmath_type<scalar_t>* __restrict__ 
   __shared__ double scratch[kWarps];
   const int G = order_of(K, d.G);
   const acc_t* bas = plan.stage_basis() ? stage(smem, basis, int64_t(G) * G) : basis;
-  const int32_t* offs =
-      plan.stage_offsets() ? stage(smem + plan.basis_bytes, d.offsets, d.orbits_per_block * G) : d.offsets;
+  const off_t* table = reinterpret_cast<const off_t*>(d.offsets);
+  const off_t* offs =
+      plan.stage_offsets() ? stage(smem + plan.basis_bytes, table, d.orbits_per_block * G) : table;
   __syncthreads();
-  reduce_orbits<scalar_t, K, SPECTRUM, B>(d, offs, bas, chunk_first(chunk_orbits) + threadIdx.x,
+  reduce_orbits<scalar_t, K, SPECTRUM, B, off_t>(d, offs, bas, chunk_first(chunk_orbits) + threadIdx.x,
                                        chunk_last(chunk_orbits, d.n_orbits), partials + blockIdx.x, n_chunks, scratch);
 }
 
@@ -166,7 +168,7 @@ spectrum_kernel(const double* __restrict__ totals, int G, const int64_t* __restr
   }
 }
 
-template <typename scalar_t, int K, int B = 1>
+template <typename scalar_t, int K, int B = 1, typename off_t = int32_t>
 __global__ void __launch_bounds__(kThreads)
 backward_kernel(const LayerDesc d, int64_t chunk_orbits, SharedPlan plan,
                 const at::opmath_type<scalar_t>* __restrict__ grad_pen,
@@ -174,7 +176,8 @@ backward_kernel(const LayerDesc d, int64_t chunk_orbits, SharedPlan plan,
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int G = order_of(K, d.G);
-  const int32_t* offs = plan.stage_offsets() ? stage(smem, d.offsets, d.orbits_per_block * G) : d.offsets;
+  const off_t* table = reinterpret_cast<const off_t*>(d.offsets);
+  const off_t* offs = plan.stage_offsets() ? stage(smem, table, d.orbits_per_block * G) : table;
   __syncthreads();
   const acc_t two_pen = acc_t(2) * *grad_pen, two_eq = acc_t(2) * *grad_eq;
   chunk_gradient<K, scalar_t, acc_t, B>(d, offs, chunk_first(chunk_orbits) + threadIdx.x,
@@ -213,59 +216,62 @@ __device__ __forceinline__ void copy_segments(const scalar_t* __restrict__ src, 
 // Tile blockIdx.x in shared memory: [remapped offsets][so segments of pitch entries].  `bad` (the
 // same in every thread) says that some offset does not fit the tile layout; the block then reads
 // from global memory.
-template <typename scalar_t>
+template <typename scalar_t, typename off_t = int32_t>
 struct StagedTile {
   Tile t;
-  int32_t* offs;
+  const off_t* offs;  // remapped, in the table's encoding (remap_offset keeps the signs)
   scalar_t* tile;
   int64_t n_local;  // the tile's orbits
   bool bad;
 };
 
-template <typename scalar_t>
-__device__ __forceinline__ StagedTile<scalar_t> stage_tile(const LayerDesc& d, const TilePlan& tp, int G,
-                                                           unsigned char* smem) {
+template <typename scalar_t, typename off_t = int32_t>
+__device__ __forceinline__ StagedTile<scalar_t, off_t> stage_tile(const LayerDesc& d, const TilePlan& tp, int G,
+                                                                  unsigned char* smem) {
   const Tile t = tile_at(tp, blockIdx.x, d.c_in, d.stride_in, d.orbits_per_block);
   int32_t* s_offs = reinterpret_cast<int32_t*>(smem);
   scalar_t* s_tile = reinterpret_cast<scalar_t*>(smem + tp.offsets_bytes);
   int bad = 0;
   const int64_t n = d.orbits_per_block * G;
+  const off_t* table = reinterpret_cast<const off_t*>(d.offsets);
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     int32_t v = 0;
-    if (!remap_offset(d.offsets[i], tp.row_len, d.stride_in, tp.so, t.pitch, &v)) bad = 1;
+    if (!remap_offset(table[i], tp.row_len, d.stride_in, tp.so, t.pitch, &v)) bad = 1;
     s_offs[i] = v;
   }
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
   copy_segments(w + tile_global_index(t, 0, 0, d.stride_out, tp.row_len, d.stride_in), tp.row_len, s_tile, t.pitch,
                 tp.so, t.pitch);
-  return {t, s_offs, s_tile, t.width * d.orbits_per_block, __syncthreads_or(bad) != 0};
+  return {t, reinterpret_cast<const off_t*>(s_offs), s_tile, t.width * d.orbits_per_block,
+          __syncthreads_or(bad) != 0};
 }
 
 // The basis (spectrum only) is read from global memory: shared memory holds the tile.
-template <typename scalar_t, int K, bool SPECTRUM>
+template <typename scalar_t, int K, bool SPECTRUM, typename off_t = int32_t>
 __global__ void __launch_bounds__(kThreads)
 tiled_forward_kernel(const LayerDesc d, const TilePlan tp, const at::opmath_type<scalar_t>* __restrict__ basis,
                      double* __restrict__ partials) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ double scratch[kWarps];
-  const StagedTile<scalar_t> s = stage_tile<scalar_t>(d, tp, order_of(K, d.G), smem);
+  const StagedTile<scalar_t, off_t> s = stage_tile<scalar_t, off_t>(d, tp, order_of(K, d.G), smem);
   double* col = partials + blockIdx.x;
   if (!s.bad) {
-    reduce_orbits<scalar_t, K, SPECTRUM>(tile_desc(d, s.t, s.tile, nullptr), s.offs, basis, threadIdx.x, s.n_local,
-                                         col, tp.n_tiles, scratch);
+    reduce_orbits<scalar_t, K, SPECTRUM, 1, off_t>(tile_desc(d, s.t, s.tile, nullptr), s.offs, basis, threadIdx.x,
+                                                   s.n_local, col, tp.n_tiles, scratch);
   } else {
-    reduce_orbits<scalar_t, K, SPECTRUM>(d, d.offsets, basis, s.t.first_orbit + threadIdx.x,
+    reduce_orbits<scalar_t, K, SPECTRUM, 1, off_t>(d, reinterpret_cast<const off_t*>(d.offsets), basis,
+                                                   s.t.first_orbit + threadIdx.x,
                                          s.t.first_orbit + s.n_local, col, tp.n_tiles, scratch);
   }
 }
 
-template <typename scalar_t, int K>
+template <typename scalar_t, int K, typename off_t = int32_t>
 __global__ void __launch_bounds__(kThreads)
 tiled_backward_kernel(const LayerDesc d, const TilePlan tp, const at::opmath_type<scalar_t>* __restrict__ grad_pen,
                       const at::opmath_type<scalar_t>* __restrict__ grad_eq) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
-  const StagedTile<scalar_t> s = stage_tile<scalar_t>(d, tp, order_of(K, d.G), smem);
+  const StagedTile<scalar_t, off_t> s = stage_tile<scalar_t, off_t>(d, tp, order_of(K, d.G), smem);
   const acc_t two_pen = acc_t(2) * *grad_pen, two_eq = acc_t(2) * *grad_eq;
   if (!s.bad) {
     // Every entry of a block lies on one of its orbits, so the whole tile is overwritten with dW.
@@ -277,8 +283,8 @@ tiled_backward_kernel(const LayerDesc d, const TilePlan tp, const at::opmath_typ
                   out + tile_global_index(s.t, 0, 0, d.stride_out, tp.row_len, d.stride_in), tp.row_len, tp.so,
                   s.t.pitch);
   } else {
-    chunk_gradient<K, scalar_t, acc_t>(d, d.offsets, s.t.first_orbit + threadIdx.x, s.t.first_orbit + s.n_local,
-                                       blockDim.x, two_pen, two_eq);
+    chunk_gradient<K, scalar_t, acc_t>(d, reinterpret_cast<const off_t*>(d.offsets), s.t.first_orbit + threadIdx.x,
+                                       s.t.first_orbit + s.n_local, blockDim.x, two_pen, two_eq);
   }
 }
 
@@ -326,10 +332,10 @@ SharedPlan plan_for(const LayerDesc& d, const Chunks& c, int64_t elem_bytes, int
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
     const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& inv_stab, const at::Tensor& basis,
     const at::Tensor& row_irrep, int64_t n_irreps, int64_t c_out, int64_t c_in, int64_t stride_out,
-    int64_t stride_in, bool with_spectrum) {
+    int64_t stride_in, int64_t signed_offsets, bool with_spectrum) {
   constexpr const char* op = "projkernels_C::fused_forward";
-  const OrbitArgs t =
-      check_fused_forward(weight, offsets, inv_stab, basis, row_irrep, n_irreps, c_out, c_in, stride_out, stride_in);
+  const OrbitArgs t = check_fused_forward(weight, offsets, inv_stab, basis, row_irrep, n_irreps, c_out, c_in,
+                                          stride_out, stride_in, signed_offsets != 0);
   const CudaCall call(weight.device());
   const at::Tensor w = weight.contiguous();
   const auto acc = acc_type_of(w.scalar_type());
@@ -352,22 +358,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     const SharedPlan plan = plan_for(d, chunks, w.element_size(), sizeof(acc_t), with_spectrum, call.shared_budget);
     const acc_t* basis_ptr = with_spectrum ? basis_acc.const_data_ptr<acc_t>() : nullptr;
+    SIGNED_SWITCH(t.signed_offsets, OFF, [&] {
     GROUP_ORDER_SWITCH(G, K, [&] {
       if (tp.ok) {
-        auto kernel = with_spectrum ? tiled_forward_kernel<scalar_t, K, true> : tiled_forward_kernel<scalar_t, K, false>;
+        auto kernel = with_spectrum ? tiled_forward_kernel<scalar_t, K, true, OFF>
+                                    : tiled_forward_kernel<scalar_t, K, false, OFF>;
         kernel<<<static_cast<unsigned>(tp.n_tiles), kThreads, static_cast<size_t>(tp.shared_bytes()), call.stream>>>(
             d, tp, basis_ptr, partials.mutable_data_ptr<double>());
       } else {
-        auto kernel = with_spectrum ? forward_kernel<scalar_t, K, true> : forward_kernel<scalar_t, K, false>;
+        auto kernel = with_spectrum ? forward_kernel<scalar_t, K, true, 1, OFF> : forward_kernel<scalar_t, K, false, 1, OFF>;
         if constexpr (forward_batch(K) > 1) {
           // Only where a thread walks a whole batch: the batched kernel costs registers either way.
           if (!with_spectrum && orbit_batching() && chunks.orbits >= forward_batch(K) * kThreads)
-            kernel = forward_kernel<scalar_t, K, false, forward_batch(K)>;
+            kernel = forward_kernel<scalar_t, K, false, forward_batch(K), OFF>;
         }
         kernel<<<static_cast<unsigned>(chunks.count), kThreads, static_cast<size_t>(plan.total()), call.stream>>>(
             d, basis_ptr, chunks.orbits, chunks.count, plan, partials.mutable_data_ptr<double>());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     });
     column_sum_kernel<acc_t><<<static_cast<unsigned>(cols), kThreads, 0, call.stream>>>(
         partials.const_data_ptr<double>(), parts, totals.mutable_data_ptr<double>(),
@@ -386,22 +395,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(
 }
 
 // A function template, so that `if constexpr` drops the tiled launch of the streamed class.
-template <typename scalar_t, int K>
+template <typename scalar_t, int K, typename off_t>
 void launch_backward(const LayerDesc& d, const TilePlan& tp, const Chunks& chunks, const SharedPlan& plan,
                      const CudaCall& call, const at::opmath_type<scalar_t>* gp, const at::opmath_type<scalar_t>* ge) {
   if constexpr (K != 0) {
     if (tp.ok) {
-      tiled_backward_kernel<scalar_t, K>
+      tiled_backward_kernel<scalar_t, K, off_t>
           <<<static_cast<unsigned>(tp.n_tiles), kThreads, static_cast<size_t>(tp.shared_bytes()), call.stream>>>(
               d, tp, gp, ge);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
-  auto kernel = backward_kernel<scalar_t, K>;
+  auto kernel = backward_kernel<scalar_t, K, 1, off_t>;
   if constexpr (backward_batch(K) > 1) {
     if (orbit_batching() && chunks.orbits >= backward_batch(K) * kThreads)
-      kernel = backward_kernel<scalar_t, K, backward_batch(K)>;
+      kernel = backward_kernel<scalar_t, K, backward_batch(K), off_t>;
   }
   kernel<<<static_cast<unsigned>(chunks.count), kThreads, static_cast<size_t>(plan.total()), call.stream>>>(
       d, chunks.orbits, plan, gp, ge);
@@ -410,10 +419,10 @@ void launch_backward(const LayerDesc& d, const TilePlan& tp, const Chunks& chunk
 
 at::Tensor fused_backward_cuda(const at::Tensor& weight, const at::Tensor& grad_penalty, const at::Tensor& grad_eq,
                                const at::Tensor& offsets, const at::Tensor& inv_stab, int64_t c_out, int64_t c_in,
-                               int64_t stride_out, int64_t stride_in) {
+                               int64_t stride_out, int64_t stride_in, int64_t signed_offsets) {
   constexpr const char* op = "projkernels_C::fused_backward";
-  const OrbitArgs t =
-      check_fused_backward(weight, grad_penalty, grad_eq, offsets, inv_stab, c_out, c_in, stride_out, stride_in);
+  const OrbitArgs t = check_fused_backward(weight, grad_penalty, grad_eq, offsets, inv_stab, c_out, c_in, stride_out,
+                                           stride_in, signed_offsets != 0);
   const CudaCall call(weight.device());
   const at::Tensor w = weight.contiguous();
   const auto acc = acc_type_of(w.scalar_type());
@@ -429,8 +438,11 @@ at::Tensor fused_backward_cuda(const at::Tensor& weight, const at::Tensor& grad_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fused_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const SharedPlan plan = plan_for(d, chunks, w.element_size(), sizeof(acc_t), false, call.shared_budget);
-    GROUP_ORDER_SWITCH(d.G, K, [&] {
-      launch_backward<scalar_t, K>(d, tp, chunks, plan, call, gp.const_data_ptr<acc_t>(), ge.const_data_ptr<acc_t>());
+    SIGNED_SWITCH(t.signed_offsets, OFF, [&] {
+      GROUP_ORDER_SWITCH(d.G, K, [&] {
+        launch_backward<scalar_t, K, OFF>(d, tp, chunks, plan, call, gp.const_data_ptr<acc_t>(),
+                                          ge.const_data_ptr<acc_t>());
+      });
     });
   });
   return out;

@@ -20,7 +20,8 @@ namespace decay {
 // `keep` is empty, the targets being the caller's own contiguous tensors.
 //
 // targets: the tensors updated in place; weights: the tensors P is taken of (nullptr: the targets
-// themselves, the decoupled step).  geometry lists (c_out, c_in, stride_out, stride_in) per layer.
+// themselves, the decoupled step).  geometry lists (c_out, c_in, stride_out, stride_in, signed_offsets)
+// per layer.
 inline LayerArgs check_decay(at::TensorList targets, const at::TensorList* weights, at::TensorList offsets,
                              at::IntArrayRef geometry, at::ArrayRef<double> coef_dev,
                              at::ArrayRef<double> coef_mean, const char* op) {
@@ -32,9 +33,9 @@ inline LayerArgs check_decay(at::TensorList targets, const at::TensorList* weigh
               "), got ", weights ? weights->size() : 0);
   TORCH_CHECK(static_cast<int64_t>(offsets.size()) == L, op, ": expected one offsets tensor per ", what, " entry (",
               L, "), got ", offsets.size());
-  TORCH_CHECK(static_cast<int64_t>(geometry.size()) == 4 * L, op,
-              ": geometry must hold (c_out, c_in, stride_out, stride_in) per tensor, i.e. ", 4 * L, " ints, got ",
-              geometry.size());
+  TORCH_CHECK(static_cast<int64_t>(geometry.size()) == kLayerGeometry * L, op,
+              ": geometry must hold (c_out, c_in, stride_out, stride_in, signed_offsets) per tensor, i.e. ",
+              kLayerGeometry * L, " ints, got ", geometry.size());
   TORCH_CHECK(static_cast<int64_t>(coef_dev.size()) == L && static_cast<int64_t>(coef_mean.size()) == L, op,
               ": coef_dev and coef_mean must hold one value per tensor (", L, "), got ", coef_dev.size(), " and ",
               coef_mean.size());
@@ -72,8 +73,9 @@ inline LayerArgs check_decay(at::TensorList targets, const at::TensorList* weigh
     TORCH_CHECK(G >= 1 && G <= kMaxGroupOrder, name, ": the group order (offsets.size(1)) must be in [1, ",
                 kMaxGroupOrder, "], got ", G);
     TORCH_CHECK(o.size(0) >= 1, name, ": offsets lists no orbits");
-    const int64_t* g = geometry.data() + 4 * l;
+    const int64_t* g = geometry.data() + kLayerGeometry * l;
     const int64_t c_out = g[0], c_in = g[1], stride_out = g[2], stride_in = g[3];
+    const bool signed_offsets = g[4] != 0;
     TORCH_CHECK(c_out >= 1 && c_in >= 1 && stride_out >= 0 && stride_in >= 0, name,
                 ": geometry needs positive c_out, c_in and non-negative strides, got (", c_out, ", ", c_in, ", ",
                 stride_out, ", ", stride_in, ")");
@@ -85,8 +87,9 @@ inline LayerArgs check_decay(at::TensorList targets, const at::TensorList* weigh
       const int32_t* p = o.const_data_ptr<int32_t>();
       int64_t lo = 0, hi = 0;
       for (int64_t i = 0; i < o.numel(); ++i) {
-        lo = p[i] < lo ? p[i] : lo;
-        hi = p[i] > hi ? p[i] : hi;
+        const int64_t e = signed_offsets ? entry_of(p[i]) : p[i];  // a signed table's entries (orbit_math.h)
+        lo = e < lo ? e : lo;
+        hi = e > hi ? e : hi;
       }
       const int64_t last_base = (c_out - 1) * stride_out + (c_in - 1) * stride_in;
       TORCH_CHECK(lo >= 0 && last_base + hi < t.numel(), name, ": offsets in [", lo, ", ", hi,
@@ -105,6 +108,7 @@ inline LayerArgs check_decay(at::TensorList targets, const at::TensorList* weigh
     d.n_orbits = o.size(0) * c_out * c_in;
     d.G = static_cast<int32_t>(G);
     d.dtype = code;
+    d.signed_offsets = signed_offsets ? 1 : 0;
     a.layers.push_back(d);
   }
   return a;

@@ -43,9 +43,9 @@ PK_HOST_DEVICE inline acc_t decay_value(acc_t old, acc_t f_g, acc_t mean, acc_t 
 // read before anything is written: an entry that the orbit lists several times (a non-trivial
 // stabiliser) is then written the same value each time, and with target == W the update reads the
 // old W only.  Hence no __restrict__ here: target and w may be the same array.
-template <int MAXG, bool IN_PLACE, typename scalar_t, typename acc_t>
+template <int MAXG, bool IN_PLACE, typename scalar_t, typename acc_t, typename off_t>
 PK_HOST_DEVICE inline void decay_orbit(const scalar_t* w, scalar_t* target, int64_t base,
-                                       const int32_t* offsets, int G, acc_t coef_dev, acc_t coef_mean) {
+                                       const off_t* offsets, int G, acc_t coef_dev, acc_t coef_mean) {
   acc_t f[MAXG];
   load_orbit<MAXG>(w, base, offsets, G, f);
   const acc_t mean = orbit_mean<MAXG>(f, G);
@@ -55,7 +55,8 @@ PK_HOST_DEVICE inline void decay_orbit(const scalar_t* w, scalar_t* target, int6
   for (int g = 0; g < loop_bound(MAXG, G); ++g) {
     if (g >= G) continue;
     const acc_t old = IN_PLACE ? f[g] : t[g];
-    target[base + offsets[g]] = static_cast<scalar_t>(decay_value(old, f[g], mean, coef_dev, coef_mean));
+    // In f's terms (f = s W, P W = s mean): s new = s old + coef_dev (f - mean) + coef_mean mean.
+    store_entry(target, base, offsets[g], decay_value(old, f[g], mean, coef_dev, coef_mean));
   }
 }
 
@@ -64,19 +65,21 @@ PK_HOST_DEVICE inline void decay_orbit(const scalar_t* w, scalar_t* target, int6
 // from its old value: the listing of e's orbit holds each entry |Stab| times, so counting e's own
 // occurrences gives |Stab|, and only then is each entry checked against the earlier ones (O(|G|^2)
 // per orbit, paid by groups of order above kMaxArrayOrder with non-trivial stabilisers alone).
-template <bool IN_PLACE, typename scalar_t, typename acc_t>
+template <bool IN_PLACE, typename scalar_t, typename acc_t, typename off_t>
 PK_HOST_DEVICE inline void decay_orbit_streamed(const scalar_t* w, scalar_t* target, int64_t base,
-                                                const int32_t* offsets, int G, acc_t coef_dev, acc_t coef_mean) {
+                                                const off_t* offsets, int G, acc_t coef_dev, acc_t coef_mean) {
+  // Entries compared without their signs: an entry listed with both signs has mean 0 and is
+  // written the same value either way, but must still be updated once.
   int stab = 0;
-  for (int g = 0; g < G; ++g) stab += offsets[g] == offsets[0];
+  for (int g = 0; g < G; ++g) stab += entry_index(offsets[g]) == entry_index(offsets[0]);
   const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
   for (int g = 0; g < G; ++g) {
     bool seen = false;
-    for (int h = 0; stab > 1 && h < g && !seen; ++h) seen = offsets[h] == offsets[g];
+    for (int h = 0; stab > 1 && h < g && !seen; ++h) seen = entry_index(offsets[h]) == entry_index(offsets[g]);
     if (seen) continue;
-    const acc_t wv = static_cast<acc_t>(w[base + offsets[g]]);  // first visit: not yet written
-    const acc_t old = IN_PLACE ? wv : static_cast<acc_t>(target[base + offsets[g]]);
-    target[base + offsets[g]] = static_cast<scalar_t>(decay_value(old, wv, mean, coef_dev, coef_mean));
+    const acc_t wv = load_entry<acc_t>(w, base, offsets[g]);  // first visit: not yet written
+    const acc_t old = IN_PLACE ? wv : load_entry<acc_t>(static_cast<const scalar_t*>(target), base, offsets[g]);
+    store_entry(target, base, offsets[g], decay_value(old, wv, mean, coef_dev, coef_mean));
   }
 }
 
@@ -84,9 +87,10 @@ PK_HOST_DEVICE inline void decay_orbit_streamed(const scalar_t* w, scalar_t* tar
 // (step 1), a CUDA thread every blockDim-th orbit of its block's chunk.  K is the group-order class
 // of static_switch.h (GROUP_ORDER_SWITCH): an array of array_bound(K) values per orbit, or streamed
 // for K == 0.
-template <int K, bool IN_PLACE, typename scalar_t, typename acc_t>
+template <int K, bool IN_PLACE, typename scalar_t, typename acc_t, typename off_t = int32_t>
 PK_HOST_DEVICE inline void decay_chunk(const LayerDesc& d, int64_t first, int64_t last, int64_t step) {
   if (first >= last) return;
+  const off_t* offsets = reinterpret_cast<const off_t*>(d.offsets);  // SignedOffset: d.signed_offsets
   const int G = order_of(K, d.G);
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
   scalar_t* target = static_cast<scalar_t*>(d.out);
@@ -94,9 +98,9 @@ PK_HOST_DEVICE inline void decay_chunk(const LayerDesc& d, int64_t first, int64_
   OrbitWalk it(first, d.orbits_per_block, d.c_in, d.stride_out, d.stride_in);
   for (int64_t id = first; id < last; id += step, it.advance(step)) {
     if constexpr (K == 0) {
-      decay_orbit_streamed<IN_PLACE>(w, target, it.base, d.offsets + it.orbit * G, G, c_dev, c_mean);
+      decay_orbit_streamed<IN_PLACE>(w, target, it.base, offsets + it.orbit * G, G, c_dev, c_mean);
     } else {
-      decay_orbit<array_bound(K), IN_PLACE>(w, target, it.base, d.offsets + it.orbit * G, G, c_dev, c_mean);
+      decay_orbit<array_bound(K), IN_PLACE>(w, target, it.base, offsets + it.orbit * G, G, c_dev, c_mean);
     }
   }
 }

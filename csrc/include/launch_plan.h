@@ -155,6 +155,15 @@ PK_HOST_DEVICE inline bool remap_offset(int64_t off, int64_t row_len, int64_t st
   return true;
 }
 
+// The same for an entry of a signed table (orbit_math.h): the entry is remapped, its sign kept.
+PK_HOST_DEVICE inline bool remap_offset(SignedOffset off, int64_t row_len, int64_t stride_in, int64_t so,
+                                        int64_t pitch, int32_t* out) {
+  int32_t v = 0;
+  if (!remap_offset(static_cast<int64_t>(entry_of(off.o)), row_len, stride_in, so, pitch, &v)) return false;
+  *out = negated(off.o) ? ~v : v;
+  return true;
+}
+
 // The layer descriptor of a tile held in shared memory: its blocks are the blocks 0 .. width - 1
 // of a one-row weight with stride_in between blocks, so the chunk walks of multi_math.h run on
 // it unchanged (local orbit l is global orbit first_orbit + l).

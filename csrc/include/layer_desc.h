@@ -44,6 +44,8 @@ struct LayerDesc {
   int64_t chunk_end;
   int32_t G;
   int32_t dtype;            // a DType
+  int32_t signed_offsets;   // 1: the table holds a negative offset (orbit_math.h, entry_of): read it as
+                            // SignedOffset (SIGNED_SWITCH); 0: trivial / regular fields, read as int32_t
 };
 
 // Orbits [first, last) of layer `layer`.

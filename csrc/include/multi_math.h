@@ -20,6 +20,9 @@
 namespace projkernels {
 
 // LayerDesc, Chunk and the chunk list: layer_desc.h (shared with the decay and the single-weight ops).
+//
+// offsets is the layer's table read as int32_t, or as SignedOffset where the layer's table holds a
+// negative offset (d.signed_offsets; orbit_math.h, SIGNED_SWITCH in static_switch.h).
 
 // pen += penalty part and eq += energy part of the orbits first, first + step, ... < last of one
 // layer (and, with ROWS, row_energy[r] += its row energies).  A CPU task walks a whole chunk
@@ -28,8 +31,9 @@ namespace projkernels {
 // d.G (static_switch.h).  B > 1 (the exact classes, no rows): the walk goes in batches of B orbits
 // whose loads are all issued before any is used (orbit_math.h, batch_orbits); the sums are the
 // same, added in the same order.
-template <int K, bool ROWS, typename scalar_t, typename acc_t, typename sum_t, typename basis_t = acc_t, int B = 1>
-PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
+template <int K, bool ROWS, typename scalar_t, typename acc_t, typename sum_t, typename basis_t = acc_t, int B = 1,
+          typename off_t>
+PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const off_t* __restrict__ offsets, int64_t first,
                                           int64_t last, int64_t step, sum_t& pen, sum_t& eq,
                                           const basis_t* basis = nullptr, acc_t* row_energy = nullptr) {
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
@@ -59,7 +63,7 @@ PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __r
     }
   }
   for (; id < last; id += step, it.advance(step)) {
-    const OrbitEnergy<acc_t> e = orbit_energy<K, ROWS, scalar_t, acc_t, basis_t>(
+    const OrbitEnergy<acc_t> e = orbit_energy<K, ROWS, scalar_t, acc_t, basis_t, off_t>(
         w, it.base, offsets + it.orbit * G, G, static_cast<acc_t>(d.inv_stab[it.orbit]), basis, row_energy);
     pen += static_cast<sum_t>(e.pen);
     eq += static_cast<sum_t>(e.eq);
@@ -68,8 +72,8 @@ PK_HOST_DEVICE inline void chunk_energies(const LayerDesc& d, const int32_t* __r
 
 // The energy of one basis row over the same orbits, streamed (the spectrum of the streamed class,
 // whose row energies do not fit in a thread's registers, walks the rows outermost).
-template <typename scalar_t, typename acc_t, typename basis_t>
-PK_HOST_DEVICE inline acc_t chunk_row_energy(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
+template <typename scalar_t, typename acc_t, typename basis_t, typename off_t>
+PK_HOST_DEVICE inline acc_t chunk_row_energy(const LayerDesc& d, const off_t* __restrict__ offsets, int64_t first,
                                              int64_t last, int64_t step, const basis_t* basis_row) {
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
   acc_t s = acc_t(0);
@@ -83,8 +87,8 @@ PK_HOST_DEVICE inline acc_t chunk_row_energy(const LayerDesc& d, const int32_t* 
 
 // dW = 2 grad_pen (W - P W) + 2 grad_eq P W on the orbits first, first + step, ... < last.
 // Orbits are disjoint and a repeated entry gets the same value each time, so writers never race.
-template <int K, typename scalar_t, typename acc_t, int B = 1>
-PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __restrict__ offsets, int64_t first,
+template <int K, typename scalar_t, typename acc_t, int B = 1, typename off_t>
+PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const off_t* __restrict__ offsets, int64_t first,
                                           int64_t last, int64_t step, acc_t two_pen, acc_t two_eq) {
   const scalar_t* w = static_cast<const scalar_t*>(d.weight);
   scalar_t* out = static_cast<scalar_t*>(d.out);
@@ -117,8 +121,8 @@ PK_HOST_DEVICE inline void chunk_gradient(const LayerDesc& d, const int32_t* __r
 }
 
 // chunk_gradient in place (d.weight == d.out, a tile in shared memory); array classes only.
-template <int K, typename scalar_t, typename acc_t>
-PK_HOST_DEVICE inline void chunk_gradient_in_place(const LayerDesc& d, const int32_t* __restrict__ offsets,
+template <int K, typename scalar_t, typename acc_t, typename off_t>
+PK_HOST_DEVICE inline void chunk_gradient_in_place(const LayerDesc& d, const off_t* __restrict__ offsets,
                                                    int64_t first, int64_t last, int64_t step, acc_t two_pen,
                                                    acc_t two_eq) {
   scalar_t* buf = static_cast<scalar_t*>(d.out);

@@ -21,6 +21,7 @@ struct OrbitArgs {
   int64_t G = 0;
   int64_t orbits_per_block = 0;
   int64_t c_out = 0, c_in = 0, stride_out = 0, stride_in = 0;
+  bool signed_offsets = false;  // negative offsets read -W[base + ~o] (orbit_math.h, entry_of)
   int64_t n_orbits() const { return orbits_per_block * c_out * c_in; }
 };
 
@@ -52,7 +53,8 @@ inline void check_same_device(const at::Tensor& weight, const at::Tensor& t, con
 }
 
 inline OrbitArgs check_table(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& inv_stab,
-                             int64_t c_out, int64_t c_in, int64_t stride_out, int64_t stride_in, const char* op) {
+                             int64_t c_out, int64_t c_in, int64_t stride_out, int64_t stride_in, bool signed_offsets,
+                             const char* op) {
   TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 2, op,
               ": offsets must be a 2-D int32 tensor [orbits per block, |G|], got ", offsets.scalar_type(),
               " of shape ", offsets.sizes());
@@ -81,21 +83,25 @@ inline OrbitArgs check_table(const at::Tensor& weight, const at::Tensor& offsets
   a.c_in = c_in;
   a.stride_out = stride_out;
   a.stride_in = stride_in;
+  a.signed_offsets = signed_offsets;
 
   if (weight.device().is_cpu()) {
     // One field block's offsets (|G| per orbit of one block, not per weight entry) read straight
     // from memory: no ops are dispatched and nothing is copied.  Device tables are checked once,
     // where projkernels/orbits.py builds them, since reading them here would sync with the device.
+    // A signed table's negative offsets name entry ~o (orbit_math.h): the bounds are on the entries.
     const int32_t* p = a.offsets.const_data_ptr<int32_t>();
     const int64_t count = a.offsets.numel();
-    int64_t lo = p[0], hi = p[0];
+    const auto entry = [&](int32_t o) -> int64_t { return signed_offsets ? entry_of(o) : o; };
+    int64_t lo = entry(p[0]), hi = entry(p[0]);
     for (int64_t i = 1; i < count; ++i) {
-      lo = std::min<int64_t>(lo, p[i]);
-      hi = std::max<int64_t>(hi, p[i]);
+      lo = std::min<int64_t>(lo, entry(p[i]));
+      hi = std::max<int64_t>(hi, entry(p[i]));
     }
     const int64_t last_base = (c_out - 1) * stride_out + (c_in - 1) * stride_in;
     TORCH_CHECK(lo >= 0 && last_base + hi < weight.numel(), op, ": offsets in [", lo, ", ", hi,
-                "] reach outside the weight (", weight.numel(), " entries)");
+                "] reach outside the weight (", weight.numel(), " entries)",
+                lo < 0 ? "; a table with negative offsets needs signed_offsets=True" : "");
   }
   return a;
 }
@@ -136,6 +142,9 @@ struct LayerArgs {
   c10::Device device{at::kCPU};
 };
 
+// Ints per layer in the multi-tensor ops' geometry: (c_out, c_in, stride_out, stride_in, signed_offsets).
+constexpr int64_t kLayerGeometry = 5;
+
 // The layer descriptor (layer_desc.h) of one validated weight, shared by the single-weight and
 // multi-tensor penalty ops on both devices.  w: the contiguous weight the table describes; out: the
 // storage of dW or P W (the gradient ops), or nullptr.
@@ -152,10 +161,11 @@ inline LayerDesc describe(const OrbitArgs& t, const at::Tensor& w, void* out) {
   d.n_orbits = t.n_orbits();
   d.G = static_cast<int32_t>(t.G);
   d.dtype = dtype_code(w.scalar_type());
+  d.signed_offsets = t.signed_offsets ? 1 : 0;
   return d;
 }
 
-// geometry lists (c_out, c_in, stride_out, stride_in) for every layer, flattened.
+// geometry lists (c_out, c_in, stride_out, stride_in, signed_offsets) for every layer, flattened.
 inline LayerArgs check_multi(at::TensorList weights, at::TensorList offsets, at::TensorList inv_stab,
                              at::IntArrayRef geometry, const char* op) {
   const int64_t L = static_cast<int64_t>(weights.size());
@@ -163,9 +173,9 @@ inline LayerArgs check_multi(at::TensorList weights, at::TensorList offsets, at:
   TORCH_CHECK(static_cast<int64_t>(offsets.size()) == L && static_cast<int64_t>(inv_stab.size()) == L, op,
               ": expected one offsets and one inv_stab tensor per weight (", L, "), got ", offsets.size(), " and ",
               inv_stab.size());
-  TORCH_CHECK(static_cast<int64_t>(geometry.size()) == 4 * L, op,
-              ": geometry must hold (c_out, c_in, stride_out, stride_in) per weight, i.e. ", 4 * L,
-              " ints, got ", geometry.size());
+  TORCH_CHECK(static_cast<int64_t>(geometry.size()) == kLayerGeometry * L, op,
+              ": geometry must hold (c_out, c_in, stride_out, stride_in, signed_offsets) per weight, i.e. ",
+              kLayerGeometry * L, " ints, got ", geometry.size());
   TORCH_CHECK(L <= INT32_MAX, op, ": too many weights (", L, ")");
   LayerArgs a;
   check_weight(weights[0], op);
@@ -181,10 +191,10 @@ inline LayerArgs check_multi(at::TensorList weights, at::TensorList offsets, at:
                 "weights[0] (", a.dtype, "), got ", w.scalar_type(), "; call once per dtype");
     TORCH_CHECK(w.device() == a.device, op, " (weights[", l, "]): every weight of one call must be on weights[0]'s ",
                 "device (", a.device, "), got ", w.device());
-    const int64_t* g = geometry.data() + 4 * l;
+    const int64_t* g = geometry.data() + kLayerGeometry * l;
     OrbitArgs t;
     try {
-      t = check_table(w, offsets[l], inv_stab[l], g[0], g[1], g[2], g[3], op);
+      t = check_table(w, offsets[l], inv_stab[l], g[0], g[1], g[2], g[3], g[4] != 0, op);
     } catch (const c10::Error& e) {
       // Rewritten as "<op> (weights[l]): <reason>".
       std::string reason = e.msg();
@@ -230,22 +240,24 @@ inline void check_multi_grad(const LayerArgs& a, const at::Tensor& g, const char
 
 inline OrbitArgs check_fused_forward(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& inv_stab,
                                      const at::Tensor& basis, const at::Tensor& row_irrep, int64_t n_irreps,
-                                     int64_t c_out, int64_t c_in, int64_t stride_out, int64_t stride_in) {
+                                     int64_t c_out, int64_t c_in, int64_t stride_out, int64_t stride_in,
+                                     bool signed_offsets) {
   constexpr const char* op = "projkernels_C::fused_forward";
   check_weight(weight, op);
-  const OrbitArgs t = check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
+  const OrbitArgs t = check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, signed_offsets, op);
   check_spectral(weight, basis, row_irrep, t.G, n_irreps, op);
   return t;
 }
 
 inline OrbitArgs check_fused_backward(const at::Tensor& weight, const at::Tensor& grad_penalty,
                                       const at::Tensor& grad_eq, const at::Tensor& offsets, const at::Tensor& inv_stab,
-                                      int64_t c_out, int64_t c_in, int64_t stride_out, int64_t stride_in) {
+                                      int64_t c_out, int64_t c_in, int64_t stride_out, int64_t stride_in,
+                                      bool signed_offsets) {
   constexpr const char* op = "projkernels_C::fused_backward";
   check_weight(weight, op);
   check_grad(weight, grad_penalty, "grad_penalty", op);
   check_grad(weight, grad_eq, "grad_eq", op);
-  return check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, op);
+  return check_table(weight, offsets, inv_stab, c_out, c_in, stride_out, stride_in, signed_offsets, op);
 }
 
 inline LayerArgs check_multi_forward(at::TensorList weights, at::TensorList offsets, at::TensorList inv_stab,

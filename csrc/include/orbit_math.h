@@ -2,7 +2,8 @@
 //
 // An orbit is described by |G| flat offsets (one per group element, in element order) into a
 // contiguous weight; an entry whose stabiliser is non-trivial appears |Stab| times, and
-// inv_stab = 1/|Stab| = |O|/|G| undoes that repetition.  With f[g] = W[base + offsets[g]]:
+// inv_stab = 1/|Stab| = |O|/|G| undoes that repetition.  With f[g] = W[base + offsets[g]] (for a
+// signed offset, f[g] = -W[base + ~offsets[g]]; see entry_of below):
 //
 //   mean          = sum_g f[g] / |G|
 //   dev[g]        = f[g] - mean
@@ -72,6 +73,36 @@ PK_HOST_DEVICE constexpr int loop_bound(int maxg, int G) {
 PK_HOST_DEVICE constexpr int32_t entry_of(int32_t o) { return o < 0 ? ~o : o; }
 PK_HOST_DEVICE constexpr bool negated(int32_t o) { return o < 0; }
 
+// The compile-time switch between the two encodings is the offsets' element type: the helpers below
+// take `const off_t* offsets` with off_t deduced, int32_t for the tables without a negative offset
+// (the code of the unsigned path is exactly what it is without signs) and SignedOffset, the same 32
+// bits, for the tables whose flag says they hold one (SIGNED_SWITCH, static_switch.h).  Values are
+// read as f = s W[entry] and written as s v (v = dW or P(W) in f's terms), so the orbit math between
+// loads and stores is the same for both.
+struct SignedOffset {
+  int32_t o;
+};
+static_assert(sizeof(SignedOffset) == sizeof(int32_t), "a signed table is read in place as SignedOffset");
+
+PK_HOST_DEVICE inline int32_t entry_index(int32_t o) { return o; }
+PK_HOST_DEVICE inline int32_t entry_index(SignedOffset o) { return entry_of(o.o); }
+template <typename acc_t>
+PK_HOST_DEVICE inline acc_t apply_sign(int32_t, acc_t v) { return v; }
+template <typename acc_t>
+PK_HOST_DEVICE inline acc_t apply_sign(SignedOffset o, acc_t v) { return negated(o.o) ? -v : v; }
+
+// s W[base + entry] in the accumulation type.
+template <typename acc_t, typename scalar_t, typename off_t>
+PK_HOST_DEVICE inline acc_t load_entry(const scalar_t* __restrict__ w, int64_t base, off_t o) {
+  return apply_sign(o, static_cast<acc_t>(w[base + entry_index(o)]));
+}
+
+// out[base + entry] = s v, rounded once to the weight's dtype (the sign is exact).
+template <typename scalar_t, typename acc_t, typename off_t>
+PK_HOST_DEVICE inline void store_entry(scalar_t* out, int64_t base, off_t o, acc_t v) {
+  out[base + entry_index(o)] = static_cast<scalar_t>(apply_sign(o, v));
+}
+
 // Offsets are relative to a block's first entry; block b = (out-field, in-field) in row-major order
 // starts here in the contiguous weight.
 PK_HOST_DEVICE inline int64_t block_base(int64_t b, int64_t c_in, int64_t stride_out, int64_t stride_in) {
@@ -102,14 +133,14 @@ struct OrbitWalk {
   }
 };
 
-// f[g] = W[base + offsets[g]] converted to the accumulation type.
-template <int MAXG, typename scalar_t, typename acc_t>
+// f[g] = s W[base + entry] (orbit_math's f) converted to the accumulation type.
+template <int MAXG, typename scalar_t, typename acc_t, typename off_t>
 PK_HOST_DEVICE inline void load_orbit(const scalar_t* __restrict__ w, int64_t base,
-                                      const int32_t* __restrict__ offsets, int G, acc_t* f) {
+                                      const off_t* __restrict__ offsets, int G, acc_t* f) {
   PK_UNROLL
   for (int g = 0; g < loop_bound(MAXG, G); ++g) {
     if (g >= G) continue;
-    f[g] = static_cast<acc_t>(w[base + offsets[g]]);
+    f[g] = load_entry<acc_t>(w, base, offsets[g]);
   }
 }
 
@@ -263,15 +294,15 @@ PK_HOST_DEVICE inline acc_t gradient_at(acc_t f_g, acc_t mean, acc_t two_grad_pe
 
 // --- the streamed class (K == 0): no per-orbit array ------------------------------------------
 
-template <typename acc_t, typename scalar_t>
+template <typename acc_t, typename scalar_t, typename off_t>
 PK_HOST_DEVICE inline acc_t streamed_mean(const scalar_t* __restrict__ w, int64_t base,
-                                          const int32_t* __restrict__ offsets, int G) {
+                                          const off_t* __restrict__ offsets, int G) {
   acc_t s = acc_t(0);
-  for (int g = 0; g < G; ++g) s += static_cast<acc_t>(w[base + offsets[g]]);
+  for (int g = 0; g < G; ++g) s += load_entry<acc_t>(w, base, offsets[g]);
   if (is_finite(s)) return s / static_cast<acc_t>(G);
-  acc_t t = acc_t(0), lo = static_cast<acc_t>(w[base + offsets[0]]), hi = lo;
+  acc_t t = acc_t(0), lo = load_entry<acc_t>(w, base, offsets[0]), hi = lo;
   for (int g = 0; g < G; ++g) {
-    const acc_t v = static_cast<acc_t>(w[base + offsets[g]]);
+    const acc_t v = load_entry<acc_t>(w, base, offsets[g]);
     t += v * static_cast<acc_t>(kDown);
     lo = v < lo ? v : lo;
     hi = v > hi ? v : hi;
@@ -279,12 +310,12 @@ PK_HOST_DEVICE inline acc_t streamed_mean(const scalar_t* __restrict__ w, int64_
   return clamped_mean(t, G, lo, hi);
 }
 
-template <typename acc_t, typename scalar_t>
+template <typename acc_t, typename scalar_t, typename off_t>
 PK_HOST_DEVICE inline acc_t streamed_sum_squares(const scalar_t* __restrict__ w, int64_t base,
-                                                 const int32_t* __restrict__ offsets, int G, acc_t mean) {
+                                                 const off_t* __restrict__ offsets, int G, acc_t mean) {
   acc_t s = acc_t(0);
   for (int g = 0; g < G; ++g) {
-    const acc_t d = static_cast<acc_t>(w[base + offsets[g]]) - mean;
+    const acc_t d = load_entry<acc_t>(w, base, offsets[g]) - mean;
     s += d * d;
   }
   return s;
@@ -292,46 +323,46 @@ PK_HOST_DEVICE inline acc_t streamed_sum_squares(const scalar_t* __restrict__ w,
 
 // The penalty part of a streamed orbit: inv_stab * the sum above, or where that sum is not finite,
 // the sum of the scaled deviations (each taken on scaled values: f - mean itself can overflow).
-template <typename acc_t, typename scalar_t>
+template <typename acc_t, typename scalar_t, typename off_t>
 PK_HOST_DEVICE inline acc_t streamed_penalty_part(const scalar_t* __restrict__ w, int64_t base,
-                                                  const int32_t* __restrict__ offsets, int G, acc_t mean,
+                                                  const off_t* __restrict__ offsets, int G, acc_t mean,
                                                   acc_t inv_stab) {
   const acc_t s = streamed_sum_squares(w, base, offsets, G, mean);
   if (is_finite(s)) return inv_stab * s;
   const acc_t down = static_cast<acc_t>(kDown), m = mean * down;
   acc_t t = acc_t(0);
   for (int g = 0; g < G; ++g) {
-    const acc_t d = static_cast<acc_t>(w[base + offsets[g]]) * down - m;  // never inf - inf
+    const acc_t d = load_entry<acc_t>(w, base, offsets[g]) * down - m;  // never inf - inf
     t += d * d;
   }
   return inv_stab * t * static_cast<acc_t>(kUp) * static_cast<acc_t>(kUp);
 }
 
-template <typename acc_t, typename scalar_t, typename basis_t>
+template <typename acc_t, typename scalar_t, typename basis_t, typename off_t>
 PK_HOST_DEVICE inline acc_t streamed_row_coefficient(const scalar_t* __restrict__ w, int64_t base,
-                                                     const int32_t* __restrict__ offsets, int G, acc_t mean,
+                                                     const off_t* __restrict__ offsets, int G, acc_t mean,
                                                      const basis_t* basis_row) {
   acc_t c = acc_t(0);
-  for (int g = 0; g < G; ++g) c += static_cast<acc_t>(basis_row[g]) * (static_cast<acc_t>(w[base + offsets[g]]) - mean);
+  for (int g = 0; g < G; ++g) c += static_cast<acc_t>(basis_row[g]) * (load_entry<acc_t>(w, base, offsets[g]) - mean);
   return c;
 }
 
 // inv_stab * (basis_row . dev)^2 where the deviations (or the coefficient's partial sums)
 // overflowed: the coefficient on scaled values (f * kDown - mean * kDown, never inf - inf), scaled back.
-template <typename acc_t, typename scalar_t, typename basis_t>
+template <typename acc_t, typename scalar_t, typename basis_t, typename off_t>
 PK_HOST_DEVICE inline acc_t rescaled_row_energy(const scalar_t* __restrict__ w, int64_t base,
-                                                const int32_t* __restrict__ offsets, int G, acc_t mean,
+                                                const off_t* __restrict__ offsets, int G, acc_t mean,
                                                 acc_t inv_stab, const basis_t* basis_row) {
   const acc_t down = static_cast<acc_t>(kDown), m = mean * down;
   acc_t c = acc_t(0);
-  for (int g = 0; g < G; ++g) c += static_cast<acc_t>(basis_row[g]) * (static_cast<acc_t>(w[base + offsets[g]]) * down - m);
+  for (int g = 0; g < G; ++g) c += static_cast<acc_t>(basis_row[g]) * (load_entry<acc_t>(w, base, offsets[g]) * down - m);
   return inv_stab * c * c * static_cast<acc_t>(kUp) * static_cast<acc_t>(kUp);
 }
 
 // row_energy[r] += the row energies r = 1..G-1 of an orbit whose penalty part is not finite.
-template <typename acc_t, typename scalar_t, typename basis_t>
+template <typename acc_t, typename scalar_t, typename basis_t, typename off_t>
 PK_HOST_DEVICE inline void rescaled_row_energies(const scalar_t* __restrict__ w, int64_t base,
-                                                 const int32_t* __restrict__ offsets, int G, acc_t mean,
+                                                 const off_t* __restrict__ offsets, int G, acc_t mean,
                                                  acc_t inv_stab, const basis_t* basis, acc_t* row_energy) {
   for (int r = 1; r < G; ++r)
     row_energy[r] += rescaled_row_energy(w, base, offsets, G, mean, inv_stab, basis + static_cast<int64_t>(r) * G);
@@ -350,12 +381,13 @@ struct OrbitEnergy {
 // With ROWS, (w, base, offsets) is where f was loaded from: an orbit whose penalty part is not
 // finite (a deviation overflowed, which makes basis . dev inf - inf) takes its row energies from
 // there, on scaled values.
-template <int MAXG, bool ROWS, typename acc_t, typename basis_t = acc_t, typename scalar_t = acc_t>
+template <int MAXG, bool ROWS, typename acc_t, typename basis_t = acc_t, typename scalar_t = acc_t,
+          typename off_t = int32_t>
 PK_HOST_DEVICE inline OrbitEnergy<acc_t> loaded_orbit_energy(acc_t* f, int G, acc_t inv_stab,
                                                              const basis_t* basis = nullptr,
                                                              acc_t* row_energy = nullptr,
                                                              const scalar_t* __restrict__ w = nullptr, int64_t base = 0,
-                                                             const int32_t* __restrict__ offsets = nullptr) {
+                                                             const off_t* __restrict__ offsets = nullptr) {
   const acc_t mean = orbit_mean<MAXG>(f, G);
   subtract_mean<MAXG>(f, mean, G);
   const acc_t pen = penalty_part<MAXG>(f, inv_stab, G);
@@ -385,9 +417,9 @@ PK_HOST_DEVICE constexpr int batch_orbits(int K, int values = 16) {
 
 // The penalty and energy parts of one orbit; with ROWS, also row_energy[r] += the row energies
 // r = 1..G-1 (basis row-major [G, G], row_energy holding G values).
-template <int K, bool ROWS, typename scalar_t, typename acc_t, typename basis_t = acc_t>
+template <int K, bool ROWS, typename scalar_t, typename acc_t, typename basis_t = acc_t, typename off_t = int32_t>
 PK_HOST_DEVICE inline OrbitEnergy<acc_t> orbit_energy(const scalar_t* __restrict__ w, int64_t base,
-                                                      const int32_t* __restrict__ offsets, int G, acc_t inv_stab,
+                                                      const off_t* __restrict__ offsets, int G, acc_t inv_stab,
                                                       const basis_t* basis = nullptr, acc_t* row_energy = nullptr) {
   if constexpr (K == 0) {
     const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
@@ -412,9 +444,9 @@ PK_HOST_DEVICE inline OrbitEnergy<acc_t> orbit_energy(const scalar_t* __restrict
 }
 
 // inv_stab * (basis_row . dev)^2 of one orbit (the streamed spectrum walks the rows outermost).
-template <typename scalar_t, typename acc_t, typename basis_t>
+template <typename scalar_t, typename acc_t, typename basis_t, typename off_t>
 PK_HOST_DEVICE inline acc_t orbit_row_energy(const scalar_t* __restrict__ w, int64_t base,
-                                             const int32_t* __restrict__ offsets, int G, acc_t inv_stab,
+                                             const off_t* __restrict__ offsets, int G, acc_t inv_stab,
                                              const basis_t* basis_row) {
   const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
   const acc_t c = streamed_row_coefficient(w, base, offsets, G, mean, basis_row);
@@ -422,30 +454,30 @@ PK_HOST_DEVICE inline acc_t orbit_row_energy(const scalar_t* __restrict__ w, int
   return rescaled_row_energy(w, base, offsets, G, mean, inv_stab, basis_row);
 }
 
-// out[base + offsets[g]] = dW at entry g, from the orbit's values f (not yet centred).
-template <int MAXG, typename scalar_t, typename acc_t>
+// out at entry g = dW there, from the orbit's values f (not yet centred); signed entries get s dW.
+template <int MAXG, typename scalar_t, typename acc_t, typename off_t>
 PK_HOST_DEVICE inline void store_orbit_gradient(const acc_t* f, scalar_t* out, int64_t base,
-                                                const int32_t* __restrict__ offsets, int G, acc_t two_grad_pen,
+                                                const off_t* __restrict__ offsets, int G, acc_t two_grad_pen,
                                                 acc_t two_grad_eq) {
   const acc_t mean = orbit_mean<MAXG>(f, G);
   PK_UNROLL
   for (int g = 0; g < loop_bound(MAXG, G); ++g) {
     if (g >= G) continue;
-    out[base + offsets[g]] = static_cast<scalar_t>(gradient_at(f[g], mean, two_grad_pen, two_grad_eq));
+    store_entry(out, base, offsets[g], gradient_at(f[g], mean, two_grad_pen, two_grad_eq));
   }
 }
 
 // Writes dW (or, with two_grad_pen = 0 and two_grad_eq = 1, P(W)) at every entry of one orbit.
 // Orbits are disjoint and a repeated entry gets the same value each time, so writers never race.
-template <int K, typename scalar_t, typename acc_t>
+template <int K, typename scalar_t, typename acc_t, typename off_t>
 PK_HOST_DEVICE inline void write_orbit_gradient(const scalar_t* __restrict__ w, scalar_t* __restrict__ out,
-                                                int64_t base, const int32_t* __restrict__ offsets, int G,
+                                                int64_t base, const off_t* __restrict__ offsets, int G,
                                                 acc_t two_grad_pen, acc_t two_grad_eq) {
   if constexpr (K == 0) {
     const acc_t mean = streamed_mean<acc_t>(w, base, offsets, G);
     for (int g = 0; g < G; ++g) {
-      const int64_t i = base + offsets[g];
-      out[i] = static_cast<scalar_t>(gradient_at(static_cast<acc_t>(w[i]), mean, two_grad_pen, two_grad_eq));
+      const acc_t f_g = load_entry<acc_t>(w, base, offsets[g]);
+      store_entry(out, base, offsets[g], gradient_at(f_g, mean, two_grad_pen, two_grad_eq));
     }
   } else {
     constexpr int MAXG = array_bound(K);
@@ -459,8 +491,8 @@ PK_HOST_DEVICE inline void write_orbit_gradient(const scalar_t* __restrict__ w, 
 // memory).  Only the array classes: the whole orbit is read into registers before the first store
 // (no __restrict__ here, so the compiler keeps that order), so a repeated entry is never read after
 // it was written.
-template <int K, typename scalar_t, typename acc_t>
-PK_HOST_DEVICE inline void write_orbit_gradient_in_place(scalar_t* buf, int64_t base, const int32_t* __restrict__ offsets,
+template <int K, typename scalar_t, typename acc_t, typename off_t>
+PK_HOST_DEVICE inline void write_orbit_gradient_in_place(scalar_t* buf, int64_t base, const off_t* __restrict__ offsets,
                                                          int G, acc_t two_grad_pen, acc_t two_grad_eq) {
   static_assert(K != 0, "the streamed class would read entries it already wrote");
   constexpr int MAXG = array_bound(K);

@@ -48,3 +48,17 @@ PK_HOST_DEVICE constexpr int group_order_class(int G) {
   return (G == 1 || G == 2 || G == 4 || G == 8 || G == 16) ? G : (G < 16 ? -16 : (G <= kMaxArrayOrder ? -kMaxArrayOrder : 0));
 }
 }  // namespace projkernels
+
+// The offsets' element type of a table (orbit_math.h): runs the lambda with `using OFF_ = int32_t`
+// for a table without negative offsets (the unsigned code, unchanged) or `SignedOffset` for one with
+// (signed-permutation fields).  The flag comes from the table (OrbitTable.signed), never from its data.
+#define SIGNED_SWITCH(SIGNED_, OFF_, ...)                                        \
+  [&] {                                                                          \
+    if (SIGNED_) {                                                               \
+      using OFF_ = ::projkernels::SignedOffset;                                  \
+      return __VA_ARGS__();                                                      \
+    } else {                                                                     \
+      using OFF_ = int32_t;                                                      \
+      return __VA_ARGS__();                                                      \
+    }                                                                            \
+  }()

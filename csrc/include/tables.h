@@ -5,7 +5,8 @@
 //
 //   finite group (penalty_energy, penalty_energy_backward, project, spectrum):
 //     table    = [offsets, inv_stab, basis, row_irrep, zero, half]
-//     geometry = [n_irreps, c_out, c_in, stride_out, stride_in]
+//     geometry = [n_irreps, c_out, c_in, stride_out, stride_in, signed_offsets]
+//     (signed_offsets: 1 when the table holds negative offsets, signed-permutation fields, orbit_math.h)
 //   steerable (steerable_*): steerable_checks.h describes the entries
 //     table    = [q, fields, desc, zero, half, qt]
 //     geometry = [c_out, c_in, S, descriptor rows flattened]
@@ -30,18 +31,20 @@ struct OrbitTableRef {
   const at::Tensor& zero;       // 0-dim, accumulation dtype
   const at::Tensor& half;       // 0-dim, accumulation dtype
   int64_t n_irreps, c_out, c_in, stride_out, stride_in;
+  int64_t signed_offsets;  // 1: the offsets hold negative entries (orbit_math.h, entry_of), else 0
 
-  static constexpr size_t kTableSize = 6, kGeometrySize = 5;
+  static constexpr size_t kTableSize = 6, kGeometrySize = 6;
 };
 
 inline OrbitTableRef orbit_table(at::TensorList table, at::IntArrayRef geometry, const char* op) {
   TORCH_CHECK(table.size() == OrbitTableRef::kTableSize, op,
               ": table must be [offsets, inv_stab, basis, row_irrep, zero, half], got ", table.size(), " tensors");
   TORCH_CHECK(geometry.size() == OrbitTableRef::kGeometrySize, op,
-              ": geometry must be [n_irreps, c_out, c_in, stride_out, stride_in], got ", geometry.size(), " ints");
+              ": geometry must be [n_irreps, c_out, c_in, stride_out, stride_in, signed_offsets], got ", geometry.size(),
+              " ints");
   return {table[0],    table[1],    table[2],    table[3],    table[4],
           table[5],    geometry[0], geometry[1], geometry[2], geometry[3],
-          geometry[4]};
+          geometry[4], geometry[5]};
 }
 
 // A steerable symmetry's layout (projkernels/symmetry/steerable.py); the contents are checked by

@@ -25,9 +25,9 @@ using at::IntArrayRef;
 
 using FusedForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                            const Tensor&, const Tensor&, int64_t, int64_t,
-                                                           int64_t, int64_t, int64_t, bool);
+                                                           int64_t, int64_t, int64_t, int64_t, bool);
 using FusedBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                int64_t, int64_t, int64_t, int64_t);
+                                int64_t, int64_t, int64_t, int64_t, int64_t);
 using MultiForwardSig = std::tuple<Tensor, Tensor>(TensorList, TensorList, TensorList, IntArrayRef);
 using MultiBackwardSig = std::vector<Tensor>(TensorList, const Tensor&, const Tensor&, TensorList, TensorList,
                                              IntArrayRef);
@@ -73,7 +73,7 @@ Tensor total(const Tensor& per_layer) {
 std::tuple<Tensor, Tensor> penalty_energy_kernel(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   const OrbitTableRef t = orbit_table(table, geometry, "projkernels_C::penalty_energy");
   auto out = fused_forward_op().call(weight, t.offsets, t.inv_stab, t.basis, t.row_irrep, t.n_irreps, t.c_out, t.c_in,
-                                     t.stride_out, t.stride_in, /*with_spectrum=*/false);
+                                     t.stride_out, t.stride_in, t.signed_offsets, /*with_spectrum=*/false);
   return {std::move(std::get<0>(out)), std::move(std::get<1>(out))};
 }
 
@@ -81,20 +81,21 @@ Tensor penalty_energy_backward_kernel(const Tensor& weight, const Tensor& grad_p
                                       TensorList table, IntArrayRef geometry) {
   const OrbitTableRef t = orbit_table(table, geometry, "projkernels_C::penalty_energy_backward");
   return fused_backward_op().call(weight, grad_penalty, grad_eq, t.offsets, t.inv_stab, t.c_out, t.c_in, t.stride_out,
-                                  t.stride_in);
+                                  t.stride_in, t.signed_offsets);
 }
 
 Tensor project_kernel(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   const OrbitTableRef t = orbit_table(table, geometry, "projkernels_C::project");
   // P(W) is the backward with grad_pen = 0 and grad_eq = 1/2.
   return fused_backward_op().call(weight, t.zero, t.half, t.offsets, t.inv_stab, t.c_out, t.c_in, t.stride_out,
-                                  t.stride_in);
+                                  t.stride_in, t.signed_offsets);
 }
 
 Tensor spectrum_kernel(const Tensor& weight, TensorList table, IntArrayRef geometry) {
   const OrbitTableRef t = orbit_table(table, geometry, "projkernels_C::spectrum");
   return std::get<2>(fused_forward_op().call(weight, t.offsets, t.inv_stab, t.basis, t.row_irrep, t.n_irreps, t.c_out,
-                                              t.c_in, t.stride_out, t.stride_in, /*with_spectrum=*/true));
+                                              t.c_in, t.stride_out, t.stride_in, t.signed_offsets,
+                                              /*with_spectrum=*/true));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> multi_penalty_kernel(TensorList weights, TensorList offsets,

@@ -28,17 +28,20 @@ TORCH_LIBRARY(projkernels_C, m) {
   // fused_forward reads every weight entry once and returns (penalty, eq_energy, spectrum); the
   // spectrum needs |G| dot products of length |G| per orbit, so training calls skip it with
   // with_spectrum=False (the third output is then zeros).  fused_backward reads W once and writes dW
-  // once.  Both take the orbit table of projkernels/orbits.py (OrbitTable.device_tables).
+  // once.  Both take the orbit table of projkernels/orbits.py (OrbitTable.device_tables);
+  // signed_offsets (1 / 0, the last entry of OrbitTable.geometry) says that it holds negative offsets
+  // (signed-permutation fields, orbit_math.h).
   m.def(
       "fused_forward(Tensor weight, Tensor offsets, Tensor inv_stab, Tensor basis, Tensor row_irrep, "
-      "int n_irreps, int c_out, int c_in, int stride_out, int stride_in, bool with_spectrum=True) "
+      "int n_irreps, int c_out, int c_in, int stride_out, int stride_in, int signed_offsets=0, "
+      "bool with_spectrum=True) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "fused_backward(Tensor weight, Tensor grad_penalty, Tensor grad_eq, Tensor offsets, Tensor inv_stab, "
-      "int c_out, int c_in, int stride_out, int stride_in) -> Tensor");
+      "int c_out, int c_in, int stride_out, int stride_in, int signed_offsets=0) -> Tensor");
   // Whole-model ops over L weights of one dtype on one device (multi_math.h): per-layer penalty and
   // eq_energy [L] in the accumulation dtype, and every layer's dW.  geometry holds (c_out, c_in,
-  // stride_out, stride_in) per weight; grad_penalty and grad_eq hold one value per weight.
+  // stride_out, stride_in, signed_offsets) per weight; grad_penalty and grad_eq hold one value per weight.
   m.def("multi_forward(Tensor[] weights, Tensor[] offsets, Tensor[] inv_stab, int[] geometry) -> (Tensor, Tensor)");
   m.def(
       "multi_backward(Tensor[] weights, Tensor grad_penalty, Tensor grad_eq, Tensor[] offsets, Tensor[] inv_stab, "
@@ -48,7 +51,7 @@ TORCH_LIBRARY(projkernels_C, m) {
 
   // --- public ops (ops/public_ops.cpp; autograd in autograd/autograd.cpp) -------------------------
   // table = [offsets, inv_stab, basis, row_irrep, zero, half], geometry = [n_irreps, c_out, c_in,
-  // stride_out, stride_in] (read by name in tables.h).
+  // stride_out, stride_in, signed_offsets] (read by name in tables.h).
   // (penalty, eq_energy), 0-dim, in the accumulation dtype.
   m.def("penalty_energy(Tensor weight, Tensor[] table, int[] geometry) -> (Tensor, Tensor)");
   // 2 grad_penalty (W - P W) + 2 grad_eq P W in the weight's dtype; grad_* are 0-dim.

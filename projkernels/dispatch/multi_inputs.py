@@ -7,6 +7,7 @@ import torch
 
 from ..groups import group_name_for_ops
 from ..orbits import check_weight, orbit_table
+from ..reps import canonical_rep
 
 __all__ = ["collect", "validate"]
 
@@ -21,6 +22,13 @@ def _unpack(item, i: int):
     except AttributeError:
         raise TypeError(f"items[{i}]: expected a (weight, group, in_rep, out_rep) tuple or an object with "
                         f"those attributes, got {type(item).__name__}") from None
+
+
+def _canonical(rep, name: str, i: int) -> str:
+    try:
+        return canonical_rep(rep, name)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"items[{i}]: {e}") from None
 
 
 def collect(items) -> Tuple[List[torch.Tensor], tuple]:
@@ -38,6 +46,8 @@ def collect(items) -> Tuple[List[torch.Tensor], tuple]:
                 check_weight(w)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"items[{i}]: {e}") from None
+        if type(a) is not str or type(b) is not str:  # direct sums as lists: their canonical strings
+            a, b = _canonical(a, "in_rep", i), _canonical(b, "out_rep", i)
         weights.append(w)
         key.append((w.shape, w.dtype, w.device, g, a, b))
     return weights, tuple(key)
@@ -49,9 +59,7 @@ def check_item(shape, dtype, group, in_rep, out_rep, i: int) -> tuple:
         check_weight(torch.empty(shape, dtype=dtype, device="meta"))  # the weight's own errors
     except (TypeError, ValueError) as e:
         raise type(e)(f"items[{i}]: {e}") from None
-    for name, rep in (("in_rep", in_rep), ("out_rep", out_rep)):
-        if not isinstance(rep, str):
-            raise TypeError(f"items[{i}]: {name}: expected 'trivial' or 'regular' (str), got {type(rep).__name__}")
+    in_rep, out_rep = _canonical(in_rep, "in_rep", i), _canonical(out_rep, "out_rep", i)
     shape, name = tuple(int(s) for s in shape), group_name_for_ops(group, f"items[{i}]: group")
     try:
         orbit_table(shape, name, in_rep, out_rep)

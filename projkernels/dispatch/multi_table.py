@@ -37,6 +37,7 @@ class OrderBucket:
     index: torch.Tensor      # [n_orbits, order] flat indices into the concatenated buffer
     inv_stab: torch.Tensor   # [n_orbits] float64, 1/|Stab|
     layer: torch.Tensor      # [n_orbits] int64, the layer each orbit belongs to
+    sign: object = None      # [n_orbits, order] +1 / -1, s(g, e) (signed-permutation fields); None: all +1
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,17 +64,24 @@ class MultiTable:
         for i, t in enumerate(self.tables):
             by_order.setdefault(t.group.order, []).append(i)
         buckets, orbit_of, first = [], torch.empty(self.numel, dtype=itype), 0
+        orbit_sign = torch.ones(self.numel, dtype=torch.int8) if any(t.signed for t in self.tables) else None
         for order, layers in sorted(by_order.items()):
             t = [self.tables[i] for i in layers]
-            index = torch.cat([(x.block_bases()[:, None, None] + x.offsets[None] + self.starts[i]).reshape(-1, order)
+            index = torch.cat([(x.block_bases()[:, None, None] + x.entry_offsets[None] + self.starts[i]).reshape(-1, order)
                                for i, x in zip(layers, t)]).to(itype)
+            sign = None
+            if any(x.signed for x in t):
+                sign = torch.cat([x.gather_signs if x.signed else torch.ones(x.n_orbits, order, dtype=torch.int64)
+                                  for x in t]).to(torch.int8)
+                # P(W)[g . e] = s(g, e) mean; an entry met with both signs has mean 0, so either sign serves.
+                orbit_sign[index.reshape(-1).long()] = sign.reshape(-1)
             inv_stab = torch.cat([x.inv_stab.repeat(x.n_blocks) for x in t])
             layer = torch.cat([torch.full((x.n_orbits,), i, dtype=torch.int64) for i, x in zip(layers, t)])
             ids = torch.arange(first, first + index.shape[0], dtype=itype)
             orbit_of[index.reshape(-1)] = ids.repeat_interleave(order)
             first += index.shape[0]
-            buckets.append(OrderBucket(order, index.contiguous(), inv_stab, layer))
-        return tuple(buckets), orbit_of
+            buckets.append(OrderBucket(order, index.contiguous(), inv_stab, layer, sign))
+        return tuple(buckets), orbit_of, orbit_sign
 
     @property
     def buckets(self) -> Tuple[OrderBucket, ...]:
@@ -84,6 +92,12 @@ class MultiTable:
     def orbit_of(self) -> torch.Tensor:
         """[numel] the orbit of each buffer entry, so that P W = orbit_means[orbit_of]."""
         return self._concatenated[1]
+
+    @property
+    def orbit_sign(self):
+        """[numel] int8 s(g, e) of each buffer entry (P W = orbit_sign * orbit_means[orbit_of]); None
+        when no layer has signed-permutation fields."""
+        return self._concatenated[2]
 
     def native_args(self, device, dtype: torch.dtype) -> NativeMultiArgs:
         """The native op's table arguments on ``device`` for weights of ``dtype``, cached."""
@@ -103,13 +117,15 @@ class MultiTable:
         return _from_tables(tuple(self.tables[i] for i in idx))
 
     def on(self, device: torch.device, dtype: torch.dtype):
-        """(buckets, orbit_of, numels) with indices on ``device`` and inv_stab in ``dtype``, cached."""
+        """(buckets, orbit_of, numels, orbit_sign) with indices on ``device`` and inv_stab in ``dtype``, cached."""
         key = (str(device), dtype)
         if key not in self._device_cache:
             buckets = tuple(OrderBucket(b.order, b.index.to(device), b.inv_stab.to(device=device, dtype=dtype),
-                                        b.layer.to(device)) for b in self.buckets)
+                                        b.layer.to(device), None if b.sign is None else b.sign.to(device=device, dtype=dtype))
+                            for b in self.buckets)
             numels = torch.tensor(self.numels, dtype=torch.int64, device=device)
-            self._device_cache[key] = (buckets, self.orbit_of.to(device), numels)
+            sign = None if self.orbit_sign is None else self.orbit_sign.to(device=device, dtype=dtype)
+            self._device_cache[key] = (buckets, self.orbit_of.to(device), numels, sign)
         return self._device_cache[key]
 
 

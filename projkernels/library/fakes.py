@@ -34,12 +34,13 @@ def _register(op: str, fn) -> None:
 # --- the compiled extension's ops ------------------------------------------------------------------
 
 def _fused_forward(weight, offsets, inv_stab, basis, row_irrep, n_irreps, c_out, c_in, stride_out, stride_in,
-                   with_spectrum=True):
+                   signed_offsets=0, with_spectrum=True):
     torch._check(n_irreps >= 1, lambda: f"fused_forward: n_irreps must be positive, got {n_irreps}")
     return _scalar(weight), _scalar(weight), weight.new_empty((n_irreps,), dtype=acc_dtype(weight.dtype))
 
 
-def _fused_backward(weight, grad_penalty, grad_eq, offsets, inv_stab, c_out, c_in, stride_out, stride_in):
+def _fused_backward(weight, grad_penalty, grad_eq, offsets, inv_stab, c_out, c_in, stride_out, stride_in,
+                    signed_offsets=0):
     return _like(weight)
 
 

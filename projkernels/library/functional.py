@@ -53,7 +53,7 @@ def transformed() -> bool:
 
 
 def _reps(table: OrbitTable) -> Tuple[str, str]:
-    return ("trivial" if table.field_in == 1 else "regular"), ("trivial" if table.field_out == 1 else "regular")
+    return table.in_rep, table.out_rep
 
 
 class _Layer:
@@ -124,6 +124,8 @@ def _orbits(w: torch.Tensor, table: OrbitTable):
     acc = acc_dtype(w.dtype)
     idx = table.gather_index.to(w.device)
     f = w.reshape(w.shape[0], -1)[:, idx].to(acc)          # [N, orbits, |G|]
+    if table.signed:
+        f = f * table.gather_signs.to(device=w.device, dtype=acc)  # f[g] = s(g, e) W[g . e]
     inv_stab = table.inv_stab.to(device=w.device, dtype=acc).repeat(table.n_blocks)
     return f, f.mean(dim=2, keepdim=True), inv_stab, idx
 
@@ -138,7 +140,10 @@ def _reference_forward(w: torch.Tensor, table: OrbitTable):
 def _reference_project(w: torch.Tensor, table: OrbitTable) -> torch.Tensor:
     f, mean, _, idx = _orbits(w, table)
     out = torch.empty(w.shape[0], w[0].numel(), dtype=f.dtype, device=w.device)
-    out[:, idx.reshape(-1)] = mean.expand_as(f).reshape(w.shape[0], -1)  # repeated entries carry one mean
+    value = mean.expand_as(f)
+    if table.signed:
+        value = value * table.gather_signs.to(device=w.device, dtype=f.dtype)  # P(W)[g . e] = s(g, e) mean
+    out[:, idx.reshape(-1)] = value.reshape(w.shape[0], -1)  # repeated entries carry one value
     return out.reshape(w.shape)
 
 

@@ -1,6 +1,8 @@
 """The finite groups (C<N>, D<N>, the cube groups O / Oh / T, and groups given as data) as a kind of
-symmetry: a layer is described by its orbit table (projkernels/orbits.py), regular-field biases
-project to their field means."""
+symmetry: a layer is described by its orbit table (projkernels/orbits.py), a bias projects onto the
+vectors that every rho_out(g) fixes: the field means for regular fields, the fixed space of the
+field's rep for the other signed-permutation fields (zero for a field with no trivial component,
+a vector field for instance)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -10,7 +12,8 @@ from torch import nn
 
 from ..groups import get_group, group_name_for_ops
 from ..library.autograd import EAGER, FiniteCalls
-from ..orbits import check_weight, field_size, orbit_table
+from ..orbits import acc_dtype, check_weight, field_size, orbit_table
+from ..reps import canonical_rep, side_of
 
 __all__ = ["FiniteKind", "FINITE", "SUPPORTED_LAYERS", "field_means", "field_deviation_sq"]
 
@@ -37,6 +40,11 @@ def _check_module(module, name: str = "module") -> None:
                          "use groups=1")
 
 
+def _check_bias(bias, size: int, name: str) -> None:
+    if bias.numel() % size:
+        raise ValueError(f"{name}: expected a multiple of the output field size {size} entries, got {bias.numel()}")
+
+
 class FiniteKind:
     """The symmetry protocol (projkernels/symmetry/__init__.py) for finite groups."""
     slot = "single"          # the backend slot that serves one weight
@@ -47,9 +55,7 @@ class FiniteKind:
     def describe(self, shape, dtype, device, group, in_rep, out_rep):
         """The layer's orbit table, validated (shapes, dtypes and devices only)."""
         name = group_name_for_ops(group)
-        for arg, rep in (("in_rep", in_rep), ("out_rep", out_rep)):
-            if not isinstance(rep, str):
-                raise TypeError(f"{arg}: expected 'trivial' or 'regular' (str), got {type(rep).__name__}")
+        in_rep, out_rep = canonical_rep(in_rep, "in_rep"), canonical_rep(out_rep, "out_rep")
         return orbit_table(tuple(int(s) for s in shape), name, in_rep, out_rep)
 
     def check_weight(self, weight, group) -> None:
@@ -66,6 +72,7 @@ class FiniteKind:
         """``attach_symmetry``'s check of a layer: the group to store, validated against the weight."""
         _check_module(module)
         group_name = group_name_for_ops(group)
+        in_rep, out_rep = canonical_rep(in_rep, "in_rep"), canonical_rep(out_rep, "out_rep")
         orbit_table(module.weight, group_name, in_rep, out_rep)
         return get_group(group_name).name, in_rep, out_rep
 
@@ -77,27 +84,48 @@ class FiniteKind:
         return orbit_table(weight, group, in_rep, out_rep)
 
     def bias_table(self, n: int, group, out_rep):
-        """A regular-field bias as an (n, 1) weight from a trivial input to regular output fields (one
-        orbit per field, P = the field mean); None when every bias is equivariant."""
-        if out_rep != "regular":
+        """A bias as an (n, 1) weight from a trivial input to the output fields: its orbit table's P is
+        (1/|G|) sum_g rho_out(g) b, the projection onto the fixed space of rho_out (the field means for
+        regular fields); None when every bias is equivariant (trivial fields)."""
+        if out_rep == "trivial":
             return None
-        return orbit_table((n, 1), get_group(group).name, "trivial", "regular")
+        return orbit_table((n, 1), get_group(group).name, "trivial", out_rep)
 
     def bias_fields(self, group, out_rep) -> Optional[int]:
         """The field size of a bias that projects to its field means (fused with the weights), else None."""
         return field_size("regular", get_group(group)) if out_rep == "regular" else None
 
     def bias_per_layer(self, group, out_rep) -> bool:
-        """Whether a bias has a projection of its own, computed layer by layer."""
-        return False
+        """Whether a bias has a projection of its own, computed layer by layer: the signed-permutation
+        fields other than trivial and regular."""
+        return out_rep not in ("trivial", "regular")
+
+    def _bias_projector(self, group, out_rep, vector):
+        """(field size, [size, size] projector onto the fixed space of rho_out) in the accumulation dtype."""
+        side = side_of(get_group(group), out_rep, "out_rep")
+        u = torch.as_tensor(side.rep.fixed_space(), dtype=acc_dtype(vector.dtype), device=vector.device)
+        return side.size, u @ u.T
 
     def bias_deviation_sq(self, bias, group, out_rep, name="bias") -> Optional[torch.Tensor]:
+        if out_rep == "trivial":
+            return None
         size = self.bias_fields(group, out_rep)
-        return None if size is None else field_deviation_sq(bias.view(-1, size))
+        if size is not None:
+            return field_deviation_sq(bias.view(-1, size))
+        size, proj = self._bias_projector(group, out_rep, bias)
+        _check_bias(bias, size, name)
+        b = bias.reshape(-1, size).to(proj.dtype)
+        return (b - b @ proj).square().sum()  # from the residual, never ||b||^2 - ||P b||^2
 
     def project_bias(self, vector, group, out_rep, name="bias") -> Optional[torch.Tensor]:
+        if out_rep == "trivial":
+            return None
         size = self.bias_fields(group, out_rep)
-        return None if size is None else field_means(vector.view(-1, size)).reshape(vector.shape)
+        if size is not None:
+            return field_means(vector.view(-1, size)).reshape(vector.shape)
+        size, proj = self._bias_projector(group, out_rep, vector)
+        _check_bias(vector, size, name)
+        return (vector.reshape(-1, size).to(proj.dtype) @ proj).to(vector.dtype).reshape(vector.shape)
 
     def irrep_names(self, group) -> Optional[Tuple[str, ...]]:
         return tuple(get_group(group).irrep_names)

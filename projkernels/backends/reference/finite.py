@@ -16,6 +16,7 @@ import torch
 
 from ...groups import FiniteGroup, get_group
 from ...orbits import OrbitTable, acc_dtype, field_size  # acc_dtype: the one accumulation rule
+from ...reps import side_of
 
 __all__ = ["acc_dtype", "brute_force_project", "orbit_values", "forward", "backward", "project", "spectrum",
            "spectral_spectrum", "basis_spectrum", "decay_apply"]
@@ -23,14 +24,9 @@ __all__ = ["acc_dtype", "brute_force_project", "orbit_values", "forward", "backw
 
 # --- ground truth ------------------------------------------------------------------------------
 
-def _dense_rep(group: FiniteGroup, rep: str, g: int, fields: int, dtype) -> torch.Tensor:
-    size = field_size(rep, group)
-    rho = torch.zeros(size, size, dtype=dtype)
-    if rep == "trivial":
-        rho[0, 0] = 1
-    else:
-        for h in range(size):
-            rho[int(group.mul[g, h]), h] = 1  # rho(g) e_h = e_{gh}
+def _dense_rep(group: FiniteGroup, rep, g: int, fields: int, dtype) -> torch.Tensor:
+    """rho(g) on ``fields`` copies of the field ``rep``, from its matrices (signs included)."""
+    rho = torch.as_tensor(side_of(group, rep).rep.matrices()[g], dtype=dtype)
     return torch.block_diag(*([rho] * fields))
 
 
@@ -84,11 +80,13 @@ def finite_or_rescaled(value: torch.Tensor, scaled, up: float = UP) -> torch.Ten
 # --- orbit form: P(W) is the orbit mean ----------------------------------------------------------
 
 def orbit_values(weight: torch.Tensor, table: OrbitTable):
-    """Per orbit: f(g) = W[g . e] in the accumulation dtype, its mean, and 1/|Stab|."""
+    """Per orbit: f(g) = s(g, e) W[g . e] in the accumulation dtype, its mean, and 1/|Stab|."""
     acc = acc_dtype(weight.dtype)
     flat = weight.reshape(-1)
     idx = table.gather_index.to(weight.device)
     f = flat[idx].to(acc)
+    if table.signed:
+        f = f * table.gather_signs.to(device=weight.device, dtype=acc)
     mean = orbit_mean(f)
     inv_stab = table.inv_stab.to(device=weight.device, dtype=acc).repeat(table.n_blocks)
     return f, mean, inv_stab
@@ -111,7 +109,10 @@ def project(weight: torch.Tensor, table: OrbitTable) -> torch.Tensor:
     f, mean, _ = orbit_values(weight, table)
     out = torch.empty(weight.numel(), dtype=f.dtype, device=weight.device)
     idx = table.gather_index.to(weight.device)
-    out[idx.reshape(-1)] = mean.expand_as(f).reshape(-1)  # repeated entries carry the same mean
+    value = mean.expand_as(f)
+    if table.signed:
+        value = value * table.gather_signs.to(device=weight.device, dtype=f.dtype)  # P(W)[g . e] = s(g, e) mean
+    out[idx.reshape(-1)] = value.reshape(-1)  # repeated entries carry the same value
     return out.reshape(weight.shape)
 
 

@@ -17,7 +17,9 @@ __all__ = ["reference_multi_forward", "reference_multi_backward"]
 
 
 def _orbit_rows(buffer: torch.Tensor, bucket, acc: torch.dtype) -> torch.Tensor:
-    return buffer.index_select(0, bucket.index.reshape(-1)).view(-1, bucket.order).to(acc)
+    """f[g] = s(g, e) W[g . e] for every orbit of the bucket."""
+    f = buffer.index_select(0, bucket.index.reshape(-1)).view(-1, bucket.order).to(acc)
+    return f if bucket.sign is None else f * bucket.sign
 
 
 def reference_multi_forward(buffer: torch.Tensor, table) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -42,9 +44,11 @@ def reference_multi_backward(buffer: torch.Tensor, table, grad_penalty: torch.Te
     penalty part is taken from the deviations W - P W entry by entry, as the single-layer route does.
     """
     acc = acc_dtype(buffer.dtype)
-    buckets, orbit_of, numels = table.on(buffer.device, acc)
+    buckets, orbit_of, numels, orbit_sign = table.on(buffer.device, acc)
     means = torch.cat([orbit_mean(_orbit_rows(buffer, b, acc)).squeeze(1) for b in buckets])
     pw = means.index_select(0, orbit_of)
+    if orbit_sign is not None:
+        pw = pw * orbit_sign
     n = buffer.numel()
     gp = torch.repeat_interleave(2 * grad_penalty.to(acc), numels, output_size=n)
     ge = torch.repeat_interleave(2 * grad_eq.to(acc), numels, output_size=n)

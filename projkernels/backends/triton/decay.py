@@ -25,15 +25,18 @@ __all__ = ["apply"]
 @triton.jit
 def _decay_kernel(t_ptr, w_ptr, offsets_ptr, n_orbits, opb, c_in, stride_out, stride_in,
                   dev_hi, dev_lo, mean_hi, mean_lo, G: tl.constexpr, GP: tl.constexpr, F64: tl.constexpr, IN_PLACE: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    # The orbit tile and its addresses, loaded as the penalty's kernels load them.
-    f, _, _, mask, addr = _load_orbits(w_ptr, offsets_ptr, tl.program_id(0), n_orbits, opb, c_in, stride_out,
-                                       stride_in, G, GP, F64, BLOCK)
+                  BLOCK: tl.constexpr, SIGNED: tl.constexpr):
+    # The orbit tile and its addresses, loaded as the penalty's kernels load them (f = s W: the
+    # update is computed in f's terms and multiplied by s again where it is stored).
+    f, _, _, mask, addr, sign = _load_orbits(w_ptr, offsets_ptr, tl.program_id(0), n_orbits, opb, c_in, stride_out,
+                                             stride_in, G, GP, F64, BLOCK, SIGNED)
     mean = _orbit_mean(f, G)
     if IN_PLACE:
         old = f
     else:
         old = tl.load(t_ptr + addr, mask=mask, other=0.0).to(f.dtype)
+        if SIGNED:
+            old = old * sign
     # Scalar arguments arrive as float32: a float64 coefficient comes as hi + lo float32 parts.
     zero = tl.zeros([1], dtype=f.dtype)
     coef_dev = (zero + dev_hi) + dev_lo
@@ -44,6 +47,8 @@ def _decay_kernel(t_ptr, w_ptr, offsets_ptr, n_orbits, opb, c_in, stride_out, st
         m_s = (mean * _DOWN)[:, None]
         new = tl.where(_not_finite(new),
                        (old * _DOWN + (coef_dev[:, None] * (f * _DOWN - m_s) + coef_mean[:, None] * m_s)) * _UP, new)
+    if SIGNED:
+        new = new * sign
     tl.store(t_ptr + addr, new.to(t_ptr.dtype.element_ty), mask=mask)
 
 
@@ -74,4 +79,4 @@ def apply(targets, weights, tables, coef_dev, coef_mean) -> None:
             _decay_kernel[(triton.cdiv(n, block),)](
                 t, w, offsets, n, table.orbits_per_block, table.c_in, table.stride_out, table.stride_in,
                 *_split(coef_dev[i]), *_split(coef_mean[i]), G=G, GP=gp, F64=t.dtype == torch.float64,
-                IN_PLACE=weights is None, BLOCK=block, num_warps=4)
+                IN_PLACE=weights is None, BLOCK=block, SIGNED=table.signed, num_warps=4)

@@ -79,8 +79,11 @@ def launch_config(group_order: int):
 
 @triton.jit
 def _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out, stride_in,
-                 G: tl.constexpr, GP: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
-    """The [BLOCK, GP] tile of orbit values in the accumulation dtype, plus indexing helpers."""
+                 G: tl.constexpr, GP: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+                 SIGNED: tl.constexpr):
+    """The [BLOCK, GP] tile of orbit values f = s W[entry] in the accumulation dtype, plus indexing
+    helpers and the signs s (+1 everywhere unless SIGNED: a table with negative offsets o, which
+    read -W[base + ~o], orbits.py and csrc/include/orbit_math.h)."""
     ids = pid * BLOCK + tl.arange(0, BLOCK)
     valid = ids < n_orbits
     b = ids // opb
@@ -92,13 +95,21 @@ def _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out, strid
     g = tl.arange(0, GP)
     mask = valid[:, None] & (g < G)[None, :]
     off = tl.load(offsets_ptr + o[:, None] * G + g[None, :], mask=mask, other=0)
+    if SIGNED:
+        neg = off < 0
+        off = tl.where(neg, -off - 1, off)
     addr = base[:, None] + off.to(tl.int64)
     f = tl.load(w_ptr + addr, mask=mask, other=0.0)
     if F64:
         f = f.to(tl.float64)
     else:
         f = f.to(tl.float32)
-    return f, o, valid, mask, addr
+    if SIGNED:
+        sign = tl.where(neg, -1.0, 1.0).to(f.dtype)
+        f = f * sign
+    else:
+        sign = 1.0
+    return f, o, valid, mask, addr, sign
 
 
 # Values near the dtype's largest finite value (docs/design.md, "Numerical choices"): the orbit sum
@@ -173,10 +184,10 @@ def _orbit_partials(f, inv, mask, basis_ptr, row_irrep_ptr,
 def _reduce_kernel(w_ptr, offsets_ptr, inv_stab_ptr, basis_ptr, row_irrep_ptr, part_ptr,
                    n_orbits, opb, c_in, stride_out, stride_in,
                    G: tl.constexpr, GP: tl.constexpr, N_COLS: tl.constexpr, COLS_P: tl.constexpr,
-                   SPECTRUM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+                   SPECTRUM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr, SIGNED: tl.constexpr):
     pid = tl.program_id(0)
-    f, o, valid, mask, addr = _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out,
-                                           stride_in, G, GP, F64, BLOCK)
+    f, o, valid, mask, addr, sign = _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out,
+                                                 stride_in, G, GP, F64, BLOCK, SIGNED)
     inv = tl.load(inv_stab_ptr + o, mask=valid, other=0.0).to(f.dtype)
     row = _orbit_partials(f, inv, mask, basis_ptr, row_irrep_ptr, G, GP, COLS_P, SPECTRUM)
     cols = tl.arange(0, COLS_P)
@@ -206,10 +217,10 @@ def _finish_kernel(part_ptr, n_rows, out_ptr, out2_ptr, N_COLS: tl.constexpr, CO
 def _apply_kernel(w_ptr, out_ptr, offsets_ptr, gp_ptr, ge_ptr,
                   n_orbits, opb, c_in, stride_out, stride_in,
                   G: tl.constexpr, GP: tl.constexpr, PROJECT: tl.constexpr, F64: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, SIGNED: tl.constexpr):
     pid = tl.program_id(0)
-    f, o, valid, mask, addr = _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out,
-                                           stride_in, G, GP, F64, BLOCK)
+    f, o, valid, mask, addr, sign = _load_orbits(w_ptr, offsets_ptr, pid, n_orbits, opb, c_in, stride_out,
+                                                 stride_in, G, GP, F64, BLOCK, SIGNED)
     mean = _orbit_mean(f, G)
     if PROJECT:
         val = tl.zeros_like(f) + mean[:, None]
@@ -220,6 +231,8 @@ def _apply_kernel(w_ptr, out_ptr, offsets_ptr, gp_ptr, ge_ptr,
         if _any_not_finite(val):
             m_s = (mean * _DOWN)[:, None]
             val = tl.where(_not_finite(val), (two_gp * (f * _DOWN - m_s) + two_ge * m_s) * _UP, val)
+    if SIGNED:
+        val = val * sign  # back from f's terms: the value at entry g . e is s(g, e) times it
     # An entry listed several times in its orbit's row gets the same value each time.
     tl.store(out_ptr + addr, val.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -235,7 +248,7 @@ def _geometry(w: torch.Tensor, table):
     G = table.group.order
     return dict(n_orbits=table.n_orbits, opb=table.orbits_per_block, c_in=table.c_in,
                 stride_out=table.stride_out, stride_in=table.stride_in,
-                G=G, GP=triton.next_power_of_2(G), F64=w.dtype == torch.float64)
+                G=G, GP=triton.next_power_of_2(G), F64=w.dtype == torch.float64, SIGNED=table.signed)
 
 
 # Rows of partial sums the single finishing program adds per step.
@@ -379,6 +392,10 @@ class TileTables(NamedTuple):
     blocks it lacks), so the kernels read them with contiguous loads and do no index arithmetic."""
     gather_index: torch.Tensor  # [ORB_P * GP] int32: the tile lane of element g of local orbit l, at l * GP + g
     lane_orbit: torch.Tensor    # [SO_P * PITCH_P] int32: the local orbit of each tile lane
+    # Signed tables only (else 1-element stand-ins): s(g, e) of each gathered element, and the sign
+    # of each lane against its orbit's mean (P(W) there = sign * mean), as float32 +1 / -1.
+    gather_sign: torch.Tensor   # [ORB_P * GP]
+    lane_sign: torch.Tensor     # [SO_P * PITCH_P]
 
 
 # Per orbit table, per (device, plan): built once, dropped with the table.
@@ -395,7 +412,8 @@ def tile_tables(table, plan: TilePlan, device) -> TileTables:
     key = (str(torch.device(device)), plan)
     cache = _TILE_TABLES.setdefault(table, {})
     if key not in cache:
-        offsets = table.offsets.numpy()
+        offsets = table.entry_offsets.numpy()
+        signs = table.offset_signs.numpy() if table.signed else np.ones(offsets.shape, dtype=np.int64)
         opb, G = offsets.shape
         gp = triton.next_power_of_2(G)
         a, rest = np.divmod(offsets, plan.row_len)
@@ -407,14 +425,27 @@ def tile_tables(table, plan: TilePlan, device) -> TileTables:
         gather_index[:width * opb, :G] = (np.arange(width)[:, None, None] * si + lane[None]).reshape(-1, G)
         block_orbit = np.full((plan.so, si), -1, dtype=np.int64)          # orbit of block entry (a, rest)
         block_orbit[a.reshape(-1), rest.reshape(-1)] = np.repeat(np.arange(opb), G)
+        # An entry listed with both signs has mean 0, so whichever sign lands here serves.
+        block_sign = np.ones((plan.so, si), dtype=np.int64)
+        block_sign[a.reshape(-1), rest.reshape(-1)] = signs.reshape(-1)
         if block_orbit.min() < 0:
             raise AssertionError(f"orbit table of shape {table.shape}: an entry of a block lies on no orbit")
         lane_orbit = np.zeros((plan.so_p, plan.pitch_p), dtype=np.int64)
         lane_orbit[:plan.so, :width * si] = (np.arange(width)[None, :, None] * opb
                                              + block_orbit[:, None, :]).reshape(plan.so, width * si)
+        if table.signed:
+            gather_sign = np.ones((plan.orbits_p, gp), dtype=np.float32)
+            gather_sign[:width * opb, :G] = np.broadcast_to(signs[None], (width, opb, G)).reshape(-1, G)
+            lane_sign = np.ones((plan.so_p, plan.pitch_p), dtype=np.float32)
+            lane_sign[:plan.so, :width * si] = np.broadcast_to(block_sign[:, None, :], (plan.so, width, si)).reshape(
+                plan.so, width * si)
+        else:
+            gather_sign = lane_sign = np.ones(1, dtype=np.float32)
         cache[key] = TileTables(
             gather_index=torch.as_tensor(gather_index.reshape(-1), dtype=torch.int32).to(device),
-            lane_orbit=torch.as_tensor(lane_orbit.reshape(-1), dtype=torch.int32).to(device))
+            lane_orbit=torch.as_tensor(lane_orbit.reshape(-1), dtype=torch.int32).to(device),
+            gather_sign=torch.as_tensor(gather_sign.reshape(-1)).to(device),
+            lane_sign=torch.as_tensor(lane_sign.reshape(-1)).to(device))
     return cache[key]
 
 
@@ -444,16 +475,18 @@ def _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v, row_l
 
 
 @triton.jit
-def _tile_orbits(x, width, gather_index_ptr, opb,
-                 G: tl.constexpr, GP: tl.constexpr, F64: tl.constexpr, ORB_P: tl.constexpr):
-    """The tile's orbits gathered from the register tile x: [ORB_P, GP] values in the accumulation
-    dtype (zero where masked), their block-local orbit ids, validity and mask."""
+def _tile_orbits(x, width, gather_index_ptr, gather_sign_ptr, opb,
+                 G: tl.constexpr, GP: tl.constexpr, F64: tl.constexpr, ORB_P: tl.constexpr, SIGNED: tl.constexpr):
+    """The tile's orbits gathered from the register tile x: [ORB_P, GP] values f = s W in the
+    accumulation dtype (zero where masked), their block-local orbit ids, validity and mask."""
     idx = tl.load(gather_index_ptr + tl.arange(0, ORB_P * GP))
     f = tl.reshape(tl.gather(x, idx, 0), [ORB_P, GP])
     if F64:
         f = f.to(tl.float64)
     else:
         f = f.to(tl.float32)
+    if SIGNED:
+        f = f * tl.reshape(tl.load(gather_sign_ptr + tl.arange(0, ORB_P * GP)), [ORB_P, GP]).to(f.dtype)
     l = tl.arange(0, ORB_P)
     valid = l < width * opb
     mask = valid[:, None] & (tl.arange(0, GP) < G)[None, :]
@@ -462,15 +495,15 @@ def _tile_orbits(x, width, gather_index_ptr, opb,
 
 
 @triton.jit
-def _reduce_tiles_kernel(w_ptr, gather_index_ptr, inv_stab_ptr, basis_ptr, row_irrep_ptr, part_ptr,
+def _reduce_tiles_kernel(w_ptr, gather_index_ptr, gather_sign_ptr, inv_stab_ptr, basis_ptr, row_irrep_ptr, part_ptr,
                          tiles_per_row, c_in, stride_in, so, opb, stride_out_v, row_len_v, tile_step_v,
                          G: tl.constexpr, GP: tl.constexpr, N_COLS: tl.constexpr, COLS_P: tl.constexpr,
                          SPECTRUM: tl.constexpr, F64: tl.constexpr, SO_P: tl.constexpr, PITCH_P: tl.constexpr,
-                         ORB_P: tl.constexpr, VEC: tl.constexpr, BPT: tl.constexpr):
+                         ORB_P: tl.constexpr, VEC: tl.constexpr, BPT: tl.constexpr, SIGNED: tl.constexpr):
     t = tl.program_id(0)
     x, addr, inside, p, width = _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v,
                                            row_len_v, tile_step_v, SO_P, PITCH_P, VEC, BPT)
-    f, o, valid, mask = _tile_orbits(x, width, gather_index_ptr, opb, G, GP, F64, ORB_P)
+    f, o, valid, mask = _tile_orbits(x, width, gather_index_ptr, gather_sign_ptr, opb, G, GP, F64, ORB_P, SIGNED)
     inv = tl.load(inv_stab_ptr + o, mask=valid, other=0.0).to(f.dtype)
     row = _orbit_partials(f, inv, mask, basis_ptr, row_irrep_ptr, G, GP, COLS_P, SPECTRUM)
     cols = tl.arange(0, COLS_P)
@@ -478,18 +511,21 @@ def _reduce_tiles_kernel(w_ptr, gather_index_ptr, inv_stab_ptr, basis_ptr, row_i
 
 
 @triton.jit
-def _apply_tiles_kernel(w_ptr, out_ptr, gather_index_ptr, lane_orbit_ptr, gp_ptr, ge_ptr,
-                        tiles_per_row, c_in, stride_in, so, opb, stride_out_v, row_len_v, tile_step_v,
+def _apply_tiles_kernel(w_ptr, out_ptr, gather_index_ptr, gather_sign_ptr, lane_orbit_ptr, lane_sign_ptr, gp_ptr,
+                        ge_ptr, tiles_per_row, c_in, stride_in, so, opb, stride_out_v, row_len_v, tile_step_v,
                         G: tl.constexpr, GP: tl.constexpr, PROJECT: tl.constexpr, F64: tl.constexpr,
                         SO_P: tl.constexpr, PITCH_P: tl.constexpr, ORB_P: tl.constexpr, VEC: tl.constexpr,
-                        BPT: tl.constexpr):
+                        BPT: tl.constexpr, SIGNED: tl.constexpr):
     t = tl.program_id(0)
     x, addr, inside, p, width = _load_tile(w_ptr, t, tiles_per_row, c_in, stride_in, so, stride_out_v,
                                            row_len_v, tile_step_v, SO_P, PITCH_P, VEC, BPT)
-    f, o, valid, mask = _tile_orbits(x, width, gather_index_ptr, opb, G, GP, F64, ORB_P)
+    f, o, valid, mask = _tile_orbits(x, width, gather_index_ptr, gather_sign_ptr, opb, G, GP, F64, ORB_P, SIGNED)
     mean = _orbit_mean(f, G)
-    # Every entry of a block lies on exactly one orbit: each lane takes its orbit's mean.
+    # Every entry of a block lies on exactly one orbit: each lane takes its orbit's mean (P(W) there,
+    # times the lane's sign for a signed table).
     m = tl.gather(mean, tl.load(lane_orbit_ptr + p), 0)
+    if SIGNED:
+        m = m * tl.load(lane_sign_ptr + p).to(m.dtype)
     if PROJECT:
         val = m
     else:
@@ -510,7 +546,8 @@ def _tile_args(w: torch.Tensor, table, plan: TilePlan):
                 opb=table.orbits_per_block, stride_out_v=table.stride_out // v, row_len_v=plan.row_len // v,
                 tile_step_v=plan.blocks_per_tile * plan.stride_in // v,
                 G=G, GP=triton.next_power_of_2(G), F64=w.dtype == torch.float64, SO_P=plan.so_p,
-                PITCH_P=plan.pitch_p, ORB_P=plan.orbits_p, VEC=v, BPT=plan.blocks_per_tile, num_warps=_NUM_WARPS)
+                PITCH_P=plan.pitch_p, ORB_P=plan.orbits_p, VEC=v, BPT=plan.blocks_per_tile, SIGNED=table.signed,
+                num_warps=_NUM_WARPS)
 
 
 def reduce_tiles(w: torch.Tensor, table, plan: TilePlan, spectrum: bool):
@@ -521,7 +558,7 @@ def reduce_tiles(w: torch.Tensor, table, plan: TilePlan, spectrum: bool):
     n_cols, cols_p = _columns(table, spectrum)
     part = torch.empty((plan.n_tiles, n_cols), dtype=acc_dtype(w.dtype), device=w.device)
     with _device_ctx(w):
-        _reduce_tiles_kernel[(plan.n_tiles,)](w, tt.gather_index, t["inv_stab"], t["basis"], t["row_irrep"], part,
+        _reduce_tiles_kernel[(plan.n_tiles,)](w, tt.gather_index, tt.gather_sign, t["inv_stab"], t["basis"], t["row_irrep"], part,
                                               N_COLS=n_cols, COLS_P=cols_p, SPECTRUM=spectrum,
                                               **_tile_args(w, table, plan))
         return _finish(part, spectrum)
@@ -536,6 +573,7 @@ def apply_tiles(w: torch.Tensor, table, plan: TilePlan, grad_pen=None, grad_eq=N
     if project:
         grad_pen = grad_eq = out  # unread placeholders
     with _device_ctx(w):
-        _apply_tiles_kernel[(plan.n_tiles,)](w, out, tt.gather_index, tt.lane_orbit, grad_pen, grad_eq,
+        _apply_tiles_kernel[(plan.n_tiles,)](w, out, tt.gather_index, tt.gather_sign, tt.lane_orbit, tt.lane_sign,
+                                             grad_pen, grad_eq,
                                              PROJECT=project, **_tile_args(w, table, plan))
     return out
