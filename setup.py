@@ -200,6 +200,8 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "demo": ["matplotlib"],  # the demo's figure; without it the demo still prints and saves its results
+        # python -m projkernels.bench_smoke: PhiFlow simulates the smoke plumes, matplotlib draws the figure
+        "smoke": ["phiflow>=3.4", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "ninja", "matplotlib", "triton"],
         "triton": ["triton"],
         "escnn": ["escnn"],

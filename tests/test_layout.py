@@ -30,7 +30,7 @@ FLOORS = [
     ["api"],                                                            # 8: single weights
     ["model"],                                                          # 9: whole models
     ["decay", "escnn_interop"],                                         # 10: optimizer, interop
-    ["", "__main__", "demo", "demo.*", "integrations", "integrations.*"],  # 11: the package and its users
+    ["", "__main__", "demo", "demo.*", "bench_smoke", "bench_smoke.*", "integrations", "integrations.*"],  # 11: users
 ]
 
 # The classes that tell symmetry kinds apart; only projkernels/symmetry/ may test for them.
