@@ -157,6 +157,47 @@ inline int64_t next_batch(const LayerDesc& d, OrbitWalk& it, int64_t& id, int64_
   return n;
 }
 
+// Software prefetch of the blocks [block, block + count) of a layer: each block is `so` runs of
+// stride_in entries, one per row of its out-field (launch_plan.h, tiles), and consecutive blocks of
+// one out-field continue each other's runs.  Measured: the gather visits a batch's rows one after
+// the other in the order of the orbit table, which the hardware prefetcher follows poorly (the
+// orbit walk ran at the same speed as the old orbit-at-a-time walk once the weight left L2); issuing
+// the next batch's lines while the current one is computed hides that latency.
+struct Rows {
+  int64_t so = 0;       // rows of a block (0: the layout is not row-structured; no prefetch)
+  int64_t row_len = 0;  // entries between two rows of a block
+};
+
+inline Rows rows_of(const LayerDesc& d) {
+  Rows r;
+  const int64_t row_len = d.c_in * d.stride_in;
+  if (row_len < 1 || d.stride_out < row_len || d.stride_out % row_len != 0) return r;
+  r.so = d.stride_out / row_len;
+  r.row_len = row_len;
+  return r;
+}
+
+template <typename scalar_t>
+inline void prefetch_blocks(const scalar_t* w, const LayerDesc& d, const Rows& rows, int64_t block, int64_t count,
+                            int64_t n_blocks) {
+  if (rows.so == 0 || block >= n_blocks) return;
+  count = std::min(count, n_blocks - block);
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t)) > 0 ? 64 / static_cast<int64_t>(sizeof(scalar_t)) : 1;
+  int64_t b = block;
+  while (b < block + count) {
+    // The blocks b .. e - 1 of one out-field: one contiguous run per row.
+    const int64_t fo = b / d.c_in, fi = b - fo * d.c_in;
+    const int64_t e = std::min(block + count, (fo + 1) * d.c_in);
+    const int64_t len = (e - b) * d.stride_in;
+    for (int64_t a = 0; a < rows.so; ++a) {
+      const scalar_t* p = w + fo * d.stride_out + a * rows.row_len + fi * d.stride_in;
+      for (int64_t i = 0; i < len; i += kLine) __builtin_prefetch(p + i, 0, 3);
+      __builtin_prefetch(p + len - 1, 0, 3);
+    }
+    b = e;
+  }
+}
+
 // dst[g][col0 + o - o0] = sign * src[base + entry[g][o]] for the batch's segments.
 template <bool SIGNED, typename scalar_t, typename acc_t>
 inline void gather(const scalar_t* __restrict__ src, const BatchTable<acc_t>& t, int G, int64_t opb,
@@ -269,9 +310,14 @@ void chunk_forward(const LayerDesc& d, const BatchTable<acc_t>& t, int64_t first
   acc_t* __restrict__ inv = s.inv.data();
   const acc_t gs = static_cast<acc_t>(G);
   OrbitWalk it(first, opb, d.c_in, d.stride_out, d.stride_in);
+  // Blocks a batch spans, prefetched one batch ahead (none for blocks larger than a batch, whose
+  // long row runs the hardware prefetcher follows).
+  const Rows rows = rows_of(d);
+  const int64_t n_blocks = d.n_orbits / opb, pf_count = opb <= nb ? nb / opb + 2 : 0;
   for (int64_t id = first; id < last;) {
     int64_t n_segs;
     const int64_t n = next_batch(d, it, id, last, s, n_segs);
+    if (pf_count > 0) prefetch_blocks(w, d, rows, it.block, pf_count, n_blocks);
     const int64_t nr = (n + kLanes - 1) / kLanes * kLanes;
     gather<SIGNED>(w, t, G, opb, s.segs.data(), n_segs, f, nb);
     gather_inv_stab(t, s.segs.data(), n_segs, inv);
@@ -342,9 +388,17 @@ void chunk_gradient(const LayerDesc& d, const BatchTable<acc_t>& t, int64_t firs
   acc_t* __restrict__ r = s.aux.data();
   acc_t* __restrict__ m = s.mean.data();
   OrbitWalk it(first, opb, d.c_in, d.stride_out, d.stride_in);
+  // Blocks a batch spans, prefetched one batch ahead (none for blocks larger than a batch, whose
+  // long row runs the hardware prefetcher follows).
+  const Rows rows = rows_of(d);
+  const int64_t n_blocks = d.n_orbits / opb, pf_count = opb <= nb ? nb / opb + 2 : 0;
   for (int64_t id = first; id < last;) {
     int64_t n_segs;
     const int64_t n = next_batch(d, it, id, last, s, n_segs);
+    if (pf_count > 0) {
+      prefetch_blocks(w, d, rows, it.block, pf_count, n_blocks);
+      prefetch_blocks(static_cast<const scalar_t*>(out), d, rows, it.block, pf_count, n_blocks);
+    }
     gather<SIGNED>(w, t, G, opb, s.segs.data(), n_segs, f, nb);
     column_means<K>(f, nb, G, n, s);
     bool bad = false;
@@ -384,9 +438,17 @@ void chunk_decay(const LayerDesc& d, const BatchTable<acc_t>& t, int64_t first, 
   acc_t* __restrict__ r = s.aux.data();
   acc_t* __restrict__ m = s.mean.data();
   OrbitWalk it(first, opb, d.c_in, d.stride_out, d.stride_in);
+  // Blocks a batch spans, prefetched one batch ahead (none for blocks larger than a batch, whose
+  // long row runs the hardware prefetcher follows).
+  const Rows rows = rows_of(d);
+  const int64_t n_blocks = d.n_orbits / opb, pf_count = opb <= nb ? nb / opb + 2 : 0;
   for (int64_t id = first; id < last;) {
     int64_t n_segs;
     const int64_t n = next_batch(d, it, id, last, s, n_segs);
+    if (pf_count > 0) {
+      prefetch_blocks(w, d, rows, it.block, pf_count, n_blocks);
+      prefetch_blocks(static_cast<const scalar_t*>(target), d, rows, it.block, pf_count, n_blocks);
+    }
     gather<SIGNED>(w, t, G, opb, s.segs.data(), n_segs, f, nb);
     if (IN_PLACE) {
       std::copy(f, f + G * nb, r);
