@@ -1,7 +1,7 @@
 """The CPU kernels: bitwise identical results for any thread count and across processes, and signed
 orbit tables (an offset o < 0 reads -W[base + ~o]) against a direct formula of the same semantics.
 
-Shapes have several blocks and several chunks with a partial last chunk (csrc/cpu/orbit_batches.h
+Shapes have several blocks and several chunks with a partial last chunk (csrc/include/cpu_orbit_batches.h
 cuts a layer into chunks of whole blocks, 16384 orbit entries each: 113 blocks of C4 regular 3x3,
 28 of D4 regular 3x3).
 """

@@ -25,7 +25,7 @@
 #include "decay_checks.h"
 #include "decay_math.h"
 #include "orbit_math.h"
-#include "orbit_batches.h"
+#include "cpu_orbit_batches.h"
 #include "static_switch.h"
 
 namespace projkernels {
@@ -42,7 +42,7 @@ void with_dtype(int32_t code, Fn&& fn) {
   }
 }
 
-// The batch walk of cpu/orbit_batches.h over every layer's chunks (the same partition as the
+// The batch walk of include/cpu_orbit_batches.h over every layer's chunks (the same partition as the
 // penalty ops).  No value is summed across orbits, so the partition only balances the threads.
 template <bool IN_PLACE>
 void run_cpu(LayerArgs& a) {

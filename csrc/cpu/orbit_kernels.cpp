@@ -1,6 +1,6 @@
 // CPU kernels of the raw finite-group ops (schemas in ops/schemas.cpp): fused_forward and
 // fused_backward over one weight, multi_forward and multi_backward over many.  The walk is
-// cpu/orbit_batches.h (a batch of consecutive orbits gathered into L1, the per-orbit math of
+// include/cpu_orbit_batches.h (a batch of consecutive orbits gathered into L1, the per-orbit math of
 // orbit_math.h as vector loops across them); the public ops built on these (penalty_energy,
 // project, ...) are in ops/public_ops.cpp.  A single weight is a one-layer call of the multi-tensor
 // walk, so each layer's multi-op result is the single-weight op's result bit for bit.
@@ -18,7 +18,7 @@
 #include "layer_desc.h"
 #include "op_common.h"  // read_scalar
 #include "op_checks.h"
-#include "orbit_batches.h"
+#include "cpu_orbit_batches.h"
 #include "orbit_math.h"
 #include "static_switch.h"
 
