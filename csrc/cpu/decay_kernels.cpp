@@ -17,21 +17,19 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "decay_checks.h"
 #include "decay_math.h"
 #include "orbit_math.h"
+#include "cpu_orbit_batches.h"
 #include "static_switch.h"
 
 namespace projkernels {
 namespace decay {
 namespace {
-
-// Orbits per CPU task: large enough that the per-chunk dispatch vanishes, small enough that a
-// model's small layers still spread over threads.
-constexpr int64_t kCpuChunk = 256;
 
 template <typename Fn>
 void with_dtype(int32_t code, Fn&& fn) {
@@ -43,21 +41,52 @@ void with_dtype(int32_t code, Fn&& fn) {
   }
 }
 
+// The batch walk of include/cpu_orbit_batches.h over every layer's chunks (the same partition as the
+// penalty ops).  No value is summed across orbits, so the partition only balances the threads.
 template <bool IN_PLACE>
 void run_cpu(LayerArgs& a) {
   const int64_t L = static_cast<int64_t>(a.layers.size());
-  std::vector<Chunk> chunks(assign_chunks(a.layers.data(), L, kCpuChunk));
-  list_chunks(a.layers.data(), L, kCpuChunk, chunks.data());
+  const std::vector<Chunk> chunks = cpu::plan_chunks(a.layers.data(), L);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  // One table per layer in each accumulation type it is read in (float or double).
+  std::vector<cpu::BatchTable<float>> tf(L);
+  std::vector<cpu::BatchTable<double>> td(L);
+  for (int64_t l = 0; l < L; ++l) {
+    if (a.layers[l].dtype == kF64) {
+      td[l] = cpu::make_table<double>(a.layers[l], false);
+    } else {
+      tf[l] = cpu::make_table<float>(a.layers[l], false);
+    }
+  }
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::unique_ptr<cpu::Scratch<float>> sf;
+    std::unique_ptr<cpu::Scratch<double>> sd;
+    int32_t gf = -1, gd = -1;
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
       const LayerDesc& d = a.layers[ch.layer];
-      with_dtype(d.dtype, [&](auto s) {
-        using scalar_t = decltype(s);
+      with_dtype(d.dtype, [&](auto tag) {
+        using scalar_t = decltype(tag);
         using acc_t = at::opmath_type<scalar_t>;
-        SIGNED_SWITCH(d.signed_offsets, OFF, [&] {
-          GROUP_ORDER_SWITCH(d.G, K, [&] { decay_chunk<K, IN_PLACE, scalar_t, acc_t, OFF>(d, ch.first, ch.last, 1); });
+        auto& scratch = [&]() -> std::unique_ptr<cpu::Scratch<acc_t>>& {
+          if constexpr (std::is_same_v<acc_t, double>) {
+            if (gd != d.G) sd = std::make_unique<cpu::Scratch<double>>(d.G, true), gd = d.G;
+            return sd;
+          } else {
+            if (gf != d.G) sf = std::make_unique<cpu::Scratch<float>>(d.G, true), gf = d.G;
+            return sf;
+          }
+        }();
+        const cpu::BatchTable<acc_t>& t = [&]() -> const cpu::BatchTable<acc_t>& {
+          if constexpr (std::is_same_v<acc_t, double>) return td[ch.layer];
+          else return tf[ch.layer];
+        }();
+        GROUP_ORDER_SWITCH(d.G, K, [&] {
+          if (t.is_signed) {
+            cpu::chunk_decay<K, true, IN_PLACE, scalar_t, acc_t>(d, t, ch.first, ch.last, *scratch);
+          } else {
+            cpu::chunk_decay<K, false, IN_PLACE, scalar_t, acc_t>(d, t, ch.first, ch.last, *scratch);
+          }
         });
       });
     }
