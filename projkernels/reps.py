@@ -111,7 +111,8 @@ def _is_signed_perm(mats: np.ndarray) -> bool:
 
 
 def _quotient(group: FiniteGroup, subgroup) -> np.ndarray:
-    """The permutation rep on the cosets g H, cosets ordered by their first element (escnn's order)."""
+    """The permutation rep on the cosets g H, cosets ordered by their first element (escnn's order), in
+    permutation form [|G|, n] (never as |G| dense n x n matrices: C512's C512/C1 alone would be 1 GiB)."""
     mul = np.asarray(group.mul, dtype=np.int64)
     sub = np.asarray(sorted(subgroup), dtype=np.int64)
     coset_of = np.full(group.order, -1, dtype=np.int64)
@@ -121,20 +122,13 @@ def _quotient(group: FiniteGroup, subgroup) -> np.ndarray:
             coset_of[mul[g, sub]] = n
             n += 1
     first = np.array([int(np.nonzero(coset_of == c)[0][0]) for c in range(n)])
-    perm = coset_of[mul[:, first]]                # g . (first[c] H) = coset of g first[c]
-    return _perm_mats(perm)
-
-
-def _perm_mats(perm: np.ndarray) -> np.ndarray:
-    n_g, n = perm.shape
-    m = np.zeros((n_g, n, n))
-    m[np.repeat(np.arange(n_g), n), perm.reshape(-1), np.tile(np.arange(n), n_g)] = 1
-    return m
+    return coset_of[mul[:, first]]                # [|G|, n]: g . (first[c] H) = coset of g first[c]
 
 
 def _planar_reps(group: FiniteGroup) -> Dict[str, np.ndarray]:
-    """C<N> / D<N>: escnn's irreps (``cyclic_group(N).irreps()``, ``dihedral_group(N).irreps()``) and
-    quotient reps, as [|G|, n, n] matrices; the caller keeps those that are signed permutations."""
+    """C<N> / D<N>: escnn's irreps (``cyclic_group(N).irreps()``, ``dihedral_group(N).irreps()``), as
+    [|G|, n, n] matrices (the caller keeps those that are signed permutations), and quotient reps in
+    permutation form [|G|, n]."""
     n = group.rotation_order
     f = np.array([e[0] for e in group.elements])
     j = np.array([e[1] for e in group.elements])
@@ -230,7 +224,9 @@ def _builtin(group: FiniteGroup) -> Tuple[Dict[str, SignedRep], Dict[str, str]]:
     else:
         mats = {}
     for name, m in mats.items():
-        if _is_signed_perm(m):
+        if m.ndim == 2:  # a permutation rep in permutation form (the quotients)
+            reps[name] = SignedRep(name, m.astype(np.int64), np.ones_like(m, dtype=np.int64))
+        elif _is_signed_perm(m):
             reps[name] = _from_matrices(name, m)
     aliases = _aliases(group, reps)
     # escnn's names of the trivial irrep.

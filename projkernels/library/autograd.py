@@ -29,6 +29,7 @@ import inspect
 from typing import NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from ..orbits import acc_dtype
 
@@ -201,11 +202,42 @@ class _Project(torch.autograd.Function):
 
 
 # torch binds a Function's arguments with inspect.signature on every apply when it has a
-# setup_context; a signature stored on forward is read back at once (inspect's first lookup), which
-# keeps the eager call's host time where it was with ctx-style Functions.
+# setup_context; a signature stored on forward is read back at once (inspect's first lookup).
 for _fn in (_PenaltyEnergy, _Gradient, _Project):
     _fn.forward.__signature__ = inspect.signature(_fn.forward)
 del _fn
+
+
+# The same rules in the two other forms torch needs, as subclasses that change how they are applied,
+# not what they compute:
+# - eager calls outside any transform take the ctx-style form (forward(ctx, ...) runs the rule's
+#   forward and setup_context): torch binds the arguments of a Function with a setup_context through
+#   inspect on every apply, tens of microseconds that the eager route would pay per call;
+# - torch.compile (Dynamo) refuses to trace a Function that defines a jvp rule, so the routes it
+#   traces (a steerable symmetry on a Python backend) take the rules less jvp (a compiled graph is
+#   differentiated in reverse mode).
+# Inside torch.func transforms and forward-mode AD the rules themselves run.
+def _eager_form(rule):
+    def forward(ctx, *args):
+        out = rule.forward(*args)
+        rule.setup_context(ctx, args, out)
+        return out
+    return staticmethod(forward)
+
+
+class _EagerPenaltyEnergy(_PenaltyEnergy):
+    forward = _eager_form(_PenaltyEnergy)
+    setup_context = torch.autograd.Function.setup_context
+
+
+class _EagerGradient(_Gradient):
+    forward = _eager_form(_Gradient)
+    setup_context = torch.autograd.Function.setup_context
+
+
+class _EagerProject(_Project):
+    forward = _eager_form(_Project)
+    setup_context = torch.autograd.Function.setup_context
 
 
 class _TracedPenaltyEnergy(_PenaltyEnergy):
@@ -220,19 +252,27 @@ class _TracedProject(_Project):
     jvp = torch.autograd.Function.jvp
 
 
-# torch.compile (Dynamo) refuses to trace a Function that defines a jvp rule; the routes it traces
-# (a steerable symmetry on a Python backend) take these subclasses, the same rules less jvp (a
-# compiled graph is differentiated in reverse mode).
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def _form(rule, eager, traced):
+    if torch.compiler.is_compiling():
+        return traced
+    if _transforms_active() or _fwad._current_level >= 0:
+        return rule
+    return eager
+
+
 def _penalty_energy(*args):
-    return (_TracedPenaltyEnergy if torch.compiler.is_compiling() else _PenaltyEnergy).apply(*args)
+    return _form(_PenaltyEnergy, _EagerPenaltyEnergy, _TracedPenaltyEnergy).apply(*args)
 
 
 def _gradient(*args):
-    return (_TracedGradient if torch.compiler.is_compiling() else _Gradient).apply(*args)
+    return _form(_Gradient, _EagerGradient, _TracedGradient).apply(*args)
 
 
 def _project(*args):
-    return (_TracedProject if torch.compiler.is_compiling() else _Project).apply(*args)
+    return _form(_Project, _EagerProject, _TracedProject).apply(*args)
 
 
 def penalty_energy(weight: torch.Tensor, calls):
