@@ -357,11 +357,12 @@ part = torch.zeros(plan.n_tiles, 2, dtype=acc)
 out = torch.zeros_like(w)
 g = torch.zeros((), dtype=acc)
 args = K._tile_args(w, table, plan)
-print(" ".join(compile(K._reduce_tiles_kernel, dict(w_ptr=w, gather_index_ptr=tt.gather_index, inv_stab_ptr=t.inv_stab,
-               basis_ptr=t.basis, row_irrep_ptr=t.row_irrep, part_ptr=part),
-               dict(args, N_COLS=2, COLS_P=2, SPECTRUM=False))))
+print(" ".join(compile(K._reduce_tiles_kernel, dict(w_ptr=w, gather_index_ptr=tt.gather_index,
+               gather_sign_ptr=tt.gather_sign, inv_stab_ptr=t.inv_stab, basis_ptr=t.basis, row_irrep_ptr=t.row_irrep,
+               part_ptr=part), dict(args, N_COLS=2, COLS_P=2, SPECTRUM=False))))
 print(" ".join(compile(K._apply_tiles_kernel, dict(w_ptr=w, out_ptr=out, gather_index_ptr=tt.gather_index,
-               lane_orbit_ptr=tt.lane_orbit, gp_ptr=g, ge_ptr=g), dict(args, PROJECT=False))))
+               gather_sign_ptr=tt.gather_sign, lane_orbit_ptr=tt.lane_orbit, lane_sign_ptr=tt.lane_sign, gp_ptr=g,
+               ge_ptr=g), dict(args, PROJECT=False))))
 """
 
 
