@@ -124,6 +124,14 @@ def _extensions():
     csrc = os.path.join("csrc")
     macros = []
     cxx_flags = ["-O3"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template: without -fopenmp in *this* compile its OpenMP branch is
+        # left out and every CPU kernel runs on one thread, whatever torch.set_num_threads says.  The
+        # OpenMP runtime is torch's own libgomp.so.1 (already loaded by libtorch_cpu, same soname).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+
     def cpu_extension():
         return cpp_extension.CppExtension(
             NAME,
@@ -131,6 +139,7 @@ def _extensions():
             include_dirs=INCLUDE_DIRS,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
 
     if cuda_reason is None:
@@ -141,6 +150,7 @@ def _extensions():
             include_dirs=INCLUDE_DIRS,
             define_macros=macros + [("PROJKERNELS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link_flags,
         )
     else:
         print(f"projkernels: building the CPU extension only ({cuda_reason})", file=sys.stderr)

@@ -32,6 +32,19 @@ CASES = [
 ]
 
 
+def test_the_kernels_run_on_every_thread_torch_is_given():
+    # at::parallel_for compiled without -fopenmp runs its range on the calling thread alone, so the
+    # thread-count tests below would compare one thread with itself and pass.
+    from projkernels import _C
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert _C.parallel_threads(64) == n
+    finally:
+        torch.set_num_threads(before)
+
+
 def _tables(group, ir, orr, shape):
     t = orbit_table(shape, group, ir, orr)
     return t, t.device_tables("cpu", torch.float32, spectrum=True)

@@ -20,6 +20,10 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
+#include <mutex>
+#include <set>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -167,11 +171,31 @@ class MultiCall {
 }  // namespace
 }  // namespace projkernels
 
+namespace projkernels {
+namespace {
+// The number of threads at::parallel_for runs n one-item ranges on, as compiled into this extension.
+// at::parallel_for is a header template whose OpenMP branch exists only in translation units
+// compiled with -fopenmp; without it every CPU kernel runs on one thread whatever
+// torch.set_num_threads says, silently.  The tests call this to see the flag took effect.
+int64_t parallel_threads(int64_t n) {
+  std::set<int> seen;
+  std::mutex lock;
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> guard(lock);
+    seen.insert(at::get_thread_num());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+}  // namespace
+}  // namespace projkernels
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using projkernels::MultiCall;
   using projkernels::SingleCall;
   m.doc() = "projkernels_C ops (registered on import) and the bound calls of the eager API";
+  m.def("parallel_threads", &projkernels::parallel_threads, py::arg("n"),
+        "threads at::parallel_for runs n one-item ranges on in this extension (1 without OpenMP)");
   py::class_<SingleCall>(m, "SingleCall",
                          "A single-weight configuration's public ops, bound to its table and geometry")
       .def(py::init<std::string, std::string, std::string, std::vector<at::Tensor>, std::vector<int64_t>>(),
