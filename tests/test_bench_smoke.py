@@ -74,6 +74,41 @@ def test_vector_declaration_is_equivariant():
     assert equivariance_error(model, torch.randn(4, 4, 12, 12)) < 1e-5
 
 
+def test_so2_route_attaches_escnn_spans_and_starts_rotation_equivariant():
+    # The SO(2)-span route: velocity as frequency-1 fields, hidden scalars.  Projected onto that span the
+    # network commutes with quarter turns on the grid (the span lies inside the C4-equivariant kernels, so
+    # a convention slip between escnn's irrep(1) and rotate_velocity fails here), and its hidden 3x3
+    # kernels are isotropic: equal on the four edge and the four corner pixels.
+    if not sym.so2_available():
+        pytest.skip("escnn is an optional dependency")
+    import projkernels as pk
+    from projkernels.model import model_penalty
+    torch.manual_seed(0)
+    model = build_model(2, 2, 3, "vector", "so2", "cpu")
+    x = torch.randn(4, 4, 12, 12)
+    assert equivariance_error(model, x) < 1e-5
+    assert model_penalty(model).item() < 1e-8
+    syms = [pk.get_symmetry(c).group for c in model.convs]
+    assert all(isinstance(s, pk.SteerableSymmetry) for s in syms)
+    w = model.convs[1].weight.detach()
+    edges, corners = w[..., [0, 1, 1, 2], [1, 0, 2, 1]], w[..., [0, 0, 2, 2], [0, 2, 0, 2]]
+    torch.testing.assert_close(edges, edges[..., :1].expand_as(edges), atol=1e-6, rtol=0)
+    torch.testing.assert_close(corners, corners[..., :1].expand_as(corners), atol=1e-6, rtol=0)
+    assert float(edges.abs().max()) > 1e-3        # not the zero kernel
+    # a C4-equivariant hidden kernel that is not isotropic (a + shape, x shape differences) is penalised by
+    # the SO(2) span but not by the group average
+    with torch.no_grad():
+        bump = torch.zeros_like(w)
+        bump[..., [0, 1, 1, 2], [1, 0, 2, 1]] = 1.0
+        bump[..., [0, 0, 2, 2], [0, 2, 0, 2]] = -1.0
+        bump[..., 1, 1] = 0.0
+        model.convs[1].weight.add_(bump)
+    assert float(pk.projected_penalty(model.convs[1].weight, "C4", "trivial", "trivial")) < 1e-6
+    assert model_penalty(model).item() > 1.0
+    with pytest.raises(ValueError, match="group"):
+        build_model(2, 2, 3, "lifted", "so2", "cpu")
+
+
 @needs_phi
 def test_simulation_is_c4_symmetric_exactly_when_breaking_is_zero():
     from projkernels.bench_smoke.data import SmokeConfig, simulate
@@ -132,7 +167,12 @@ def test_tiny_json_fields_present_and_finite(tiny):
     _, saved, out, _ = tiny
     assert saved["non_finite"] == []
     methods = {r["method"] for r in saved["selected"]}
-    assert methods == {"none", "projected", "penalty", "decay", "rpp", "relaxed", "sample"}
+    expected = {"none", "projected", "penalty", "decay", "rpp", "relaxed", "sample"}
+    if sym.so2_available():
+        expected.add("so2")
+    else:
+        assert "escnn" in saved["skipped_routes"]["so2"]
+    assert methods == expected
     for r in saved["selected"] + saved["size_sweep"]:
         for key in ("future_rmse", "future_rmse_std", "domain_rmse", "domain_rmse_std", "validation_rmse",
                     "equivariance_error", "ms_per_step", "regulariser_share", "parameters"):

@@ -18,15 +18,19 @@ from .report import (METRICS, aggregate, crossings, format_size_sweep, format_sw
                      select_on_validation, write_summary)
 from .train import train_run
 
-__all__ = ["parse_args", "main", "PRESETS"]
+__all__ = ["parse_args", "main", "PRESETS", "ROUTES"]
+
+# Every route, in the order of the tables.
+ROUTES = ("none", "projected", "penalty", "decay", "rpp", "relaxed", "sample", "so2")
 
 _DESCRIPTION = """\
 Compare approximate-equivariance routes on 2-D smoke plumes simulated with PhiFlow (buoyancy whose
 magnitude depends on its direction breaks rotation symmetry by --breaking): predict the next
 velocity frame from the last few.  Routes, all on one plain nn.Conv2d backbone with velocity declared
 as C4 vector fields: unconstrained CNN, exact C4 CNN (projected), projection penalty and equivariance
-decay (lambda chosen on the validation split), residual pathway prior, relaxed group convolution and
-a sample-based regulariser.  Reports RMSE on the 'future' and 'domain' splits (mean ± std over
+decay (lambda chosen on the validation split), residual pathway prior, relaxed group convolution,
+a sample-based regulariser and, with escnn installed, the penalty towards escnn's SO(2)-steerable
+span (velocity as frequency-1 fields, hidden channels as scalars).  Reports RMSE on the 'future' and 'domain' splits (mean ± std over
 seeds), equivariance error, parameters and time per step; writes summary.json and smoke.png, and a
 data-size sweep (1/4, 1/2, all training simulations)."""
 
@@ -34,14 +38,16 @@ data-size sweep (1/4, 1/2, all training simulations)."""
 PRESETS = {
     "default": dict(size=32, frames=40, warmup=8, split=28, train_sims=8, val_sims=2, domain_sims=4,
                     history=3, steps=200, batch=8, fields=4, depth=4, seeds=3,
-                    lambdas="0.1,1,10", rpp_weights="0.01", relaxed_weights="0.1", sample_weights="1"),
+                    lambdas="0.1,1,10", rpp_weights="0.01", relaxed_weights="0.1", sample_weights="1",
+                    so2_lambdas="0.01,0.1,1"),
     "full": dict(size=64, frames=80, warmup=16, split=56, train_sims=24, val_sims=4, domain_sims=8,
                  history=3, steps=3000, batch=32, fields=8, depth=5, seeds=3,
                  lambdas="0.001,0.01,0.1,1,10", rpp_weights="0.0001,0.001,0.1", relaxed_weights="0.01,0.1,1",
-                 sample_weights="0.1,1"),
+                 sample_weights="0.1,1", so2_lambdas="0.001,0.01,0.1,1"),
     "tiny": dict(size=16, frames=10, warmup=2, split=6, train_sims=4, val_sims=1, domain_sims=2,
                  history=2, steps=12, batch=8, fields=2, depth=3, seeds=3,
-                 lambdas="0.1,10", rpp_weights="0.1", relaxed_weights="1", sample_weights="1"),
+                 lambdas="0.1,10", rpp_weights="0.1", relaxed_weights="1", sample_weights="1",
+                 so2_lambdas="0.1"),
 }
 
 
@@ -81,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rpp-eq-l2", type=float, default=1e-5, help="RPP's (fixed) L2 prior weight on the equivariant path")
     p.add_argument("--relaxed-weights", default=None, help="grid of the relaxed conv's relaxation regulariser weight")
     p.add_argument("--sample-weights", default=None, help="grid of mu of the sample-based regulariser")
+    p.add_argument("--so2-lambdas", default=None, help="lambda grid of the SO(2)-span penalty (needs escnn)")
+    p.add_argument("--methods", default="all",
+                   help="comma list of routes to run, from " + ", ".join(ROUTES) + " ('all': every route "
+                        "available; so2 needs escnn and the 'vector' declaration)")
     p.add_argument("--sweep-fractions", default="0.25,0.5",
                    help="training-set fractions of the data-size sweep besides all ('' for no sweep)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the simulations")
@@ -104,7 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.grids = {"penalty": _floats(p, "--lambdas", args.lambdas), "decay": _floats(p, "--lambdas", args.lambdas),
                   "rpp": _floats(p, "--rpp-weights", args.rpp_weights),
                   "relaxed": _floats(p, "--relaxed-weights", args.relaxed_weights),
-                  "sample": _floats(p, "--sample-weights", args.sample_weights)}
+                  "sample": _floats(p, "--sample-weights", args.sample_weights),
+                  "so2": _floats(p, "--so2-lambdas", args.so2_lambdas)}
     args.fractions = [] if not args.sweep_fractions.strip() else _floats(p, "--sweep-fractions", args.sweep_fractions)
     if any(f >= 1 for f in args.fractions):
         p.error("--sweep-fractions: fractions must be below 1 (all the data is always run)")
@@ -115,18 +126,49 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.mode = sym.declaration(args.mode)
     except ValueError as err:
         p.error(f"--mode: {err}")
+    args.methods, args.skipped = _methods(p, args)
     return args
+
+
+def _so2_unavailable(args) -> str:
+    """Why the SO(2)-span route cannot run here ('' when it can)."""
+    if not sym.so2_available():
+        return ("escnn is not installed (pip install escnn; its py3nj builds from source: "
+                "apt-get install gfortran && pip install meson-python numpy first)")
+    if args.mode != "vector":
+        return "velocity is declared as lifted regular fields, which have no SO(2) counterpart"
+    return ""
+
+
+def _methods(p, args):
+    """The routes to run and, for each available route left out, why (printed with the results)."""
+    skipped = {}
+    if args.methods.strip() == "all":
+        chosen = list(ROUTES)
+        why = _so2_unavailable(args)
+        if why:
+            chosen.remove("so2")
+            skipped["so2"] = why
+        return chosen, skipped
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in ROUTES]
+    if bad or not chosen:
+        p.error(f"--methods: expected a comma list from {', '.join(ROUTES)} or 'all', got {args.methods!r}")
+    if "so2" in chosen and _so2_unavailable(args):
+        p.error(f"--methods: so2 cannot run: {_so2_unavailable(args)}")
+    return chosen, skipped
 
 
 _NAMES = {"none": "unconstrained CNN", "projected": "exact C4 (projected)", "penalty": "penalty lambda={w:g}",
           "decay": "decay lambda={w:g}", "rpp": "RPP free-L2={w:g}", "relaxed": "relaxed conv alpha={w:g}",
-          "sample": "sample-based mu={w:g}"}
+          "sample": "sample-based mu={w:g}", "so2": "SO(2)-span penalty lambda={w:g}"}
 
 
 def _plan(args) -> List[tuple]:
-    plan = [("none", 0.0), ("projected", 0.0)]
-    for method in ("penalty", "decay", "rpp", "relaxed", "sample"):
-        plan += [(method, w) for w in args.grids[method]]
+    plan = []
+    for method in ROUTES:
+        if method in args.methods:
+            plan += [(method, 0.0)] if method in ("none", "projected") else [(method, w) for w in args.grids[method]]
     return plan
 
 
@@ -157,7 +199,9 @@ def main(argv=None) -> dict:
           file=sys.stderr)
 
     plan = _plan(args)
-    n_sweep = len(args.fractions) * 3 * args.seeds
+    for method, why in args.skipped.items():
+        print(f"note: route {method} is left out: {why}", file=sys.stderr)
+    n_sweep = len(args.fractions) * len([m for m in ("none", "projected", "penalty") if m in args.methods]) * args.seeds
     progress = Progress((len(plan) * args.seeds + n_sweep) * args.steps, enabled=not args.no_progress)
     keep = {}
     runs = []
@@ -171,7 +215,7 @@ def main(argv=None) -> dict:
     # Data-size sweep: unconstrained, exact, and the penalty at the lambda chosen on validation with
     # all the data (not re-tuned per size: that would need a grid per size).
     best = {r["method"]: r for r in selected}
-    sweep_routes = [("none", 0.0), ("projected", 0.0), ("penalty", best["penalty"]["weight"])]
+    sweep_routes = [(m, best[m]["weight"]) for m in ("none", "projected", "penalty") if m in best]
     size_points = [dict(r, train_sims=cfg.train_sims, fraction=1.0) for r in rows
                    if (r["method"], r["weight"]) in sweep_routes]
     for frac in args.fractions:
@@ -184,8 +228,8 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - t_start
 
     summary = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("grids", "fractions")},
-        "grids": args.grids, "fractions": args.fractions,
+        "config": {k: v for k, v in vars(args).items() if k not in ("grids", "fractions", "skipped")},
+        "grids": args.grids, "fractions": args.fractions, "skipped_routes": args.skipped,
         "data": {"config": dataclasses.asdict(cfg), "cache_hit": bool(data["cache_hit"]),
                  "cache_path": data["cache_path"], "scale": splits["scale"],
                  "samples": {s: len(splits[s]["x"]) for s in ("train", "validation", "future", "domain")},
@@ -193,7 +237,9 @@ def main(argv=None) -> dict:
                                  for s in ("train", "validation", "future", "domain")}},
         "environment": {"torch": torch.__version__, "projkernels_backends": available_backends(args.device),
                         "threads": torch.get_num_threads()},
-        "symmetry": {"group": sym.GROUP, "velocity": sym.VELOCITY, "hidden": sym.HIDDEN, "declared_as": args.mode},
+        "symmetry": {"group": sym.GROUP, "velocity": sym.VELOCITY, "hidden": sym.HIDDEN, "declared_as": args.mode,
+                     "so2_route": None if "so2" not in args.methods else
+                     "rot2dOnR2(-1): velocity irrep(1), hidden trivial_repr (escnn's sampled span)"},
         "metrics": dict(METRICS),
         "selected": selected, "rows": rows, "runs": runs, "size_sweep": size_points,
         "crossings": crossings(size_points) if args.fractions else [],
@@ -225,6 +271,7 @@ def _text(args, cfg: SmokeConfig, s: dict) -> str:
              f"{args.steps} steps, {args.seeds} seeds (mean ± std), device {args.device}, velocity as "
              f"{args.mode} fields",
              format_table(s["selected"]),
+             *[f"(route {m} left out: {why})" for m, why in s["skipped_routes"].items()],
              "\nevery weight (choice by validation RMSE only):",
              format_sweep(sorted(s["rows"], key=lambda r: (r["method"], r["weight"])))]
     if s["size_sweep"] and args.fractions:

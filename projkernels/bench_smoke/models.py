@@ -9,6 +9,11 @@ Routes on top of it:
   with ``lambda ||W - P(W)||^2`` in the loss, with the equivariance decay in the optimizer step, as an
   exact C4 CNN (projected gradients and weights), or with ``mu ||f(gx) - g f(x)||^2`` for one random
   quarter turn per step;
+- ``so2``: the backbone with ``lambda ||W - P(W)||^2`` in the loss where P projects onto the span of
+  escnn's SO(2)-steerable basis (``projkernels.steerable``; velocity as frequency-1 fields, hidden
+  channels as scalars, see ``symmetry.so2_layer_symmetries``): a prior towards continuous rotations,
+  band-limited kernels and, on the hidden layers, isotropic ones; needs escnn and the ``"vector"``
+  declaration;
 - ``rpp``: residual pathway prior (Finzi, Benton and Wilson, NeurIPS 2021): every conv is the sum of
   an exactly equivariant conv (kept projected) and a free conv of the same shape, with L2 priors
   ``eq_l2 ||A||^2 + weight ||B||^2`` (a weak prior on the equivariant path, a strong one on the free path);
@@ -34,7 +39,7 @@ from . import symmetry as sym
 __all__ = ["SmokeCNN", "RelaxedConv2d", "build_model", "project_grads_", "sample_equivariance_loss",
            "relaxation_loss", "rpp_loss", "METHODS"]
 
-METHODS = ("none", "penalty", "decay", "projected", "rpp", "relaxed", "sample")
+METHODS = ("none", "penalty", "decay", "projected", "rpp", "relaxed", "sample", "so2")
 
 
 class RelaxedConv2d(nn.Module):
@@ -89,11 +94,12 @@ class SmokeCNN(nn.Module):
             raise ValueError(f"depth: expected at least 2 convs, got {depth}")
         self.mode, self.kind, self.history = mode, kind, history
         vc = sym.velocity_channels(mode)
-        widths = [vc * history] + [sym.ORDER * fields] * (depth - 1) + [vc]
+        self.widths = [vc * history] + [sym.ORDER * fields] * (depth - 1) + [vc]
+        self.kernels = [5] + [3] * (depth - 1)
         self.reps = sym.layer_reps(depth, mode)
         layers = []
-        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
-            k, bias = (5 if i == 0 else 3), i < depth - 1   # the last layer maps to velocity: no bias
+        for i, (cin, cout) in enumerate(zip(self.widths[:-1], self.widths[1:])):
+            k, bias = self.kernels[i], i < depth - 1   # the last layer maps to velocity: no bias
             if kind == "plain":
                 layers.append(nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias))
             elif kind == "rpp":
@@ -112,8 +118,18 @@ class SmokeCNN(nn.Module):
             h = sym.read_out(h)
         return x[:, -2:] + h
 
-    def attach(self) -> "SmokeCNN":
-        """Attach the declared symmetry to each equivariant conv (the plain convs, RPP's equivariant path)."""
+    def attach(self, group: str = "C4") -> "SmokeCNN":
+        """Attach the declared symmetry to each equivariant conv (the plain convs, RPP's equivariant path):
+        ``group`` "C4" (the field types of ``symmetry``) or "SO(2)" (``symmetry.so2_layer_symmetries``)."""
+        if group == "SO(2)":
+            if self.kind != "plain" or self.mode != "vector":
+                raise ValueError("group: SO(2) is declared for the plain backbone with velocity as 'vector' "
+                                 f"fields, not kind={self.kind!r} with mode={self.mode!r}")
+            for i, (conv, s) in enumerate(zip(self.convs, sym.so2_layer_symmetries(self.widths, self.kernels))):
+                attach_symmetry(conv, s, name=f"convs.{i}")
+            return self
+        if group != sym.GROUP:
+            raise ValueError(f"group: expected {sym.GROUP!r} or 'SO(2)', got {group!r}")
         for i, (conv, (i_rep, o_rep)) in enumerate(zip(self.convs, self.reps)):
             target = conv.eq if self.kind == "rpp" else conv
             if isinstance(target, nn.Conv2d):
@@ -131,11 +147,13 @@ def _init_std(conv, model, fan_in: int) -> float:
 def build_model(history: int, fields: int, depth: int, mode: str, method: str, device, banks: int = 2) -> SmokeCNN:
     """The model of ``method`` with an exactly equivariant start, rescaled after projection (projecting a
     random weight shrinks it; see ``_init_std`` for the scales); RPP's free path starts at 1% of its default
-    init and the relaxed banks' mixing weights equal over g, so every route starts (nearly) equivariant."""
+    init and the relaxed banks' mixing weights equal over g, so every route starts (nearly) equivariant.
+    The ``so2`` route starts in the span of its SO(2) basis."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     kind = {"rpp": "rpp", "relaxed": "relaxed"}.get(method, "plain")
-    model = SmokeCNN(history, fields, depth, mode, kind, banks).to(device).attach()
+    model = SmokeCNN(history, fields, depth, mode, kind, banks).to(device)
+    model.attach("SO(2)" if method == "so2" else sym.GROUP)
     with torch.no_grad():
         if kind == "relaxed":
             for conv in model.convs:

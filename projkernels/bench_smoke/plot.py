@@ -22,11 +22,13 @@ def make_figure(summary: dict, keep: dict, splits: dict, path: str) -> None:
 
     rows, selected = summary["rows"], {r["method"]: r for r in summary["selected"]}
     fig, axes = plt.subplots(2, 4, figsize=(20, 9))
-    flat = [r for r in selected.values() if r["method"] not in ("penalty", "decay")]
+    swept = [("penalty", "tab:blue"), ("decay", "tab:orange"), ("so2", "tab:cyan")]
+    swept = [(m, c) for m, c in swept if m in selected]     # the lambda curves of the routes that ran
+    flat = [r for r in selected.values() if r["method"] not in dict(swept)]
     colors = {"none": "tab:gray", "projected": "tab:green", "rpp": "tab:purple", "relaxed": "tab:brown",
               "sample": "tab:red"}
     for ax, key in zip(axes[0, :3], ("validation_rmse", "future_rmse", "domain_rmse")):
-        for method, color in (("penalty", "tab:blue"), ("decay", "tab:orange")):
+        for method, color in swept:
             sw = sorted((r for r in rows if r["method"] == method), key=lambda r: r["weight"])
             ax.errorbar([r["weight"] for r in sw], [r[key] for r in sw], [r[key + "_std"] for r in sw],
                         fmt="o-", color=color, capsize=3, label=f"{method} (chosen lambda={selected[method]['weight']:g})")

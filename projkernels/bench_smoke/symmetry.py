@@ -25,7 +25,7 @@ from typing import List, Tuple
 import torch
 
 __all__ = ["GROUP", "VELOCITY", "HIDDEN", "ORDER", "declaration", "layer_reps", "rotate_velocity",
-           "lift", "read_out"]
+           "lift", "read_out", "so2_available", "so2_layer_symmetries"]
 
 GROUP = "C4"
 VELOCITY = "vector"   # escnn's irrep(1) of C4: (u, v) -> (-v, u)
@@ -80,6 +80,37 @@ def layer_reps(n_layers: int, mode: str) -> List[Tuple[str, str]]:
     """(in_rep, out_rep) of each conv of an ``n_layers`` backbone: velocity -> hidden ... -> velocity."""
     v = velocity_rep(mode)
     return [(v if i == 0 else HIDDEN, v if i == n_layers - 1 else HIDDEN) for i in range(n_layers)]
+
+
+def so2_available() -> bool:
+    """Whether escnn is importable (the SO(2)-span route's bases come from it)."""
+    try:
+        import escnn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def so2_layer_symmetries(widths: List[int], kernels: List[int]) -> list:
+    """The SO(2) declaration of a ``"vector"`` backbone, for the escnn-span penalty: velocity frames are
+    escnn's frequency-1 fields of SO(2) (``rot2dOnR2(-1).irrep(1)``, which a quarter turn maps as
+    ``(u, v) -> (-v, u)``, the C4 ``VELOCITY`` above) and the hidden channels are SO(2) scalars
+    (``trivial_repr``): the backbone's pointwise ReLU commutes with every rotation only on scalars.
+    (C4's regular fields have no SO(2) counterpart that a pointwise ReLU keeps.)  ``widths`` are the
+    channel counts between the convs, ``kernels`` their sizes; one ``projkernels.steerable`` per conv."""
+    from escnn import gspaces
+    from escnn import nn as enn
+
+    from ..symmetry.steerable import steerable
+
+    gs = gspaces.rot2dOnR2(-1)
+    last = len(widths) - 2
+
+    def field_type(channels: int, velocity: bool):
+        return enn.FieldType(gs, [gs.irrep(1)] * (channels // 2) if velocity else [gs.trivial_repr] * channels)
+
+    return [steerable(field_type(cin, i == 0), field_type(cout, i == last), k)
+            for i, (cin, cout, k) in enumerate(zip(widths[:-1], widths[1:], kernels))]
 
 
 def rotate_velocity(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ def n_parameters(model) -> int:
 
 def train_run(method: str, weight: float, splits: Dict, args, seed: int, progress, label: str,
               keep: Optional[dict] = None) -> dict:
-    """Train ``method`` ('none', 'penalty', 'decay', 'projected', 'rpp', 'relaxed', 'sample'; ``weight`` is
+    """Train ``method`` ('none', 'penalty', 'decay', 'projected', 'rpp', 'relaxed', 'sample', 'so2'; ``weight`` is
     its lambda / mu / prior weight) from ``seed`` and score it on every split.  With ``keep`` given, the
     seed-0 model's prediction of the last future sample is stored in it under ``(method, weight)``.
 
@@ -72,7 +72,7 @@ def train_run(method: str, weight: float, splits: Dict, args, seed: int, progres
         loss.backward(retain_graph=method == "sample")
         sync()
         t1 = time.perf_counter()
-        if method == "penalty":
+        if method in ("penalty", "so2"):
             model_penalty(model, lambda_perp=weight).backward()
         elif method == "sample":
             (weight * sample_equivariance_loss(model, xb, out, generator=g)).backward()
