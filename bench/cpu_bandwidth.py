@@ -2,6 +2,7 @@
 at 1 and 2 threads, next to torch.compile of the reference backend's gather and the eager group loop.
 
     python bench/cpu_bandwidth.py [--quick] [--no-baselines] [--min-time 0.2] [--passes 3] [--out results.md]
+    python bench/cpu_bandwidth.py --per-core   # the forward's rate per core by working-set size
 
 %copy: bytes the pass must move (the weight once for the forward; weight, its read again and dW for
 forward+backward, 3x) over the time, divided by the bandwidth of a 128 MiB tensor copy (read + write)
@@ -16,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from typing import List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -78,6 +80,49 @@ def steerable_methods():
     return "SO(2) Linear (0,1,2,3)x32 f32", nbytes, lambda: torch.randn(sym.weight_shape), methods
 
 
+# Working sets from L1 to well past L3 (Zen 3: 32 KiB L1d, 512 KiB L2 per core, 32 MiB L3): C4 regular
+# 3x3 float32 weights of 36 KiB to 81 MiB.
+PER_CORE_SIZES = [32, 64, 128, 256, 768, 1536]
+
+
+def cpu_seconds(f, min_time: float, reps: int = 5) -> float:
+    """Best over ``reps`` rounds of the CPU time (time.process_time) per call of f, one thread: the
+    time the process itself ran, so other processes on the machine change it far less than wall time."""
+    best = None
+    for _ in range(reps):
+        n, t0 = 0, time.process_time()
+        while True:
+            f()
+            n += 1
+            t = time.process_time() - t0
+            if t >= min_time:
+                break
+        best = t / n if best is None else min(best, t / n)
+    return best
+
+
+def per_core(min_time: float) -> List[str]:
+    """GB/s of weight read per core by the forward (cpp), next to a one-thread copy of the same weight
+    (read + write counted), by working-set size: if the forward's rate is the same in L1 as past L3,
+    instruction throughput, not memory, is its limit on this machine."""
+    torch.set_num_threads(1)
+    lines = ["| C4 regular 3x3 float32 | KiB | forward GB/s per core | copy GB/s per core (r+w) | forward / copy | load |",
+             "|---|---|---|---|---|---|"]
+    for c in PER_CORE_SIZES:
+        w = torch.randn(c, c, 3, 3)
+        dst = torch.empty_like(w)
+        nbytes = w.numel() * 4
+        f = lambda: pk.penalty_and_energy(w, "C4", "regular", "regular", backend="cpp")  # noqa: E731
+        f()
+        tf = cpu_seconds(f, min_time)
+        tc = cpu_seconds(lambda: dst.copy_(w), min_time)
+        gf, gc = nbytes / tf / 1e9, 2 * nbytes / tc / 1e9
+        lines.append(f"| {c}x{c}x3x3 | {nbytes // 1024} | {gf:.2f} | {gc:.2f} | {gf / gc:.2f} | {load()} |")
+        print(lines[-1], flush=True)
+    torch.set_num_threads(2)
+    return lines
+
+
 def measure(f, make_input, min_time, passes):
     best = (None, None)
     for _ in range(passes):
@@ -99,10 +144,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="five cases")
     ap.add_argument("--no-baselines", action="store_true", help="only the cpp backend")
+    ap.add_argument("--cases", default=None,
+                    help="comma list of case numbers (0-based, in CASES' order) to run; 'steerable' for its row")
     ap.add_argument("--min-time", type=float, default=0.2)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--per-core", action="store_true",
+                    help="only the forward's per-core rate by working-set size (CPU time, one thread), beside a copy")
     args = ap.parse_args(argv)
+    if args.per_core:
+        lines = [f"CPU: {C.cpu_name()}, torch {torch.__version__}; load {load()} at the start.", ""]
+        print("\n".join(lines), flush=True)
+        lines += per_core(args.min_time)
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write("\n".join(lines) + "\n")
+        return
 
     torch.set_num_threads(2)
     copy_bw = C.copy_bandwidth("cpu")
@@ -114,7 +171,11 @@ def main(argv=None):
              "| 2t/1t fwd | 2t/1t f+b | load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for case in (QUICK if args.quick else CASES):
+    picked = None if args.cases is None else [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = QUICK if args.quick else CASES
+    if picked is not None:
+        cases = [CASES[int(c)] for c in picked if c != "steerable"]
+    for case in cases:
         methods = C.layer_methods(case, "cpu")
         names = ["ours:cpp"] + ([] if args.no_baselines else ["compile(gather)", "eager loop"])
         for name in names:
@@ -130,7 +191,7 @@ def main(argv=None):
             row = _row(case.name, case.note, case.nbytes, name, res, copy_bw)
             lines.append(row)
             print(row, flush=True)
-    st = steerable_methods()
+    st = steerable_methods() if picked is None or "steerable" in picked else None
     if st is not None:
         name_, nbytes, make, methods = st
         for name, f in methods.items():
