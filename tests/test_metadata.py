@@ -1,5 +1,6 @@
 """The package's metadata agrees with itself: one version (``__version__``), which CITATION.cff and the
 changelog name; the license in LICENSE, setup.py and CITATION.cff; the files a source archive must carry."""
+import fnmatch
 import os
 import re
 
@@ -46,3 +47,13 @@ def test_the_source_archive_lists_what_an_install_needs():
         assert re.search(rf"^include .*\b{re.escape(name)}\b", manifest, flags=re.M), f"MANIFEST.in: {name}"
     for pattern in ("recursive-include csrc *.h *.cuh *.cu *.cpp", "recursive-include tests", "recursive-include docs"):
         assert pattern in manifest, f"MANIFEST.in: {pattern}"
+
+
+def test_the_source_archive_carries_the_docs_build():
+    # mkdocs.yml names its hook files; an archive without them cannot build the documentation it carries.
+    manifest = _read("MANIFEST.in")
+    patterns = re.search(r"^recursive-include docs (.+)$", manifest, flags=re.M).group(1).split()
+    hooks = re.findall(r"^\s*-\s*(docs/\S+)$", _read("mkdocs.yml").split("hooks:", 1)[1].split("\n\n")[0], flags=re.M)
+    assert hooks
+    for hook in hooks:
+        assert any(fnmatch.fnmatch(os.path.basename(hook), p) for p in patterns), f"MANIFEST.in leaves out {hook}"
