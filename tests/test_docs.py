@@ -124,3 +124,11 @@ def test_readme_is_short_and_its_links_resolve():
         assert os.path.exists(full), f"README.md links to {target}: no such file in the repository"
         if anchor:
             assert full.endswith(".md") and anchor in _anchors(full), f"README.md links to {target}: no such heading"
+
+
+def test_the_api_reference_lists_every_public_name():
+    import projkernels as pk
+    with open(os.path.join(ROOT, "docs", "api.md"), encoding="utf-8") as fh:
+        documented = set(re.findall(r"^::: projkernels\.(\w+)\s*$", fh.read(), flags=re.M))
+    missing = sorted(set(pk.__all__) - documented)
+    assert not missing, f"docs/api.md: no entry for {missing}"
