@@ -18,7 +18,8 @@ def test_the_version_is_written_once():
     setup_py = _read("setup.py")
     assert re.search(r"^\s*version=_version\(\),$", setup_py, flags=re.M), "setup.py takes the version from _version()"
     assert "__version__" in setup_py and pk.__version__ not in setup_py
-    init_lines = [l for l in _read("projkernels/__init__.py").splitlines() if l.startswith("__version__")]
+    with open(pk.__file__, encoding="utf-8") as fh:  # the package imported (installed or in the tree)
+        init_lines = [l for l in fh.read().splitlines() if l.startswith("__version__")]
     assert init_lines == [f'__version__ = "{pk.__version__}"']  # the line setup.py's regex reads
 
 
