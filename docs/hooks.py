@@ -20,5 +20,8 @@ def on_page_markdown(markdown, page, config, files):
         results = fh.read()
     # RESULTS.md's own title becomes a section; its figure link is relative to bench/.
     results = results.replace("](plot.png)", "](benchmarks-plot.png)")
-    results = "\n".join(("#" + line) if line.startswith("#") else line for line in results.splitlines())
-    return markdown.replace(MARK, results)
+    lines, fenced = [], False
+    for line in results.splitlines():
+        fenced ^= line.startswith("```")  # a "# comment" inside a code block is no heading
+        lines.append("#" + line if line.startswith("#") and not fenced else line)
+    return markdown.replace(MARK, "\n".join(lines))

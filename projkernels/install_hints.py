@@ -10,6 +10,7 @@ packages that are on an index are named directly.
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Optional, Sequence
 
 __all__ = ["source_tree", "install_kind", "escnn_hint", "extension_hint", "extra_hint"]
@@ -61,5 +62,6 @@ def extra_hint(extra: str, packages: Sequence[str]) -> str:
     the archive the packages are named directly (they are on PyPI), since projkernels is not."""
     root = source_tree()
     if root is None:
-        return "pip install " + " ".join(packages)
+        # quoted: a bare "phiflow>=3.4" in a shell redirects pip's output to a file named "=3.4"
+        return "pip install " + " ".join(shlex.quote(p) for p in packages)
     return f'cd {root} && pip install --no-build-isolation -e ".[{extra}]"'

@@ -170,6 +170,37 @@ def test_install_hints_name_commands_that_work_from_a_checkout():
     assert "PROJKERNELS_CUDA=1" in install_hints.extension_hint(cuda=True)
 
 
+def test_install_hints_name_commands_that_work_from_the_archive(monkeypatch):
+    # Installed from the source archive there is no checkout: "-e ." cannot work, and neither can an
+    # extra (projkernels is on no index); the hints name the archive and the packages themselves.
+    from projkernels import install_hints
+
+    monkeypatch.setattr(install_hints, "source_tree", lambda: None)
+    assert install_hints.install_kind() == "archive"
+    hint = install_hints.extension_hint()
+    assert hint.startswith("pip install --no-build-isolation") and f"projkernels-{pk.__version__}.tar.gz" in hint
+    assert "-e ." not in hint
+    assert install_hints.extension_hint(cuda=True).startswith("PROJKERNELS_CUDA=1 ")
+    # a version specifier is quoted, or the shell reads ">=" as a redirection
+    assert install_hints.extra_hint("smoke", ["phiflow>=3.4", "matplotlib"]) == "pip install 'phiflow>=3.4' matplotlib"
+    assert install_hints.extra_hint("lightning", ["lightning"]) == "pip install lightning"
+
+
+@pytest.mark.parametrize("kind", ["checkout", "archive"])
+def test_missing_matplotlib_error_names_an_install_command(monkeypatch, kind):
+    import sys
+    from projkernels import install_hints
+    from projkernels.integrations.plotting import plot_spectra
+
+    if kind == "archive":
+        monkeypatch.setattr(install_hints, "source_tree", lambda: None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    expected = "pip install matplotlib" if kind == "archive" else 'pip install --no-build-isolation -e ".[demo]"'
+    with pytest.raises(ImportError, match="plot_spectra needs matplotlib") as info:
+        plot_spectra([])
+    assert str(info.value).endswith(expected)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_a_sparse_weight_after_a_dense_one_of_its_shape_is_still_refused(backend):
     # The configuration cache is keyed by shape: without the layout in the key, a sparse weight would

@@ -27,6 +27,16 @@ def _grad(f):
     return torch.cat([torch.roll(f, -1, -2) - torch.roll(f, 1, -2), torch.roll(f, -1, -1) - torch.roll(f, 1, -1)], 1)
 
 
+def test_missing_phiflow_error_names_an_install_command(monkeypatch):
+    import sys
+    from projkernels.bench_smoke import data
+
+    monkeypatch.setitem(sys.modules, "phi", None)  # import phi raises ImportError, as without PhiFlow
+    with pytest.raises(ImportError, match=r"simulates its data with PhiFlow") as info:
+        data._import_phi()
+    assert str(info.value).endswith('pip install --no-build-isolation -e ".[smoke]"')  # the tests run from a checkout
+
+
 def test_rotate_velocity_is_the_action_on_gradients():
     # The gradient of a rotated scalar field is the rotated vector field: this pins (u, v) -> (-v, u)
     # to the same quarter turn as torch.rot90 on the plane (a sign or axis slip fails here).

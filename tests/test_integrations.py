@@ -78,6 +78,29 @@ def test_tensorboard_write_report_reads_back(tmp_path):
         write_report(SummaryWriter(str(tmp_path / "x")), net, 0, spectrum="bars")
 
 
+def test_tensorboard_write_report_figure_reads_back(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+    from projkernels.integrations.tensorboard import write_report
+
+    net = _net()
+    writer = SummaryWriter(str(tmp_path))
+    rows = write_report(writer, net, 3, spectrum="figure", prefix="eq")
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0, "histograms": 0}).Reload()
+    tags = acc.Tags()
+    assert tags["images"] == ["eq/spectra"] and tags["histograms"] == []  # the figure instead of histograms
+    (image,) = acc.Images("eq/spectra")
+    assert image.step == 3 and image.width > 100 and image.height > 100
+    assert image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in rows:
+        assert acc.Scalars(f"eq/{r['name']}/relative")[0].value == pytest.approx(r["relative"], rel=1e-6)
+
+
 def test_plot_spectra_bars_are_the_shares(tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib
@@ -207,6 +230,74 @@ def test_lightning_callback_errors_name_the_argument():
         EquivarianceCallback(-1.0)
     with pytest.raises(ValueError, match="log_every_n_steps"):
         EquivarianceCallback(log_every_n_steps=0)
+
+
+def test_lightning_logs_to_every_logger_tensorboard_included(tmp_path):
+    # Two loggers: the CSV file and TensorBoard's event files both get the report; TensorBoard also gets
+    # each layer's spectrum as a histogram.  mode="log": nothing is added to the gradients.
+    pytest.importorskip("lightning")
+    pytest.importorskip("tensorboard")
+    import lightning.pytorch as L
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from projkernels.integrations.lightning import EquivarianceCallback
+
+    data = _data()
+    ref = _net()
+    F.mse_loss(ref(data[0]), data[1]).backward()  # the task gradient alone
+    report0 = pk.equivariance_report(ref)
+
+    module = _lightning_module(_net(), data, lr=0.05)
+    csv_logger = CSVLogger(str(tmp_path), name="csv")
+    tb_logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=[csv_logger, tb_logger],
+                        callbacks=[EquivarianceCallback(LAMBDA, mode="log", log_every_n_steps=2)],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)
+    tb_logger.experiment.flush()
+    after = pk.equivariance_report(module)
+
+    csv_rows = {int(r["step"]): r for r in _csv_rows(csv_logger) if r.get("equivariance/net.0/relative")}
+    assert sorted(csv_rows) == [0, 2]  # every 2 optimizer steps, starting before training
+    assert float(csv_rows[0]["equivariance/objective"]) == 0.0
+    acc = EventAccumulator(tb_logger.log_dir, size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    for step, rows in ((0, report0), (2, after)):
+        for r in rows:
+            name = r["name"] if r["name"].startswith("net.") else f"net.{r['name']}"
+            tag = f"equivariance/{name}/relative"
+            assert float(csv_rows[step][tag]) == pytest.approx(r["relative"], rel=1e-6)
+            assert {e.step: e.value for e in acc.Scalars(tag)}[step] == pytest.approx(r["relative"], rel=1e-6)
+            hist = {e.step: e.histogram_value for e in acc.Histograms(f"equivariance/{name}/spectrum")}[step]
+            total = sum(r["spectrum"].values())
+            assert list(hist.bucket) == pytest.approx([v / total for v in r["spectrum"].values()], rel=1e-5)
+    assert sorted(e.step for e in acc.Scalars("equivariance/net.0/relative")) == [0, 2]
+    # mode="log" leaves the training alone: after one more step of the same SGD, the first step's
+    # gradients were the task's
+    one = _lightning_module(_net(), data, lr=0.05)
+    _fit(one, EquivarianceCallback(LAMBDA, mode="log", log_every_n_steps=None), tmp_path / "one", steps=1)
+    for n, p in one.net.named_parameters():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[n].grad, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_lightning_fsdp1_strategy_is_refused_naming_fsdp2():
+    # Lightning's FSDPStrategy needs a GPU to run; the refusal is checked on the strategy object itself.
+    pytest.importorskip("lightning")
+    import types
+    from lightning.pytorch.strategies import FSDPStrategy
+    from projkernels.integrations.lightning import EquivarianceCallback
+
+    trainer = types.SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(TypeError, match=r"trainer: Lightning's FSDPStrategy.*ModelParallelStrategy.*fully_shard"):
+        EquivarianceCallback().on_fit_start(trainer, _lightning_module(_net(), _data(), lr=0.05))
+
+
+def test_lightning_callback_refuses_a_module_with_nothing_attached(tmp_path):
+    pytest.importorskip("lightning")
+    from projkernels.integrations.lightning import EquivarianceCallback
+
+    module = _lightning_module(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1)), _data(), lr=0.05)
+    with pytest.raises(ValueError, match="pl_module: no layer has a symmetry attached"):
+        _fit(module, EquivarianceCallback(), tmp_path, steps=1)
 
 
 DISTRIBUTED_SCRIPT = textwrap.dedent('''

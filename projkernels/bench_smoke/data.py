@@ -89,9 +89,9 @@ def _import_phi():
     try:
         from phi import flow
     except ImportError as err:
+        from ..install_hints import extra_hint
         raise ImportError("the smoke benchmark simulates its data with PhiFlow, which is not installed "
-                          f"({err}); install it with pip install -e \".[smoke]\" (or pip install "
-                          "'phiflow>=3.4')") from None
+                          f"({err}); install it: {extra_hint('smoke', ['phiflow>=3.4', 'matplotlib'])}") from None
     return flow
 
 

@@ -173,9 +173,10 @@ def _figure(sweeps: List[dict], path: str) -> bool:
         make_figure(sweeps, spectra_runs, path)
         return True
     except ImportError as err:
+        from ..install_hints import extra_hint
         print(f"note: no figure: matplotlib is not importable ({err}); the tables above and summary.json "
-              "hold every result. To draw the figure: pip install matplotlib (or the 'demo' extra, "
-              'pip install -e ".[demo]"), then rerun.', file=sys.stderr)
+              f"hold every result. To draw the figure: {extra_hint('demo', ['matplotlib'])}, then rerun.",
+              file=sys.stderr)
     except Exception as err:  # a plotting failure must not cost the run: report it and go on
         print(f"note: the figure could not be drawn ({type(err).__name__}: {err}); the tables above and "
               "summary.json hold every result.", file=sys.stderr)

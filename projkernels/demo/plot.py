@@ -1,6 +1,6 @@
 """The demo's figure: test and equivariance error against lambda, and per-layer spectra.
 
-Needs matplotlib (installed by the ``demo`` extra, ``pip install -e ".[demo]"``); the demo calls
+Needs matplotlib (the ``demo`` extra installs it); the demo calls
 this last, after the tables and the JSON summary are out, and carries on without a figure when
 matplotlib is missing or drawing fails.
 """

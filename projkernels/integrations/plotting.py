@@ -23,7 +23,11 @@ def plot_spectra(model_or_report: Union[nn.Module, List[dict]], ax=None, *, path
 
     ``ax``: draw into this axes (else a new figure); ``path``: also save the figure there.
     Returns the matplotlib ``Figure``."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        from ..install_hints import extra_hint
+        raise ImportError(f"plot_spectra needs matplotlib: {extra_hint('demo', ['matplotlib'])}") from exc
     if ax is None:
         import matplotlib.pyplot as plt
         rows = as_report(model_or_report)
