@@ -339,7 +339,8 @@ def test_jvp_and_vjp_of_model_penalty_through_functional_call(backend):
 
     pen = Pen(net)
     gen = torch.Generator().manual_seed(12)
-    params = {k: v.detach() + 0.1 * torch.randn(v.shape, dtype=v.dtype, generator=gen) for k, v in net.named_parameters()}
+    params = {k: v.detach() + 0.1 * torch.randn(v.shape, dtype=v.dtype, generator=gen)
+              for k, v in net.named_parameters()}
     dirs = {k: torch.randn(v.shape, dtype=v.dtype, generator=gen) for k, v in params.items()}
     keys = list(params)
     value, grads = _brute_model_penalty(net, params, 1.3, 0.4)
