@@ -1,5 +1,5 @@
 """torch.func over the public functions and model_penalty: grad, vjp, jvp (and torch.autograd.forward_ad),
-vmap, double backward and functional_call, on the native ("cpp") and "reference" backends, against the
+vmap, double backward and functional_call, on the native ("cpp"), "reference" and "triton" backends, against the
 eager values and the analytic derivatives (penalty' = 2 <W - P W, dW>, eq' = 2 <P W, dW>, P' = P)."""
 import functools
 
@@ -14,7 +14,10 @@ from projkernels.library import autograd, functional
 from projkernels.model import Symmetry, attach_regular_gcnn, attach_symmetries, attached_layers, model_penalty
 from projkernels.backends.reference import brute_force_project
 
-BACKENDS = ["cpp", "reference"]
+# The batched-kernel spies below know the native and reference kernels; the other tests also run on
+# Triton (its interpreter on CPU), whose transforms the API documents too.
+SPIED_BACKENDS = ["cpp", "reference"]
+BACKENDS = SPIED_BACKENDS + [b for b in ("triton",) if b in pk.available_backends("cpu")]
 SPEC = ("C4", "regular", "regular")
 
 
@@ -142,7 +145,7 @@ def _spy(monkeypatch, backend):
     return spies + (project_spy,)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SPIED_BACKENDS)
 def test_vmap_is_one_kernel_call_and_matches_a_loop(backend, monkeypatch, restore_reference):
     fns = _fns(backend)
     wb = _w(batch=(5,))
