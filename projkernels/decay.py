@@ -256,7 +256,8 @@ class EquivarianceDecay:
                 if twice:
                     raise ValueError(f"optimizer: already has an equivariance decay acting on "
                                      f"{seen[next(iter(twice))]} ({other!r}); a second one would apply the decay "
-                                     "twice per step. Call remove() on the first handle, or attach one decay")
+                                     "twice per step. Call remove() on the first handle, or give each decay its own "
+                                     "layers (decays on one optimizer must not share a parameter)")
         self._optimizer = weakref.ref(optimizer)
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         _HANDLES.setdefault(optimizer, weakref.WeakSet()).add(self)

@@ -74,7 +74,8 @@ def test_two_decays_on_one_optimizer_refused_until_the_first_is_removed():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     first = pk.equivariance_decay(opt, model, 0.1)
-    with pytest.raises(ValueError, match=r"optimizer: already has an equivariance decay .*remove\(\)"):
+    with pytest.raises(ValueError, match=r"optimizer: already has an equivariance decay .*remove\(\) on the first "
+                                         r"handle, or give each decay its own layers"):
         pk.equivariance_decay(opt, model, 0.1)
     first.remove()
     second = pk.equivariance_decay(opt, model, 0.1)

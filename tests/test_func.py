@@ -1,5 +1,5 @@
 """torch.func over the public functions and model_penalty: grad, vjp, jvp (and torch.autograd.forward_ad),
-vmap, double backward and functional_call, on the native ("cpp") and "reference" backends, against the
+vmap, double backward and functional_call, on the native ("cpp"), "reference" and "triton" backends, against the
 eager values and the analytic derivatives (penalty' = 2 <W - P W, dW>, eq' = 2 <P W, dW>, P' = P)."""
 import functools
 
@@ -11,10 +11,13 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 
 import projkernels as pk
 from projkernels.library import autograd, functional
-from projkernels.model import Symmetry, attach_regular_gcnn, attach_symmetries, model_penalty
+from projkernels.model import Symmetry, attach_regular_gcnn, attach_symmetries, attached_layers, model_penalty
 from projkernels.backends.reference import brute_force_project
 
-BACKENDS = ["cpp", "reference"]
+# The batched-kernel spies below know the native and reference kernels; the other tests also run on
+# Triton (its interpreter on CPU), whose transforms the API documents too.
+SPIED_BACKENDS = ["cpp", "reference"]
+BACKENDS = SPIED_BACKENDS + [b for b in ("triton",) if b in pk.available_backends("cpu")]
 SPEC = ("C4", "regular", "regular")
 
 
@@ -142,7 +145,7 @@ def _spy(monkeypatch, backend):
     return spies + (project_spy,)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SPIED_BACKENDS)
 def test_vmap_is_one_kernel_call_and_matches_a_loop(backend, monkeypatch, restore_reference):
     fns = _fns(backend)
     wb = _w(batch=(5,))
@@ -300,6 +303,92 @@ def test_vmap_over_an_ensemble_of_parameters(backend):
     got = vmap(lambda p: _penalty_with(net, p))(stacked)
     for i in range(3):
         torch.testing.assert_close(got[i], _penalty_with(net, {k: v[i] for k, v in stacked.items()}))
+
+
+def _brute_model_penalty(net, params, lambda_perp, lambda_G):
+    """model_penalty of ``net`` with ``params`` swapped in, from the brute-force group average, and its
+    gradient by parameter name: weights lambda_perp ||W - P W||^2 + lambda_G ||P W||^2 (gradient
+    2 lambda_perp (W - P W) + 2 lambda_G P W), regular-field biases lambda_perp ||b - field means||^2
+    (gradient 2 lambda_perp (b - field means)); other biases are not penalised (gradient 0)."""
+    total = torch.zeros((), dtype=torch.float64)
+    grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    for name, _, s in attached_layers(net):
+        w = params[f"{name}.weight"]
+        pw = _pw(w, (s.group, s.in_rep, s.out_rep))
+        total = total + lambda_perp * (w - pw).square().sum() + lambda_G * pw.square().sum()
+        grads[f"{name}.weight"] = 2 * lambda_perp * (w - pw) + 2 * lambda_G * pw
+        b = params.get(f"{name}.bias")
+        if b is not None and s.out_rep == "regular":
+            dev = b.view(-1, 4) - b.view(-1, 4).mean(1, keepdim=True)
+            total = total + lambda_perp * dev.square().sum()
+            grads[f"{name}.bias"] = 2 * lambda_perp * dev.reshape(b.shape)
+    return total, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jvp_and_vjp_of_model_penalty_through_functional_call(backend):
+    # Forward mode through model_penalty (weights and regular-field biases, lambda_G included), and vjp
+    # with a cotangent other than 1, against the brute-force penalty's analytic derivatives and the
+    # eager call on the same parameters.
+    net = _net(backend)
+
+    class Pen(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self):
+            return model_penalty(self.inner, 1.3, 0.4)
+
+    pen = Pen(net)
+    gen = torch.Generator().manual_seed(12)
+    params = {k: v.detach() + 0.1 * torch.randn(v.shape, dtype=v.dtype, generator=gen)
+              for k, v in net.named_parameters()}
+    dirs = {k: torch.randn(v.shape, dtype=v.dtype, generator=gen) for k, v in params.items()}
+    keys = list(params)
+    value, grads = _brute_model_penalty(net, params, 1.3, 0.4)
+    assert any(k.endswith(".bias") and bool(grads[k].any()) for k in keys)  # a penalised bias among them
+
+    def f(*ps):
+        return functional_call(pen, {"inner." + k: v for k, v in zip(keys, ps)}, ())
+
+    primals, tangents = tuple(params[k] for k in keys), tuple(dirs[k] for k in keys)
+    out, tangent = jvp(f, primals, tangents)
+    torch.testing.assert_close(out, value)
+    torch.testing.assert_close(tangent, sum((grads[k] * dirs[k]).sum() for k in keys))
+    eager = [v.clone().requires_grad_(True) for v in primals]
+    eager_out = f(*eager)
+    torch.testing.assert_close(out, eager_out.detach())
+    with fwAD.dual_level():  # forward-mode AD without torch.func: the same tangent
+        dual = f(*[fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+        torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, tangent)
+    out, pull = vjp(f, *primals)
+    got = pull(torch.tensor(-0.7, dtype=out.dtype))
+    want = [g if g is not None else torch.zeros_like(p)
+            for g, p in zip(torch.autograd.grad(eager_out, eager, allow_unused=True), eager)]
+    for k, a, b in zip(keys, got, want):
+        torch.testing.assert_close(a, -0.7 * b, msg=k)
+        torch.testing.assert_close(a, -0.7 * grads[k], msg=k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vjp_of_multi_penalty_matches_eager(backend):
+    ws = _multi_weights(seed=30)
+
+    def f(*xs):
+        return torch.stack(pk.multi_penalty(_items(xs), backend=backend)[2:])  # [2, layers]: pen, eq
+
+    out, pull = vjp(f, *ws)
+    cot = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(31))
+    leaves = [w.clone().requires_grad_(True) for w in ws]
+    eager = f(*leaves)
+    torch.testing.assert_close(out, eager.detach())
+    for a, b in zip(pull(cot), torch.autograd.grad(eager, leaves, cot)):
+        torch.testing.assert_close(a, b)
+    # and the analytic rule: cot_pen 2 (W - P W) + cot_eq 2 P W per layer
+    for i, (a, (w, *spec)) in enumerate(zip(pull(cot), _items(ws))):
+        pw = _pw(w, tuple(spec))
+        torch.testing.assert_close(a, 2 * cot[0, i] * (w - pw) + 2 * cot[1, i] * pw)
 
 
 def test_steerable_symmetry_under_a_transform_says_what_is_supported():
