@@ -59,33 +59,22 @@ void run_cpu(LayerArgs& a) {
     }
   }
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::unique_ptr<cpu::Scratch<float>> sf;
-    std::unique_ptr<cpu::Scratch<double>> sd;
-    int32_t gf = -1, gd = -1;
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
       const LayerDesc& d = a.layers[ch.layer];
       with_dtype(d.dtype, [&](auto tag) {
         using scalar_t = decltype(tag);
         using acc_t = at::opmath_type<scalar_t>;
-        auto& scratch = [&]() -> std::unique_ptr<cpu::Scratch<acc_t>>& {
-          if constexpr (std::is_same_v<acc_t, double>) {
-            if (gd != d.G) sd = std::make_unique<cpu::Scratch<double>>(d.G, true), gd = d.G;
-            return sd;
-          } else {
-            if (gf != d.G) sf = std::make_unique<cpu::Scratch<float>>(d.G, true), gf = d.G;
-            return sf;
-          }
-        }();
+        cpu::Scratch<acc_t>& scratch = cpu::thread_scratch<acc_t>(d.G, true);
         const cpu::BatchTable<acc_t>& t = [&]() -> const cpu::BatchTable<acc_t>& {
           if constexpr (std::is_same_v<acc_t, double>) return td[ch.layer];
           else return tf[ch.layer];
         }();
         GROUP_ORDER_SWITCH(d.G, K, [&] {
           if (t.is_signed) {
-            cpu::chunk_decay<K, true, IN_PLACE, scalar_t, acc_t>(d, t, ch.first, ch.last, *scratch);
+            cpu::chunk_decay<K, true, IN_PLACE, scalar_t, acc_t>(d, t, ch.first, ch.last, scratch);
           } else {
-            cpu::chunk_decay<K, false, IN_PLACE, scalar_t, acc_t>(d, t, ch.first, ch.last, *scratch);
+            cpu::chunk_decay<K, false, IN_PLACE, scalar_t, acc_t>(d, t, ch.first, ch.last, scratch);
           }
         });
       });

@@ -52,19 +52,14 @@ void forward_layers(const std::vector<LayerDesc>& layers, const std::vector<Chun
   for (const LayerDesc& d : layers) max_g = std::max<int64_t>(max_g, d.G);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<double> lanes((max_g + 1) * cpu::kLanes);
-    int32_t scratch_g = -1;
-    std::unique_ptr<Scratch<acc_t>> s;
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
       const LayerDesc& d = layers[ch.layer];
-      if (d.G != scratch_g) {
-        s = std::make_unique<Scratch<acc_t>>(d.G, false);
-        scratch_g = d.G;
-      }
+      Scratch<acc_t>& s = cpu::thread_scratch<acc_t>(d.G, false);
       const BatchTable<acc_t>& t = tables[ch.layer];
       with_class(d.G, t.is_signed, [&](auto k, auto sg) {
         cpu::chunk_forward<decltype(k)::value, decltype(sg)::value, ROWS, scalar_t, acc_t>(
-            d, t, ch.first, ch.last, basis, *s, lanes, partials.data() + c * width);
+            d, t, ch.first, ch.last, basis, s, lanes, partials.data() + c * width);
       });
     }
   });
@@ -77,20 +72,15 @@ void gradient_layers(const std::vector<LayerDesc>& layers, const std::vector<Chu
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    int32_t scratch_g = -1;
-    std::unique_ptr<Scratch<acc_t>> s;
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
       const LayerDesc& d = layers[ch.layer];
-      if (d.G != scratch_g) {
-        s = std::make_unique<Scratch<acc_t>>(d.G, true);
-        scratch_g = d.G;
-      }
+      Scratch<acc_t>& s = cpu::thread_scratch<acc_t>(d.G, true);
       const BatchTable<acc_t>& t = tables[ch.layer];
       // As before: 2 * grad in double, then rounded to acc_t.
       const acc_t tp = static_cast<acc_t>(two_pen[ch.layer]), te = static_cast<acc_t>(two_eq[ch.layer]);
       with_class(d.G, t.is_signed, [&](auto k, auto sg) {
-        cpu::chunk_gradient<decltype(k)::value, decltype(sg)::value, scalar_t, acc_t>(d, t, ch.first, ch.last, tp, te, *s);
+        cpu::chunk_gradient<decltype(k)::value, decltype(sg)::value, scalar_t, acc_t>(d, t, ch.first, ch.last, tp, te, s);
       });
     }
   });
