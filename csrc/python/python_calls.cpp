@@ -168,11 +168,7 @@ class MultiCall {
   c10::TypedOperatorHandle<MultiPenaltySig> op_;
 };
 
-}  // namespace
-}  // namespace projkernels
 
-namespace projkernels {
-namespace {
 // The number of threads at::parallel_for runs n one-item ranges on, as compiled into this extension.
 // at::parallel_for is a header template whose OpenMP branch exists only in translation units
 // compiled with -fopenmp; without it every CPU kernel runs on one thread whatever

@@ -12,6 +12,7 @@ import torch
 
 from ..backends.registry import available_backends
 from ..demo.train import Progress
+from ..install_hints import escnn_hint
 from . import symmetry as sym
 from .data import SmokeConfig, load_or_generate, make_splits
 from .report import (METRICS, aggregate, crossings, format_size_sweep, format_sweep, format_table,
@@ -133,8 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _so2_unavailable(args) -> str:
     """Why the SO(2)-span route cannot run here ('' when it can)."""
     if not sym.so2_available():
-        return ("escnn is not installed (pip install escnn; its py3nj builds from source: "
-                "apt-get install gfortran && pip install meson-python numpy first)")
+        return f"escnn is not installed ({escnn_hint()})"
     if args.mode != "vector":
         return "velocity is declared as lifted regular fields, which have no SO(2) counterpart"
     return ""
@@ -142,21 +142,16 @@ def _so2_unavailable(args) -> str:
 
 def _methods(p, args):
     """The routes to run and, for each available route left out, why (printed with the results)."""
-    skipped = {}
+    why = _so2_unavailable(args)
     if args.methods.strip() == "all":
-        chosen = list(ROUTES)
-        why = _so2_unavailable(args)
-        if why:
-            chosen.remove("so2")
-            skipped["so2"] = why
-        return chosen, skipped
+        return [m for m in ROUTES if not (m == "so2" and why)], ({"so2": why} if why else {})
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in chosen if m not in ROUTES]
     if bad or not chosen:
         p.error(f"--methods: expected a comma list from {', '.join(ROUTES)} or 'all', got {args.methods!r}")
-    if "so2" in chosen and _so2_unavailable(args):
-        p.error(f"--methods: so2 cannot run: {_so2_unavailable(args)}")
-    return chosen, skipped
+    if "so2" in chosen and why:
+        p.error(f"--methods: so2 cannot run: {why}")
+    return chosen, {}
 
 
 _NAMES = {"none": "unconstrained CNN", "projected": "exact C4 (projected)", "penalty": "penalty lambda={w:g}",
